@@ -1,0 +1,1 @@
+"""fedhead site side: data loading, local training, the Flower ClientApp."""

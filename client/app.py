@@ -1,0 +1,126 @@
+"""fedhead's Flower ClientApp: thin glue between Flower messages and ``Site``.
+
+Handlers:
+- ``query.prepare``: check data and backbone copy, remember the run spec.
+- ``query.weights``: receive the backbone file from the server, verify, cache.
+- ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
+- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes.
+
+Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+
+from fedhead.client.mods import audit_mod, errors_mod, train_mods
+from fedhead.client.site import Site
+from fedhead.common.config import NodeConfig
+from fedhead.common.errors import FederationError
+from fedhead.common.logs import setup_logging
+from fedhead.common.protocol import RECORD_PREPARE, RECORD_RUN, RECORD_WEIGHTS, FitSettings, RunSpec
+
+log = logging.getLogger(__name__)
+
+# Sites live across messages within one process (the Simulation Engine reuses its
+# workers); a SuperNode starts a fresh process per message, so this is only a shortcut.
+_SITES: dict[tuple[int, int], Site] = {}
+
+app = ClientApp(mods=[audit_mod, errors_mod])
+
+
+def _site(context: Context, spec: RunSpec | None = None) -> Site:
+    key = (context.run_id, context.node_id)
+    if spec is None:
+        if key in _SITES:
+            return _SITES[key]
+        if RECORD_RUN not in context.state.config_records:
+            raise FederationError(
+                "this node was not prepared for the run (it joined after the run started?)",
+                "it takes part from the next run on",
+            )
+        spec = RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+    site = _SITES.get(key)
+    if site is None or site.spec != spec:
+        site = Site(NodeConfig.from_mapping(context.node_config), spec)
+        _SITES[key] = site
+    return site
+
+
+@app.query("prepare")
+def prepare(msg: Message, context: Context) -> Message:
+    setup_logging()
+    spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
+    site = _site(context, spec)
+    reply = site.prepare()
+    context.state.config_records[RECORD_RUN] = spec.to_record()
+    log.info(
+        "prepared for run %s: backbone %s (%s), %d training / %d validation images",
+        context.run_id,
+        spec.backbone,
+        reply.weights,
+        reply.train_examples,
+        reply.val_examples,
+    )
+    return Message(RecordDict({RECORD_PREPARE: reply.to_record()}), reply_to=msg)
+
+
+@app.query("weights")
+def weights(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    array = msg.content.array_records[RECORD_WEIGHTS]["file"]
+    data = array.numpy()
+    site.install_weights(np.ascontiguousarray(data).data.cast("B"))
+    return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
+
+
+@app.train(mods=train_mods())
+def train(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    settings = FitSettings.from_mapping(fitins.config)
+    outcome = site.train(parameters_to_ndarrays(fitins.parameters), settings)
+    stats = outcome.extraction
+    log.info(
+        "round %d: trained on %d examples in %.2fs, loss %.4f (features: %d cached, %d new)",
+        settings.server_round,
+        outcome.result.examples,
+        outcome.result.seconds,
+        outcome.result.loss,
+        stats.cache_hits,
+        stats.cache_misses,
+    )
+    fitres = FitRes(
+        status=Status(Code.OK, "ok"),
+        parameters=ndarrays_to_parameters(outcome.arrays),
+        num_examples=outcome.result.examples,
+        metrics={"train-loss": outcome.result.loss},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    evalins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    result = site.evaluate(parameters_to_ndarrays(evalins.parameters))
+    evalres = EvaluateRes(
+        status=Status(Code.OK, "ok"),
+        loss=result.loss,
+        num_examples=result.examples,
+        metrics={"accuracy": result.accuracy},
+    )
+    return Message(compat.evaluateres_to_recorddict(evalres), reply_to=msg)

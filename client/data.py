@@ -1,0 +1,292 @@
+"""A site's private data: an image folder, a CSV manifest or an .npz file.
+
+The run names the classes; each site maps its own labels onto them by name, and may
+lack some classes. A validation split is taken from the data when it has one (a
+``val/`` folder, a ``split`` column, ``val_images`` arrays), otherwise held out per
+class with a fixed seed so it is the same in every round and every run.
+
+Formats (``data-path`` in the node config):
+- folder of class folders: ``<path>/<class>/<image>``; or ``<path>/train/<class>/...``
+  with ``<path>/val/<class>/...`` beside it.
+- ``.csv`` with a header naming ``path`` and ``label`` columns (optional ``split``
+  column: ``train``, ``val`` or ``test``); paths relative to the CSV's folder; labels
+  are class names.
+- ``.npz`` with ``images``/``labels`` (or ``train_images``/``train_labels``), optional
+  ``val_images``/``val_labels`` and ``test_images``/``test_labels``, and optional
+  ``class_names`` (label i = class_names[i]; without it, integer labels are indices
+  into the run's classes, string labels are names). Images uint8 (N,H,W[,C]).
+
+A site trains on the training part and validates on the validation part; a test part
+is only used for server-side evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedhead.common.errors import DataError
+from fedhead.common.images import (
+    IMAGE_EXTENSIONS,
+    ArrayImages,
+    FileImages,
+    HashMemo,
+    LabeledImages,
+    concat,
+)
+
+_VAL_NAMES = ("val", "validation")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a data path holds: training images and, where the data names them, splits."""
+
+    train: LabeledImages
+    val: LabeledImages | None = None
+    test: LabeledImages | None = None
+
+
+@dataclass(frozen=True)
+class SiteData:
+    train: LabeledImages
+    val: LabeledImages
+    source: str  # what was read, for logs
+    val_held_out: bool  # True when the validation split was drawn from the training data
+
+    def summary(self, classes: Sequence[str]) -> str:
+        def counts(part: LabeledImages) -> str:
+            c = part.class_counts(len(classes))
+            return ", ".join(f"{name} {n}" for name, n in zip(classes, c, strict=True))
+
+        return (
+            f"{self.source}: train {len(self.train)} ({counts(self.train)}), "
+            f"validation {len(self.val)} ({counts(self.val)})"
+        )
+
+
+def _expected(classes: Sequence[str]) -> str:
+    return ", ".join(classes)
+
+
+def map_label_names(names: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
+    """Class names -> indices into ``classes``; an unknown name lists the expected ones."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({n for n in names if n not in index})
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5])
+        raise DataError(
+            f"{where}: label(s) {shown} are not among the run's classes ({_expected(classes)})",
+            "rename the labels or folders to the run's class names",
+        )
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
+def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices), stratified per class, deterministic."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = math.ceil(fraction * len(idx)) if len(idx) >= 2 else 0
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def load_site_data(
+    path: Path,
+    classes: Sequence[str],
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    memo: HashMemo | None = None,
+) -> SiteData:
+    """Read a site's data path; see the module docstring for the formats."""
+    if not str(path):
+        raise DataError(
+            "no data path is set for this site",
+            "start the node with --node-config \"data-path='/path/to/data'\"",
+        )
+    if not path.exists():
+        raise DataError(
+            f"data path {path} does not exist",
+            "set data-path to the site's image folder, .csv manifest or .npz file",
+        )
+    parts = read_parts(path, classes, memo)
+    train, val = parts.train, parts.val
+    if len(train) == 0:
+        raise DataError(f"no training images found in {path}", "check the data path and layout")
+    held_out = val is None
+    if val is None:
+        tr, va = held_out_split(train.labels, val_fraction, seed)
+        train, val = train.subset(tr), train.subset(va)
+    return SiteData(train, val, str(path), held_out)
+
+
+def read_parts(path: Path, classes: Sequence[str], memo: HashMemo | None = None) -> Parts:
+    """Read any supported data path into its parts (no held-out split yet)."""
+    if path.is_dir():
+        return _load_folder(path, classes, memo)
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path, classes, memo)
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, classes)
+    raise DataError(
+        f"data path {path} is neither a folder, a .csv nor an .npz file",
+        "point it at one of those",
+    )
+
+
+def load_test_set(path: Path, classes: Sequence[str]) -> LabeledImages:
+    """Labelled images for server-side evaluation: the data's test split if it names
+    one (``test_images`` in an .npz), else all of its images."""
+    if not path.exists():
+        raise DataError(f"server test data {path} does not exist", "fix server-test-data")
+    parts = read_parts(path, classes)
+    if parts.test is not None:
+        return parts.test
+    test = concat([p for p in (parts.train, parts.val) if p is not None])
+    if len(test) == 0:
+        raise DataError(f"server test data {path} holds no images")
+    return test
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_split(root: Path, classes: Sequence[str], memo: HashMemo | None) -> LabeledImages:
+    paths: list[Path] = []
+    names: list[str] = []
+    folders = _class_folders(root)
+    if not folders:
+        raise DataError(
+            f"{root} has no class folders",
+            f"put images in one folder per class ({_expected(classes)})",
+        )
+    map_label_names([f.name for f in folders], classes, str(root))  # fail early, list all
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if _is_image(p):
+                paths.append(p)
+                names.append(folder.name)
+    return LabeledImages(
+        FileImages(paths, memo),
+        map_label_names(names, classes, str(root)),
+    )
+
+
+def _load_folder(root: Path, classes: Sequence[str], memo: HashMemo | None) -> Parts:
+    sub = {p.name.lower(): p for p in _class_folders(root)}
+    if "train" in sub and "train" not in classes:
+        val_dir = next((sub[n] for n in _VAL_NAMES if n in sub), None)
+        return Parts(
+            _folder_split(sub["train"], classes, memo),
+            _folder_split(val_dir, classes, memo) if val_dir else None,
+            _folder_split(sub["test"], classes, memo) if "test" in sub else None,
+        )
+    return Parts(_folder_split(root, classes, memo))
+
+
+def _load_csv(path: Path, classes: Sequence[str], memo: HashMemo | None) -> Parts:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            if "path" not in header or "label" not in header:
+                raise DataError(
+                    f"{path}: the CSV header must name 'path' and 'label' columns "
+                    f"(found: {', '.join(header) or 'nothing'})",
+                    "add a header line such as path,label",
+                )
+            rows = [
+                {k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read the CSV manifest ({err})") from err
+    rows = [r for r in rows if r.get("path")]
+    known = ("", "train", "test", *_VAL_NAMES)
+    bad_split = sorted({r.get("split", "") for r in rows} - set(known))
+    if bad_split:
+        raise DataError(
+            f"{path}: split values {bad_split} are not train, val or test", "fix the split column"
+        )
+    base = path.parent
+    paths = [(base / r["path"]).resolve() for r in rows]
+    labels = map_label_names([r["label"] for r in rows], classes, str(path))
+    images = FileImages(paths, memo)
+    everything = LabeledImages(images, labels)
+    split = np.array([r.get("split", "") or "train" for r in rows])
+    split[np.isin(split, _VAL_NAMES)] = "val"
+
+    def part(name: str) -> LabeledImages | None:
+        idx = np.flatnonzero(split == name)
+        return everything.subset(idx) if len(idx) else None
+
+    return Parts(part("train") or everything.subset([]), part("val"), part("test"))
+
+
+def _npz_labels(
+    raw: np.ndarray, names: np.ndarray | None, classes: Sequence[str], where: str
+) -> np.ndarray:
+    flat = raw.reshape(-1)
+    if names is not None:
+        if (
+            not np.issubdtype(flat.dtype, np.integer)
+            or flat.min(initial=0) < 0
+            or (len(flat) and flat.max() >= len(names))
+        ):
+            raise DataError(f"{where}: labels must be integers indexing class_names")
+        return map_label_names([str(names[i]) for i in flat], classes, where)
+    if flat.dtype.kind in "US":
+        return map_label_names([str(x) for x in flat], classes, where)
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers or class names, got {flat.dtype}")
+    if len(flat) and (flat.min() < 0 or flat.max() >= len(classes)):
+        raise DataError(
+            f"{where}: label values {sorted(set(flat.tolist()) - set(range(len(classes))))[:5]} "
+            f"are not indices of the run's classes ({_expected(classes)})",
+            "add a class_names array to the .npz or fix the labels",
+        )
+    return flat.astype(np.int64)
+
+
+def _load_npz(path: Path, classes: Sequence[str]) -> Parts:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    names = arrays.get("class_names")
+    for img_key, lab_key in (("images", "labels"), ("train_images", "train_labels")):
+        if img_key in arrays and lab_key in arrays:
+            break
+    else:
+        raise DataError(
+            f"{path}: no images/labels arrays (found: {', '.join(sorted(arrays)) or 'none'})",
+            "store arrays named images and labels (or train_images and train_labels)",
+        )
+
+    def part(ik: str, lk: str) -> LabeledImages:
+        imgs, labs = arrays[ik], arrays[lk]
+        if len(imgs) != len(labs.reshape(-1)):
+            raise DataError(f"{path}: {ik} has {len(imgs)} entries but {lk} has {labs.size}")
+        try:
+            source = ArrayImages(imgs, f"{path.name}:{ik}")
+        except ValueError as err:
+            raise DataError(str(err), "store images as uint8 arrays") from err
+        return LabeledImages(source, _npz_labels(labs, names, classes, f"{path}:{lk}"))
+
+    def optional(name: str) -> LabeledImages | None:
+        return part(f"{name}_images", f"{name}_labels") if f"{name}_images" in arrays else None
+
+    return Parts(part(img_key, lab_key), optional("val"), optional("test"))

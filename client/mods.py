@@ -1,0 +1,144 @@
+"""Flower mods wrapping the site's handlers: audit, error reporting, update encoding.
+
+Order matters (outermost first). App-wide: ``audit_mod`` records the message that
+finally leaves the site; ``errors_mod`` turns a fedhead error into one log line and an
+error reply. Around ``train``: ``update_check_mod`` refuses to send a broken update,
+``delta_mod`` sends the change from the global tensors instead of raw weights (small
+values that fit SecAgg+'s clipping range).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from fedhead.common.errors import FederationError, FedheadError
+
+log = logging.getLogger(__name__)
+
+# Error codes fedhead puts in error replies: base + the error's process exit code.
+ERROR_CODE_BASE = 1000
+
+
+def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A FedheadError becomes one clear log line and an error reply the server logs."""
+    try:
+        return call_next(msg, context)
+    except FedheadError as err:
+        log.error("%s: %s", err.title, err)
+        return Message(
+            Error(code=ERROR_CODE_BASE + err.exit_code, reason=f"{type(err).__name__}: {err}"),
+            reply_to=msg,
+        )
+
+
+def describe_message(msg: Message) -> dict[str, Any]:
+    """What a message carries, without its secrets: names, shapes, sizes, scalar metrics."""
+    out: dict[str, Any] = {
+        "time": round(time.time(), 3),
+        "message_type": msg.metadata.message_type,
+        "run_id": msg.metadata.run_id,
+        "src_node_id": msg.metadata.src_node_id,
+        "dst_node_id": msg.metadata.dst_node_id,
+        "group_id": msg.metadata.group_id,
+    }
+    if msg.has_error():
+        out["error"] = {"code": msg.error.code, "reason": msg.error.reason}
+        return out
+    content = msg.content
+    out["arrays"] = {
+        rec_name: {
+            key: {
+                "shape": list(arr.shape),
+                "dtype": arr.dtype,
+                "nbytes": len(arr.data),
+                "sha256": hashlib.sha256(arr.data).hexdigest()[:16],
+            }
+            for key, arr in rec.items()
+        }
+        for rec_name, rec in content.array_records.items()
+    }
+    out["metrics"] = {name: dict(rec) for name, rec in content.metric_records.items()}
+    out["configs"] = {
+        name: {key: _describe_value(v) for key, v in rec.items()}
+        for name, rec in content.config_records.items()
+    }
+    return out
+
+
+def _describe_value(v: Any) -> Any:
+    """Scalars as they are; bytes and lists by type and size (SecAgg+ key material)."""
+    if isinstance(v, bytes):
+        return {"type": "bytes", "len": len(v)}
+    if isinstance(v, list):
+        kinds = sorted({type(x).__name__ for x in v})
+        return {
+            "type": f"list[{'|'.join(kinds)}]",
+            "len": len(v),
+            "bytes": sum(len(x) if isinstance(x, bytes | str) else 8 for x in v),
+        }
+    return v
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Append a description of every message this site sends to the node's audit log."""
+    reply = call_next(msg, context)
+    path = str(context.node_config.get("audit-log", ""))
+    if path:
+        line = json.dumps(describe_message(reply), default=str) + "\n"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    return reply
+
+
+def delta_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Replace the trained tensors in a FitRes by their change from the global tensors."""
+    global_arrays = parameters_to_ndarrays(
+        compat.recorddict_to_fitins(msg.content, keep_input=True).parameters
+    )
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+    trained = parameters_to_ndarrays(fitres.parameters)
+    if len(trained) != len(global_arrays):
+        raise FederationError("local training returned another number of tensors than it got")
+    fitres.parameters = ndarrays_to_parameters(
+        [(t - g).astype(t.dtype) for t, g in zip(trained, global_arrays, strict=True)]
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Refuse to send an update with non-finite values (checked before any masking)."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    for i, arr in enumerate(parameters_to_ndarrays(fitres.parameters)):
+        if not np.all(np.isfinite(arr)):
+            raise FederationError(
+                f"local training produced non-finite values in tensor {i}; not sending it",
+                "lower the learning rate",
+            )
+    return reply
+
+
+def train_mods() -> list[Mod]:
+    """Mods around the train handler, outermost first."""
+    return [update_check_mod, delta_mod]

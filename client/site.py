@@ -1,0 +1,254 @@
+"""One site's side of a run, in plain Python: data, backbone copy, training, evaluation.
+
+The Flower ClientApp (``fedhead.client.app``) only translates messages to calls here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedhead.client.data import SiteData, load_site_data
+from fedhead.common import demo_data
+from fedhead.common.backbones import get_spec
+from fedhead.common.config import NodeConfig
+from fedhead.common.device import Device, select_device
+from fedhead.common.errors import DataError, ModelMismatchError, WeightsError
+from fedhead.common.features import ExtractionStats, FeatureCache, FeatureExtractor
+from fedhead.common.images import ArrayImages, HashMemo, LabeledImages, Preprocessor
+from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
+from fedhead.common.protocol import (
+    WEIGHTS_MISMATCH,
+    WEIGHTS_MISSING,
+    WEIGHTS_OK,
+    FitSettings,
+    PrepareReply,
+    RunSpec,
+)
+from fedhead.common.training import EvalResult, TrainParams, TrainResult, evaluate_head, train_head
+from fedhead.common.weights import (
+    WeightsRef,
+    default_search_dirs,
+    fedhead_cache_dir,
+    find_weights,
+    install_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    arrays: list[np.ndarray]  # the trained tensors, in TrainableSet order
+    result: TrainResult
+    extraction: ExtractionStats
+
+
+class Site:
+    """A site's state for one run: resolved lazily and reused across messages."""
+
+    def __init__(self, node: NodeConfig, spec: RunSpec) -> None:
+        self.node = node
+        self.spec = spec
+        self.cache_dir = (
+            Path(node.cache_dir).expanduser() if node.cache_dir else fedhead_cache_dir()
+        )
+        self.device: Device = select_device(node.device)
+        self.ref = WeightsRef(
+            filename=spec.weights_file,
+            sha256=spec.weights_sha256,
+            label=f"backbone {spec.backbone}",
+            install_hint="let the server send it (it does so when this site lacks it)",
+        )
+        self._cache: FeatureCache | None = None
+        self._data: SiteData | None = None
+        self._model: FedHeadModel | None = None
+        self._trainable: TrainableSet | None = None
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor, ExtractionStats]] = {}
+
+    # --- backbone ------------------------------------------------------------------
+    def weights_status(self) -> tuple[str, str]:
+        """Whether this site holds the run's backbone: ok, missing or mismatch."""
+        try:
+            path = find_weights(self.ref, default_search_dirs(self.cache_dir))
+        except WeightsError as err:
+            if "not found" in err.what:
+                return WEIGHTS_MISSING, err.what
+            log.error("%s", err)
+            return WEIGHTS_MISMATCH, str(err)
+        return WEIGHTS_OK, str(path)
+
+    def install_weights(self, data: bytes | memoryview) -> Path:
+        """Verify weights received from the server and cache them for later runs."""
+        path = install_bytes(data, self.ref, self.cache_dir / "weights")
+        log.info("cached backbone %s from the server at %s", self.spec.backbone, path)
+        return path
+
+    # --- data and model ------------------------------------------------------------
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None:
+            self._cache = FeatureCache(
+                self.cache_dir / "features.sqlite", int(self.node.feature_cache_gb * 1024**3)
+            )
+        return self._cache
+
+    def data(self) -> SiteData:
+        if self._data is None:
+            self._data = self._load_data()
+            log.info("site data %s", self._data.summary(self.spec.class_names()))
+        return self._data
+
+    def _load_data(self) -> SiteData:
+        classes = self.spec.class_names()
+        if not self.node.simulated:
+            return load_site_data(
+                Path(self.node.data_path).expanduser(),
+                classes,
+                self.spec.val_fraction,
+                self.spec.seed,
+                self._hash_memo(),
+            )
+        pid = self.node.partition_id
+        if self.spec.simulation_data:
+            root = Path(self.spec.simulation_data)
+            for candidate in (
+                root / f"site-{pid}.npz",
+                root / f"site-{pid}.csv",
+                root / f"site-{pid}",
+            ):
+                if candidate.exists():
+                    return load_site_data(
+                        candidate,
+                        classes,
+                        self.spec.val_fraction,
+                        self.spec.seed,
+                        self._hash_memo(),
+                    )
+            raise DataError(
+                f"simulation-data {root} has no site-{pid}(.npz|.csv|/) for simulated node {pid}"
+            )
+        return embedded_demo_share(pid, self.node.num_partitions, self.spec)
+
+    def _hash_memo(self) -> HashMemo:
+        return HashMemo(self.cache.lookup_hash, self.cache.store_hash)
+
+    def model(self) -> FedHeadModel:
+        if self._model is None:
+            spec = get_spec(self.spec.backbone)
+            path = find_weights(self.ref, default_search_dirs(self.cache_dir))
+            model = FedHeadModel(
+                spec,
+                load_backbone(spec, path),
+                num_classes=len(self.spec.class_names()),
+                head=self.spec.head,
+                hidden=self.spec.head_hidden,
+                dropout=self.spec.head_dropout,
+                unfreeze_blocks=self.spec.unfreeze_blocks,
+            )
+            trainable = TrainableSet.of(model)
+            if trainable.fingerprint() != self.spec.trainable_fingerprint:
+                raise ModelMismatchError(
+                    "this site's model has other trainable tensors than the server's "
+                    f"({len(trainable.tensors)} tensors, {trainable.num_params} parameters)",
+                    "server and site must run the same fedhead version",
+                )
+            self._model, self._trainable = model, trainable
+        return self._model
+
+    @property
+    def trainable(self) -> TrainableSet:
+        self.model()
+        assert self._trainable is not None
+        return self._trainable
+
+    def features(self, part: str) -> tuple[torch.Tensor, torch.Tensor, ExtractionStats]:
+        """Trunk features and labels of the usable images of 'train' or 'val'."""
+        if part not in self._features:
+            images: LabeledImages = getattr(self.data(), part)
+            spec = get_spec(self.spec.backbone)
+            extractor = FeatureExtractor(
+                self.model(),
+                Preprocessor(self.spec.input_size, spec.mean, spec.std),
+                self.device,
+                self.spec.weights_sha256,
+                self.cache,
+            )
+            feats = extractor(images.images)
+            if feats.stats.skipped:
+                log.warning(
+                    "%s: skipped %d unreadable image(s) of %d, e.g. %s",
+                    part,
+                    feats.stats.skipped,
+                    len(images),
+                    feats.stats.skipped_examples[0],
+                )
+            labels = torch.from_numpy(images.labels[feats.ok])
+            self._features[part] = (feats.values, labels, feats.stats)
+        return self._features[part]
+
+    # --- federated steps -------------------------------------------------------------
+    def prepare(self) -> PrepareReply:
+        """Load and count the data (bad data fails here, before any round) and check weights."""
+        data = self.data()
+        status, detail = self.weights_status()
+        return PrepareReply(
+            weights=status,
+            detail=detail if status != WEIGHTS_OK else "",
+            train_examples=len(data.train),
+            val_examples=len(data.val),
+            device=self.device.kind,
+        )
+
+    def train(self, arrays: list[np.ndarray], settings: FitSettings) -> TrainOutcome:
+        if settings.trainable_fingerprint != self.spec.trainable_fingerprint:
+            raise ModelMismatchError("round settings name another trainable set than the run")
+        model = self.model()
+        self.trainable.set(model, arrays)
+        feats, labels, stats = self.features("train")
+        if len(labels) == 0:
+            raise DataError(
+                f"no usable training images at {self.data().source} ({stats.skipped} unreadable)",
+                "fix or replace the image files",
+            )
+        params = TrainParams(
+            epochs=settings.local_epochs,
+            batch_size=settings.batch_size,
+            lr=settings.learning_rate,
+            optimizer=settings.optimizer,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            tuned_lr_scale=settings.unfreeze_lr_scale,
+            seed=settings.seed * 100_003 + settings.server_round,
+        )
+        result = train_head(model, feats, labels, params, self.device)
+        return TrainOutcome(self.trainable.get(model), result, stats)
+
+    def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
+        model = self.model()
+        self.trainable.set(model, arrays)
+        feats, labels, _ = self.features("val")
+        return evaluate_head(model, feats, labels, self.device)
+
+
+def embedded_demo_share(pid: int, num_sites: int, spec: RunSpec) -> SiteData:
+    """Simulated node ``pid``'s share of the embedded demo data (see demo_data.shares)."""
+    if list(spec.class_names()) != list(demo_data.CLASSES):
+        raise DataError(
+            f"the embedded demo data has classes {', '.join(demo_data.CLASSES)}, the run asks "
+            f"for {spec.classes}",
+            "set simulation-data, or give real nodes a data-path",
+        )
+    share = demo_data.shares(num_sites, spec.dirichlet_alpha, spec.seed)[pid]
+    return SiteData(
+        LabeledImages(
+            ArrayImages(share.train.images, f"demo-train/site-{pid}"), share.train.labels
+        ),
+        LabeledImages(ArrayImages(share.val.images, f"demo-test/site-{pid}"), share.val.labels),
+        f"embedded demo data, share {pid} of {num_sites}",
+        val_held_out=False,
+    )

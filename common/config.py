@@ -1,0 +1,240 @@
+"""Typed run and node configuration, checked once at the boundary.
+
+Flower hands the ServerApp ``context.run_config`` (from ``[tool.flwr.app.config]`` and
+``--run-config`` overrides) and each SuperNode ``context.node_config`` (from
+``--node-config``). Both arrive as flat mappings of kebab-case keys. ``from_mapping``
+turns one into a frozen dataclass; unknown keys, wrong types and bad values are all
+collected and reported together, each naming its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
+
+from fedhead.common.errors import ConfigError
+
+Check = Callable[[Any], str | None]
+
+T = TypeVar("T", bound="_Config")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def opt(default: Any, check: Check | None = None, doc: str = "") -> Any:
+    """A configuration field: default, optional value check, one-line doc."""
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _coerce(value: Any, typ: type) -> Any:
+    """Flower config values are str/int/float/bool; accept ints for floats only."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool):
+        raise TypeError
+    if not isinstance(value, typ):
+        raise TypeError
+    return value
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+class _Config:
+    """Shared loading logic for the frozen config dataclasses below."""
+
+    _source = "configuration"
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def docs(cls) -> list[tuple[str, Any, str]]:
+        return [
+            (_key(f.name), f.default, f.metadata.get("doc", ""))
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        ]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Self:
+        problems: list[str] = []
+        fields = {_key(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in mapping:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{key}: unknown key{hint}")
+        values: dict[str, Any] = {}
+        for key, f in fields.items():
+            if key not in mapping:
+                continue
+            typ = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+            try:
+                value = _coerce(mapping[key], typ)
+            except TypeError:
+                problems.append(
+                    f"{key}: expected {typ.__name__}, got {type(mapping[key]).__name__} "
+                    f"{mapping[key]!r}"
+                )
+                continue
+            check: Check | None = f.metadata.get("check")
+            if check is not None and (why := check(value)):
+                problems.append(f"{key}: {why} (got {value!r})")
+                continue
+            values[f.name] = value
+        if not problems:
+            try:
+                obj = cls(**values)
+            except ConfigError as err:
+                problems.extend(err.problems)
+            else:
+                problems.extend(obj._cross_checks())
+                if not problems:
+                    return obj
+        raise ConfigError(problems, cls._source)
+
+    def _cross_checks(self) -> list[str]:
+        """Problems involving several keys; override where needed."""
+        return []
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+
+def _classes_check(v: str) -> str | None:
+    names = [c.strip() for c in v.split(",")]
+    if len(names) < 2 or any(not c for c in names):
+        return "needs at least two comma-separated class names"
+    if len(set(names)) != len(names):
+        return "class names must be unique"
+    return None
+
+
+def _sha_check(v: str) -> str | None:
+    if v and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
+        return "must be 64 lowercase hex digits"
+    return None
+
+
+@dataclass(frozen=True)
+class RunConfig(_Config):
+    """One federated run, as the operator configures it (server side)."""
+
+    _source = "run configuration"
+
+    backbone: str = opt("mobilenet_v2", doc="registered backbone (`fedhead weights list`)")
+    backbone_weights: str = opt("", doc="path to a custom checkpoint of that architecture")
+    backbone_sha256: str = opt("", _sha_check, "sha256 of backbone-weights (required with it)")
+    download_weights: bool = opt(False, doc="server may download missing weights")
+    classes: str = opt("", _classes_check, "comma-separated class names, in label order")
+    input_size: int = opt(0, non_negative, "image side in pixels; 0 = the backbone's default")
+    head: str = opt("linear", one_of("linear", "mlp"), "head type")
+    head_hidden: int = opt(256, positive, "hidden width of the mlp head")
+    head_dropout: float = opt(
+        0.0, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "dropout before the head"
+    )
+    unfreeze_blocks: int = opt(0, non_negative, "last trunk blocks trained too")
+    unfreeze_lr_scale: float = opt(0.1, positive, "learning-rate factor for unfrozen blocks")
+    num_server_rounds: int = opt(10, positive, "federated rounds")
+    local_epochs: int = opt(5, positive, "epochs per round on each site")
+    batch_size: int = opt(64, positive, "training batch size")
+    learning_rate: float = opt(0.01, positive, "head learning rate (first round)")
+    lr_schedule: str = opt("cosine", one_of("cosine", "constant"), "learning rate over rounds")
+    optimizer: str = opt("sgd", one_of("sgd", "adam"), "local optimizer")
+    momentum: float = opt(
+        0.9, lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "SGD momentum"
+    )
+    weight_decay: float = opt(0.0, non_negative, "L2 weight decay")
+    min_sites: int = opt(2, positive, "sites needed to start and to finish a round")
+    fraction_train: float = opt(1.0, fraction, "share of ready sites sampled per round")
+    fraction_evaluate: float = opt(1.0, fraction, "share of ready sites evaluating per round")
+    join_timeout: float = opt(300.0, positive, "seconds to wait for min-sites to connect")
+    round_timeout: float = opt(600.0, positive, "seconds a site may take per message")
+    val_fraction: float = opt(
+        0.15,
+        lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+        "validation share held out on sites without an explicit split",
+    )
+    seed: int = opt(0, non_negative, "seed for head init, splits and shuffling")
+    server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
+    out_dir: str = opt("", doc="where report.json goes; default ./fedhead-runs/<run-id>")
+    device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
+    simulation_data: str = opt("", doc="simulation: folder with site-<i> data per node")
+    dirichlet_alpha: float = opt(0.5, positive, "simulation: non-IID split of the demo data")
+
+    def class_names(self) -> list[str]:
+        return [c.strip() for c in self.classes.split(",")]
+
+    def _cross_checks(self) -> list[str]:
+        problems = []
+        if not self.classes:
+            problems.append("classes: required (comma-separated class names)")
+        if bool(self.backbone_weights) != bool(self.backbone_sha256):
+            problems.append(
+                "backbone-sha256: backbone-weights and backbone-sha256 go together "
+                "(compute it with `sha256sum FILE`)"
+            )
+        from fedhead.common.backbones import backbone_names
+
+        if self.backbone not in backbone_names():
+            problems.append(
+                f"backbone: unknown backbone {self.backbone!r} "
+                f"(known: {', '.join(backbone_names())})"
+            )
+        else:
+            from fedhead.common.backbones import get_spec
+
+            spec = get_spec(self.backbone)
+            if spec.fixed_input_size and self.input_size not in (0, spec.input_size):
+                problems.append(f"input-size: {spec.name} only accepts {spec.input_size} px (or 0)")
+        return problems
+
+    def resolved_input_size(self) -> int:
+        from fedhead.common.backbones import get_spec
+
+        return self.input_size or get_spec(self.backbone).input_size
+
+
+@dataclass(frozen=True)
+class NodeConfig(_Config):
+    """One site's SuperNode, as its IT configures it (``--node-config``)."""
+
+    _source = "node configuration"
+
+    data_path: str = opt("", doc="the site's data: image folder, .csv manifest or .npz")
+    cache_dir: str = opt("", doc="weights and feature cache; default ~/.cache/fedhead")
+    device: str = opt("auto", one_of("auto", "cpu", "cuda"), "training device")
+    audit_log: str = opt("", doc="JSON-lines file recording every message the site sends")
+    feature_cache_gb: float = opt(5.0, positive, "disk budget of the feature cache")
+    # Set by Flower's Simulation Engine for simulated nodes:
+    partition_id: int = opt(-1, doc="simulation only")
+    num_partitions: int = opt(0, doc="simulation only")
+
+    @property
+    def simulated(self) -> bool:
+        return self.partition_id >= 0 and not self.data_path

@@ -1,0 +1,91 @@
+"""Typed errors for fedhead, each with a process exit code and a hint for the user.
+
+A user sees ``str(error)``: one line saying what is wrong and what to do. The CLI
+turns an uncaught ``FedheadError`` into that line on stderr and its ``exit_code``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class FedheadError(Exception):
+    """Base class: a problem the user can fix, reported as one line."""
+
+    exit_code = 1
+    title = "error"
+
+    def __init__(self, what: str, hint: str = "") -> None:
+        self.what = what.rstrip(".")
+        self.hint = hint.rstrip(".")
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        return f"{self.what}. {self.hint}." if self.hint else f"{self.what}."
+
+
+class ConfigError(FedheadError):
+    """Invalid run or node configuration; lists every problem found at once."""
+
+    exit_code = 2
+    title = "invalid configuration"
+
+    def __init__(self, problems: Iterable[str], source: str = "configuration") -> None:
+        self.problems = list(problems)
+        what = f"invalid {source}: " + "; ".join(self.problems)
+        super().__init__(what, "fix the keys named above and start again")
+
+
+class UnknownBackboneError(ConfigError):
+    """A backbone name that is not in the registry."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        known_list = ", ".join(sorted(known))
+        super().__init__([f"backbone: unknown backbone {name!r} (known: {known_list})"])
+
+
+class DataError(FedheadError):
+    """A site's data path is missing, empty, unreadable or labelled wrongly."""
+
+    exit_code = 3
+    title = "data problem"
+
+
+class WeightsError(FedheadError):
+    """Backbone weights are missing or fail their sha256 check."""
+
+    exit_code = 4
+    title = "backbone weights problem"
+
+
+class ModelMismatchError(FedheadError):
+    """Tensors received do not match the model's trainable set."""
+
+    exit_code = 5
+    title = "model mismatch"
+
+
+class FederationError(FedheadError):
+    """The federation could not run: too few sites, a node refused the run, a timeout."""
+
+    exit_code = 6
+    title = "federation problem"
+
+
+class SetupError(FedheadError):
+    """A local setup step failed: a port in use, a missing program, a file in the way."""
+
+    exit_code = 7
+    title = "setup problem"
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected error (a bug: please report it with the log)",
+    ConfigError.exit_code: "invalid configuration or command-line arguments",
+    DataError.exit_code: "site data missing, empty, unreadable or wrongly labelled",
+    WeightsError.exit_code: "backbone weights missing or sha256 mismatch",
+    ModelMismatchError.exit_code: "received tensors do not match the model",
+    FederationError.exit_code: "the federated run could not complete",
+    SetupError.exit_code: "local setup problem (port in use, missing program, file in the way)",
+}

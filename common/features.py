@@ -1,0 +1,283 @@
+"""Frozen-trunk feature extraction with a persistent, content-keyed feature cache.
+
+A frozen trunk in eval mode maps the same image to the same features every time, so
+each image goes through the trunk once; later epochs, rounds and runs read the cache.
+
+The cache is one SQLite database per cache folder (``features.sqlite``). A row is keyed
+by a namespace (backbone sha256 + preprocessing + trunk cut) and the image's content
+sha256, so a changed image, transform or backbone is recomputed and nothing stale is
+read. SQLite's transactions make it safe against a crash mid-write; a database that is
+nevertheless corrupt is moved aside and rebuilt. Disk use is bounded: least recently
+used rows are evicted past the budget. Features never leave the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedhead.common.device import Device
+from fedhead.common.images import ImageDecodeError, ImageSource, Preprocessor
+from fedhead.common.model import FedHeadModel
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS features (
+    ns TEXT NOT NULL, key TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL,
+    nbytes INTEGER NOT NULL, used REAL NOT NULL, PRIMARY KEY (ns, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS features_used ON features (used);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+_SQL_VARS = 500  # keys per IN (...) query, below SQLite's variable limit
+
+
+def cache_namespace(backbone_sha256: str, preprocess: Preprocessor, unfreeze_blocks: int) -> str:
+    """Which trunk, preprocessing and cut produced a feature: part of every cache key."""
+    blob = f"{backbone_sha256}|{preprocess.fingerprint()}|cut-{unfreeze_blocks}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Persistent features keyed by (namespace, image content sha256), bounded in size."""
+
+    def __init__(self, path: Path, max_bytes: int = 5 * 1024**3) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        for attempt in range(2):
+            db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                if attempt == 0 and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise sqlite3.DatabaseError("quick_check failed")
+                return db
+            except sqlite3.DatabaseError as err:
+                db.close()
+                if attempt:
+                    raise
+                aside = self.path.with_suffix(f".corrupt-{int(time.time())}")
+                log.warning("feature cache %s is corrupt (%s); moved to %s", self.path, err, aside)
+                self.path.rename(aside)
+                for suffix in ("-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get_many(self, ns: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _SQL_VARS):
+            chunk = unique[start : start + _SQL_VARS]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, shape, data FROM features WHERE ns=? AND key IN ({marks})",
+                [ns, *chunk],
+            ).fetchall()
+            for key, shape, data in rows:
+                dims = tuple(int(d) for d in shape.split("x")) if shape else ()
+                out[key] = np.frombuffer(data, dtype=np.float16).reshape(dims)
+        if out:
+            now = time.time()
+            self._db.executemany(
+                "UPDATE features SET used=? WHERE ns=? AND key=?", [(now, ns, k) for k in out]
+            )
+        return out
+
+    def put_many(self, ns: str, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        now = time.time()
+        rows = []
+        for key, arr in items:
+            half = np.ascontiguousarray(arr, dtype=np.float16)
+            shape = "x".join(str(d) for d in half.shape)
+            rows.append((ns, key, shape, half.tobytes(), half.nbytes, now))
+        if not rows:
+            return
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO features VALUES (?,?,?,?,?,?)", rows)
+        self._evict()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Commit on success, roll back on error (the connection is in autocommit mode)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def total_bytes(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM features").fetchone()[0])
+
+    def _evict(self) -> None:
+        total = self.total_bytes()
+        if total <= self.max_bytes:
+            return
+        target = int(self.max_bytes * 0.9)
+        with self._transaction():
+            cur = self._db.execute("SELECT ns, key, nbytes FROM features ORDER BY used")
+            doomed = []
+            for ns, key, nbytes in cur:
+                if total <= target:
+                    break
+                doomed.append((ns, key))
+                total -= nbytes
+            self._db.executemany("DELETE FROM features WHERE ns=? AND key=?", doomed)
+        log.info("feature cache: evicted %d least recently used rows", len(doomed))
+
+    # --- file content hashes, memoised by (path, size, mtime) ---------------------
+    def lookup_hash(self, path: Path, size: int, mtime_ns: int) -> str | None:
+        row = self._db.execute(
+            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?",
+            (str(path), size, mtime_ns),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def store_hash(self, path: Path, size: int, mtime_ns: int, digest: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?)",
+            (str(path), size, mtime_ns, digest),
+        )
+
+
+@dataclass
+class ExtractionStats:
+    images: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    extracted: int = 0
+    extract_seconds: float = 0.0
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.extract_seconds if self.extract_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Features:
+    """Trunk outputs for the usable images of a source, in source order."""
+
+    values: torch.Tensor  # (n_ok, ...) float32
+    ok: np.ndarray  # indices into the source of the images that were usable
+    stats: ExtractionStats
+
+
+class FeatureExtractor:
+    """Runs the frozen part of a ``FedHeadModel`` over image sources, through the cache."""
+
+    def __init__(
+        self,
+        model: FedHeadModel,
+        preprocess: Preprocessor,
+        device: Device,
+        backbone_sha256: str,
+        cache: FeatureCache | None = None,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.device = device
+        self.cache = cache
+        self.batch_size = batch_size
+        self.progress = progress
+        self.namespace = cache_namespace(backbone_sha256, preprocess, model.unfreeze_blocks)
+        self.model.frozen.to(device.torch_device)
+        self.model.pool.to(device.torch_device)
+
+    def __call__(self, images: ImageSource) -> Features:
+        stats = ExtractionStats(images=len(images))
+        keys: list[str | None] = []
+        for i in range(len(images)):
+            try:
+                keys.append(images.key(i))
+            except ImageDecodeError as err:
+                keys.append(None)
+                self._skip(stats, str(err))
+        wanted = [k for k in keys if k is not None]
+        found = self.cache.get_many(self.namespace, wanted) if self.cache else {}
+        stats.cache_hits = sum(1 for k in wanted if k in found)
+        todo: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k is not None and k not in found and k not in todo:
+                todo[k] = i
+        stats.cache_misses = len(todo)
+        if todo:
+            found.update(self._extract(images, todo, stats, keys))
+        ok = np.array([i for i, k in enumerate(keys) if k is not None and k in found], np.int64)
+        if len(ok):
+            values = torch.from_numpy(np.stack([found[keys[i]] for i in ok])).float()
+        else:
+            values = torch.empty(0)
+        return Features(values=values, ok=ok, stats=stats)
+
+    def _skip(self, stats: ExtractionStats, why: str) -> None:
+        stats.skipped += 1
+        if len(stats.skipped_examples) < 5:
+            stats.skipped_examples.append(why)
+        log.warning("skipping image: %s", why)
+
+    def _extract(
+        self,
+        images: ImageSource,
+        todo: dict[str, int],
+        stats: ExtractionStats,
+        keys: list[str | None],
+    ) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        items = list(todo.items())
+        dev = self.device.torch_device
+        t0 = time.perf_counter()
+        for start in range(0, len(items), self.batch_size):
+            batch_keys, arrays = [], []
+            for key, i in items[start : start + self.batch_size]:
+                try:
+                    arrays.append(images.load(i))
+                    batch_keys.append(key)
+                except ImageDecodeError as err:
+                    self._skip(stats, str(err))
+                    keys[i] = None
+            if not arrays:
+                continue
+            x = self.preprocess(arrays).to(dev, non_blocking=True)
+            with torch.inference_mode(), self.device.autocast():
+                z = self.model.extract(x)
+            # Stored as float16: round fresh features the same way, so a run that
+            # extracts and a run that reads the cache train on identical values.
+            z_np = z.float().cpu().numpy().astype(np.float16)
+            new = list(zip(batch_keys, z_np, strict=True))
+            out.update(new)
+            stats.extracted += len(new)
+            if self.cache:
+                self.cache.put_many(self.namespace, new)
+            if self.progress:
+                done = min(start + self.batch_size, len(items))
+                print(f"\rextracting features {done}/{len(items)}", end="", file=sys.stderr)
+        if self.progress:
+            print(file=sys.stderr)
+        stats.extract_seconds = time.perf_counter() - t0
+        return out

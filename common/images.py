@@ -1,0 +1,279 @@
+"""Image sources with content keys, and the one preprocessing pipeline fedhead uses.
+
+An ``ImageSource`` is an indexable collection of images that can name each image by
+the sha256 of its content (the feature cache key) and decode it to a uint8 array.
+Files and in-memory arrays go through the same ``Preprocessor``, so the same picture
+yields the same features whichever way it arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be read or decoded (it is skipped and counted)."""
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def key(self, i: int) -> str:
+        """sha256 hex of the image content (raises ImageDecodeError if unreadable)."""
+        ...
+
+    def load(self, i: int) -> np.ndarray:
+        """The image as uint8 HxW or HxWxC (raises ImageDecodeError)."""
+        ...
+
+    def describe(self, i: int) -> str:
+        """Where image ``i`` comes from, for messages (a path, or file[index])."""
+        ...
+
+
+class ArrayImages:
+    """Images held in a uint8 array of shape (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, origin: str) -> None:
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(
+                f"{origin}: images must be uint8 (N,H,W) or (N,H,W,C), got "
+                f"{images.dtype} {images.shape}"
+            )
+        self.images = images
+        self.origin = origin
+        self._keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def key(self, i: int) -> str:
+        if self._keys is None:
+            shape = repr(self.images.shape[1:]).encode()
+            self._keys = [
+                hashlib.sha256(shape + np.ascontiguousarray(img).tobytes()).hexdigest()
+                for img in self.images
+            ]
+        return self._keys[i]
+
+    def load(self, i: int) -> np.ndarray:
+        return np.asarray(self.images[i])
+
+    def describe(self, i: int) -> str:
+        return f"{self.origin}[{i}]"
+
+
+HashLookup = Callable[[Path, int, int], str | None]
+HashStore = Callable[[Path, int, int, str], None]
+
+
+@dataclass(frozen=True)
+class HashMemo:
+    """Where file content hashes are remembered by (path, size, mtime), if anywhere."""
+
+    lookup: HashLookup | None = None
+    store: HashStore | None = None
+
+
+class FileImages:
+    """Image files on disk; content hashes can be memoised by (path, size, mtime)."""
+
+    def __init__(self, paths: Sequence[Path], memo: HashMemo | None = None) -> None:
+        self.paths = list(paths)
+        self.memo = memo or HashMemo()
+        self._keys: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, i: int) -> str:
+        if i in self._keys:
+            return self._keys[i]
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            lookup, store = self.memo.lookup, self.memo.store
+            digest = lookup(path, st.st_size, st.st_mtime_ns) if lookup else None
+            if digest is None:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                if store:
+                    store(path, st.st_size, st.st_mtime_ns, digest)
+        except OSError as err:
+            raise ImageDecodeError(f"{path}: cannot read ({err.strerror or err})") from err
+        self._keys[i] = digest
+        return digest
+
+    def load(self, i: int) -> np.ndarray:
+        return decode_image_file(self.paths[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.paths[i])
+
+
+class SubsetImages:
+    """A view of some images of another source."""
+
+    def __init__(self, base: ImageSource, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, i: int) -> str:
+        return self.base.key(self.indices[i])
+
+    def load(self, i: int) -> np.ndarray:
+        return self.base.load(self.indices[i])
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(self.indices[i])
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images with integer labels (indices into the run's class list)."""
+
+    images: ImageSource
+    labels: np.ndarray  # int64, one per image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabeledImages:
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabeledImages(SubsetImages(self.images, idx.tolist()), self.labels[idx])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()  # type: ignore[no-any-return]
+
+
+def decode_image_file(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                scale = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+                return np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8)
+            if img.mode in ("L", "RGB"):
+                return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ImageDecodeError(f"{path}: not a readable image ({err})") from err
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{path}: image too large ({err})") from err
+
+
+class Preprocessor:
+    """uint8 images -> normalised float tensors of shape (N, 3, S, S).
+
+    Grayscale is replicated to three channels; the shorter side is resized to S with
+    antialiased bilinear interpolation, then the centre S x S is kept; ImageNet-style
+    mean/std normalisation follows.
+    """
+
+    VERSION = 1
+
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._mean_t = mean
+        self._std_t = std
+
+    def fingerprint(self) -> str:
+        return (
+            f"v{self.VERSION}|short-side-bilinear-aa+center-crop|{self.size}|"
+            f"{self._mean_t}|{self._std_t}"
+        )
+
+    def _to_chw(self, img: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(img))
+        if t.ndim == 2:
+            t = t.unsqueeze(0).expand(3, -1, -1)
+        else:
+            t = t.permute(2, 0, 1)
+            if t.shape[0] == 1:
+                t = t.expand(3, -1, -1)
+            elif t.shape[0] == 4:
+                t = t[:3]
+        return t
+
+    def _resize(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) float in [0,1] of one shape -> (N,3,S,S)."""
+        h, w = batch.shape[-2:]
+        s = self.size
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            batch = F.interpolate(batch, size=(nh, nw), mode="bilinear", antialias=True)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            batch = batch[..., top : top + s, left : left + s]
+        return batch
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        out = torch.empty(len(images), 3, self.size, self.size)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape), []).append(i)
+        for idx in by_shape.values():
+            batch = torch.stack([self._to_chw(images[i]) for i in idx]).float().div_(255.0)
+            out[idx] = self._resize(batch)
+        return (out - self.mean) / self.std
+
+
+class ConcatImages:
+    """Several sources one after the other."""
+
+    def __init__(self, parts: Sequence[ImageSource]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[ImageSource, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k], i - int(self.offsets[k])
+
+    def key(self, i: int) -> str:
+        src, j = self._locate(i)
+        return src.key(j)
+
+    def load(self, i: int) -> np.ndarray:
+        src, j = self._locate(i)
+        return src.load(j)
+
+    def describe(self, i: int) -> str:
+        src, j = self._locate(i)
+        return src.describe(j)
+
+
+def concat(parts: Sequence[LabeledImages]) -> LabeledImages:
+    if len(parts) == 1:
+        return parts[0]
+    return LabeledImages(
+        ConcatImages([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+    )

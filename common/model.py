@@ -1,0 +1,245 @@
+"""The fedhead model: a frozen pretrained trunk, optionally K unfrozen last blocks, a head.
+
+Only the trainable tensors ever travel. ``TrainableSet`` computes their names, shapes
+and dtypes once from the model; the same set packs and unpacks the payload in both
+directions, and its fingerprint lets both sides prove they agree before training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedhead.common.backbones import BackboneSpec
+from fedhead.common.errors import ModelMismatchError, WeightsError
+from fedhead.common.weights import WeightsRef
+
+
+def weights_ref(spec: BackboneSpec, custom_sha256: str = "") -> WeightsRef:
+    """The weights file a run uses: the registered ImageNet file or a custom checkpoint."""
+    if custom_sha256:
+        return WeightsRef(
+            filename=f"{spec.name}-custom-{custom_sha256[:16]}.pth",
+            sha256=custom_sha256,
+            label=f"custom {spec.name} checkpoint",
+            install_hint="give the checkpoint's path in backbone-weights",
+        )
+    return WeightsRef(
+        filename=spec.weights_file,
+        sha256=spec.sha256,
+        url=spec.url,
+        label=f"backbone {spec.name}",
+        install_hint=f"run `fedhead weights install {spec.name}`",
+    )
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """Accept a plain state dict or the usual {'state_dict': ...} / {'model': ...} wrappers."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise TypeError("not a state dict")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_backbone(spec: BackboneSpec, path: Path) -> nn.Module:
+    """Build ``spec``'s architecture and load the trunk from a (verified) weights file.
+
+    Classifier weights in the file are not needed and may have any shape, so custom
+    checkpoints fine-tuned for another label set load too. Every trunk tensor must be
+    present with the right shape.
+    """
+    model = spec.build()
+    try:
+        loaded = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:
+        raise WeightsError(
+            f"{path} is not a loadable PyTorch state dict ({type(err).__name__}: {err})",
+            "give a checkpoint saved with torch.save(model.state_dict())",
+        ) from err
+    own = model.state_dict()
+    head_prefix = spec.head_module + "."
+    trunk_keys = [k for k in own if not k.startswith(head_prefix)]
+    missing = [k for k in trunk_keys if k not in loaded]
+    wrong = [k for k in trunk_keys if k in loaded and loaded[k].shape != own[k].shape]
+    if missing or wrong:
+        bad = (missing + wrong)[:3]
+        raise WeightsError(
+            f"{path} does not fit architecture {spec.architecture}: "
+            f"{len(missing)} trunk tensors missing, {len(wrong)} of the wrong shape (e.g. {bad})",
+            "check that the checkpoint was trained with this architecture",
+        )
+    model.load_state_dict({k: loaded[k] for k in trunk_keys}, strict=False)
+    return model
+
+
+def _freeze_batchnorm_stats(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class FedHeadModel(nn.Module):
+    """``frozen`` blocks (cacheable), ``tuned`` last blocks, frozen ``pool``, trainable ``head``.
+
+    ``extract(x)`` runs the cacheable part: the frozen blocks, plus the pool when no
+    block is unfrozen (then it yields the feature vector). ``forward_from_features``
+    runs the rest. BatchNorm statistics stay frozen everywhere, also in tuned blocks,
+    so no buffer changes during training and only parameters need exchanging.
+    """
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        backbone: nn.Module,
+        num_classes: int,
+        head: str = "linear",
+        hidden: int = 256,
+        dropout: float = 0.0,
+        unfreeze_blocks: int = 0,
+    ) -> None:
+        super().__init__()
+        split = spec.trunk_blocks(backbone)
+        if not 0 <= unfreeze_blocks < len(split.blocks):
+            raise ValueError(
+                f"unfreeze_blocks={unfreeze_blocks}: {spec.name} has "
+                f"{len(split.blocks)} trunk blocks, choose 0..{len(split.blocks) - 1}"
+            )
+        cut = len(split.blocks) - unfreeze_blocks
+        self.spec = spec
+        self.unfreeze_blocks = unfreeze_blocks
+        self.frozen = nn.Sequential(*split.blocks[:cut])
+        self.tuned = nn.Sequential(*split.blocks[cut:])
+        self.pool = split.pool
+        self.head = make_head(head, spec.feature_dim, num_classes, hidden, dropout)
+        for p in [*self.frozen.parameters(), *self.pool.parameters()]:
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FedHeadModel:
+        super().train(mode)
+        self.frozen.eval()
+        self.pool.eval()
+        _freeze_batchnorm_stats(self.tuned)
+        return self
+
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """The cacheable part: frozen blocks (and the pool when nothing is unfrozen)."""
+        z = self.frozen(x)
+        return cast(torch.Tensor, self.pool(z)) if self.unfreeze_blocks == 0 else z
+
+    def forward_from_features(self, z: torch.Tensor) -> torch.Tensor:
+        if self.unfreeze_blocks:
+            z = self.pool(self.tuned(z))
+        return cast(torch.Tensor, self.head(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from_features(self.extract(x))
+
+    def param_groups(self, lr: float, tuned_lr_scale: float) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = [{"params": list(self.head.parameters()), "lr": lr}]
+        tuned = [p for p in self.tuned.parameters() if p.requires_grad]
+        if tuned:
+            groups.append({"params": tuned, "lr": lr * tuned_lr_scale})
+        return groups
+
+
+def make_head(kind: str, in_dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+        return nn.Sequential(*layers, nn.Linear(in_dim, num_classes))
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+    raise ValueError(f"head must be 'linear' or 'mlp', not {kind!r}")
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TrainableSet:
+    """The names, shapes and dtypes of the tensors that are trained and exchanged."""
+
+    tensors: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> TrainableSet:
+        return cls(
+            tuple(
+                TensorSpec(n, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            )
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in self.tensors)
+
+    def fingerprint(self) -> str:
+        """sha256 over names, shapes and dtypes: equal on both sides or no training."""
+        blob = json.dumps([[t.name, list(t.shape), t.dtype] for t in self.tensors])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def problems(self, arrays: Sequence[np.ndarray]) -> list[str]:
+        """Why ``arrays`` is not a valid payload for this set (empty list: it is)."""
+        if len(arrays) != len(self.tensors):
+            return [f"expected {len(self.tensors)} tensors, got {len(arrays)}"]
+        out = []
+        for spec, arr in zip(self.tensors, arrays, strict=True):
+            if tuple(arr.shape) != spec.shape:
+                out.append(f"{spec.name}: shape {tuple(arr.shape)}, expected {spec.shape}")
+            elif arr.dtype != np.dtype(spec.dtype):
+                out.append(f"{spec.name}: dtype {arr.dtype}, expected {spec.dtype}")
+        return out
+
+    def get(self, model: nn.Module) -> list[np.ndarray]:
+        params = dict(model.named_parameters())
+        return [params[t.name].detach().cpu().numpy().copy() for t in self.tensors]
+
+    def set(self, model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+        """Load ``arrays`` into the model; a mismatch raises ModelMismatchError."""
+        if problems := self.problems(arrays):
+            raise ModelMismatchError(
+                "tensors received do not match this model's trainable set: "
+                + "; ".join(problems[:3]),
+                "server and site must use the same backbone, head and classes",
+            )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for spec, arr in zip(self.tensors, arrays, strict=True):
+                params[spec.name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))

@@ -1,0 +1,1 @@
+"""fedhead server side: the round loop, aggregation, reports, the Flower ServerApp."""

@@ -1,0 +1,43 @@
+"""fedhead's Flower ServerApp: reads the run configuration and runs the federation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import FedheadError
+from fedhead.common.logs import setup_logging
+from fedhead.server.federation import run_federation
+from fedhead.server.report import RunReport
+
+log = logging.getLogger(__name__)
+
+
+def make_server_app(
+    config: RunConfig | None = None,
+    on_report: Callable[[RunReport], None] | None = None,
+    **run_kwargs: object,
+) -> ServerApp:
+    """A ServerApp for ``config`` (default: the run config Flower passes in)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        setup_logging()
+        try:
+            cfg = config or RunConfig.from_mapping(context.run_config)
+            report = run_federation(grid, context, cfg, **run_kwargs)  # type: ignore[arg-type]
+        except FedheadError as err:
+            log.error("%s: %s", err.title, err)
+            raise
+        if on_report:
+            on_report(report)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,275 @@
+"""One federated run, server side: from a RunConfig to a RunReport.
+
+Resolves and verifies the backbone on the server, builds the model and the initial
+head, describes the run to the sites (RunSpec), and drives FedHeadWorkflow with the
+plain or the SecAgg+ fit step. Both the ServerApp and ``fedhead demo`` call
+``run_federation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.serverapp import Grid
+
+from fedhead.client.data import load_test_set
+from fedhead.common.backbones import BackboneSpec, get_spec
+from fedhead.common.config import RunConfig
+from fedhead.common.device import select_device
+from fedhead.common.errors import WeightsError
+from fedhead.common.features import FeatureCache, FeatureExtractor
+from fedhead.common.images import Preprocessor
+from fedhead.common.model import (
+    FedHeadModel,
+    TrainableSet,
+    count_params,
+    load_backbone,
+    weights_ref,
+)
+from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
+from fedhead.common.training import evaluate_head
+from fedhead.common.weights import (
+    default_search_dirs,
+    download,
+    fedhead_cache_dir,
+    find_weights,
+)
+from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
+from fedhead.server.report import RoundRecord, RunReport, table_row
+from fedhead.server.strategy import FedHeadStrategy
+from fedhead.server.workflow import FedHeadWorkflow, MeteredGrid, PlainEvaluate, PlainFit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    spec: BackboneSpec
+    weights_path: Path
+    sha256: str
+    model: FedHeadModel
+    trainable: TrainableSet
+
+
+def resolve_weights(cfg: RunConfig) -> tuple[BackboneSpec, Path, str]:
+    """The verified weights file of the run's backbone on this (server) machine."""
+    spec = get_spec(cfg.backbone)
+    ref = weights_ref(spec, cfg.backbone_sha256)
+    explicit = Path(cfg.backbone_weights).expanduser() if cfg.backbone_weights else None
+    try:
+        path = find_weights(ref, default_search_dirs(), explicit)
+    except WeightsError:
+        if explicit is not None or not cfg.download_weights:
+            raise
+        log.info("downloading %s from %s", ref.filename, ref.url)
+        path = download(ref, fedhead_cache_dir() / "weights")
+    return spec, path, ref.sha256
+
+
+def build_server_model(cfg: RunConfig) -> ServerModel:
+    spec, path, sha = resolve_weights(cfg)
+    torch.manual_seed(cfg.seed)  # the initial head is the same for the same seed
+    model = FedHeadModel(
+        spec,
+        load_backbone(spec, path),
+        num_classes=len(cfg.class_names()),
+        head=cfg.head,
+        hidden=cfg.head_hidden,
+        dropout=cfg.head_dropout,
+        unfreeze_blocks=cfg.unfreeze_blocks,
+    )
+    return ServerModel(spec, path, sha, model, TrainableSet.of(model))
+
+
+def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
+    return RunSpec(
+        protocol=PROTOCOL_VERSION,
+        backbone=sm.spec.name,
+        weights_file=weights_ref(sm.spec, cfg.backbone_sha256).filename,
+        weights_sha256=sm.sha256,
+        weights_bytes=sm.weights_path.stat().st_size,
+        custom_weights=bool(cfg.backbone_weights),
+        classes=",".join(cfg.class_names()),
+        input_size=cfg.resolved_input_size(),
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
+        head_dropout=cfg.head_dropout,
+        unfreeze_blocks=cfg.unfreeze_blocks,
+        trainable_fingerprint=sm.trainable.fingerprint(),
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        simulation_data=cfg.simulation_data,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+    )
+
+
+def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
+    return FitSettings(
+        server_round=0,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        unfreeze_lr_scale=cfg.unfreeze_lr_scale,
+        seed=cfg.seed,
+        trainable_fingerprint=trainable.fingerprint(),
+    )
+
+
+def server_evaluator(
+    cfg: RunConfig, sm: ServerModel
+) -> Callable[[list[np.ndarray]], tuple[float, float]] | None:
+    """Evaluate global tensors on the server's own test set, if one is configured."""
+    if not cfg.server_test_data:
+        return None
+    test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names())
+    device = select_device(cfg.device)
+    extractor = FeatureExtractor(
+        sm.model,
+        Preprocessor(cfg.resolved_input_size(), sm.spec.mean, sm.spec.std),
+        device,
+        sm.sha256,
+        FeatureCache(fedhead_cache_dir() / "features.sqlite"),
+    )
+    feats = extractor(test.images)
+    labels = torch.from_numpy(test.labels[feats.ok])
+    log.info("server test set: %d images (%d unreadable)", len(labels), feats.stats.skipped)
+
+    def evaluate(arrays: list[np.ndarray]) -> tuple[float, float]:
+        sm.trainable.set(sm.model, arrays)
+        res = evaluate_head(sm.model, feats.values, labels, device)
+        return res.loss, res.accuracy
+
+    return evaluate
+
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    on_round: RoundCallback | None = None,
+    out_dir: Path | None = None,
+) -> RunReport:
+    """Run every round of one federated job and write its report."""
+    t_start = time.perf_counter()
+    sm = build_server_model(cfg)
+    spec = run_spec(cfg, sm)
+    settings = fit_settings(cfg, sm.trainable)
+    log.info(
+        "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
+        "%d rounds",
+        context.run_id,
+        sm.spec.name,
+        sm.sha256[:12],
+        sm.trainable.num_params,
+        sm.trainable.nbytes,
+        cfg.num_server_rounds,
+    )
+    strategy = FedHeadStrategy(
+        trainable=sm.trainable,
+        initial=sm.trainable.get(sm.model),
+        settings=settings,
+        num_rounds=cfg.num_server_rounds,
+        min_sites=cfg.min_sites,
+        lr_schedule=cfg.lr_schedule,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        server_evaluate=server_evaluator(cfg, sm),
+    )
+    metered = MeteredGrid(grid)
+    report = RunReport(
+        run_id=context.run_id,
+        backbone={
+            "name": sm.spec.name,
+            "sha256": sm.sha256,
+            "weights_file": spec.weights_file,
+            "custom": spec.custom_weights,
+            "trunk_params": count_params(sm.model.frozen) + count_params(sm.model.tuned),
+            "head_params": sm.trainable.num_params,
+            "head_bytes": sm.trainable.nbytes,
+            "trainable_tensors": sm.trainable.names,
+        },
+        clients=0,
+        input_size=spec.input_size,
+        config=cfg.to_mapping(),
+    )
+    out = out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")
+    counters = {"sent": 0, "received": 0}
+
+    def prepared(outcome: PrepareOutcome) -> None:
+        report.clients = len(outcome.ready)
+        report.setup = {
+            "sites_ready": sorted(outcome.ready),
+            "sites_failed": {str(k): v for k, v in outcome.failed.items()},
+            "backbone_sent_to": sorted(outcome.weights_sent_to),
+            "bytes_to_clients": metered.bytes_sent,
+            "bytes_from_clients": metered.bytes_received,
+            "train_examples": outcome.train_examples,
+        }
+        counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
+
+    def round_done(rnd: int, seconds: float) -> None:
+        st = strategy.stats(rnd)
+        rejected: dict[str, int] = {}
+        for r in st.rejected:
+            rejected[r.reason] = rejected.get(r.reason, 0) + 1
+        rec = RoundRecord(
+            round=rnd,
+            train_loss=st.train_loss,
+            eval_loss=st.eval_loss,
+            eval_accuracy=st.eval_accuracy,
+            server_eval_loss=st.server_eval_loss,
+            server_eval_accuracy=st.server_eval_accuracy,
+            bytes_to_clients=metered.bytes_sent - counters["sent"],
+            bytes_from_clients=metered.bytes_received - counters["received"],
+            seconds=seconds,
+            sites_selected=st.selected,
+            sites_replied=st.replied,
+            sites_failed=st.failed,
+            updates_rejected=rejected,
+            aggregated=st.aggregated,
+        )
+        counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
+        report.rounds.append(rec)
+        log.info("%s", table_row(rec))
+        if on_round:
+            on_round(rec)
+
+    workflow = FedHeadWorkflow(
+        strategy=strategy,
+        distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout),
+        fit_step=PlainFit(cfg.round_timeout),
+        evaluate_step=PlainEvaluate(cfg.round_timeout),
+        num_rounds=cfg.num_server_rounds,
+        min_sites=cfg.min_sites,
+        join_timeout=cfg.join_timeout,
+        on_prepared=prepared,
+        on_round=round_done,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy
+    )
+    workflow(metered, legacy)
+    finals = [r for r in report.rounds if math.isfinite(r.eval_accuracy)]
+    if finals:
+        report.final_eval_accuracy = finals[-1].eval_accuracy
+        report.final_eval_loss = finals[-1].eval_loss
+    report.seconds = time.perf_counter() - t_start
+    path = report.write(out)
+    log.info("report written to %s", path)
+    return report

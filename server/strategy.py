@@ -1,0 +1,262 @@
+"""fedhead's Flower strategy: which sites take part, what counts, how heads combine.
+
+It implements Flower's legacy ``Strategy`` interface because SecAgg+ (Flower 1.41's
+``SecAggPlusWorkflow``) drives exactly that interface. With ``secure=False`` the
+strategy sees every site's update, checks each one and averages the valid ones; with
+``secure=True`` it only ever sees the securely summed mean (SecAgg+ hands every result
+the same aggregate vector) and checks that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+from flwr.server.strategy import Strategy
+
+from fedhead.common.model import TrainableSet
+from fedhead.common.protocol import FitSettings
+from fedhead.common.training import scheduled_lr
+from fedhead.server.aggregation import (
+    Arrays,
+    Rejection,
+    apply_delta,
+    check_update,
+    weighted_mean,
+    weighted_metric,
+)
+
+log = logging.getLogger(__name__)
+
+ServerEvaluate = Callable[[Arrays], tuple[float, float]]  # arrays -> (loss, accuracy)
+
+
+@dataclass
+class RoundStats:
+    """What happened in one round, as the strategy saw it."""
+
+    selected: int = 0
+    replied: int = 0
+    failed: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    aggregated: bool = False
+    train_loss: float = math.nan
+    eval_selected: int = 0
+    eval_loss: float = math.nan
+    eval_accuracy: float = math.nan
+    eval_examples: int = 0
+    server_eval_loss: float = math.nan
+    server_eval_accuracy: float = math.nan
+
+
+class _Ready(Criterion):
+    def __init__(self, ready: set[int]) -> None:
+        self.ready = ready
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.node_id in self.ready
+
+
+def _sample(cm: ClientManager, ready: set[int], fraction: float, minimum: int) -> list[ClientProxy]:
+    """Sample ready, connected sites without blocking; [] if fewer than ``minimum``."""
+    available = [c for c in cm.all().values() if c.node_id in ready]
+    if len(available) < minimum:
+        log.warning(
+            "only %d prepared site(s) connected, %d needed: skipping this step",
+            len(available),
+            minimum,
+        )
+        return []
+    num = max(minimum, math.ceil(fraction * len(available)))
+    return cm.sample(num, min_num_clients=0, criterion=_Ready(ready))
+
+
+class FedHeadStrategy(Strategy):
+    """Sampling, checking and FedAvg of head deltas; federated and server evaluation."""
+
+    def __init__(
+        self,
+        trainable: TrainableSet,
+        initial: Arrays,
+        settings: FitSettings,
+        num_rounds: int,
+        min_sites: int,
+        lr_schedule: str = "cosine",
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        secure: bool = False,
+        max_update_norm: float = 0.0,
+        server_evaluate: ServerEvaluate | None = None,
+    ) -> None:
+        super().__init__()
+        if trainable.problems(initial):
+            raise ValueError("initial tensors do not match the trainable set")
+        if min_sites < 1:
+            raise ValueError(f"min_sites must be >= 1, got {min_sites}")
+        self.trainable = trainable
+        self.global_arrays: Arrays = [a.copy() for a in initial]
+        self.settings = settings
+        self.num_rounds = num_rounds
+        self.lr_schedule = lr_schedule
+        self.min_sites = min_sites
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.secure = secure
+        self.max_update_norm = max_update_norm
+        self.server_evaluate = server_evaluate
+        self.ready: set[int] = set()
+        self.rounds: dict[int, RoundStats] = {}
+
+    def __repr__(self) -> str:
+        return f"FedHeadStrategy(secure={self.secure}, min_sites={self.min_sites})"
+
+    def stats(self, server_round: int) -> RoundStats:
+        return self.rounds.setdefault(server_round, RoundStats())
+
+    # --- training ------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.global_arrays)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        sites = _sample(client_manager, self.ready, self.fraction_train, self.min_sites)
+        self.stats(server_round).selected = len(sites)
+        lr = scheduled_lr(
+            self.settings.learning_rate, server_round, self.num_rounds, self.lr_schedule
+        )
+        config = {**self.settings.to_config(), "server_round": server_round, "learning_rate": lr}
+        fit_ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
+        return [(site, fit_ins) for site in sites]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        st = self.stats(server_round)
+        st.replied, st.failed = len(results), len(failures)
+        for failure in failures:
+            log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
+        st.train_loss = weighted_metric(
+            [(r.num_examples, float(r.metrics.get("train-loss", math.nan))) for _, r in results]
+        )
+        if self.secure:
+            delta = self._secure_delta(server_round, results)
+        else:
+            delta = self._plain_delta(server_round, results)
+        if delta is None:
+            log.error(
+                "round %d: fewer than %d valid updates; the global head stays as it was",
+                server_round,
+                self.min_sites,
+            )
+            return None, {"train-loss": st.train_loss}
+        self.global_arrays = apply_delta(self.global_arrays, delta)
+        st.aggregated = True
+        return ndarrays_to_parameters(self.global_arrays), {"train-loss": st.train_loss}
+
+    def _plain_delta(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> Arrays | None:
+        st = self.stats(server_round)
+        valid: list[tuple[int, Arrays]] = []
+        for proxy, res in results:
+            arrays = parameters_to_ndarrays(res.parameters)
+            problem = check_update(arrays, self.trainable, self.max_update_norm)
+            if problem is None and res.num_examples <= 0:
+                problem = ("no_examples", "the update reports no training examples")
+            if problem is not None:
+                self._reject(st, server_round, Rejection(proxy.node_id, *problem))
+                continue
+            valid.append((res.num_examples, arrays))
+        if len(valid) < self.min_sites:
+            return None
+        return weighted_mean(valid)
+
+    def _secure_delta(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> Arrays | None:
+        """Under SecAgg+ every result carries the same, already averaged, delta."""
+        st = self.stats(server_round)
+        if len(results) < self.min_sites:
+            return None
+        aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        aggregate = [
+            a.astype(spec.dtype) for a, spec in zip(aggregate, self.trainable.tensors, strict=False)
+        ]
+        problem = check_update(aggregate, self.trainable, self.max_update_norm)
+        if problem is not None:
+            self._reject(st, server_round, Rejection(0, problem[0], "aggregate: " + problem[1]))
+            return None
+        return aggregate
+
+    def _reject(self, st: RoundStats, server_round: int, r: Rejection) -> None:
+        st.rejected.append(r)
+        who = "the secure aggregate" if r.node_id == 0 else f"update from node {r.node_id}"
+        log.warning("round %d: rejected %s (%s): %s", server_round, who, r.reason, r.detail)
+
+    # --- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
+        self.stats(server_round).eval_selected = len(sites)
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays), {})
+        return [(site, ins) for site in sites]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        st = self.stats(server_round)
+        for failure in failures:
+            log.warning(
+                "round %d: evaluation failed on a site: %s",
+                server_round,
+                _describe_failure(failure),
+            )
+        counted = [(r.num_examples, r) for _, r in results if r.num_examples > 0]
+        if not counted:
+            return None, {}
+        st.eval_examples = sum(n for n, _ in counted)
+        st.eval_loss = weighted_metric([(n, r.loss) for n, r in counted])
+        st.eval_accuracy = weighted_metric(
+            [(n, float(r.metrics.get("accuracy", math.nan))) for n, r in counted]
+        )
+        return st.eval_loss, {"accuracy": st.eval_accuracy}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        if self.server_evaluate is None:
+            return None
+        loss, accuracy = self.server_evaluate(self.global_arrays)
+        st = self.stats(server_round)
+        st.server_eval_loss, st.server_eval_accuracy = loss, accuracy
+        return loss, {"accuracy": accuracy}
+
+
+def _describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure)
+    proxy, res = failure
+    return f"node {proxy.node_id}: {res.status.message}"
