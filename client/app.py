@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # workers); a SuperNode starts a fresh process per message, so this is only a shortcut.
 _SITES: dict[tuple[int, int], Site] = {}
 
+# A SuperNode runs every message in a fresh process: configure logging on import.
+setup_logging()
+
 app = ClientApp(mods=[audit_mod, errors_mod])
 
 
@@ -53,16 +56,16 @@ def _site(context: Context, spec: RunSpec | None = None) -> Site:
                 "it takes part from the next run on",
             )
         spec = RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+    node = NodeConfig.from_mapping(context.node_config)
     site = _SITES.get(key)
-    if site is None or site.spec != spec:
-        site = Site(NodeConfig.from_mapping(context.node_config), spec)
+    if site is None or site.spec != spec or site.node != node:
+        site = Site(node, spec)
         _SITES[key] = site
     return site
 
 
 @app.query("prepare")
 def prepare(msg: Message, context: Context) -> Message:
-    setup_logging()
     spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
     site = _site(context, spec)
     reply = site.prepare()

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Array, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.common.errors import FederationError, FedheadError
@@ -32,15 +32,17 @@ ERROR_CODE_BASE = 1000
 
 
 def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A FedheadError becomes one clear log line and an error reply the server logs."""
+    """A FedheadError becomes one clear line in the site's log and an error reply.
+
+    The reply names only the kind of problem: the full line can hold local paths and
+    file names, which stay on the site.
+    """
     try:
         return call_next(msg, context)
     except FedheadError as err:
         log.error("%s: %s", err.title, err)
-        return Message(
-            Error(code=ERROR_CODE_BASE + err.exit_code, reason=f"{type(err).__name__}: {err}"),
-            reply_to=msg,
-        )
+        reason = f"{type(err).__name__}: {err.title} (details in the site's log)"
+        return Message(Error(code=ERROR_CODE_BASE + err.exit_code, reason=reason), reply_to=msg)
 
 
 def describe_message(msg: Message) -> dict[str, Any]:
@@ -58,15 +60,7 @@ def describe_message(msg: Message) -> dict[str, Any]:
         return out
     content = msg.content
     out["arrays"] = {
-        rec_name: {
-            key: {
-                "shape": list(arr.shape),
-                "dtype": arr.dtype,
-                "nbytes": len(arr.data),
-                "sha256": hashlib.sha256(arr.data).hexdigest()[:16],
-            }
-            for key, arr in rec.items()
-        }
+        rec_name: {key: _describe_array(arr) for key, arr in rec.items()}
         for rec_name, rec in content.array_records.items()
     }
     out["metrics"] = {name: dict(rec) for name, rec in content.metric_records.items()}
@@ -75,6 +69,19 @@ def describe_message(msg: Message) -> dict[str, Any]:
         for name, rec in content.config_records.items()
     }
     return out
+
+
+def _describe_array(arr: Array) -> dict[str, Any]:
+    shape, dtype = list(arr.shape), arr.dtype
+    if not dtype and arr.stype == "numpy.ndarray":  # legacy Parameters: npy bytes
+        decoded = bytes_to_ndarray(arr.data)
+        shape, dtype = list(decoded.shape), str(decoded.dtype)
+    return {
+        "shape": shape,
+        "dtype": dtype,
+        "nbytes": len(arr.data),
+        "sha256": hashlib.sha256(arr.data).hexdigest()[:16],
+    }
 
 
 def _describe_value(v: Any) -> Any:

@@ -71,16 +71,20 @@ class Site:
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor, ExtractionStats]] = {}
 
     # --- backbone ------------------------------------------------------------------
-    def weights_status(self) -> tuple[str, str]:
-        """Whether this site holds the run's backbone: ok, missing or mismatch."""
+    def weights_status(self) -> str:
+        """Whether this site holds the run's backbone: ok, missing or mismatch.
+
+        Details (local paths) are logged here and never sent to the server.
+        """
         try:
-            path = find_weights(self.ref, default_search_dirs(self.cache_dir))
+            find_weights(self.ref, default_search_dirs(self.cache_dir))
         except WeightsError as err:
             if "not found" in err.what:
-                return WEIGHTS_MISSING, err.what
-            log.error("%s", err)
-            return WEIGHTS_MISMATCH, str(err)
-        return WEIGHTS_OK, str(path)
+                log.info("%s; asking the server for it", err.what)
+                return WEIGHTS_MISSING
+            log.error("refusing the local copy: %s", err)
+            return WEIGHTS_MISMATCH
+        return WEIGHTS_OK
 
     def install_weights(self, data: bytes | memoryview) -> Path:
         """Verify weights received from the server and cache them for later runs."""
@@ -195,10 +199,10 @@ class Site:
     def prepare(self) -> PrepareReply:
         """Load and count the data (bad data fails here, before any round) and check weights."""
         data = self.data()
-        status, detail = self.weights_status()
+        status = self.weights_status()
         return PrepareReply(
             weights=status,
-            detail=detail if status != WEIGHTS_OK else "",
+            detail="local copy failed its sha256 check" if status == WEIGHTS_MISMATCH else "",
             train_examples=len(data.train),
             val_examples=len(data.val),
             device=self.device.kind,

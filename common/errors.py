@@ -21,7 +21,7 @@ class FedheadError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        return f"{self.what}. {self.hint}." if self.hint else f"{self.what}."
+        return f"{self.what}; {self.hint}" if self.hint else self.what
 
 
 class ConfigError(FedheadError):

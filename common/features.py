@@ -217,7 +217,7 @@ class FeatureExtractor:
                 keys.append(images.key(i))
             except ImageDecodeError as err:
                 keys.append(None)
-                self._skip(stats, str(err))
+                self._note_failure(stats, str(err))
         wanted = [k for k in keys if k is not None]
         found = self.cache.get_many(self.namespace, wanted) if self.cache else {}
         stats.cache_hits = sum(1 for k in wanted if k in found)
@@ -229,14 +229,14 @@ class FeatureExtractor:
         if todo:
             found.update(self._extract(images, todo, stats, keys))
         ok = np.array([i for i, k in enumerate(keys) if k is not None and k in found], np.int64)
+        stats.skipped = len(images) - len(ok)  # every unusable image, duplicates included
         if len(ok):
             values = torch.from_numpy(np.stack([found[keys[i]] for i in ok])).float()
         else:
             values = torch.empty(0)
         return Features(values=values, ok=ok, stats=stats)
 
-    def _skip(self, stats: ExtractionStats, why: str) -> None:
-        stats.skipped += 1
+    def _note_failure(self, stats: ExtractionStats, why: str) -> None:
         if len(stats.skipped_examples) < 5:
             stats.skipped_examples.append(why)
         log.warning("skipping image: %s", why)
@@ -259,8 +259,7 @@ class FeatureExtractor:
                     arrays.append(images.load(i))
                     batch_keys.append(key)
                 except ImageDecodeError as err:
-                    self._skip(stats, str(err))
-                    keys[i] = None
+                    self._note_failure(stats, str(err))
             if not arrays:
                 continue
             x = self.preprocess(arrays).to(dev, non_blocking=True)

@@ -173,8 +173,8 @@ def decode_image_file(path: Path) -> np.ndarray:
                 scale = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
                 return np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8)
             if img.mode in ("L", "RGB"):
-                return np.asarray(img, dtype=np.uint8)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+                return np.array(img, dtype=np.uint8)
+            return np.array(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageDecodeError(f"{path}: not a readable image ({err})") from err
     except Image.DecompressionBombError as err:

@@ -126,6 +126,8 @@ class FedHeadModel(nn.Module):
         self.head = make_head(head, spec.feature_dim, num_classes, hidden, dropout)
         for p in [*self.frozen.parameters(), *self.pool.parameters()]:
             p.requires_grad_(False)
+        for p in [*self.tuned.parameters(), *self.head.parameters()]:
+            p.requires_grad_(True)
         self.train(False)
 
     def train(self, mode: bool = True) -> FedHeadModel:

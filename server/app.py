@@ -27,7 +27,6 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        setup_logging()
         try:
             cfg = config or RunConfig.from_mapping(context.run_config)
             report = run_federation(grid, context, cfg, **run_kwargs)  # type: ignore[arg-type]
@@ -40,4 +39,5 @@ def make_server_app(
     return server_app
 
 
+setup_logging()
 app = make_server_app()

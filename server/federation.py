@@ -208,7 +208,7 @@ def run_federation(
         input_size=spec.input_size,
         config=cfg.to_mapping(),
     )
-    out = out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")
+    out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
     counters = {"sent": 0, "received": 0}
 
     def prepared(outcome: PrepareOutcome) -> None:
@@ -225,6 +225,19 @@ def run_federation(
 
     def round_done(rnd: int, seconds: float) -> None:
         st = strategy.stats(rnd)
+        if rnd == 0:
+            report.initial_eval = {
+                "eval_loss": st.eval_loss,
+                "eval_accuracy": st.eval_accuracy,
+                "server_eval_loss": st.server_eval_loss,
+                "server_eval_accuracy": st.server_eval_accuracy,
+                "bytes_to_clients": metered.bytes_sent - counters["sent"],
+                "bytes_from_clients": metered.bytes_received - counters["received"],
+                "seconds": seconds,
+            }
+            counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
+            log.info("initial head: federated eval accuracy %.4f", st.eval_accuracy)
+            return
         rejected: dict[str, int] = {}
         for r in st.rejected:
             rejected[r.reason] = rejected.get(r.reason, 0) + 1

@@ -37,6 +37,7 @@ class RunReport:
     input_size: int
     config: dict[str, Any]
     setup: dict[str, Any] = field(default_factory=dict)
+    initial_eval: dict[str, float] = field(default_factory=dict)  # the head before round 1
     rounds: list[RoundRecord] = field(default_factory=list)
     final_eval_accuracy: float = math.nan
     final_eval_loss: float = math.nan
@@ -102,22 +103,30 @@ def plot(report: RunReport, path: Path) -> Path:
 
     rounds = [r.round for r in report.rounds]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(rounds, [r.eval_accuracy for r in report.rounds], "o-", label="federated eval")
+    acc = [r.eval_accuracy for r in report.rounds]
+    if math.isfinite(report.initial_eval.get("eval_accuracy", math.nan)):
+        rounds, acc = [0, *rounds], [report.initial_eval["eval_accuracy"], *acc]
+    ax_acc.plot(rounds, acc, "o-", label="federated eval")
     if any(math.isfinite(r.server_eval_accuracy) for r in report.rounds):
         ax_acc.plot(
-            rounds, [r.server_eval_accuracy for r in report.rounds], "s-", label="server test set"
+            [r.round for r in report.rounds],
+            [r.server_eval_accuracy for r in report.rounds],
+            "s-",
+            label="server test set",
         )
     if report.centralized_accuracy is not None:
         ax_acc.axhline(report.centralized_accuracy, ls="--", c="gray", label="centralized")
     ax_acc.set(xlabel="round", ylabel="accuracy", title="Accuracy by round")
     ax_acc.legend()
-    ax_loss.plot(rounds, [r.train_loss for r in report.rounds], "o-", label="train (sites)")
-    ax_loss.plot(rounds, [r.eval_loss for r in report.rounds], "s-", label="federated eval")
+    trained = [r.round for r in report.rounds]
+    ax_loss.plot(trained, [r.train_loss for r in report.rounds], "o-", label="train (sites)")
+    ax_loss.plot(trained, [r.eval_loss for r in report.rounds], "s-", label="federated eval")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss by round")
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.set_xticks(rounds)
+    ax_acc.set_ylim(top=1.0)
     fig.suptitle(f"fedhead: {report.backbone.get('name')} head, {report.clients} sites")
     fig.tight_layout()
     with atomic_writer(path) as f:

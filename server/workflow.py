@@ -192,7 +192,7 @@ class PlainEvaluate:
             ctx.history.add_metrics_distributed(server_round=rnd, metrics=metrics)
 
 
-RoundHook = Callable[[int, float], None]  # (round, seconds) after each round
+RoundHook = Callable[[int, float], None]  # (round, seconds); round 0 = initial evaluation
 
 
 class FedHeadWorkflow:
@@ -264,6 +264,12 @@ class FedHeadWorkflow:
         )
         cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        # Round 0: how the initial head does, the baseline the rounds improve on.
+        t0 = time.perf_counter()
+        self.strategy.evaluate(0, _params(context))
+        self.evaluate_step(grid, context)
+        if self.on_round:
+            self.on_round(0, time.perf_counter() - t0)
         for rnd in range(1, self.num_rounds + 1):
             t0 = time.perf_counter()
             cfg[Key.CURRENT_ROUND] = rnd

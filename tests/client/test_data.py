@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhead.client.data import held_out_split, load_site_data, load_test_set
+from fedhead.common.errors import DataError
+from tests.conftest import write_png
+
+CLASSES = ["normal", "pneumonia"]
+
+
+def test_image_folder(image_folder: Path) -> None:
+    data = load_site_data(image_folder, CLASSES, val_fraction=0.2, seed=0)
+    assert len(data.train) + len(data.val) == 20
+    assert data.val.class_counts(2) == [2, 2] and data.val_held_out
+    assert "train 16 (normal 8, pneumonia 8)" in data.summary(CLASSES)
+
+
+def test_image_folder_with_train_and_val(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = xray_arrays
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        part = "val" if i % 5 == 0 else "train"
+        write_png(tmp_path / part / CLASSES[lab] / f"{i}.png", img)
+    data = load_site_data(tmp_path, CLASSES)
+    assert (len(data.train), len(data.val)) == (16, 4) and not data.val_held_out
+
+
+def test_a_site_may_lack_a_class(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    for i, img in enumerate(xray_arrays[0][:6]):
+        write_png(tmp_path / "normal" / f"{i}.png", img)
+    data = load_site_data(tmp_path, [*CLASSES, "covid"])
+    assert data.train.class_counts(3)[1:] == [0, 0]
+
+
+def test_csv_manifest_with_split_column(csv_manifest: Path) -> None:
+    data = load_site_data(csv_manifest, CLASSES)
+    assert (len(data.train), len(data.val)) == (16, 4)
+    assert data.train.images.describe(0).endswith("img/000.png")
+
+
+def test_npz_with_class_names_maps_by_name(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = xray_arrays
+    path = tmp_path / "site.npz"
+    # the site numbers its classes the other way round, and names them
+    np.savez(path, images=images, labels=1 - labels, class_names=np.array(["pneumonia", "normal"]))
+    data = load_site_data(path, CLASSES, val_fraction=0.1)
+    merged = np.concatenate([data.train.labels, data.val.labels])
+    assert sorted(merged.tolist()) == sorted(labels.tolist())
+
+
+def test_npz_with_string_labels_and_explicit_val(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = xray_arrays
+    names = np.array([CLASSES[x] for x in labels])
+    np.savez(
+        tmp_path / "s.npz",
+        train_images=images[:15],
+        train_labels=names[:15],
+        val_images=images[15:],
+        val_labels=names[15:],
+    )
+    data = load_site_data(tmp_path / "s.npz", CLASSES)
+    assert (len(data.train), len(data.val)) == (15, 5)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "csv", "npz"])
+def test_unknown_label_lists_the_expected_classes(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray], fmt: str
+) -> None:
+    img = xray_arrays[0][0]
+    if fmt == "folder":
+        write_png(tmp_path / "d" / "covid" / "0.png", img)
+        path = tmp_path / "d"
+    elif fmt == "csv":
+        write_png(tmp_path / "0.png", img)
+        path = tmp_path / "m.csv"
+        path.write_text("path,label\n0.png,covid\n")
+    else:
+        path = tmp_path / "s.npz"
+        np.savez(path, images=img[None], labels=np.array(["covid"]))
+    with pytest.raises(DataError) as err:
+        load_site_data(path, CLASSES)
+    assert "'covid'" in str(err.value) and "normal, pneumonia" in str(err.value)
+
+
+def test_npz_integer_labels_out_of_range(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    np.savez(tmp_path / "s.npz", images=xray_arrays[0][:2], labels=np.array([0, 5]))
+    with pytest.raises(DataError, match="class_names"):
+        load_site_data(tmp_path / "s.npz", CLASSES)
+
+
+def _bad_path(kind: str, tmp: Path) -> Path:
+    """A data path that is wrong in the way ``kind`` names."""
+    if kind == "missing":
+        return tmp / "nope"
+    if kind == "no class folders":
+        (tmp / "d").mkdir()
+        return tmp / "d"
+    if kind == "csv without path/label":
+        (tmp / "m.csv").write_text("file,class\na.png,normal\n")
+        return tmp / "m.csv"
+    if kind == "corrupt npz":
+        (tmp / "bad.npz").write_bytes(b"not a zip file")
+        return tmp / "bad.npz"
+    (tmp / "notes.txt").write_text("x")
+    return tmp / "notes.txt"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "does not exist"),
+        ("no class folders", "no class folders"),
+        ("csv without path/label", "'path' and 'label'"),
+        ("corrupt npz", "not a readable .npz"),
+        ("unsupported file", "neither a folder"),
+    ],
+)
+def test_bad_data_paths_give_one_clear_line(tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(DataError) as err:
+        load_site_data(_bad_path(kind, tmp_path), CLASSES)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_folder_with_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "normal").mkdir()
+    with pytest.raises(DataError, match="no training images"):
+        load_site_data(tmp_path, CLASSES)
+
+
+def test_held_out_split_is_stratified_and_stable() -> None:
+    labels = np.array([0] * 10 + [1] * 20)
+    tr, va = held_out_split(labels, 0.2, seed=3)
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == 30
+    assert np.bincount(labels[va]).tolist() == [2, 4]
+    assert held_out_split(labels, 0.2, seed=3)[1].tolist() == va.tolist()
+
+
+def test_server_test_set_prefers_the_test_split(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = xray_arrays
+    np.savez(
+        tmp_path / "t.npz",
+        train_images=images[:5],
+        train_labels=labels[:5],
+        test_images=images[5:],
+        test_labels=labels[5:],
+    )
+    assert len(load_test_set(tmp_path / "t.npz", CLASSES)) == 15
+
+
+def test_server_test_set_from_folder_uses_everything(image_folder: Path) -> None:
+    assert len(load_test_set(image_folder, CLASSES)) == 20

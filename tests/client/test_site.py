@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from fedhead.client.mods import audit_mod, delta_mod, describe_message, errors_mod, update_check_mod
+from fedhead.client.site import Site
+from fedhead.common.config import NodeConfig, RunConfig
+from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
+from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK
+from fedhead.server.federation import build_server_model, fit_settings, run_spec
+from tests.loopback import RUN_ID, set_task_identity
+
+
+@pytest.fixture
+def server_side(mobilenet_weights: Path):  # type: ignore[no-untyped-def]
+    cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 32, "seed": 1})
+    sm = build_server_model(cfg)
+    return cfg, sm, run_spec(cfg, sm)
+
+
+def make_site(tmp: Path, spec, data: Path) -> Site:  # type: ignore[no-untyped-def]
+    return Site(
+        NodeConfig.from_mapping({"data-path": str(data), "cache-dir": str(tmp / "c")}), spec
+    )
+
+
+def test_weights_status_and_verified_install(
+    tmp_path: Path,
+    server_side,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch"))
+    _, sm, spec = server_side
+    site = make_site(tmp_path, spec, image_folder)
+    assert site.weights_status() == WEIGHTS_MISSING
+    good = sm.weights_path.read_bytes()
+    altered = bytearray(good)
+    altered[len(altered) // 2] ^= 0xFF  # one flipped byte
+    with pytest.raises(WeightsError, match="refusing"):
+        site.install_weights(bytes(altered))
+    assert site.weights_status() == WEIGHTS_MISSING  # nothing was stored
+    site.install_weights(good)
+    assert site.weights_status() == WEIGHTS_OK
+    cached = tmp_path / "c" / "weights" / spec.weights_file
+    cached.write_bytes(bytes(altered))
+    assert site.weights_status() == WEIGHTS_MISMATCH
+
+
+def test_train_evaluate_and_reject_foreign_heads(
+    tmp_path: Path, server_side, image_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    cfg, sm, spec = server_side
+    site = make_site(tmp_path, spec, image_folder)
+    initial = sm.trainable.get(sm.model)
+    out = site.train(initial, fit_settings(cfg, sm.trainable))
+    assert out.result.examples == len(site.data().train)
+    assert [a.shape for a in out.arrays] == [a.shape for a in initial]
+    assert not all(np.array_equal(a, b) for a, b in zip(out.arrays, initial, strict=True))
+    assert site.evaluate(out.arrays).examples == len(site.data().val)
+    with pytest.raises(ModelMismatchError, match="do not match"):
+        site.evaluate([np.zeros((3, 1280), np.float32), np.zeros(3, np.float32)])
+
+
+def test_a_site_whose_images_are_all_unreadable_refuses_to_train(
+    tmp_path: Path,
+    server_side,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg, sm, spec = server_side
+    for cls in ("normal", "pneumonia"):
+        for i in range(3):
+            p = tmp_path / "d" / cls / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"not an image")
+    site = make_site(tmp_path, spec, tmp_path / "d")
+    with pytest.raises(DataError, match=r"no usable training images .* \(4 unreadable\)"):
+        site.train(sm.trainable.get(sm.model), fit_settings(cfg, sm.trainable))
+
+
+def test_some_unreadable_images_are_skipped_and_counted(
+    tmp_path: Path,
+    server_side,
+    image_folder: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg, sm, spec = server_side
+    broken = sorted((image_folder / "normal").iterdir())[:2]
+    for p in broken:
+        p.write_bytes(b"truncated")
+    site = make_site(tmp_path, spec, image_folder)
+    out = site.train(sm.trainable.get(sm.model), fit_settings(cfg, sm.trainable))
+    train_n = len(site.data().train)
+    in_train = sum(
+        1 for i in range(train_n) if Path(site.data().train.images.describe(i)) in broken
+    )
+    assert in_train >= 1 and out.extraction.skipped == in_train
+    assert out.result.examples == train_n - in_train
+
+
+# --- mods ---------------------------------------------------------------------------
+def _train_msg(arrays: list[np.ndarray]) -> Message:
+    set_task_identity()
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), {}), True)
+    return Message(content=content, dst_node_id=5, message_type="train", group_id="1")
+
+
+def _ctx(**node_config: str) -> Context:
+    return Context(RUN_ID, 5, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def _trainer(result: list[np.ndarray]):  # type: ignore[no-untyped-def]
+    def handler(msg: Message, ctx: Context) -> Message:
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(result), 7, {"train-loss": 0.5})
+        return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
+
+    return handler
+
+
+def test_delta_mod_sends_the_change_from_the_global_tensors() -> None:
+    glob = [np.full((2, 2), 1.0, np.float32)]
+    reply = delta_mod(_train_msg(glob), _ctx(), _trainer([np.full((2, 2), 1.25, np.float32)]))
+    sent = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, False).parameters)
+    assert np.allclose(sent[0], 0.25) and sent[0].dtype == np.float32
+
+
+def test_update_check_mod_refuses_to_send_nan() -> None:
+    bad = [np.array([1.0, np.nan], np.float32)]
+    with pytest.raises(FedheadError, match="non-finite"):
+        update_check_mod(_train_msg(bad), _ctx(), _trainer(bad))
+
+
+def test_errors_mod_replies_with_the_problem_kind_only() -> None:
+    def failing(msg: Message, ctx: Context) -> Message:
+        raise DataError("data path /secret/site/data does not exist")
+
+    reply = errors_mod(_train_msg([np.zeros(1, np.float32)]), _ctx(), failing)
+    assert reply.has_error() and "/secret" not in (reply.error.reason or "")
+    assert reply.error.code == 1000 + DataError.exit_code
+
+
+def test_audit_mod_records_what_leaves(tmp_path: Path) -> None:
+    log = tmp_path / "audit" / "sent.jsonl"
+    arrays = [np.zeros((2, 3), np.float32)]
+    audit_mod(_train_msg(arrays), _ctx(**{"audit-log": str(log)}), _trainer(arrays))
+    entry = json.loads(log.read_text().splitlines()[0])
+    assert entry["message_type"] == "train"
+    tensor = entry["arrays"]["fitres.parameters"]["0"]
+    assert tensor["shape"] == [2, 3] and tensor["dtype"] == "float32"
+    assert entry["metrics"]["fitres.num_examples"] == {"num_examples": 7}
+    assert entry["configs"]["fitres.metrics"] == {"train-loss": 0.5}
+
+
+def test_describe_message_hides_bytes_values() -> None:
+    set_task_identity()
+    msg = Message(
+        RecordDict({"c": ConfigRecord({"k": b"secret-key-material"})}),
+        dst_node_id=1,
+        message_type="query.x",
+    )
+    assert describe_message(msg)["configs"]["c"]["k"] == {"type": "bytes", "len": 19}
+
+
+def test_weights_missing_everywhere_is_a_weights_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "t"))
+    cfg = RunConfig.from_mapping({"classes": "a,b", "backbone": "resnet18"})
+    with pytest.raises(WeightsError, match="fedhead weights install resnet18"):
+        build_server_model(cfg)

@@ -1,0 +1,164 @@
+"""A real federation: flower-superlink, two flower-supernode processes, `flwr run`.
+
+Everything listens on 127.0.0.1 with free ports; processes are stopped by PID.
+The sites start without the backbone (empty torch cache): the server sends it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhead.common import demo_data
+from tests.conftest import REPO, write_png
+from tests.e2e.procs import BIN, base_env, free_port, processes, wait_for_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+TRAINABLE_SHAPES = [[2, 1280], [2]]
+
+
+def _site_arrays(site: int, n_train: int = 160, n_val: int = 40):  # type: ignore[no-untyped-def]
+    share = demo_data.shares(2, alpha=1.0, seed=5)[site]
+    rng = np.random.default_rng(site)
+    tr = rng.choice(len(share.train.labels), n_train, replace=False)
+    va = rng.choice(len(share.val.labels), n_val, replace=False)
+    return (
+        share.train.images[tr],
+        share.train.labels[tr],
+        share.val.images[va],
+        share.val.labels[va],
+    )
+
+
+def make_folder_site(root: Path) -> Path:
+    """Site 0 keeps PNGs in train/<class>/ and val/<class>/ folders."""
+    xtr, ytr, xva, yva = _site_arrays(0)
+    for part, xs, ys in (("train", xtr, ytr), ("val", xva, yva)):
+        for i, (img, lab) in enumerate(zip(xs, ys, strict=True)):
+            write_png(root / part / demo_data.CLASSES[lab] / f"{i:04d}.png", img)
+    return root
+
+
+def make_csv_site(root: Path) -> Path:
+    """Site 1 keeps PNGs anywhere and lists them in a CSV manifest with a split column."""
+    xtr, ytr, xva, yva = _site_arrays(1)
+    rows = []
+    for part, xs, ys in (("train", xtr, ytr), ("val", xva, yva)):
+        for i, (img, lab) in enumerate(zip(xs, ys, strict=True)):
+            rel = f"scans/{part}-{i:04d}.png"
+            write_png(root / rel, img)
+            rows.append([rel, demo_data.CLASSES[lab], part])
+    with (root / "labels.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return root / "labels.csv"
+
+
+def _check_audit(path: Path) -> set[str]:
+    """Every message the site sent: only trainable tensors and scalar metrics."""
+    types = set()
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        types.add(entry["message_type"])
+        assert "error" not in entry, entry
+        for rec_name, arrays in entry["arrays"].items():
+            assert entry["message_type"] == "train" and rec_name == "fitres.parameters", entry
+            assert [a["shape"] for a in arrays.values()] == TRAINABLE_SHAPES
+            assert {a["dtype"] for a in arrays.values()} == {"float32"}
+        for group in ("metrics", "configs"):
+            for rec in entry[group].values():
+                for key, value in rec.items():
+                    assert isinstance(value, int | float | str), (key, value)
+                    if isinstance(value, str):  # status words, never paths or label lists
+                        assert len(value) < 40 and "/" not in value, (key, value)
+    return types
+
+
+def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
+    server_cache = tmp_path / "server-cache"
+    (server_cache / "weights").mkdir(parents=True)
+    shutil.copy(mobilenet_weights, server_cache / "weights")
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    link_port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    sites = [make_folder_site(tmp_path / "hospital-a"), make_csv_site(tmp_path / "hospital-b")]
+    empty_torch = str(tmp_path / "empty-torch-home")
+    out = tmp_path / "run-out"
+
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+            ],
+            base_env(flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch),
+        )
+        wait_for_port(link_port, proc=link)
+        for i, data in enumerate(sites):
+            node_config = (
+                f'data-path="{data}" cache-dir="{tmp_path / f"node{i}"}" '
+                f'audit-log="{tmp_path / f"audit{i}.jsonl"}" device="cpu"'
+            )
+            procs.start(
+                f"node{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                ],
+                base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
+            )
+        run_config = (
+            f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
+            f"round-timeout=300.0 out-dir='{out}'"
+        )
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
+            env=base_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        logs = {name: procs.log(name) for name in ("superlink", "node0", "node1")}
+    assert result.returncode == 0, result.stdout + result.stderr + logs["superlink"][-3000:]
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["clients"] == 2
+    assert len(report["rounds"]) == 3
+    # the sites started without the backbone: the server sent it, they verified it
+    assert len(report["setup"]["backbone_sent_to"]) == 2
+    for i in range(2):
+        assert (tmp_path / f"node{i}" / "weights" / "mobilenet_v2-b0353104.pth").is_file()
+    # the federation learned
+    initial = report["initial_eval"]["eval_accuracy"]
+    final = report["final_eval_accuracy"]
+    assert final > initial + 0.1, (initial, final)
+    assert all(r["aggregated"] and r["sites_replied"] == 2 for r in report["rounds"])
+    # only head tensors and scalars left each site
+    for i in range(2):
+        types = _check_audit(tmp_path / f"audit{i}.jsonl")
+        assert types == {"query.prepare", "query.weights", "train", "evaluate"}
+    assert "Traceback" not in logs["node0"] + logs["node1"]

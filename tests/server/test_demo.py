@@ -1,0 +1,60 @@
+"""`fedhead demo`: the contract other tools read, and the accuracy bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+
+
+def test_demo_meets_the_bar_and_writes_its_contract(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [*FEDHEAD, "demo", "--rounds", "10", "--clients", "3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+
+    backbone = report["backbone"]
+    for key in ("name", "sha256", "trunk_params", "head_params", "head_bytes"):
+        assert key in backbone
+    assert backbone["name"] == "mobilenet_v2" and backbone["sha256"].startswith("b0353104")
+    assert report["clients"] == 3 and report["input_size"] == 128
+    assert len(report["rounds"]) == 10
+    for r in report["rounds"]:
+        for key in (
+            "round",
+            "train_loss",
+            "eval_loss",
+            "eval_accuracy",
+            "bytes_to_clients",
+            "bytes_from_clients",
+            "seconds",
+        ):
+            assert r[key] is not None, (key, r)
+        assert r["bytes_to_clients"] > 0 and r["bytes_from_clients"] > 0
+    # the bar: >= 0.80 on the bundled test split, within 0.03 of the centralized head
+    final, central = report["final_eval_accuracy"], report["centralized_accuracy"]
+    assert final >= 0.80, final
+    assert final >= central - 0.03, (final, central)
+    # federated evaluation covered exactly the bundled test split (468 images)
+    assert report["centralized"]["test_examples"] == 468
+
+    png = out / "accuracy_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "sites").iterdir()) == [f"site-{i}.npz" for i in range(3)]
+    # the per-round table went to the terminal
+    assert "round  train loss  eval loss  eval acc" in result.stdout
+    assert "centralized upper bound" in result.stdout

@@ -1,0 +1,178 @@
+"""ServerApp logic and ClientApp together, in one process, over a loopback Grid."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedhead.client.app import app as client_app
+from fedhead.common import demo_data
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import FederationError
+from fedhead.common.protocol import MSG_WEIGHTS
+from fedhead.server.federation import run_federation
+from tests.loopback import LoopbackGrid
+
+CLASSES = ",".join(demo_data.CLASSES)
+
+
+def write_sites(root: Path, n_sites: int, n_train: int = 120, n_val: int = 40) -> list[Path]:
+    """Small non-IID sites cut from the real demo data."""
+    paths = []
+    rng = np.random.default_rng(0)
+    for i, share in enumerate(demo_data.shares(n_sites, alpha=1.0, seed=3)):
+        path = root / f"site-{i}.npz"
+        tr = rng.choice(
+            len(share.train.labels), min(n_train, len(share.train.labels)), replace=False
+        )
+        va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
+        np.savez(
+            path,
+            images=share.train.images[tr],
+            labels=share.train.labels[tr],
+            val_images=share.val.images[va],
+            val_labels=share.val.labels[va],
+        )
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def offline_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mobilenet_weights: Path, isolated_cache: Path
+) -> Path:
+    """The server holds the weights in its fedhead cache; torch's cache is empty."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    (isolated_cache / "weights").mkdir()
+    shutil.copy(mobilenet_weights, isolated_cache / "weights" / mobilenet_weights.name)
+    return tmp_path
+
+
+def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, object]:
+    cfg = RunConfig.from_mapping(
+        {
+            "classes": CLASSES,
+            "input-size": 64,
+            "num-server-rounds": 3,
+            "min-sites": 2,
+            "round-timeout": 30.0,
+            "join-timeout": 5.0,
+            "out-dir": str(tmp / "out"),
+            **overrides,
+        }
+    )
+    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    run_federation(grid, ctx, cfg)
+    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, object]]:
+    return {
+        100 + i: {"data-path": str(p), "cache-dir": str(tmp / f"node{i}"), **extra}
+        for i, p in enumerate(sites)
+    }
+
+
+def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp)
+
+    # the sites lacked the trunk: the server sent it once, they verified and cached it
+    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]  # type: ignore[index]
+    for i in range(2):
+        assert (tmp / f"node{i}" / "weights" / "mobilenet_v2-b0353104.pth").is_file()
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # type: ignore[index]
+    acc = [r["eval_accuracy"] for r in rounds]  # type: ignore[index]
+    assert acc[-1] > 0.6 and acc[-1] >= acc[0]
+    assert report["final_eval_accuracy"] == acc[-1]
+    backbone = report["backbone"]
+    assert backbone["head_params"] == 1280 * 2 + 2 and backbone["head_bytes"] == 4 * 2562  # type: ignore[index]
+    assert backbone["trunk_params"] == 2_223_872  # type: ignore[index]
+    for r in rounds:  # type: ignore[attr-defined]
+        assert r["bytes_to_clients"] > 2 * backbone["head_bytes"]  # type: ignore[index]
+        assert r["bytes_to_clients"] < 20 * backbone["head_bytes"]  # type: ignore[index]
+
+    # a second run finds the cached copies: no transfer
+    grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report2 = run(grid2, tmp, **{"num-server-rounds": 1})
+    assert report2["setup"]["backbone_sent_to"] == []  # type: ignore[index]
+    assert not any(m.metadata.message_type == MSG_WEIGHTS for m in grid2.sent)
+
+
+def test_sites_send_only_trainable_tensors_and_scalars(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp, **{"num-server-rounds": 2})
+    n_trainable = len(report["backbone"]["trainable_tensors"])  # type: ignore[index]
+    for reply in grid.replies:
+        content = reply.content
+        for name, rec in content.array_records.items():
+            assert name == "fitres.parameters" and len(rec) == n_trainable
+            assert sum(len(a.data) for a in rec.values()) < 11_000
+        for rec in [*content.metric_records.values(), *content.config_records.values()]:
+            for key, value in rec.items():
+                assert isinstance(value, int | float | str), (key, value)
+                assert not isinstance(value, str) or len(value) < 64, (key, value)
+
+
+def test_a_mismatching_local_copy_is_replaced_by_the_servers(offline_world: Path) -> None:
+    tmp = offline_world
+    bad = tmp / "node0" / "weights" / "mobilenet_v2-b0353104.pth"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"tampered weights")
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp, **{"num-server-rounds": 1})
+    assert 100 in report["setup"]["backbone_sent_to"]  # type: ignore[index]
+    assert bad.read_bytes() != b"tampered weights"
+
+
+def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None:
+    tmp = offline_world
+    sites = write_sites(tmp, 3)
+    cfgs = nodes(tmp, sites)
+    cfgs[102]["data-path"] = str(tmp / "no-such-folder")
+    report = run(LoopbackGrid(client_app, cfgs), tmp, **{"num-server-rounds": 1})
+    failed = report["setup"]["sites_failed"]  # type: ignore[index]
+    assert list(failed) == ["102"]
+    assert failed["102"] == "DataError: data problem (details in the site's log)"  # no paths
+    assert report["clients"] == 2
+
+    with pytest.raises(FederationError, match="only 2 of 3 site"):
+        run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3})
+
+
+def test_a_site_that_dies_mid_run_does_not_stop_it(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+
+    def kill_in_round_2(node: int, msg) -> None:  # type: ignore[no-untyped-def]
+        if node == 102 and msg.metadata.group_id == "2":
+            grid.dead.add(102)
+
+    grid.before_delivery = kill_in_round_2
+    report = run(grid, tmp, **{"round-timeout": 1.0})
+    rounds = report["rounds"]
+    assert [r["sites_replied"] for r in rounds] == [3, 2, 2]  # type: ignore[index]
+    assert rounds[1]["sites_failed"] == 1 and rounds[1]["aggregated"]  # type: ignore[index]
+    assert [r["sites_selected"] for r in rounds] == [3, 3, 2]  # type: ignore[index]
+
+
+def test_unknown_run_config_key_fails_before_anything_starts() -> None:
+    with pytest.raises(Exception, match="num-rounds: unknown key"):
+        RunConfig.from_mapping({"classes": CLASSES, "num-rounds": 3})
+
+
+def test_report_is_valid_json_without_nan(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    text_report = run(grid, tmp, **{"num-server-rounds": 1})
+    assert math.isfinite(text_report["final_eval_accuracy"])  # type: ignore[arg-type]
+    assert "NaN" not in (tmp / "out" / "report.json").read_text()

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from fedhead.common.model import TensorSpec, TrainableSet
+from fedhead.common.protocol import FitSettings
+from fedhead.server.strategy import FedHeadStrategy
+
+TS = TrainableSet((TensorSpec("head.w", (2, 2), "float32"), TensorSpec("head.b", (2,), "float32")))
+SETTINGS = FitSettings(0, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, TS.fingerprint())
+
+
+class Proxy(ClientProxy):
+    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def node_id(self) -> int:  # type: ignore[override]
+        return int(self.cid)
+
+
+def zeros() -> list[np.ndarray]:
+    return [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]
+
+
+def fitres(delta: float, n: int, loss: float = 1.0) -> FitRes:
+    arrays = [np.full((2, 2), delta, np.float32), np.full(2, delta, np.float32)]
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"train-loss": loss})
+
+
+def strategy(**kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
+    return FedHeadStrategy(TS, zeros(), SETTINGS, num_rounds=4, min_sites=2, **kw)
+
+
+def manager(n: int) -> SimpleClientManager:
+    cm = SimpleClientManager()
+    for i in range(1, n + 1):
+        cm.register(Proxy(str(i)))
+    return cm
+
+
+def test_only_ready_sites_are_sampled_and_learning_rate_decays() -> None:
+    s = strategy()
+    s.ready = {1, 2}
+    cm = manager(3)
+    chosen = s.configure_fit(1, ndarrays_to_parameters(zeros()), cm)
+    assert sorted(p.node_id for p, _ in chosen) == [1, 2]
+    lr1 = chosen[0][1].config["learning_rate"]
+    lr3 = s.configure_fit(3, ndarrays_to_parameters(zeros()), cm)[0][1].config["learning_rate"]
+    assert lr1 == pytest.approx(0.1) and lr3 < lr1
+
+
+def test_too_few_ready_sites_skips_the_step_without_blocking() -> None:
+    s = strategy()
+    s.ready = {1}
+    assert s.configure_fit(1, ndarrays_to_parameters(zeros()), manager(3)) == []
+
+
+def test_plain_aggregation_rejects_bad_updates_and_averages_the_rest() -> None:
+    s = strategy(max_update_norm=100.0)
+    nan = fitres(0.0, 10)
+    arrs = parameters_to_ndarrays(nan.parameters)
+    arrs[0][0, 0] = np.inf
+    nan.parameters = ndarrays_to_parameters(arrs)
+    results = [
+        (Proxy("1"), fitres(1.0, 10, loss=2.0)),
+        (Proxy("2"), fitres(3.0, 30, loss=1.0)),
+        (Proxy("3"), nan),
+        (Proxy("4"), fitres(1000.0, 10)),
+    ]
+    params, _ = s.aggregate_fit(1, results, [])
+    assert params is not None
+    new = parameters_to_ndarrays(params)
+    assert np.allclose(new[0], 2.5)  # (1*10 + 3*30) / 40
+    st = s.stats(1)
+    assert sorted(r.reason for r in st.rejected) == ["non_finite", "norm"]
+    assert {r.node_id for r in st.rejected} == {3, 4}
+    assert st.aggregated and st.replied == 4
+
+
+def test_too_few_valid_updates_leave_the_head_unchanged() -> None:
+    s = strategy()
+    params, _ = s.aggregate_fit(1, [(Proxy("1"), fitres(1.0, 10))], [RuntimeError("boom")])
+    assert params is None and not s.stats(1).aggregated and s.stats(1).failed == 1
+    assert all(np.all(a == 0) for a in s.global_arrays)
+
+
+def test_secure_mode_uses_the_shared_aggregate_and_checks_it() -> None:
+    s = strategy(secure=True, max_update_norm=10.0)
+    agg = fitres(0.5, 10)
+    results = [(Proxy("1"), agg), (Proxy("2"), agg)]  # SecAgg+ hands every result the sum
+    params, _ = s.aggregate_fit(1, results, [])
+    assert params is not None and np.allclose(parameters_to_ndarrays(params)[0], 0.5)
+    big = fitres(100.0, 10)
+    params, _ = s.aggregate_fit(2, [(Proxy("1"), big), (Proxy("2"), big)], [])
+    assert params is None and s.stats(2).rejected[0].reason == "norm"
+
+
+def test_evaluation_is_example_weighted() -> None:
+    s = strategy()
+    res = [
+        (Proxy("1"), EvaluateRes(Status(Code.OK, ""), 1.0, 10, {"accuracy": 0.5})),
+        (Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.0, 30, {"accuracy": 1.0})),
+    ]
+    loss, metrics = s.aggregate_evaluate(1, res, [])
+    assert loss == pytest.approx(0.25) and metrics["accuracy"] == pytest.approx(0.875)
+
+
+def test_server_side_evaluation_is_used_when_given() -> None:
+    seen = []
+    s = strategy(server_evaluate=lambda arrays: (seen.append(arrays) or 0.3, 0.9))
+    assert s.evaluate(1, ndarrays_to_parameters(zeros())) == (0.3, {"accuracy": 0.9})
+    assert strategy().evaluate(1, ndarrays_to_parameters(zeros())) is None

@@ -1,0 +1,152 @@
+"""The `fedhead` command: help, one-line errors with their exit codes, wrappers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhead.common.errors import ConfigError, DataError, UnknownBackboneError, WeightsError
+from tests.conftest import write_png
+
+FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+
+
+def fedhead(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [*FEDHEAD, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fedhead: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_commands_and_exit_codes() -> None:
+    result = fedhead("--help")
+    assert result.returncode == 0
+    for word in ("demo", "weights", "node", "superlink", "data", "exit codes"):
+        assert word in result.stdout
+
+
+def test_unknown_backbone_in_demo(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("demo", "--backbone", "resnet9000", "--out", str(tmp_path)),
+        UnknownBackboneError.exit_code,
+        "unknown backbone 'resnet9000'",
+        "mobilenet_v2",
+    )
+
+
+def test_bad_demo_options_are_reported_together(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("demo", "--rounds", "0", "--clients", "1", "--out", str(tmp_path)),
+        ConfigError.exit_code,
+        "--rounds",
+        "--clients",
+    )
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path: Path) -> None:
+    env = {"TORCH_HOME": str(tmp_path / "t"), "FEDHEAD_CACHE": str(tmp_path / "c")}
+    result = fedhead("demo", "--out", str(tmp_path / "o"), env=env)
+    one_line_error(
+        result, WeightsError.exit_code, "not found", "fedhead weights install mobilenet_v2"
+    )
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_weights_install_verifies_and_refuses_a_wrong_file(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    dest = tmp_path / "dest"
+    ok = fedhead(
+        "weights", "install", "mobilenet_v2", "--file", str(mobilenet_weights), "--dest", str(dest)
+    )
+    assert ok.returncode == 0 and (dest / "mobilenet_v2-b0353104.pth").is_file()
+    wrong = tmp_path / "wrong.pth"
+    wrong.write_bytes(b"nope")
+    bad = fedhead(
+        "weights", "install", "mobilenet_v2", "--file", str(wrong), "--dest", str(tmp_path / "d2")
+    )
+    one_line_error(bad, WeightsError.exit_code, "sha256")
+    assert not (tmp_path / "d2" / "mobilenet_v2-b0353104.pth").exists()
+
+
+def test_weights_install_without_a_source(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("weights", "install", "resnet18", "--dest", str(tmp_path)),
+        WeightsError.exit_code,
+        "--file",
+        "--download",
+    )
+
+
+def test_weights_list_shows_every_backbone() -> None:
+    result = fedhead("weights", "list")
+    assert result.returncode == 0
+    for name in ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16"):
+        assert name in result.stdout
+
+
+def test_data_check_counts_and_reports_unreadable(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    for i, img in enumerate(xray_arrays[0][:6]):
+        write_png(tmp_path / "site" / ("normal" if i < 3 else "pneumonia") / f"{i}.png", img)
+    (tmp_path / "site" / "normal" / "broken.png").write_bytes(b"xx")
+    result = fedhead("data", "check", str(tmp_path / "site"), "--classes", "normal,pneumonia")
+    assert result.returncode == 0, result.stderr
+    assert "6 usable image(s), 1 unreadable" in result.stdout and "broken.png" in result.stdout
+
+
+def test_data_check_bad_label(tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]) -> None:
+    write_png(tmp_path / "site" / "covid" / "0.png", xray_arrays[0][0])
+    one_line_error(
+        fedhead("data", "check", str(tmp_path / "site"), "--classes", "normal,pneumonia"),
+        DataError.exit_code,
+        "'covid'",
+        "normal, pneumonia",
+    )
+
+
+def test_node_wrapper_builds_the_flower_command(tmp_path: Path) -> None:
+    (tmp_path / "my data").mkdir()
+    result = fedhead(
+        "node",
+        "--superlink",
+        "10.1.2.3:8000",
+        "--data",
+        str(tmp_path / "my data"),
+        "--insecure",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    cmd = result.stdout.strip()
+    assert cmd.startswith("flower-supernode --superlink 10.1.2.3:8000 --port 9094")
+    assert f'data-path="{tmp_path / "my data"}"' in cmd and "--insecure" in cmd
+
+
+@pytest.mark.parametrize("args", [["superlink"], ["node", "--superlink", "h:1", "--data", "."]])
+def test_wrappers_refuse_to_run_without_tls_unless_told(args: list[str]) -> None:
+    one_line_error(fedhead(*args, "--dry-run"), ConfigError.exit_code, "--insecure")
+
+
+def test_superlink_insecure_warns_loudly() -> None:
+    result = fedhead("superlink", "--insecure", "--dry-run")
+    assert result.returncode == 0 and "WITHOUT TLS" in result.stderr
+    assert "--disable-runtime-dependency-installation" in result.stdout
