@@ -109,7 +109,11 @@ class FedHeadStrategy(Strategy):
         if min_sites < 1:
             raise ValueError(f"min_sites must be >= 1, got {min_sites}")
         self.trainable = trainable
-        self.global_arrays: Arrays = [a.copy() for a in initial]
+        self.initial: Arrays = [a.copy() for a in initial]
+        # The global tensors each round started from. The workflow owns the current
+        # global tensors and passes them in: a wrapper (DP noise) may have changed
+        # what this strategy returned, so it keeps no copy of its own.
+        self._round_start: dict[int, Arrays] = {}
         self.settings = settings
         self.num_rounds = num_rounds
         self.lr_schedule = lr_schedule
@@ -130,7 +134,7 @@ class FedHeadStrategy(Strategy):
 
     # --- training ------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return ndarrays_to_parameters(self.global_arrays)
+        return ndarrays_to_parameters(self.initial)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -141,8 +145,9 @@ class FedHeadStrategy(Strategy):
             self.settings.learning_rate, server_round, self.num_rounds, self.lr_schedule
         )
         config = {**self.settings.to_config(), "server_round": server_round, "learning_rate": lr}
-        fit_ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
-        return [(site, fit_ins) for site in sites]
+        if sites:
+            self._round_start[server_round] = parameters_to_ndarrays(parameters)
+        return [(site, FitIns(parameters, config)) for site in sites]
 
     def aggregate_fit(
         self,
@@ -162,15 +167,16 @@ class FedHeadStrategy(Strategy):
         else:
             delta = self._plain_delta(server_round, results)
         if delta is None:
+            self._round_start.pop(server_round, None)
             log.error(
                 "round %d: fewer than %d valid updates; the global head stays as it was",
                 server_round,
                 self.min_sites,
             )
             return None, {"train-loss": st.train_loss}
-        self.global_arrays = apply_delta(self.global_arrays, delta)
+        new_global = apply_delta(self._round_start.pop(server_round), delta)
         st.aggregated = True
-        return ndarrays_to_parameters(self.global_arrays), {"train-loss": st.train_loss}
+        return ndarrays_to_parameters(new_global), {"train-loss": st.train_loss}
 
     def _plain_delta(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
@@ -218,8 +224,7 @@ class FedHeadStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
         self.stats(server_round).eval_selected = len(sites)
-        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays), {})
-        return [(site, ins) for site in sites]
+        return [(site, EvaluateIns(parameters, {})) for site in sites]
 
     def aggregate_evaluate(
         self,
@@ -249,7 +254,7 @@ class FedHeadStrategy(Strategy):
     ) -> tuple[float, dict[str, Scalar]] | None:
         if self.server_evaluate is None:
             return None
-        loss, accuracy = self.server_evaluate(self.global_arrays)
+        loss, accuracy = self.server_evaluate(parameters_to_ndarrays(parameters))
         st = self.stats(server_round)
         st.server_eval_loss, st.server_eval_accuracy = loss, accuracy
         return loss, {"accuracy": accuracy}
