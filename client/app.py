@@ -106,10 +106,12 @@ def train(msg: Message, context: Context) -> Message:
         stats.cache_hits,
         stats.cache_misses,
     )
+    # Under DP every site weighs the same, which bounds each site's influence.
+    weight = 1 if settings.uniform_weight else outcome.result.examples
     fitres = FitRes(
         status=Status(Code.OK, "ok"),
         parameters=ndarrays_to_parameters(outcome.arrays),
-        num_examples=outcome.result.examples,
+        num_examples=weight,
         metrics={"train-loss": outcome.result.loss},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

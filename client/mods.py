@@ -1,10 +1,16 @@
-"""Flower mods wrapping the site's handlers: audit, error reporting, update encoding.
+"""Flower mods wrapping the site's handlers: audit, errors, secure aggregation, encoding.
 
 Order matters (outermost first). App-wide: ``audit_mod`` records the message that
 finally leaves the site; ``errors_mod`` turns a fedhead error into one log line and an
-error reply. Around ``train``: ``update_check_mod`` refuses to send a broken update,
-``delta_mod`` sends the change from the global tensors instead of raw weights (small
-values that fit SecAgg+'s clipping range).
+error reply. Around ``train``:
+
+1. ``secagg_mod``: Flower's SecAgg+ client protocol, when the server runs SecAgg+;
+   the update is masked after everything below has run.
+2. ``update_check_mod``: refuses to send an update that is not finite, exceeds the
+   run's norm bound, or would be clipped by SecAgg+'s quantization range.
+3. ``delta_mod``: sends the change from the global tensors instead of raw weights
+   (small values that fit SecAgg+'s clipping range).
+4. ``dp_clip_mod``: Flower's client-side fixed clipping, when the run uses DP.
 """
 
 from __future__ import annotations
@@ -19,11 +25,17 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, Context, Error, Message
+from flwr.app.message_type import MessageType
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedhead.common.errors import FederationError, FedheadError
+from fedhead.common.model import global_norm
+from fedhead.common.protocol import FitSettings
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +144,59 @@ def delta_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
 
 
 def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Refuse to send an update with non-finite values (checked before any masking)."""
+    """Check this site's own update before it is masked or sent; refuse a bad one.
+
+    Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
+    SecAgg+'s clipping range (they would be silently clipped) all stop the send.
+    """
+    settings = FitSettings.from_mapping(
+        compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    )
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
-    for i, arr in enumerate(parameters_to_ndarrays(fitres.parameters)):
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    for i, arr in enumerate(arrays):
         if not np.all(np.isfinite(arr)):
             raise FederationError(
                 f"local training produced non-finite values in tensor {i}; not sending it",
                 "lower the learning rate",
             )
+    norm = global_norm(arrays)
+    if settings.max_update_norm and norm > settings.max_update_norm:
+        raise FederationError(
+            f"this site's update has L2 norm {norm:.4g}, above the run's max-update-norm "
+            f"{settings.max_update_norm:.4g}; not sending it",
+            "lower the learning rate or raise max-update-norm",
+        )
+    largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if settings.clipping_range and largest > settings.clipping_range:
+        raise FederationError(
+            f"an update value of {largest:.4g} lies outside the SecAgg+ clipping range "
+            f"+-{settings.clipping_range:.4g} and would be clipped; not sending it",
+            "lower the learning rate or raise secagg-clipping-range",
+        )
     return reply
 
 
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client protocol, for train messages of a SecAgg+ round."""
+    is_secagg = (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    )
+    return secaggplus_mod(msg, context, call_next) if is_secagg else call_next(msg, context)
+
+
+def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side fixed clipping, when the server's DP wrapper asks for it."""
+    config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    if KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def train_mods() -> list[Mod]:
-    """Mods around the train handler, outermost first."""
-    return [update_check_mod, delta_mod]
+    """Mods around the train handler, outermost first (see the module docstring)."""
+    return [secagg_mod, update_check_mod, delta_mod, dp_clip_mod]

@@ -38,6 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             seed=args.seed,
             device=args.device,
+            secure_aggregation=not args.no_secure_aggregation,
             verbose=args.verbose,
         )
     )
@@ -139,19 +140,50 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- certs --------------------------------------------------------------------------
+def _certs(args: argparse.Namespace) -> int:
+    from fedhead.common.certs import CertsPlan, create
+
+    out = Path(args.out).expanduser()
+    written = create(CertsPlan(out, args.host or [], args.site or [], args.days, args.force))
+    for path in written:
+        print(f"wrote {path}")
+    if args.host:
+        print(
+            f"\nSuperLink: fedhead superlink --certs-dir {out} --host 0.0.0.0\n"
+            f"Give every site {out / 'ca.crt'} (public) and its own sites/<name>.key (secret)."
+        )
+    for site in args.site or []:
+        print(
+            f"register {site}: flwr supernode register {out / 'sites' / (site + '.pub')} "
+            f"<federation>"
+        )
+    return 0
+
+
 # --- node / superlink / run ---------------------------------------------------------
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def _program(name: str) -> str:
+    """A Flower program installed beside this Python (a venv need not be activated)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SetupError(f"{name} is not installed", "install fedhead with deploy/install.sh")
+    return found
+
+
 def _exec(cmd: list[str], dry_run: bool, env: dict[str, str] | None = None) -> int:
-    if shutil.which(cmd[0]) is None:
-        raise SetupError(f"{cmd[0]} is not on PATH", "install fedhead (pip install fedhead)")
     if dry_run:
         print(shlex.join(cmd))
         return 0
+    program = _program(cmd[0])
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, {**os.environ, **(env or {})})
+    os.execve(program, [program, *cmd[1:]], {**os.environ, **(env or {})})
     return 0  # not reached
 
 
@@ -178,13 +210,22 @@ def _node(args: argparse.Namespace) -> int:
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port)]
     cmd += ["--node-config", node_config]
-    if not args.insecure and not args.root_certificates:
+    if args.insecure and (args.root_certificates or args.auth_key):
+        raise ConfigError(["--insecure: cannot be combined with --root-certificates/--auth-key"])
+    if not args.insecure and not (args.root_certificates and args.auth_key):
         raise ConfigError(
             [
-                "--root-certificates: give the federation's CA certificate, or --insecure "
-                "for a test setup without TLS"
+                "--root-certificates and --auth-key: a node needs the federation's CA "
+                "certificate and its own key (from `fedhead certs`), or --insecure for a "
+                "test setup without TLS"
             ]
         )
+    for flag, value in (
+        ("--root-certificates", args.root_certificates),
+        ("--auth-key", args.auth_key),
+    ):
+        if value and not Path(value).expanduser().is_file():
+            raise SetupError(f"{flag} {value} does not exist", "copy the file from the operator")
     cmd += _tls_args(args, "site node")
     if args.root_certificates:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
@@ -262,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--learning-rate", type=float, default=0.01, help="first-round rate (0.01)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    d.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="plain FedAvg: the server sees each site's update (SecAgg+ is the default)",
+    )
     d.add_argument("--verbose", action="store_true", help="show Flower's and the sites' logs")
     d.set_defaults(handler=_demo)
 
@@ -295,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     dk.add_argument("--val-fraction", type=float, default=0.15)
     dk.add_argument("--seed", type=int, default=0)
     dk.set_defaults(handler=_data_check)
+
+    c = sub.add_parser(
+        "certs",
+        help="create the federation's CA, SuperLink certificate and site keys",
+        description="Creates (with `cryptography`) a private CA, a TLS certificate for the "
+        "SuperLink naming the given hosts, and an EC P-384 key pair per site for node "
+        "authentication (OpenSSH format). Private keys are written 0600. Existing files "
+        "are never overwritten without --force; an existing CA is reused.",
+    )
+    c.add_argument("--out", default="certs", help="folder for the files (default certs)")
+    c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
+    c.add_argument("--site", action="append", help="a site to make a key pair for (repeatable)")
+    c.add_argument("--days", type=int, default=825, help="server certificate validity (825)")
+    c.add_argument("--force", action="store_true", help="replace existing server/site files")
+    c.set_defaults(handler=_certs)
 
     n = sub.add_parser(
         "node",

@@ -135,6 +135,12 @@ def _classes_check(v: str) -> str | None:
     return None
 
 
+def _shares_check(v: float) -> str | None:
+    if 0 < v <= 1 or (v >= 3 and v == int(v)):
+        return None
+    return "must be a share in (0, 1] or a whole number >= 3"
+
+
 def _sha_check(v: str) -> str | None:
     if v and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
         return "must be 64 lowercase hex digits"
@@ -181,6 +187,25 @@ class RunConfig(_Config):
         "validation share held out on sites without an explicit split",
     )
     seed: int = opt(0, non_negative, "seed for head init, splits and shuffling")
+    secure_aggregation: bool = opt(True, doc="SecAgg+: the server only sees the sum of updates")
+    secagg_num_shares: float = opt(
+        1.0, _shares_check, "shares per site key: (0,1] = share of sampled sites, >=3 = count"
+    )
+    secagg_threshold: float = opt(
+        0.0, non_negative, "shares to rebuild a key: 0 = majority, (0,1] = share, >=2 = count"
+    )
+    secagg_clipping_range: float = opt(8.0, positive, "update values must lie in +-this")
+    secagg_quantization_range: int = opt(2**22, positive, "integer levels per value")
+    max_update_norm: float = opt(
+        100.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
+    )
+    dp_noise_multiplier: float = opt(
+        0.0, non_negative, "differential privacy: Gaussian noise / clipping norm; 0 = off"
+    )
+    dp_clipping_norm: float = opt(1.0, positive, "differential privacy: per-site update clip")
+    dp_delta: float = opt(
+        1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)", "differential privacy delta"
+    )
     server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
     out_dir: str = opt("", doc="where report.json goes; default ./fedhead-runs/<run-id>")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
@@ -194,6 +219,22 @@ class RunConfig(_Config):
         problems = []
         if not self.classes:
             problems.append("classes: required (comma-separated class names)")
+        if self.secagg_threshold > 1 and self.secagg_threshold != int(self.secagg_threshold):
+            problems.append("secagg-threshold: a count must be a whole number")
+        if 1 < self.secagg_threshold < 2:
+            problems.append("secagg-threshold: must be 0, a share in (0, 1] or a count >= 2")
+        if (
+            self.secure_aggregation
+            and self.secagg_num_shares >= 3
+            and self.secagg_threshold >= self.secagg_num_shares
+        ):
+            problems.append("secagg-threshold: must be smaller than secagg-num-shares")
+        if (
+            self.dp_noise_multiplier > 0
+            and self.max_update_norm
+            and (self.dp_clipping_norm > self.max_update_norm)
+        ):
+            problems.append("dp-clipping-norm: must not exceed max-update-norm")
         if bool(self.backbone_weights) != bool(self.backbone_sha256):
             problems.append(
                 "backbone-sha256: backbone-weights and backbone-sha256 go together "

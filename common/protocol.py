@@ -113,3 +113,6 @@ class FitSettings(_Record):
     unfreeze_lr_scale: float
     seed: int
     trainable_fingerprint: str
+    max_update_norm: float  # the site refuses to send a larger update (0 = no bound)
+    clipping_range: float  # SecAgg+: every sent value must lie within +-this (0 = no SecAgg+)
+    uniform_weight: bool  # DP: every site counts once, whatever its number of examples

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhead.common.model import TrainableSet
+from fedhead.common.model import TrainableSet, global_norm
 
 Arrays = list[np.ndarray]
 
@@ -26,11 +26,6 @@ class Rejection:
     node_id: int
     reason: str  # one of REJECT_REASONS
     detail: str
-
-
-def global_norm(arrays: Sequence[np.ndarray]) -> float:
-    """L2 norm over all tensors together."""
-    return math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays))
 
 
 def check_update(

@@ -45,6 +45,7 @@ class DemoOptions:
     learning_rate: float = 0.01
     seed: int = 0
     device: str = "auto"
+    secure_aggregation: bool = True
     verbose: bool = False
 
     def run_config(self) -> RunConfig:
@@ -63,6 +64,7 @@ class DemoOptions:
                 "dirichlet-alpha": self.alpha,
                 "out-dir": str(self.out),
                 "join-timeout": 120.0,
+                "secure-aggregation": self.secure_aggregation,
             }
         )
 
@@ -203,6 +205,14 @@ def run_demo(opts: DemoOptions) -> RunReport:
         f"federated final accuracy on the bundled test split: {report.final_eval_accuracy:.4f} "
         f"(federated minus centralized: {diff:+.4f})"
     )
+    if report.secure_aggregation == "secagg+":
+        p = report.secure_aggregation_params
+        print(
+            f"secure aggregation: SecAgg+ (key shares rebuilt from {p['reconstruction_threshold']} "
+            f"of {p['expected_sites']} sites): the server only ever saw the sum of the updates"
+        )
+    else:
+        print("secure aggregation: OFF (--no-secure-aggregation): the server saw every update")
     print(f"report: {out / 'report.json'}   plot: {png}")
     return report
 

@@ -20,6 +20,7 @@ import torch
 from flwr.app import Context
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
 from fedhead.client.data import load_test_set
@@ -46,8 +47,9 @@ from fedhead.common.weights import (
 )
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.report import RoundRecord, RunReport, table_row
+from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
 from fedhead.server.strategy import FedHeadStrategy
-from fedhead.server.workflow import FedHeadWorkflow, MeteredGrid, PlainEvaluate, PlainFit
+from fedhead.server.workflow import FedHeadWorkflow, MeteredGrid, PlainEvaluate, PlainFit, Step
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         unfreeze_lr_scale=cfg.unfreeze_lr_scale,
         seed=cfg.seed,
         trainable_fingerprint=trainable.fingerprint(),
+        max_update_norm=cfg.max_update_norm,
+        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
+        uniform_weight=cfg.dp_noise_multiplier > 0,
     )
 
 
@@ -189,6 +194,8 @@ def run_federation(
         lr_schedule=cfg.lr_schedule,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
+        secure=cfg.secure_aggregation,
+        max_update_norm=cfg.max_update_norm,
         server_evaluate=server_evaluator(cfg, sm),
     )
     metered = MeteredGrid(grid)
@@ -210,6 +217,53 @@ def run_federation(
     )
     out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
     counters = {"sent": 0, "received": 0}
+    ledger: list[PrivacyLedger] = []
+
+    def build_round(outcome: PrepareOutcome) -> tuple[Step, Strategy]:
+        ready = len(outcome.ready)
+        sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
+        legacy: Strategy = strategy
+        if cfg.dp_noise_multiplier > 0:
+            legacy = DPFixedClipping(
+                strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled
+            )
+            ledger.append(PrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta, ready, sampled))
+            report.differential_privacy = {
+                "noise_multiplier": cfg.dp_noise_multiplier,
+                "clipping_norm": cfg.dp_clipping_norm,
+                "delta": cfg.dp_delta,
+                "sites": ready,
+                "sampled_per_round": sampled,
+                "accounting": "RDP, no sampling amplification, add-or-remove-one site",
+            }
+            log.info(
+                "differential privacy on: clipping norm %g, noise multiplier %g, %d sites",
+                cfg.dp_clipping_norm,
+                cfg.dp_noise_multiplier,
+                sampled,
+            )
+        if not cfg.secure_aggregation:
+            log.warning(
+                "secure aggregation is OFF (secure-aggregation=false): the server sees every "
+                "site's head update"
+            )
+            return PlainFit(cfg.round_timeout), legacy
+        max_examples = max(r.train_examples for r in outcome.ready.values())
+        params = secagg_params(cfg, sampled, max_examples)
+        report.secure_aggregation = "secagg+"
+        report.secure_aggregation_params = params.report()
+        log.info(
+            "secure aggregation: SecAgg+ over %d sites (shares %s, threshold %s, clipping +-%g)",
+            sampled,
+            params.num_shares,
+            params.reconstruction_threshold,
+            params.clipping_range,
+        )
+
+        def stage_done(rnd: int, stage: str, seconds: float) -> None:
+            strategy.stats(rnd).secagg_seconds[stage] = seconds
+
+        return TimedSecAggPlus(params, stage_done), legacy
 
     def prepared(outcome: PrepareOutcome) -> None:
         report.clients = len(outcome.ready)
@@ -256,7 +310,16 @@ def run_federation(
             sites_failed=st.failed,
             updates_rejected=rejected,
             aggregated=st.aggregated,
+            secagg_seconds=dict(st.secagg_seconds),
         )
+        if ledger and st.aggregated:
+            rec.dp_epsilon = ledger[0].release()
+            log.info(
+                "round %d: privacy spent epsilon %.4g at delta %g",
+                rnd,
+                rec.dp_epsilon,
+                cfg.dp_delta,
+            )
         counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
         report.rounds.append(rec)
         log.info("%s", table_row(rec))
@@ -266,7 +329,7 @@ def run_federation(
     workflow = FedHeadWorkflow(
         strategy=strategy,
         distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout),
-        fit_step=PlainFit(cfg.round_timeout),
+        build_round=build_round,
         evaluate_step=PlainEvaluate(cfg.round_timeout),
         num_rounds=cfg.num_server_rounds,
         min_sites=cfg.min_sites,

@@ -27,6 +27,8 @@ class RoundRecord:
     sites_failed: int = 0
     updates_rejected: dict[str, int] = field(default_factory=dict)
     aggregated: bool = False  # False: too few valid updates, global head unchanged
+    secagg_seconds: dict[str, float] = field(default_factory=dict)  # SecAgg+ stage durations
+    dp_epsilon: float | None = None  # cumulative, at the run's dp delta (DP runs only)
 
 
 @dataclass
@@ -43,7 +45,9 @@ class RunReport:
     final_eval_loss: float = math.nan
     centralized_accuracy: float | None = None
     centralized: dict[str, Any] | None = None
-    secure_aggregation: str = "none"
+    secure_aggregation: str = "none"  # "secagg+" or "none"
+    secure_aggregation_params: dict[str, Any] = field(default_factory=dict)
+    differential_privacy: dict[str, Any] | None = None
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class RoundStats:
     eval_examples: int = 0
     server_eval_loss: float = math.nan
     server_eval_accuracy: float = math.nan
+    secagg_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _Ready(Criterion):
@@ -156,7 +157,10 @@ class FedHeadStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self.stats(server_round)
-        st.replied, st.failed = len(results), len(failures)
+        # A site that stops answering under SecAgg+ leaves no failure entry: count the
+        # sites that were selected and did not deliver an update.
+        st.replied = len(results)
+        st.failed = max(len(failures), st.selected - st.replied)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
         st.train_loss = weighted_metric(

@@ -23,6 +23,7 @@ from flwr.common import Code, EvaluateRes, FitRes
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -193,6 +194,9 @@ class PlainEvaluate:
 
 
 RoundHook = Callable[[int, float], None]  # (round, seconds); round 0 = initial evaluation
+# Once sites are prepared: the fit step (plain or SecAgg+) and the strategy the steps
+# call (FedHeadStrategy, or a DP wrapper around it), both sized to the sites that joined.
+RoundBuilder = Callable[[PrepareOutcome], tuple[Step, Strategy]]
 
 
 class FedHeadWorkflow:
@@ -202,7 +206,7 @@ class FedHeadWorkflow:
         self,
         strategy: FedHeadStrategy,
         distributor: BackboneDistributor,
-        fit_step: Step,
+        build_round: RoundBuilder,
         evaluate_step: Step,
         num_rounds: int,
         min_sites: int,
@@ -212,7 +216,7 @@ class FedHeadWorkflow:
     ) -> None:
         self.strategy = strategy
         self.distributor = distributor
-        self.fit_step = fit_step
+        self.build_round = build_round
         self.evaluate_step = evaluate_step
         self.num_rounds = num_rounds
         self.min_sites = min_sites
@@ -257,6 +261,7 @@ class FedHeadWorkflow:
                 "fix the problems named and start the run again",
             )
         self.strategy.ready = set(outcome.ready)
+        fit_step, context.strategy = self.build_round(outcome)
         params = self.strategy.initialize_parameters(context.client_manager)
         assert params is not None
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -273,7 +278,7 @@ class FedHeadWorkflow:
         for rnd in range(1, self.num_rounds + 1):
             t0 = time.perf_counter()
             cfg[Key.CURRENT_ROUND] = rnd
-            self.fit_step(grid, context)
+            fit_step(grid, context)
             self.strategy.evaluate(rnd, _params(context))
             self.evaluate_step(grid, context)
             if self.on_round:

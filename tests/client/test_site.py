@@ -13,7 +13,7 @@ from fedhead.client.mods import audit_mod, delta_mod, describe_message, errors_m
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
-from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK
+from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK, FitSettings
 from fedhead.server.federation import build_server_model, fit_settings, run_spec
 from tests.loopback import RUN_ID, set_task_identity
 
@@ -104,9 +104,15 @@ def test_some_unreadable_images_are_skipped_and_counted(
 
 
 # --- mods ---------------------------------------------------------------------------
-def _train_msg(arrays: list[np.ndarray]) -> Message:
+def _train_msg(
+    arrays: list[np.ndarray], max_norm: float = 0.0, clipping_range: float = 0.0
+) -> Message:
     set_task_identity()
-    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), {}), True)
+    settings = FitSettings(
+        1, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, "fp", max_norm, clipping_range, False
+    )
+    fitins = FitIns(ndarrays_to_parameters(arrays), settings.to_config())
+    content = compat.fitins_to_recorddict(fitins, True)
     return Message(content=content, dst_node_id=5, message_type="train", group_id="1")
 
 
@@ -133,6 +139,16 @@ def test_update_check_mod_refuses_to_send_nan() -> None:
     bad = [np.array([1.0, np.nan], np.float32)]
     with pytest.raises(FedheadError, match="non-finite"):
         update_check_mod(_train_msg(bad), _ctx(), _trainer(bad))
+
+
+def test_update_check_mod_enforces_the_norm_bound_and_the_secagg_range() -> None:
+    update = [np.array([3.0, 4.0], np.float32)]  # L2 norm 5, largest value 4
+    reply = update_check_mod(_train_msg(update, 5.0, 4.0), _ctx(), _trainer(update))
+    assert not reply.has_error()
+    with pytest.raises(FedheadError, match="max-update-norm"):
+        update_check_mod(_train_msg(update, max_norm=4.9), _ctx(), _trainer(update))
+    with pytest.raises(FedheadError, match="clipping range"):
+        update_check_mod(_train_msg(update, clipping_range=3.5), _ctx(), _trainer(update))
 
 
 def test_errors_mod_replies_with_the_problem_kind_only() -> None:

@@ -91,3 +91,87 @@ def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
+
+
+def write_flwr_connection(
+    flwr_home: Path, name: str, port: int, root_certificates: Path | None = None
+) -> None:
+    """A SuperLink connection in $FLWR_HOME/config.toml, as `flwr run` expects it."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "127.0.0.1:{port}"\n{security}\n'
+    )
+
+
+def flwr(flwr_home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=base_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def npz_site(path: Path, site: int, n_sites: int, n_train: int = 120, n_val: int = 40) -> Path:
+    """A small non-IID share of the embedded demo data, as a site's .npz file."""
+    import numpy as np
+
+    from fedhead.common import demo_data
+
+    share = demo_data.shares(n_sites, alpha=1.0, seed=5)[site]
+    rng = np.random.default_rng(site)
+    tr = rng.choice(len(share.train.labels), min(n_train, len(share.train.labels)), replace=False)
+    va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        images=share.train.images[tr],
+        labels=share.train.labels[tr],
+        val_images=share.val.images[va],
+        val_labels=share.val.labels[va],
+    )
+    return path
+
+
+SECAGG_RECORD = "secaggplus_configs"
+
+
+def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
+    """Every message a site sent: trainable tensors (masked under SecAgg+) and scalars.
+
+    Returns the message types seen. SecAgg+ protocol records (public keys, encrypted key
+    shares, the masked vector) are allowed, bounded in size; anything else must be a
+    short scalar: no image bytes, paths, per-sample values or label lists.
+    """
+    import json
+
+    types = set()
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        types.add(entry["message_type"])
+        assert "error" not in entry, entry
+        for rec_name, arrays in entry["arrays"].items():
+            assert entry["message_type"] == "train" and rec_name == "fitres.parameters", entry
+            if arrays:  # plain FedAvg; under SecAgg+ the record is emptied before sending
+                assert [a["shape"] for a in arrays.values()] == trainable_shapes
+                assert {a["dtype"] for a in arrays.values()} == {"float32"}
+        for group in ("metrics", "configs"):
+            for rec_name, rec in entry[group].items():
+                for key, value in rec.items():
+                    if rec_name == SECAGG_RECORD:
+                        size = (
+                            value.get("bytes", value.get("len", 0))
+                            if isinstance(value, dict)
+                            else 8
+                        )
+                        assert size < 200_000, (key, value)
+                        continue
+                    assert isinstance(value, int | float | str), (rec_name, key, value)
+                    if isinstance(value, str):  # status words, never paths or label lists
+                        assert len(value) < 40 and "/" not in value, (key, value)
+    return types

@@ -17,7 +17,7 @@ import pytest
 
 from fedhead.common import demo_data
 from tests.conftest import REPO, write_png
-from tests.e2e.procs import BIN, base_env, free_port, processes, wait_for_port
+from tests.e2e.procs import BIN, base_env, check_audit, free_port, processes, wait_for_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -60,26 +60,6 @@ def make_csv_site(root: Path) -> Path:
         w.writerow(["path", "label", "split"])
         w.writerows(rows)
     return root / "labels.csv"
-
-
-def _check_audit(path: Path) -> set[str]:
-    """Every message the site sent: only trainable tensors and scalar metrics."""
-    types = set()
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        types.add(entry["message_type"])
-        assert "error" not in entry, entry
-        for rec_name, arrays in entry["arrays"].items():
-            assert entry["message_type"] == "train" and rec_name == "fitres.parameters", entry
-            assert [a["shape"] for a in arrays.values()] == TRAINABLE_SHAPES
-            assert {a["dtype"] for a in arrays.values()} == {"float32"}
-        for group in ("metrics", "configs"):
-            for rec in entry[group].values():
-                for key, value in rec.items():
-                    assert isinstance(value, int | float | str), (key, value)
-                    if isinstance(value, str):  # status words, never paths or label lists
-                        assert len(value) < 40 and "/" not in value, (key, value)
-    return types
 
 
 def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
@@ -159,6 +139,11 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     assert all(r["aggregated"] and r["sites_replied"] == 2 for r in report["rounds"])
     # only head tensors and scalars left each site
     for i in range(2):
-        types = _check_audit(tmp_path / f"audit{i}.jsonl")
+        types = check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
         assert types == {"query.prepare", "query.weights", "train", "evaluate"}
+    assert report["secure_aggregation"] == "secagg+"  # the default
+    assert all(
+        set(r["secagg_seconds"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+        for r in report["rounds"]
+    )
     assert "Traceback" not in logs["node0"] + logs["node1"]

@@ -3,11 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhead.common.model import TensorSpec, TrainableSet
+from fedhead.common.model import TensorSpec, TrainableSet, global_norm
 from fedhead.server.aggregation import (
     apply_delta,
     check_update,
-    global_norm,
     weighted_mean,
     weighted_metric,
 )

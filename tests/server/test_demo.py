@@ -32,6 +32,8 @@ def test_demo_meets_the_bar_and_writes_its_contract(
         assert key in backbone
     assert backbone["name"] == "mobilenet_v2" and backbone["sha256"].startswith("b0353104")
     assert report["clients"] == 3 and report["input_size"] == 128
+    assert report["secure_aggregation"] == "secagg+"  # the default, in simulation too
+    assert report["secure_aggregation_params"]["expected_sites"] == 3
     assert len(report["rounds"]) == 10
     for r in report["rounds"]:
         for key in (

@@ -4,54 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedhead.client.app import app as client_app
-from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
-from fedhead.common.errors import FederationError
+from fedhead.common.errors import FederationError, WeightsError
 from fedhead.common.protocol import MSG_WEIGHTS
 from fedhead.server.federation import run_federation
 from tests.loopback import LoopbackGrid
-
-CLASSES = ",".join(demo_data.CLASSES)
-
-
-def write_sites(root: Path, n_sites: int, n_train: int = 120, n_val: int = 40) -> list[Path]:
-    """Small non-IID sites cut from the real demo data."""
-    paths = []
-    rng = np.random.default_rng(0)
-    for i, share in enumerate(demo_data.shares(n_sites, alpha=1.0, seed=3)):
-        path = root / f"site-{i}.npz"
-        tr = rng.choice(
-            len(share.train.labels), min(n_train, len(share.train.labels)), replace=False
-        )
-        va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
-        np.savez(
-            path,
-            images=share.train.images[tr],
-            labels=share.train.labels[tr],
-            val_images=share.val.images[va],
-            val_labels=share.val.labels[va],
-        )
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture
-def offline_world(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mobilenet_weights: Path, isolated_cache: Path
-) -> Path:
-    """The server holds the weights in its fedhead cache; torch's cache is empty."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    (isolated_cache / "weights").mkdir()
-    shutil.copy(mobilenet_weights, isolated_cache / "weights" / mobilenet_weights.name)
-    return tmp_path
+from tests.server.conftest import CLASSES, nodes, write_sites
 
 
 def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, object]:
@@ -70,13 +35,6 @@ def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, object]
     ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
     run_federation(grid, ctx, cfg)
     return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
-
-
-def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, object]]:
-    return {
-        100 + i: {"data-path": str(p), "cache-dir": str(tmp / f"node{i}"), **extra}
-        for i, p in enumerate(sites)
-    }
 
 
 def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) -> None:
@@ -107,20 +65,38 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
     assert not any(m.metadata.message_type == MSG_WEIGHTS for m in grid2.sent)
 
 
-def test_sites_send_only_trainable_tensors_and_scalars(offline_world: Path) -> None:
-    tmp = offline_world
-    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
-    report = run(grid, tmp, **{"num-server-rounds": 2})
-    n_trainable = len(report["backbone"]["trainable_tensors"])  # type: ignore[index]
-    for reply in grid.replies:
+def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> None:
+    """Sites send trainable tensors (masked under SecAgg+) and scalars, nothing else."""
+    for reply in replies:
         content = reply.content
         for name, rec in content.array_records.items():
-            assert name == "fitres.parameters" and len(rec) == n_trainable
+            assert name == "fitres.parameters", name
+            # under SecAgg+ the plain tensors are removed: only the masked vector leaves
+            assert len(rec) == (0 if secure else n_trainable)
             assert sum(len(a.data) for a in rec.values()) < 11_000
-        for rec in [*content.metric_records.values(), *content.config_records.values()]:
+        for name, rec in [*content.metric_records.items(), *content.config_records.items()]:
             for key, value in rec.items():
+                if name == RECORD_KEY_CONFIGS:  # SecAgg+ keys, shares, masked sums
+                    assert secure
+                    continue
                 assert isinstance(value, int | float | str), (key, value)
                 assert not isinstance(value, str) or len(value) < 64, (key, value)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_sites_send_only_trainable_tensors_and_scalars(offline_world: Path, secure: bool) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp, **{"num-server-rounds": 2, "secure-aggregation": secure})
+    assert report["secure_aggregation"] == ("secagg+" if secure else "none")
+    _check_replies(grid.replies, len(report["backbone"]["trainable_tensors"]), secure)  # type: ignore[index]
+    masked = [
+        r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        for r in grid.replies
+        if RECORD_KEY_CONFIGS in r.content.config_records
+        and Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]
+    ]
+    assert len(masked) == (4 if secure else 0)  # 2 sites x 2 rounds
 
 
 def test_a_mismatching_local_copy_is_replaced_by_the_servers(offline_world: Path) -> None:
@@ -149,16 +125,28 @@ def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None
         run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3})
 
 
-def test_a_site_that_dies_mid_run_does_not_stop_it(offline_world: Path) -> None:
+# SecAgg+ sends four train messages per round: setup, share keys, collect masked
+# vectors (the one that trains), unmask. A site can die before or after sharing keys.
+@pytest.mark.parametrize(
+    ("secure", "dies_at_message"),
+    [(False, 1), (True, 1), (True, 3)],
+    ids=["plain", "secagg-before-sharing-keys", "secagg-while-training"],
+)
+def test_a_site_that_dies_mid_run_does_not_stop_it(
+    offline_world: Path, secure: bool, dies_at_message: int
+) -> None:
     tmp = offline_world
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    seen: list[int] = []
 
     def kill_in_round_2(node: int, msg) -> None:  # type: ignore[no-untyped-def]
-        if node == 102 and msg.metadata.group_id == "2":
-            grid.dead.add(102)
+        if node == 102 and msg.metadata.group_id == "2" and msg.metadata.message_type == "train":
+            seen.append(1)
+            if len(seen) == dies_at_message:
+                grid.dead.add(102)
 
     grid.before_delivery = kill_in_round_2
-    report = run(grid, tmp, **{"round-timeout": 1.0})
+    report = run(grid, tmp, **{"round-timeout": 1.0, "secure-aggregation": secure})
     rounds = report["rounds"]
     assert [r["sites_replied"] for r in rounds] == [3, 2, 2]  # type: ignore[index]
     assert rounds[1]["sites_failed"] == 1 and rounds[1]["aggregated"]  # type: ignore[index]
@@ -176,3 +164,34 @@ def test_report_is_valid_json_without_nan(offline_world: Path) -> None:
     text_report = run(grid, tmp, **{"num-server-rounds": 1})
     assert math.isfinite(text_report["final_eval_accuracy"])  # type: ignore[arg-type]
     assert "NaN" not in (tmp / "out" / "report.json").read_text()
+
+
+def test_an_altered_trunk_on_the_server_stops_the_run_before_anything_is_sent(
+    offline_world: Path, isolated_cache: Path
+) -> None:
+    path = isolated_cache / "weights" / "mobilenet_v2-b0353104.pth"
+    altered = bytearray(path.read_bytes())
+    altered[len(altered) // 3] ^= 0x01  # a single flipped bit
+    path.write_bytes(bytes(altered))
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    with pytest.raises(WeightsError, match="sha256"):
+        run(grid, tmp)
+    assert grid.sent == []
+
+
+def test_a_custom_checkpoint_is_distributed_and_verified(
+    offline_world: Path, random_checkpoint: tuple[Path, str]
+) -> None:
+    path, sha = random_checkpoint
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(
+        grid,
+        tmp,
+        **{"backbone-weights": str(path), "backbone-sha256": sha, "num-server-rounds": 1},
+    )
+    assert report["backbone"]["custom"] and report["backbone"]["sha256"] == sha
+    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]
+    cached = tmp / "node0" / "weights" / report["backbone"]["weights_file"]
+    assert cached.read_bytes() == path.read_bytes()

@@ -1,0 +1,252 @@
+"""Secure aggregation (Flower's SecAgg+) and differential privacy for fedhead's rounds.
+
+SecAgg+ in Flower 1.41 exists only on the legacy workflow stack: ``SecAggPlusWorkflow``
+drives a legacy ``Strategy`` and the sites run ``secaggplus_mod``. fedhead's round loop
+is built on that stack, so the SecAgg+ workflow simply replaces the plain fit step; the
+strategy, evaluation and backbone distribution are the same in both modes.
+
+Parameters are derived once the sites have joined: the number of sampled sites gives
+the shares and the reconstruction threshold (a majority by default), and the largest
+site's example count gives ``max_weight`` so no site's weight overflows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+from flwr.common import FitRes, Parameters, Scalar
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import ConfigError
+from fedhead.server.strategy import FedHeadStrategy
+
+log = logging.getLogger(__name__)
+
+MODULUS_RANGE = 2**32
+StageHook = Callable[[int, str, float], None]  # (round, stage, seconds)
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """SecAgg+ settings for one run, in Flower's terms (float = share, int = count)."""
+
+    num_shares: float | int
+    reconstruction_threshold: float | int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+    timeout: float
+    expected_sites: int  # sampled per round, as planned when the run started
+
+    def report(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _resolved_shares(num_shares: float | int, n: int) -> int:
+    """The share count Flower will use for ``n`` sampled sites (its own rule)."""
+    if isinstance(num_shares, int):
+        return num_shares
+    shares = round(num_shares * n)
+    if shares < n and shares % 2 == 0:
+        shares += 1
+    return n if shares <= 2 else shares
+
+
+def secagg_params(cfg: RunConfig, sampled_sites: int, max_examples: int) -> SecAggParams:
+    """Derive SecAgg+ settings for ``sampled_sites`` per round from the run config."""
+    problems = []
+    shares: float | int = (
+        float(cfg.secagg_num_shares) if cfg.secagg_num_shares <= 1 else int(cfg.secagg_num_shares)
+    )
+    resolved = _resolved_shares(shares, sampled_sites)
+    threshold: float | int
+    if cfg.secagg_threshold == 0:
+        threshold = max(2, min(resolved, resolved // 2 + 1))  # a majority of the shares
+    elif cfg.secagg_threshold <= 1:
+        threshold = float(cfg.secagg_threshold)
+    else:
+        threshold = int(cfg.secagg_threshold)
+        if threshold > resolved:
+            problems.append(
+                f"secagg-threshold: {threshold} exceeds the {resolved} shares of "
+                f"{sampled_sites} sampled sites"
+            )
+    if sampled_sites * cfg.secagg_quantization_range >= MODULUS_RANGE:
+        problems.append(
+            f"secagg-quantization-range: {sampled_sites} sites x {cfg.secagg_quantization_range} "
+            f"levels overflow the 2^32 modulus; lower it below "
+            f"{MODULUS_RANGE // sampled_sites}"
+        )
+    if problems:
+        raise ConfigError(problems, "run configuration")
+    uniform = cfg.dp_noise_multiplier > 0
+    return SecAggParams(
+        num_shares=shares,
+        reconstruction_threshold=threshold,
+        clipping_range=cfg.secagg_clipping_range,
+        quantization_range=cfg.secagg_quantization_range,
+        modulus_range=MODULUS_RANGE,
+        max_weight=1.0 if uniform else float(max(1, max_examples)),
+        timeout=cfg.round_timeout,
+        expected_sites=sampled_sites,
+    )
+
+
+class TimedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with each stage timed, and halts logged as errors."""
+
+    STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+
+    def __init__(self, params: SecAggParams, on_stage: StageHook | None = None) -> None:
+        super().__init__(
+            num_shares=params.num_shares,
+            reconstruction_threshold=params.reconstruction_threshold,
+            max_weight=params.max_weight,
+            clipping_range=params.clipping_range,
+            quantization_range=params.quantization_range,
+            modulus_range=params.modulus_range,
+            timeout=params.timeout,
+        )
+        self.on_stage = on_stage
+
+    def _timed(
+        self,
+        name: str,
+        stage: Callable[[Grid, LegacyContext, WorkflowState], bool],
+        grid: Grid,
+        context: LegacyContext,
+        state: WorkflowState,
+    ) -> bool:
+        t0 = time.perf_counter()
+        ok = stage(grid, context, state)
+        rnd = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if self.on_stage:
+            self.on_stage(rnd, name, time.perf_counter() - t0)
+        if not ok:
+            log.error(
+                "round %d: secure aggregation stopped at stage %s (too few live sites for the "
+                "reconstruction threshold); the global head stays as it was",
+                rnd,
+                name,
+            )
+        return ok
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._timed("setup", super().setup_stage, grid, context, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = self._timed("share_keys", super().share_keys_stage, grid, context, state)
+        # Sites that dropped before sharing their keys never entered anyone's masks and
+        # left no key shares behind: they are out of the round, not "dead". Flower 1.41
+        # keeps them among the sampled sites, so unmasking would ask the others for
+        # shares that do not exist and the whole round would fail. Narrow the sampled
+        # set and the neighbourhoods to the sites that completed key sharing.
+        shared = set(state.active_node_ids)
+        if ok and shared != state.sampled_node_ids:
+            log.warning(
+                "%d site(s) dropped before sharing keys; continuing with %d",
+                len(state.sampled_node_ids - shared),
+                len(shared),
+            )
+            state.sampled_node_ids = shared
+            for nid in list(state.nid_to_neighbours):
+                state.nid_to_neighbours[nid] &= shared
+            ok = self._check_threshold(state)
+        return ok
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        return self._timed(
+            "collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state
+        )
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._timed("unmask", super().unmask_stage, grid, context, state)
+
+
+class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's central DP with client-side fixed clipping, recording skipped rounds.
+
+    Flower's wrapper skips a round in which any site failed (the noise is calibrated to
+    a fixed number of sites); this records that in the round's statistics.
+    """
+
+    def __init__(
+        self,
+        inner: FedHeadStrategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+    ) -> None:
+        super().__init__(inner, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.inner = inner
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if failures:
+            st = self.inner.stats(server_round)
+            st.replied, st.failed = len(results), len(failures)
+            log.error(
+                "round %d: %d site(s) failed; with differential privacy the round is skipped "
+                "(noise is calibrated to %d sites)",
+                server_round,
+                len(failures),
+                self.num_sampled_clients,
+            )
+        return super().aggregate_fit(server_round, results, failures)
+
+
+@dataclass
+class PrivacyLedger:
+    """Cumulative (epsilon, delta) of the rounds whose noisy aggregate was released."""
+
+    noise_multiplier: float
+    delta: float
+    sites: int  # population: the sites that joined the run
+    sampled: int  # sites per round
+    _accountant: Any = None
+
+    def __post_init__(self) -> None:
+        from flwr.serverapp import RdpAccountant
+        from flwr.supercore.privacy_accounting import (
+            NeighboringRelation,
+            PrivacyConfig,
+            SamplingMethod,
+        )
+
+        self._accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=self.delta,
+                population_size=self.sites,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+
+    def release(self) -> float:
+        """Account one released round; returns the cumulative epsilon at ``delta``."""
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        self._accountant.compose(
+            GaussianPrivacyEvent(self.noise_multiplier, min(self.sampled, self.sites), self.sites)
+        )
+        epsilon = float(self._accountant.get_epsilon(self.delta))
+        return epsilon if math.isfinite(epsilon) else math.inf

@@ -1,0 +1,185 @@
+"""TLS and node authentication with real processes on 127.0.0.1.
+
+One TLS SuperLink started through `fedhead superlink --certs-dir`; two registered sites
+join through `fedhead node` and train under SecAgg+; an unregistered key, a node with
+the wrong CA, a node with no CA and a plaintext node are all refused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import (
+    BIN,
+    base_env,
+    check_audit,
+    flwr,
+    free_port,
+    npz_site,
+    processes,
+    wait_for_port,
+    write_flwr_connection,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+
+
+def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> None:
+    certs, other = tmp_path / "certs", tmp_path / "other-federation"
+    made = fedhead(
+        "certs",
+        "--out",
+        str(certs),
+        "--host",
+        "127.0.0.1",
+        "--host",
+        "localhost",
+        "--site",
+        "hospital-a",
+        "--site",
+        "hospital-b",
+        "--site",
+        "stranger",
+    )
+    assert made.returncode == 0, made.stderr
+    assert (certs / "sites" / "hospital-a.key").stat().st_mode & 0o777 == 0o600
+    assert fedhead("certs", "--out", str(other), "--host", "127.0.0.1").returncode == 0
+
+    port = free_port()
+    flwr_home = tmp_path / "flwr-home"
+    write_flwr_connection(flwr_home, "secure", port, root_certificates=certs / "ca.crt")
+    server_cache = tmp_path / "server-cache"
+    (server_cache / "weights").mkdir(parents=True)
+    (server_cache / "weights" / mobilenet_weights.name).write_bytes(mobilenet_weights.read_bytes())
+    empty_torch = str(tmp_path / "empty-torch")
+    out = tmp_path / "out"
+
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start(
+            "superlink",
+            [
+                *FEDHEAD,
+                "superlink",
+                "--certs-dir",
+                str(certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            base_env(
+                tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
+            ),
+        )
+        wait_for_port(port, proc=link)
+        for site in ("hospital-a", "hospital-b"):
+            reg = flwr(
+                flwr_home,
+                "supernode",
+                "register",
+                str(certs / "sites" / f"{site}.pub"),
+                "secure",
+                timeout=120,
+            )
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+
+        for i, site in enumerate(("hospital-a", "hospital-b")):
+            procs.start(
+                site,
+                [
+                    *FEDHEAD,
+                    "node",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--data",
+                    str(npz_site(tmp_path / site / "data.npz", i, 2)),
+                    "--port",
+                    str(free_port()),
+                    "--cache-dir",
+                    str(tmp_path / site / "cache"),
+                    "--audit-log",
+                    str(tmp_path / site / "sent.jsonl"),
+                    "--root-certificates",
+                    str(certs / "ca.crt"),
+                    "--auth-key",
+                    str(certs / "sites" / f"{site}.key"),
+                ],
+                base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
+            )
+
+        def refused(name: str, *extra: str) -> str:
+            """Start a node that must not get in; return its output once it gives up."""
+            cmd = [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "2",
+                "--node-config",
+                f'data-path="{tmp_path / "hospital-b" / "data.npz"}"',
+                *extra,
+            ]
+            proc = procs.start(name, cmd, base_env(tmp_path / f"{name}-home"))
+            proc.wait(timeout=120)
+            assert proc.returncode != 0, name
+            return procs.log(name)
+
+        key = str(certs / "sites" / "stranger.key")
+        unregistered = refused(
+            "unregistered",
+            "--root-certificates",
+            str(certs / "ca.crt"),
+            "--auth-supernode-private-key",
+            key,
+        )
+        wrong_ca = refused(
+            "wrong-ca",
+            "--root-certificates",
+            str(other / "ca.crt"),
+            "--auth-supernode-private-key",
+            key,
+        )
+        no_ca = refused("no-ca", "--auth-supernode-private-key", key)
+        plaintext = refused("plaintext", "--insecure")
+
+        run = flwr(
+            flwr_home,
+            "run",
+            str(Path(__file__).resolve().parents[2]),
+            "secure",
+            "--stream",
+            "--run-config",
+            f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0 "
+            f"round-timeout=300.0 out-dir='{out}'",
+        )
+        nodes = flwr(flwr_home, "supernode", "ls", "secure", "--format", "json", timeout=120)
+        link_log = procs.log("superlink")
+    assert run.returncode == 0, run.stdout + run.stderr + link_log[-3000:]
+
+    assert "Failed to activate SuperNode" in unregistered
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca
+    assert "CERTIFICATE_VERIFY_FAILED" in no_ca
+    assert "Exit Code: 305" in plaintext
+    # only the two registered sites ever became nodes
+    listed = json.loads(nodes.stdout)
+    assert len(listed["nodes"]) == 2, listed
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["clients"] == 2 and report["secure_aggregation"] == "secagg+"
+    assert report["rounds"][0]["aggregated"]
+    for site in ("hospital-a", "hospital-b"):
+        assert check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
+    assert "WITHOUT TLS" not in link_log

@@ -1,0 +1,52 @@
+"""Fixtures for server tests: small real sites and a server holding the weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhead.common import demo_data
+
+CLASSES = ",".join(demo_data.CLASSES)
+
+
+def write_sites(root: Path, n_sites: int, n_train: int = 120, n_val: int = 40) -> list[Path]:
+    """Small non-IID sites cut from the real demo data."""
+    paths = []
+    rng = np.random.default_rng(0)
+    for i, share in enumerate(demo_data.shares(n_sites, alpha=1.0, seed=3)):
+        path = root / f"site-{i}.npz"
+        tr = rng.choice(
+            len(share.train.labels), min(n_train, len(share.train.labels)), replace=False
+        )
+        va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
+        np.savez(
+            path,
+            images=share.train.images[tr],
+            labels=share.train.labels[tr],
+            val_images=share.val.images[va],
+            val_labels=share.val.labels[va],
+        )
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def offline_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mobilenet_weights: Path, isolated_cache: Path
+) -> Path:
+    """The server holds the weights in its fedhead cache; torch's cache is empty."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    (isolated_cache / "weights").mkdir()
+    shutil.copy(mobilenet_weights, isolated_cache / "weights" / mobilenet_weights.name)
+    return tmp_path
+
+
+def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, object]]:
+    return {
+        100 + i: {"data-path": str(p), "cache-dir": str(tmp / f"node{i}"), **extra}
+        for i, p in enumerate(sites)
+    }

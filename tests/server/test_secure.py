@@ -1,0 +1,144 @@
+"""SecAgg+ and differential privacy, in process over the loopback Grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.common import parameters_to_ndarrays
+
+from fedhead.client.app import app as client_app
+from fedhead.client.site import Site
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import ConfigError
+from fedhead.server.federation import run_federation
+from fedhead.server.secure import secagg_params
+from fedhead.server.strategy import FedHeadStrategy
+from tests.loopback import LoopbackGrid
+from tests.server.conftest import CLASSES, nodes, write_sites
+
+
+def _run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict:  # type: ignore[type-arg]
+    cfg = RunConfig.from_mapping(
+        {
+            "classes": CLASSES,
+            "input-size": 64,
+            "num-server-rounds": 2,
+            "min-sites": 3,
+            "round-timeout": 30.0,
+            "join-timeout": 5.0,
+            "out-dir": str(tmp / "out"),
+            **overrides,
+        }
+    )
+    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    run_federation(grid, ctx, cfg)
+    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_the_server_sees_only_the_secure_sum_and_it_equals_fedavg(
+    offline_world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each site computed, what reached the strategy, and how they relate."""
+    site_deltas: dict[tuple[int, int], tuple[int, list[np.ndarray]]] = {}
+    strategy_inputs: dict[int, list[list[np.ndarray]]] = {}
+
+    real_train = Site.train
+
+    def recording_train(self: Site, arrays, settings):  # type: ignore[no-untyped-def]
+        outcome = real_train(self, arrays, settings)
+        delta = [t - g for t, g in zip(outcome.arrays, arrays, strict=True)]
+        site_deltas[(settings.server_round, id(self))] = (outcome.result.examples, delta)
+        return outcome
+
+    real_aggregate = FedHeadStrategy.aggregate_fit
+
+    def recording_aggregate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        strategy_inputs[server_round] = [parameters_to_ndarrays(r.parameters) for _, r in results]
+        return real_aggregate(self, server_round, results, failures)
+
+    monkeypatch.setattr(Site, "train", recording_train)
+    monkeypatch.setattr(FedHeadStrategy, "aggregate_fit", recording_aggregate)
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    report = _run(grid, tmp)
+    assert report["secure_aggregation"] == "secagg+"
+
+    for rnd in (1, 2):
+        received = strategy_inputs[rnd]
+        sites = [v for (r, _), v in site_deltas.items() if r == rnd]
+        assert len(received) == len(sites) == 3
+        # every result handed to the strategy carries the same vector: the aggregate
+        for other in received[1:]:
+            for a, b in zip(received[0], other, strict=True):
+                np.testing.assert_array_equal(a, b)
+        aggregate = received[0]
+        # ... which is none of the sites' own updates
+        for _, delta in sites:
+            assert (
+                max(float(np.abs(a - d).max()) for a, d in zip(aggregate, delta, strict=True))
+                > 1e-3
+            )
+        # ... and equals example-weighted FedAvg of them, to quantization precision
+        total = sum(n for n, _ in sites)
+        fedavg = [sum(n * d[i] for n, d in sites) / total for i in range(len(aggregate))]
+        for a, f in zip(aggregate, fedavg, strict=True):
+            np.testing.assert_allclose(a, f, atol=5e-5, rtol=0)
+
+
+def test_secagg_params_are_derived_from_the_sites() -> None:
+    cfg = RunConfig.from_mapping({"classes": CLASSES})
+    p = secagg_params(cfg, sampled_sites=5, max_examples=900)
+    assert (p.num_shares, p.reconstruction_threshold, p.max_weight) == (1.0, 3, 900.0)
+    assert secagg_params(cfg, sampled_sites=2, max_examples=10).reconstruction_threshold == 2
+    explicit = RunConfig.from_mapping({"classes": CLASSES, "secagg-threshold": 4.0})
+    with pytest.raises(ConfigError, match="exceeds the 3 shares"):
+        secagg_params(explicit, sampled_sites=3, max_examples=10)
+    big = RunConfig.from_mapping({"classes": CLASSES, "secagg-quantization-range": 2**30})
+    with pytest.raises(ConfigError, match="overflow"):
+        secagg_params(big, sampled_sites=8, max_examples=10)
+    dp = RunConfig.from_mapping({"classes": CLASSES, "dp-noise-multiplier": 1.0})
+    assert secagg_params(dp, 4, 1000).max_weight == 1.0  # DP: every site weighs the same
+
+
+def test_turning_secure_aggregation_off_is_logged(
+    offline_world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    report = _run(grid, tmp, **{"secure-aggregation": False, "num-server-rounds": 1})
+    assert report["secure_aggregation"] == "none" and report["secure_aggregation_params"] == {}
+    assert any("secure aggregation is OFF" in r.message for r in caplog.records)
+
+
+def test_differential_privacy_with_secagg_reports_the_privacy_spent(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    report = _run(
+        grid,
+        tmp,
+        **{"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5, "num-server-rounds": 3},
+    )
+    assert report["secure_aggregation"] == "secagg+"
+    dp = report["differential_privacy"]
+    assert dp["noise_multiplier"] == 1.0 and dp["clipping_norm"] == 0.5 and dp["delta"] == 1e-5
+    eps = [r["dp_epsilon"] for r in report["rounds"]]
+    assert all(e is not None and e > 0 for e in eps) and eps == sorted(eps) and eps[0] < eps[-1]
+    # under DP every site counts once: SecAgg+'s weight cap is 1
+    assert report["secure_aggregation_params"]["max_weight"] == 1.0
+
+
+def test_an_update_beyond_the_norm_bound_is_refused_by_the_site(offline_world: Path) -> None:
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    # an absurdly high learning rate makes honest sites produce huge updates: they
+    # refuse to send them (checked before masking), so no round can aggregate
+    report = _run(
+        grid, tmp, **{"learning-rate": 1000.0, "max-update-norm": 1.0, "num-server-rounds": 1}
+    )
+    assert not report["rounds"][0]["aggregated"]
+    errors = [r for r in grid.replies if r.has_error()]
+    assert errors and all("FederationError" in (r.error.reason or "") for r in errors)
