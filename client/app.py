@@ -26,7 +26,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedhead.client.mods import audit_mod, errors_mod, train_mods
+from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
@@ -42,7 +42,7 @@ _SITES: dict[tuple[int, int], Site] = {}
 # A SuperNode runs every message in a fresh process: configure logging on import.
 setup_logging()
 
-app = ClientApp(mods=[audit_mod, errors_mod])
+app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
 
 
 def _site(context: Context, spec: RunSpec | None = None) -> Site:

@@ -36,6 +36,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedhead.common.errors import FederationError, FedheadError
 from fedhead.common.model import global_norm
 from fedhead.common.protocol import FitSettings
+from fedhead.common.telemetry import SiteMessage, SiteRefusedUpdate, emit
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,19 @@ def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         log.error("%s: %s", err.title, err)
         reason = f"{type(err).__name__}: {err.title} (details in the site's log)"
         return Message(Error(code=ERROR_CODE_BASE + err.exit_code, reason=reason), reply_to=msg)
+
+
+def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Count and time every message the site handles (for the site's own exporter)."""
+    kind = msg.metadata.message_type.removeprefix("query.")
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        reply = call_next(msg, context)
+        ok = not reply.has_error()
+        return reply
+    finally:
+        emit(SiteMessage(kind, ok, time.perf_counter() - t0))
 
 
 def describe_message(msg: Message) -> dict[str, Any]:
@@ -159,12 +173,14 @@ def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     arrays = parameters_to_ndarrays(fitres.parameters)
     for i, arr in enumerate(arrays):
         if not np.all(np.isfinite(arr)):
+            emit(SiteRefusedUpdate("non_finite"))
             raise FederationError(
                 f"local training produced non-finite values in tensor {i}; not sending it",
                 "lower the learning rate",
             )
     norm = global_norm(arrays)
     if settings.max_update_norm and norm > settings.max_update_norm:
+        emit(SiteRefusedUpdate("norm"))
         raise FederationError(
             f"this site's update has L2 norm {norm:.4g}, above the run's max-update-norm "
             f"{settings.max_update_norm:.4g}; not sending it",
@@ -172,6 +188,7 @@ def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         )
     largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if settings.clipping_range and largest > settings.clipping_range:
+        emit(SiteRefusedUpdate("clipping_range"))
         raise FederationError(
             f"an update value of {largest:.4g} lies outside the SecAgg+ clipping range "
             f"+-{settings.clipping_range:.4g} and would be clipped; not sending it",

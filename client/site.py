@@ -29,6 +29,7 @@ from fedhead.common.protocol import (
     PrepareReply,
     RunSpec,
 )
+from fedhead.common.telemetry import SiteDevice, SiteFeatures, SiteTrained, emit
 from fedhead.common.training import EvalResult, TrainParams, TrainResult, evaluate_head, train_head
 from fedhead.common.weights import (
     WeightsRef,
@@ -193,6 +194,17 @@ class Site:
                 )
             labels = torch.from_numpy(images.labels[feats.ok])
             self._features[part] = (feats.values, labels, feats.stats)
+            s = feats.stats
+            emit(
+                SiteFeatures(
+                    s.images,
+                    s.extracted,
+                    s.extract_seconds,
+                    s.cache_hits,
+                    s.cache_misses,
+                    s.skipped,
+                )
+            )
         return self._features[part]
 
     # --- federated steps -------------------------------------------------------------
@@ -200,6 +212,7 @@ class Site:
         """Load and count the data (bad data fails here, before any round) and check weights."""
         data = self.data()
         status = self.weights_status()
+        self.report_device()
         return PrepareReply(
             weights=status,
             detail="local copy failed its sha256 check" if status == WEIGHTS_MISMATCH else "",
@@ -230,7 +243,15 @@ class Site:
             seed=settings.seed * 100_003 + settings.server_round,
         )
         result = train_head(model, feats, labels, params, self.device)
+        emit(SiteTrained(result.seconds, result.examples))
+        self.report_device()
         return TrainOutcome(self.trainable.get(model), result, stats)
+
+    def report_device(self) -> None:
+        peak = 0
+        if self.device.kind == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(self.device.torch_device))
+        emit(SiteDevice(self.device.kind, self.device.describe(), peak))
 
     def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
         model = self.model()

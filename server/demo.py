@@ -22,9 +22,11 @@ from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
 from fedhead.common.device import select_device
 from fedhead.common.errors import ConfigError, FedheadError
+from fedhead.common.exporter import Exporter, prepare_spool
 from fedhead.common.features import FeatureCache, FeatureExtractor
 from fedhead.common.images import ArrayImages, Preprocessor
 from fedhead.common.logs import setup_logging
+from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, scheduled_lr, train_head
 from fedhead.common.weights import atomic_writer, fedhead_cache_dir
 from fedhead.server.federation import build_server_model
@@ -46,6 +48,7 @@ class DemoOptions:
     seed: int = 0
     device: str = "auto"
     secure_aggregation: bool = True
+    metrics_address: str = "none"
     verbose: bool = False
 
     def run_config(self) -> RunConfig:
@@ -182,6 +185,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
             f"  site-{i}: train {len(s.train.labels)} ({_counts(s.train.labels)}), "
             f"validation {len(s.val.labels)}"
         )
+    exporter = _start_exporter(opts.metrics_address)
     print("starting Flower's Simulation Engine (first round extracts trunk features) ...")
     print(TABLE_HEADER)
     report_box: list[RunReport] = []
@@ -189,7 +193,11 @@ def run_demo(opts: DemoOptions) -> RunReport:
     def on_round(rec: RoundRecord) -> None:
         print(table_row(rec), flush=True)
 
-    _simulate(cfg, opts, on_round, report_box.append)
+    try:
+        _simulate(cfg, opts, on_round, report_box.append)
+    finally:
+        if exporter is not None:
+            exporter.stop()
     report = report_box[0]
     baseline = centralized_baseline(cfg, progress=False)
     report.centralized = baseline
@@ -215,6 +223,20 @@ def run_demo(opts: DemoOptions) -> RunReport:
         print("secure aggregation: OFF (--no-secure-aggregation): the server saw every update")
     print(f"report: {out / 'report.json'}   plot: {png}")
     return report
+
+
+def _start_exporter(address: str) -> Exporter | None:
+    """Metrics for the whole demo: the ServerApp (this process) and the simulated sites
+    (Ray's workers, which inherit the spool folder through the environment)."""
+    if address == "none":
+        return None
+    spool = prepare_spool()
+    exporter = Exporter(["server", "site"], spool)
+    if not exporter.start(address):
+        return None
+    os.environ[SPOOL_ENV] = str(spool)
+    print(f"metrics: http://{address}/metrics (while the demo runs)")
+    return exporter
 
 
 def _simulate(

@@ -38,6 +38,14 @@ from fedhead.common.model import (
     weights_ref,
 )
 from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
+from fedhead.common.telemetry import (
+    RoundFinished,
+    RoundStarted,
+    RunFinished,
+    RunPrepared,
+    RunStarted,
+    emit,
+)
 from fedhead.common.training import evaluate_head
 from fedhead.common.weights import (
     default_search_dirs,
@@ -171,6 +179,27 @@ def run_federation(
     out_dir: Path | None = None,
 ) -> RunReport:
     """Run every round of one federated job and write its report."""
+    emit(RunStarted(cfg.backbone, "secagg+" if cfg.secure_aggregation else "none"))
+    try:
+        report = _run_federation(grid, context, cfg, on_round, out_dir)
+    except BaseException:
+        emit(RunFinished(ok=False))
+        raise
+    emit(RunFinished(ok=True))
+    return report
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    on_round: RoundCallback | None,
+    out_dir: Path | None,
+) -> RunReport:
     t_start = time.perf_counter()
     sm = build_server_model(cfg)
     spec = run_spec(cfg, sm)
@@ -276,6 +305,7 @@ def run_federation(
             "train_examples": outcome.train_examples,
         }
         counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
+        emit(RunPrepared(sm.sha256, len(outcome.ready), sm.trainable.num_params))
 
     def round_done(rnd: int, seconds: float) -> None:
         st = strategy.stats(rnd)
@@ -308,6 +338,7 @@ def run_federation(
             sites_selected=st.selected,
             sites_replied=st.replied,
             sites_failed=st.failed,
+            sites_dropped=st.dropped,
             updates_rejected=rejected,
             aggregated=st.aggregated,
             secagg_seconds=dict(st.secagg_seconds),
@@ -322,6 +353,27 @@ def run_federation(
             )
         counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
         report.rounds.append(rec)
+        emit(
+            RoundFinished(
+                round=rnd,
+                seconds=seconds,
+                aggregated=st.aggregated,
+                sites_selected=st.selected,
+                sites_replied=st.replied,
+                sites_failed=st.failed,
+                sites_dropped=st.dropped,
+                rejected=rejected,
+                bytes_to_sites=rec.bytes_to_clients,
+                bytes_from_sites=rec.bytes_from_clients,
+                eval_loss=_finite_or_none(st.eval_loss),
+                eval_accuracy=_finite_or_none(st.eval_accuracy),
+                server_eval_loss=_finite_or_none(st.server_eval_loss),
+                server_eval_accuracy=_finite_or_none(st.server_eval_accuracy),
+                secagg_seconds=dict(st.secagg_seconds),
+                dp_epsilon=rec.dp_epsilon,
+                dp_delta=cfg.dp_delta,
+            )
+        )
         log.info("%s", table_row(rec))
         if on_round:
             on_round(rec)
@@ -336,6 +388,7 @@ def run_federation(
         join_timeout=cfg.join_timeout,
         on_prepared=prepared,
         on_round=round_done,
+        on_round_start=lambda rnd: emit(RoundStarted(rnd)),
     )
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy

@@ -24,7 +24,8 @@ class RoundRecord:
     seconds: float = 0.0
     sites_selected: int = 0
     sites_replied: int = 0
-    sites_failed: int = 0
+    sites_failed: int = 0  # answered with an error
+    sites_dropped: int = 0  # never delivered an update (died or timed out)
     updates_rejected: dict[str, int] = field(default_factory=dict)
     aggregated: bool = False  # False: too few valid updates, global head unchanged
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # SecAgg+ stage durations

@@ -204,6 +204,7 @@ class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         if failures:
             st = self.inner.stats(server_round)
             st.replied, st.failed = len(results), len(failures)
+            st.dropped = max(0, st.selected - st.replied - st.failed)
             log.error(
                 "round %d: %d site(s) failed; with differential privacy the round is skipped "
                 "(noise is calibrated to %d sites)",

@@ -52,7 +52,8 @@ class RoundStats:
 
     selected: int = 0
     replied: int = 0
-    failed: int = 0
+    failed: int = 0  # answered with an error
+    dropped: int = 0  # selected but never delivered an update (died, timed out)
     rejected: list[Rejection] = field(default_factory=list)
     aggregated: bool = False
     train_loss: float = math.nan
@@ -157,10 +158,10 @@ class FedHeadStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self.stats(server_round)
-        # A site that stops answering under SecAgg+ leaves no failure entry: count the
-        # sites that were selected and did not deliver an update.
-        st.replied = len(results)
-        st.failed = max(len(failures), st.selected - st.replied)
+        # A site that stops answering leaves no failure entry (under SecAgg+, or when a
+        # wait times out): it is counted as dropped.
+        st.replied, st.failed = len(results), len(failures)
+        st.dropped = max(0, st.selected - st.replied - st.failed)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
         st.train_loss = weighted_metric(

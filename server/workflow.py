@@ -136,17 +136,20 @@ class PlainFit:
         replies = list(grid.send_and_receive(out, timeout=self.timeout))
         results: list[tuple[ClientProxy, FitRes]] = []
         failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
-        seen = set()
         for msg in replies:
-            seen.add(msg.metadata.src_node_id)
             if msg.has_error():
                 failures.append(FederationError(_error_reason(msg)))
                 continue
             res = compat.recorddict_to_fitres(msg.content, keep_input=False)
             item = (proxies[msg.metadata.src_node_id], res)
             (results if res.status.code == Code.OK else failures).append(item)
-        for node_id in set(proxies) - seen:
-            failures.append(FederationError(f"node {node_id}: no reply within {self.timeout:.0f}s"))
+        if missing := set(proxies) - {m.metadata.src_node_id for m in replies}:
+            log.warning(
+                "round %d: no reply within %.0fs from node(s) %s",
+                rnd,
+                self.timeout,
+                ", ".join(map(str, sorted(missing))),
+            )
         params, metrics = ctx.strategy.aggregate_fit(rnd, results, failures)
         if params is not None:
             ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -213,6 +216,7 @@ class FedHeadWorkflow:
         join_timeout: float,
         on_prepared: Callable[[PrepareOutcome], None] | None = None,
         on_round: RoundHook | None = None,
+        on_round_start: Callable[[int], None] | None = None,
     ) -> None:
         self.strategy = strategy
         self.distributor = distributor
@@ -223,6 +227,7 @@ class FedHeadWorkflow:
         self.join_timeout = join_timeout
         self.on_prepared = on_prepared
         self.on_round = on_round
+        self.on_round_start = on_round_start
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
@@ -278,6 +283,8 @@ class FedHeadWorkflow:
         for rnd in range(1, self.num_rounds + 1):
             t0 = time.perf_counter()
             cfg[Key.CURRENT_ROUND] = rnd
+            if self.on_round_start:
+                self.on_round_start(rnd)
             fit_step(grid, context)
             self.strategy.evaluate(rnd, _params(context))
             self.evaluate_step(grid, context)

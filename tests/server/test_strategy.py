@@ -107,6 +107,7 @@ def test_too_few_valid_updates_leave_the_head_unchanged() -> None:
     s = strategy()
     params, _ = s.aggregate_fit(1, [(Proxy("1"), fitres(1.0, 10))], [RuntimeError("boom")])
     assert params is None and not s.stats(1).aggregated and s.stats(1).failed == 1
+    assert s.stats(1).dropped == 0
 
 
 def test_secure_mode_uses_the_shared_aggregate_and_checks_it() -> None:

@@ -1,0 +1,139 @@
+"""The long-lived metrics exporter, and the supervisor that keeps it beside a Flower process.
+
+``fedhead superlink`` and ``fedhead node`` run Flower's process as a child, give it a
+spool folder (``FEDHEAD_METRICS_SPOOL``) and serve ``/metrics`` for as long as it runs,
+across all its runs. ``fedhead exporter`` runs the same exporter alone, for a SuperLink
+or SuperNode started the Flower way. An exporter that cannot start (address taken or
+unparsable) says so in one line and training goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from fedhead.common.metrics import ServerMetrics, SiteMetrics, build_info
+from fedhead.common.telemetry import SERVER_EVENTS, SPOOL_ENV, SpoolReader
+
+log = logging.getLogger(__name__)
+
+
+class AddressError(ValueError):
+    pass
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise AddressError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:9400)")
+    return host, int(port)
+
+
+class Exporter:
+    """Serves ``/metrics`` for the given roles and applies the spool's events to them."""
+
+    def __init__(self, roles: Sequence[str], spool: Path, poll_seconds: float = 0.5) -> None:
+        self.registry = CollectorRegistry()
+        build_info(self.registry, list(roles))
+        self.server = ServerMetrics(self.registry) if "server" in roles else None
+        self.site = SiteMetrics(self.registry) if "site" in roles else None
+        self.spool = spool
+        self.reader = SpoolReader(spool)
+        self.poll_seconds = poll_seconds
+        self.address: tuple[str, int] | None = None
+        self._httpd: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, address: str) -> bool:
+        """Start serving; on failure print one line and return False (training goes on)."""
+        try:
+            host, port = parse_address(address)
+            self._httpd, _ = start_http_server(port, host, registry=self.registry)
+        except (AddressError, OSError) as err:
+            reason = (
+                str(err)
+                if isinstance(err, AddressError)
+                else (f"{address} is not available ({err.strerror or err})")
+            )
+            print(
+                f"fedhead: metrics exporter not started: {reason}; continuing without "
+                "metrics (choose another --metrics-address, or none)",
+                file=sys.stderr,
+            )
+            return False
+        self.address = (host, self._httpd.server_port)
+        self._thread = threading.Thread(target=self._loop, name="fedhead-metrics", daemon=True)
+        self._thread.start()
+        log.info("serving metrics on http://%s:%d/metrics", *self.address)
+        return True
+
+    def poll(self) -> None:
+        for event in self.reader.poll():
+            target = self.server if type(event).__name__ in SERVER_EVENTS else self.site
+            if target is not None:
+                target.apply(event)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a metrics bug must not take the exporter down
+                log.exception("metrics exporter: failed to read the spool")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.poll()  # the last events
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+
+def prepare_spool(path: Path | None = None) -> Path:
+    """A fresh spool folder (stale events from an earlier exporter are discarded)."""
+    import tempfile
+
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix="fedhead-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.jsonl"):
+        old.unlink()
+    return path
+
+
+def supervise(cmd: list[str], roles: Sequence[str], address: str) -> int:
+    """Run ``cmd`` with an exporter beside it; forward signals; return its exit code."""
+    spool = prepare_spool()
+    exporter = Exporter(roles, spool)
+    exporter.start(address)
+    env = {**os.environ, SPOOL_ENV: str(spool)}
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        code = child.wait()
+    finally:
+        exporter.stop()
+        for path in spool.glob("*"):
+            path.unlink(missing_ok=True)
+        spool.rmdir()
+    return code

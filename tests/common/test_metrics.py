@@ -1,0 +1,249 @@
+"""Metrics: exposition of each exporter, the event spool, the HTTP exporter."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fedhead.common.exporter import Exporter, parse_address, supervise
+from fedhead.common.metrics import ServerMetrics, SiteMetrics
+from fedhead.common.telemetry import (
+    SPOOL_ENV,
+    RoundFinished,
+    RoundStarted,
+    RunFinished,
+    RunPrepared,
+    RunStarted,
+    SiteDevice,
+    SiteFeatures,
+    SiteMessage,
+    SiteRefusedUpdate,
+    SiteTrained,
+    SpoolReader,
+    decode,
+    emit,
+    encode,
+)
+
+
+def samples(registry: CollectorRegistry) -> dict[str, float]:
+    """{'name{label="v"}': value} for every sample in the registry's exposition."""
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def families(registry: CollectorRegistry) -> dict[str, tuple[str, str]]:
+    text = generate_latest(registry).decode()
+    return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text)}
+
+
+@pytest.mark.parametrize("cls", [ServerMetrics, SiteMetrics])
+def test_naming_help_and_preinitialised_series(cls: type) -> None:
+    registry = CollectorRegistry()
+    cls(registry)
+    fams = families(registry)
+    assert fams
+    for name, (kind, doc) in fams.items():
+        assert name.startswith("fedhead_"), name
+        assert len(doc) > 20, f"{name} needs a HELP text a dashboard user understands"
+        if kind == "counter":
+            assert not name.endswith("_total")  # the parser strips it; samples carry it
+    values = samples(registry)
+    # labelled series exist at 0 before any event
+    if cls is ServerMetrics:
+        for reason in ("structure", "non_finite", "norm", "no_examples"):
+            assert values[f'fedhead_updates_rejected_total{{reason="{reason}"}}'] == 0
+        assert values['fedhead_traffic_bytes_total{direction="to_sites"}'] == 0
+        assert values['fedhead_secagg_stage_duration_seconds_count{stage="unmask"}'] == 0
+    else:
+        assert values['fedhead_site_messages_total{kind="train",outcome="error"}'] == 0
+        assert values['fedhead_site_feature_cache_lookups_total{result="miss"}'] == 0
+
+
+def test_server_events_become_metrics() -> None:
+    registry = CollectorRegistry()
+    m = ServerMetrics(registry)
+    m.apply(RunStarted("mobilenet_v2", "secagg+"))
+    m.apply(RunPrepared("b0353104" + "0" * 56, 3, 2562))
+    m.apply(RoundStarted(1))
+    assert samples(registry)["fedhead_round_current"] == 1
+    m.apply(
+        RoundFinished(
+            1,
+            12.5,
+            True,
+            3,
+            2,
+            0,
+            1,
+            {"norm": 1},
+            3000,
+            2000,
+            0.6,
+            0.7,
+            secagg_seconds={"setup": 0.2, "unmask": 0.1},
+        )
+    )
+    m.apply(RoundStarted(2))
+    assert not any(k.startswith("fedhead_dp_epsilon") for k in samples(registry))  # DP off
+    m.apply(
+        RoundFinished(
+            2, 8.0, False, 3, 3, 0, 0, {}, 3000, 2000, 0.5, 0.65, dp_epsilon=2.5, dp_delta=1e-5
+        )
+    )
+    m.apply(RunFinished(ok=True))
+    v = samples(registry)
+    assert v["fedhead_runs_started_total"] == v["fedhead_runs_completed_total"] == 1
+    assert v["fedhead_runs_failed_total"] == 0 and v["fedhead_round_current"] == 0
+    assert v["fedhead_round_last_completed"] == 2 and v["fedhead_run_sites"] == 3
+    assert v["fedhead_round_last_completed_timestamp_seconds"] > 1.7e9
+    assert v['fedhead_rounds_total{outcome="aggregated"}'] == 1
+    assert v['fedhead_rounds_total{outcome="unchanged"}'] == 1
+    assert v["fedhead_round_duration_seconds_count"] == 2
+    assert v["fedhead_round_duration_seconds_sum"] == 20.5
+    assert v['fedhead_round_sites_total{state="selected"}'] == 6
+    assert v['fedhead_round_sites_total{state="dropped"}'] == 1
+    assert v['fedhead_last_round_sites{state="replied"}'] == 3
+    assert v['fedhead_updates_rejected_total{reason="norm"}'] == 1
+    assert v['fedhead_traffic_bytes_total{direction="to_sites"}'] == 6000
+    assert v['fedhead_secagg_stage_duration_seconds_count{stage="setup"}'] == 1
+    assert v['fedhead_eval_accuracy_ratio{scope="federated"}'] == 0.65
+    assert v['fedhead_eval_accuracy_change_ratio{scope="federated"}'] == pytest.approx(-0.05)
+    assert v['fedhead_dp_epsilon{delta="1e-05"}'] == 2.5
+    info = next(k for k in v if k.startswith("fedhead_backbone_info"))
+    assert 'name="mobilenet_v2"' in info and 'secure_aggregation="secagg+"' in info
+
+
+def test_site_events_become_metrics() -> None:
+    registry = CollectorRegistry()
+    m = SiteMetrics(registry)
+    m.apply(SiteMessage("train", True, 3.0))
+    m.apply(SiteMessage("evaluate", False, 1.0))
+    m.apply(SiteTrained(0.4, 900))
+    m.apply(
+        SiteFeatures(
+            images=1000,
+            extracted=400,
+            extract_seconds=2.0,
+            cache_hits=600,
+            cache_misses=400,
+            skipped=3,
+        )
+    )
+    m.apply(SiteDevice("cuda", "cuda (H100)", 123456))
+    m.apply(SiteRefusedUpdate("norm"))
+    v = samples(registry)
+    assert v['fedhead_site_messages_total{kind="train",outcome="ok"}'] == 1
+    assert v['fedhead_site_messages_total{kind="evaluate",outcome="error"}'] == 1
+    assert v["fedhead_site_train_examples_total"] == 900
+    assert v["fedhead_site_training_duration_seconds_count"] == 1
+    assert v["fedhead_site_feature_extraction_images_per_second"] == 200
+    assert v['fedhead_site_feature_cache_lookups_total{result="hit"}'] == 600
+    assert v["fedhead_site_images_skipped_total"] == 3
+    assert v["fedhead_site_gpu_peak_memory_bytes"] == 123456
+    assert v['fedhead_site_updates_refused_total{reason="norm"}'] == 1
+
+
+def test_events_roundtrip_and_emit_without_a_spool_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = RoundFinished(3, 1.5, True, 2, 2, 0, 0, {"norm": 2}, 10, 20, secagg_seconds={"a": 1})
+    assert decode(encode(event)) == event
+    monkeypatch.delenv(SPOOL_ENV, raising=False)
+    emit(event)
+    monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
+    emit(event)
+    emit(SiteTrained(1.0, 5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"server-{os.getpid()}.jsonl",
+        f"site-{os.getpid()}.jsonl",
+    ]
+
+
+def test_spool_reader_reads_complete_lines_and_cleans_up(tmp_path: Path) -> None:
+    gone_pid = _exited_pid()
+    live = tmp_path / f"site-{os.getpid()}.jsonl"
+    finished = tmp_path / f"server-{gone_pid}.jsonl"
+    live.write_text(encode(SiteTrained(1.0, 5)) + "\n" + encode(SiteTrained(2.0, 6))[:10])
+    finished.write_text(encode(RunFinished(True)) + "\nnot json\n")
+    reader = SpoolReader(tmp_path)
+    events = reader.poll()
+    assert SiteTrained(1.0, 5) in events and RunFinished(True) in events and len(events) == 2
+    assert reader.bad_lines == 1
+    assert not finished.exists() and live.exists()  # a finished writer's file goes
+    with live.open("a") as f:  # the live writer completes its line
+        f.write(encode(SiteTrained(2.0, 6))[10:] + "\n")
+    assert reader.poll() == [SiteTrained(2.0, 6)]
+    assert reader.poll() == []
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_exporter_serves_metrics_from_the_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = Exporter(["server"], tmp_path, poll_seconds=0.05)
+    port = _free_port()
+    assert exporter.start(f"127.0.0.1:{port}")
+    try:
+        monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
+        emit(RunStarted("resnet18", "none"))
+        exporter.poll()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "fedhead_runs_started_total 1.0" in body
+        assert 'fedhead_build_info{roles="server"' in body
+        assert "fedhead_site_" not in body  # a server exporter shows no site metrics
+    finally:
+        exporter.stop()
+
+
+def test_exporter_address_problems_are_one_line_and_not_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert not Exporter(["site"], tmp_path).start(f"127.0.0.1:{port}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not available" in err[0] and "continuing without metrics" in err[0]
+    assert not Exporter(["site"], tmp_path).start("localhost")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not HOST:PORT" in err[0]
+    with pytest.raises(ValueError):
+        parse_address("127.0.0.1:99999")
+    assert parse_address("[::1]:9400") == ("::1", 9400)
+
+
+def test_supervise_runs_the_child_with_an_exporter_beside_it(tmp_path: Path) -> None:
+    port = _free_port()
+    child = (
+        "import os\n"
+        "from fedhead.common.telemetry import emit, SiteTrained\n"
+        "emit(SiteTrained(0.5, 42))\n"
+        "raise SystemExit(3 if os.environ.get('FEDHEAD_METRICS_SPOOL') else 1)\n"
+    )
+    # the child's exit code comes back, and it ran with a spool folder to write to
+    assert supervise([sys.executable, "-c", child], ["site"], f"127.0.0.1:{port}") == 3
