@@ -18,8 +18,17 @@ from fedhead.common.backbones import get_spec
 from fedhead.common.config import NodeConfig
 from fedhead.common.device import Device, select_device
 from fedhead.common.errors import DataError, ModelMismatchError, WeightsError
-from fedhead.common.features import ExtractionStats, FeatureCache, FeatureExtractor
-from fedhead.common.images import ArrayImages, HashMemo, LabeledImages, Preprocessor
+from fedhead.common.features import ExtractionStats, FeatureCache, FeatureExtractor, Features
+from fedhead.common.images import (
+    ArrayImages,
+    AugmentedImages,
+    Augmenter,
+    HashMemo,
+    ImageSource,
+    LabeledImages,
+    Preprocessor,
+    SubsetImages,
+)
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
 from fedhead.common.protocol import (
     WEIGHTS_MISMATCH,
@@ -171,40 +180,55 @@ class Site:
         assert self._trainable is not None
         return self._trainable
 
+    def _extractor(self) -> FeatureExtractor:
+        spec = get_spec(self.spec.backbone)
+        return FeatureExtractor(
+            self.model(),
+            Preprocessor(self.spec.input_size, spec.mean, spec.std),
+            self.device,
+            self.spec.weights_sha256,
+            self.cache,
+        )
+
+    def _extract(self, extractor: FeatureExtractor, images: ImageSource, part: str) -> Features:
+        feats = extractor(images)
+        s = feats.stats
+        if s.skipped:
+            log.warning(
+                "%s: skipped %d unreadable image(s) of %d, e.g. %s",
+                part,
+                s.skipped,
+                len(images),
+                s.skipped_examples[0],
+            )
+        emit(
+            SiteFeatures(
+                s.images, s.extracted, s.extract_seconds, s.cache_hits, s.cache_misses, s.skipped
+            )
+        )
+        return feats
+
     def features(self, part: str) -> tuple[torch.Tensor, torch.Tensor, ExtractionStats]:
-        """Trunk features and labels of the usable images of 'train' or 'val'."""
+        """Trunk features and labels of the usable images of 'train' or 'val'.
+
+        With augmentation (``augment-views`` > 0) the training features get a leading
+        view dimension: the image itself, then its augmented views, all cached.
+        """
         if part not in self._features:
             images: LabeledImages = getattr(self.data(), part)
-            spec = get_spec(self.spec.backbone)
-            extractor = FeatureExtractor(
-                self.model(),
-                Preprocessor(self.spec.input_size, spec.mean, spec.std),
-                self.device,
-                self.spec.weights_sha256,
-                self.cache,
-            )
-            feats = extractor(images.images)
-            if feats.stats.skipped:
-                log.warning(
-                    "%s: skipped %d unreadable image(s) of %d, e.g. %s",
-                    part,
-                    feats.stats.skipped,
-                    len(images),
-                    feats.stats.skipped_examples[0],
-                )
+            extractor = self._extractor()
+            feats = self._extract(extractor, images.images, part)
+            values = feats.values
+            if part == "train" and self.spec.augment_views and len(feats.ok):
+                augmenter = Augmenter(self.spec.augment_views, self.spec.augment_flip)
+                usable = SubsetImages(images.images, feats.ok.tolist())
+                views = [
+                    self._extract(extractor, AugmentedImages(usable, augmenter, v), part).values
+                    for v in range(self.spec.augment_views)
+                ]
+                values = torch.stack([values, *views])
             labels = torch.from_numpy(images.labels[feats.ok])
-            self._features[part] = (feats.values, labels, feats.stats)
-            s = feats.stats
-            emit(
-                SiteFeatures(
-                    s.images,
-                    s.extracted,
-                    s.extract_seconds,
-                    s.cache_hits,
-                    s.cache_misses,
-                    s.skipped,
-                )
-            )
+            self._features[part] = (values, labels, feats.stats)
         return self._features[part]
 
     # --- federated steps -------------------------------------------------------------
@@ -242,7 +266,8 @@ class Site:
             tuned_lr_scale=settings.unfreeze_lr_scale,
             seed=settings.seed * 100_003 + settings.server_round,
         )
-        result = train_head(model, feats, labels, params, self.device)
+        views = self.spec.augment_views > 0
+        result = train_head(model, feats, labels, params, self.device, views=views)
         emit(SiteTrained(result.seconds, result.examples))
         self.report_device()
         return TrainOutcome(self.trainable.get(model), result, stats)

@@ -166,6 +166,10 @@ class RunConfig(_Config):
     )
     unfreeze_blocks: int = opt(0, non_negative, "last trunk blocks trained too")
     unfreeze_lr_scale: float = opt(0.1, positive, "learning-rate factor for unfrozen blocks")
+    augment_views: int = opt(
+        0, non_negative, "augmented views per training image, cached; 0 = no augmentation"
+    )
+    augment_flip: bool = opt(False, doc="augmented views may be mirrored left-right")
     num_server_rounds: int = opt(10, positive, "federated rounds")
     local_epochs: int = opt(5, positive, "epochs per round on each site")
     batch_size: int = opt(64, positive, "training batch size")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -186,8 +187,92 @@ class Features:
     stats: ExtractionStats
 
 
+class Progress:
+    """Progress of a long extraction: a bar on a terminal, else a log line every 10 s."""
+
+    def __init__(self, total: int, enabled: bool, label: str = "extracting trunk features") -> None:
+        self.total = total
+        self.label = label
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled and total >= 256  # short extractions stay quiet
+        self.t0 = time.perf_counter()
+        self.last_log = self.t0
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            bar = "#" * filled + "." * (width - filled)
+            print(
+                f"\r{self.label} [{bar}] {self.done}/{self.total} "
+                f"{rate:.0f} img/s, {left:.0f}s left",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            if self.done >= self.total:
+                print(file=sys.stderr)
+        elif time.perf_counter() - self.last_log >= 10 or self.done >= self.total:
+            self.last_log = time.perf_counter()
+            log.info(
+                "%s: %d/%d images, %.0f img/s, about %.0fs left",
+                self.label,
+                self.done,
+                self.total,
+                rate,
+                left,
+            )
+
+
+class _Misses(torch.utils.data.Dataset[tuple[int, torch.Tensor | None]]):
+    """The images to extract, decoded and preprocessed one by one (in DataLoader workers)."""
+
+    def __init__(self, images: ImageSource, indices: list[int], preprocess: Preprocessor) -> None:
+        self.images = images
+        self.indices = indices
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None]:
+        try:
+            return j, self.preprocess([self.images.load(self.indices[j])])[0]
+        except ImageDecodeError:
+            return j, None
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None]],
+) -> tuple[list[int], list[int], torch.Tensor]:
+    ok = [(j, x) for j, x in items if x is not None]
+    failed = [j for j, x in items if x is None]
+    batch = torch.stack([x for _, x in ok]) if ok else torch.empty(0)
+    return [j for j, _ in ok], failed, batch
+
+
+def default_workers(device: Device) -> int:
+    """DataLoader workers for decoding: on CUDA, enough to keep the GPU fed; on CPU none,
+    since the trunk needs every core and decoding is cheap beside it."""
+    if device.kind != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 class FeatureExtractor:
-    """Runs the frozen part of a ``FedHeadModel`` over image sources, through the cache."""
+    """Runs the frozen part of a ``FedHeadModel`` over image sources, through the cache.
+
+    Images are batched. On CUDA the trunk runs in mixed precision with channels_last
+    memory layout, fed by DataLoader workers into pinned memory; on CPU it runs in
+    the calling process with torch's intra-op threads on every core.
+    """
 
     def __init__(
         self,
@@ -198,6 +283,7 @@ class FeatureExtractor:
         cache: FeatureCache | None = None,
         batch_size: int = 64,
         progress: bool = False,
+        workers: int | None = None,
     ) -> None:
         self.model = model
         self.preprocess = preprocess
@@ -205,9 +291,13 @@ class FeatureExtractor:
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
+        self.workers = default_workers(device) if workers is None else workers
         self.namespace = cache_namespace(backbone_sha256, preprocess, model.unfreeze_blocks)
         self.model.frozen.to(device.torch_device)
         self.model.pool.to(device.torch_device)
+        self.channels_last = device.kind == "cuda"
+        if self.channels_last:
+            self.model.frozen.to(memory_format=torch.channels_last)
 
     def __call__(self, images: ImageSource) -> Features:
         stats = ExtractionStats(images=len(images))
@@ -227,7 +317,7 @@ class FeatureExtractor:
                 todo[k] = i
         stats.cache_misses = len(todo)
         if todo:
-            found.update(self._extract(images, todo, stats, keys))
+            found.update(self._extract(images, todo, stats))
         ok = np.array([i for i, k in enumerate(keys) if k is not None and k in found], np.int64)
         stats.skipped = len(images) - len(ok)  # every unusable image, duplicates included
         if len(ok):
@@ -241,42 +331,58 @@ class FeatureExtractor:
             stats.skipped_examples.append(why)
         log.warning("skipping image: %s", why)
 
+    def _batches(
+        self, images: ImageSource, indices: list[int], stats: ExtractionStats
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(positions in ``indices``, preprocessed batch) for every decodable image."""
+        if self.workers == 0:
+            for start in range(0, len(indices), self.batch_size):
+                positions, arrays = [], []
+                for j in range(start, min(start + self.batch_size, len(indices))):
+                    try:
+                        arrays.append(images.load(indices[j]))
+                        positions.append(j)
+                    except ImageDecodeError as err:
+                        self._note_failure(stats, str(err))
+                if arrays:
+                    yield positions, self.preprocess(arrays)
+            return
+        loader = torch.utils.data.DataLoader(
+            _Misses(images, indices, self.preprocess),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            pin_memory=self.device.kind == "cuda",
+            collate_fn=_collate,
+            prefetch_factor=4,
+        )
+        for positions, failed, batch in loader:
+            for j in failed:
+                self._note_failure(stats, f"{images.describe(indices[j])}: not a readable image")
+            if positions:
+                yield positions, batch
+
     def _extract(
-        self,
-        images: ImageSource,
-        todo: dict[str, int],
-        stats: ExtractionStats,
-        keys: list[str | None],
+        self, images: ImageSource, todo: dict[str, int], stats: ExtractionStats
     ) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        items = list(todo.items())
+        keys, indices = list(todo), list(todo.values())
         dev = self.device.torch_device
+        progress = Progress(len(indices), self.progress or len(indices) >= 2048)
         t0 = time.perf_counter()
-        for start in range(0, len(items), self.batch_size):
-            batch_keys, arrays = [], []
-            for key, i in items[start : start + self.batch_size]:
-                try:
-                    arrays.append(images.load(i))
-                    batch_keys.append(key)
-                except ImageDecodeError as err:
-                    self._note_failure(stats, str(err))
-            if not arrays:
-                continue
-            x = self.preprocess(arrays).to(dev, non_blocking=True)
+        for positions, batch in self._batches(images, indices, stats):
+            x = batch.to(dev, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), self.device.autocast():
                 z = self.model.extract(x)
             # Stored as float16: round fresh features the same way, so a run that
             # extracts and a run that reads the cache train on identical values.
             z_np = z.float().cpu().numpy().astype(np.float16)
-            new = list(zip(batch_keys, z_np, strict=True))
+            new = [(keys[j], z_np[n]) for n, j in enumerate(positions)]
             out.update(new)
             stats.extracted += len(new)
             if self.cache:
                 self.cache.put_many(self.namespace, new)
-            if self.progress:
-                done = min(start + self.batch_size, len(items))
-                print(f"\rextracting features {done}/{len(items)}", end="", file=sys.stderr)
-        if self.progress:
-            print(file=sys.stderr)
+            progress.update(len(positions))
         stats.extract_seconds = time.perf_counter() - t0
         return out

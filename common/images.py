@@ -277,3 +277,65 @@ def concat(parts: Sequence[LabeledImages]) -> LabeledImages:
     return LabeledImages(
         ConcatImages([p.images for p in parts]), np.concatenate([p.labels for p in parts])
     )
+
+
+class Augmenter:
+    """A fixed number of deterministic augmented views per image.
+
+    View ``v`` of an image is always the same picture (its random crop, flip and
+    brightness/contrast are drawn from a generator seeded by the image's content key
+    and ``v``), so its trunk features can be cached like the image's own: training
+    with augmentation costs ``views`` extractions per image once, then cache reads.
+    """
+
+    VERSION = 1
+
+    def __init__(
+        self, views: int, flip: bool = False, min_area: float = 0.8, jitter: float = 0.1
+    ) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.views = views
+        self.flip = flip
+        self.min_area = min_area
+        self.jitter = jitter
+
+    def fingerprint(self) -> str:
+        return f"aug-v{self.VERSION}|flip={self.flip}|area={self.min_area}|jitter={self.jitter}"
+
+    def apply(self, img: np.ndarray, key: str, view: int) -> np.ndarray:
+        seed = hashlib.sha256(f"{key}|{self.fingerprint()}|{view}".encode()).digest()[:8]
+        rng = np.random.default_rng(int.from_bytes(seed, "little"))
+        h, w = img.shape[:2]
+        side = float(np.sqrt(rng.uniform(self.min_area, 1.0)))
+        ch, cw = max(1, round(h * side)), max(1, round(w * side))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out = img[top : top + ch, left : left + cw].astype(np.float32)
+        if self.flip and rng.random() < 0.5:
+            out = out[:, ::-1]
+        contrast = rng.uniform(1 - self.jitter, 1 + self.jitter)
+        brightness = rng.uniform(1 - self.jitter, 1 + self.jitter)
+        out = ((out - out.mean()) * contrast + out.mean()) * brightness
+        return np.ascontiguousarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+class AugmentedImages:
+    """View ``view`` of every image of a source, with its own content keys."""
+
+    def __init__(self, base: ImageSource, augmenter: Augmenter, view: int) -> None:
+        self.base = base
+        self.augmenter = augmenter
+        self.view = view
+        self._tag = f"|{augmenter.fingerprint()}|view={view}"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def key(self, i: int) -> str:
+        return hashlib.sha256((self.base.key(i) + self._tag).encode()).hexdigest()
+
+    def load(self, i: int) -> np.ndarray:
+        return self.augmenter.apply(self.base.load(i), self.base.key(i), self.view)
+
+    def describe(self, i: int) -> str:
+        return f"{self.base.describe(i)} (view {self.view})"

@@ -80,6 +80,8 @@ class RunSpec(_Record):
     head_hidden: int
     head_dropout: float
     unfreeze_blocks: int
+    augment_views: int
+    augment_flip: bool
     trainable_fingerprint: str
     val_fraction: float
     seed: int

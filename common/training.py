@@ -82,8 +82,13 @@ def train_head(
     labels: torch.Tensor,
     params: TrainParams,
     device: Device,
+    views: bool = False,
 ) -> TrainResult:
-    """Train the head (and unfrozen blocks) for ``params.epochs`` over the features."""
+    """Train the head (and unfrozen blocks) for ``params.epochs`` over the features.
+
+    With ``views``, ``features`` has a leading dimension of cached views per example
+    (the image and its augmented views): every batch takes one at random per example.
+    """
     n = int(labels.shape[0])
     if n == 0:
         raise ValueError("no training examples")
@@ -101,8 +106,13 @@ def train_head(
         order = torch.randperm(n, generator=gen).to(device.torch_device)
         for start in range(0, n, params.batch_size):
             idx = order[start : start + params.batch_size]
+            if views:
+                pick = torch.randint(x_all.shape[0], (len(idx),), generator=gen)
+                x = x_all[pick.to(device.torch_device), idx]
+            else:
+                x = x_all[idx]
             with _autocast(model, device):
-                loss = F.cross_entropy(model.forward_from_features(x_all[idx]), y_all[idx])
+                loss = F.cross_entropy(model.forward_from_features(x), y_all[idx])
             opt.zero_grad(set_to_none=True)
             scaled: torch.Tensor = scaler.scale(loss)
             scaled.backward()  # type: ignore[no-untyped-call]

@@ -115,6 +115,8 @@ def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         unfreeze_blocks=cfg.unfreeze_blocks,
+        augment_views=cfg.augment_views,
+        augment_flip=cfg.augment_flip,
         trainable_fingerprint=sm.trainable.fingerprint(),
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from flwr.app import Error
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -158,9 +159,11 @@ class FedHeadStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self.stats(server_round)
-        # A site that stops answering leaves no failure entry (under SecAgg+, or when a
-        # wait times out): it is counted as dropped.
-        st.replied, st.failed = len(results), len(failures)
+        # A site that is gone leaves either no failure entry (a wait timed out) or an
+        # error reply the SuperLink wrote for it (node unavailable): both count as
+        # dropped. Failed means the site itself answered with an error.
+        st.replied = len(results)
+        st.failed = sum(1 for f in failures if not _unreachable(f))
         st.dropped = max(0, st.selected - st.replied - st.failed)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
@@ -265,7 +268,25 @@ class FedHeadStrategy(Strategy):
         return loss, {"accuracy": accuracy}
 
 
+# Flower error codes meaning the node or its reply is gone (not that its app failed):
+# MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE.
+UNREACHABLE_CODES = frozenset({3, 4, 5})
+
+
+def _flower_error(failure: object) -> Error | None:
+    if isinstance(failure, BaseException) and failure.args and isinstance(failure.args[0], Error):
+        return failure.args[0]
+    return None
+
+
+def _unreachable(failure: tuple[ClientProxy, FitRes] | BaseException) -> bool:
+    error = _flower_error(failure)
+    return error is not None and error.code in UNREACHABLE_CODES
+
+
 def _describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    if (error := _flower_error(failure)) is not None:
+        return f"error {error.code}: {error.reason}"
     if isinstance(failure, BaseException):
         return str(failure)
     proxy, res = failure

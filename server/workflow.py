@@ -107,10 +107,6 @@ def _params(context: LegacyContext) -> Any:
     )
 
 
-def _error_reason(msg: Message) -> str:
-    return f"node {msg.metadata.src_node_id}: {msg.error.reason}"
-
-
 @dataclass
 class PlainFit:
     """Send FitIns to the sampled sites, collect FitRes (with a timeout), aggregate."""
@@ -138,7 +134,7 @@ class PlainFit:
         failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
         for msg in replies:
             if msg.has_error():
-                failures.append(FederationError(_error_reason(msg)))
+                failures.append(Exception(msg.error))  # as Flower's SecAgg+ workflow does
                 continue
             res = compat.recorddict_to_fitres(msg.content, keep_input=False)
             item = (proxies[msg.metadata.src_node_id], res)
@@ -185,7 +181,7 @@ class PlainEvaluate:
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException] = []
         for msg in replies:
             if msg.has_error():
-                failures.append(FederationError(_error_reason(msg)))
+                failures.append(Exception(msg.error))
                 continue
             res = compat.recorddict_to_evaluateres(msg.content)
             item = (proxies[msg.metadata.src_node_id], res)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -13,6 +14,7 @@ from fedhead.client.mods import audit_mod, delta_mod, describe_message, errors_m
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
+from fedhead.common.model import FedHeadModel
 from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK, FitSettings
 from fedhead.server.federation import build_server_model, fit_settings, run_spec
 from tests.loopback import RUN_ID, set_task_identity
@@ -189,3 +191,27 @@ def test_weights_missing_everywhere_is_a_weights_error(
     cfg = RunConfig.from_mapping({"classes": "a,b", "backbone": "resnet18"})
     with pytest.raises(WeightsError, match="fedhead weights install resnet18"):
         build_server_model(cfg)
+
+
+def test_augmented_views_are_cached_and_used_in_training(
+    tmp_path: Path, mobilenet_weights: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = RunConfig.from_mapping(
+        {"classes": "normal,pneumonia", "input-size": 32, "augment-views": 2}
+    )
+    sm = build_server_model(cfg)
+    spec = run_spec(cfg, sm)
+    site = make_site(tmp_path, spec, image_folder)
+    feats, labels, _ = site.features("train")
+    assert feats.shape == (3, len(labels), 1280)  # the image and two augmented views
+    assert not torch.equal(feats[0], feats[1]) and not torch.equal(feats[1], feats[2])
+    out = site.train(sm.trainable.get(sm.model), fit_settings(cfg, sm.trainable))
+    assert out.result.examples == len(labels)
+    again = make_site(tmp_path, spec, image_folder)  # a new message, a new process
+
+    def no_trunk(*_: object) -> None:
+        raise AssertionError("the trunk ran although every view is cached")
+
+    monkeypatch.setattr(FedHeadModel, "extract", no_trunk)
+    cached, _, _ = again.features("train")
+    torch.testing.assert_close(cached, feats)

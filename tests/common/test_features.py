@@ -132,3 +132,23 @@ def test_unreadable_images_are_skipped_and_counted(
     assert out.ok.tolist() == [0, 2, 3]
     assert out.stats.skipped == 2
     assert any("1.png" in s for s in out.stats.skipped_examples)
+
+
+def test_dataloader_workers_give_the_same_features_and_skip_the_same_images(
+    tmp_path: Path, model: FedHeadModel, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The CUDA path decodes in DataLoader workers; on CPU it is tested with workers=2."""
+    paths = []
+    for i in range(10):
+        write_png(tmp_path / f"{i}.png", xray_arrays[0][i])
+        paths.append(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"broken")
+    pre = Preprocessor(64, SPEC.mean, SPEC.std)
+    plain = FeatureExtractor(model, pre, select_device("cpu"), SPEC.sha256, workers=0, batch_size=4)
+    pooled = FeatureExtractor(
+        model, pre, select_device("cpu"), SPEC.sha256, workers=2, batch_size=4
+    )
+    a, b = plain(FileImages(paths)), pooled(FileImages(paths))
+    assert a.ok.tolist() == b.ok.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert a.stats.skipped == b.stats.skipped == 1
+    torch.testing.assert_close(a.values, b.values)

@@ -102,3 +102,18 @@ def test_concat_and_subset() -> None:
     assert both.images.describe(3) == "b[1]"
     sub = both.subset([4, 0])
     assert sub.labels.tolist() == [0, 0] and sub.images.load(0).max() == 1
+
+
+def test_augmented_views_are_deterministic_distinct_and_keyed_apart(
+    xray_arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
+    from fedhead.common.images import AugmentedImages, Augmenter
+
+    base = ArrayImages(xray_arrays[0][:3], "x")
+    aug = Augmenter(views=2, flip=True)
+    v0, v1 = AugmentedImages(base, aug, 0), AugmentedImages(base, aug, 1)
+    assert np.array_equal(v0.load(0), v0.load(0))  # same view, same picture
+    assert not np.array_equal(v0.load(0), v1.load(0))
+    assert len({base.key(0), v0.key(0), v1.key(0)}) == 3  # cached under different keys
+    assert v0.load(1).dtype == np.uint8 and v0.load(1).ndim == 2
+    assert AugmentedImages(base, Augmenter(2, flip=False), 0).key(0) != v0.key(0)

@@ -140,3 +140,18 @@ def test_server_side_evaluation_is_used_when_given() -> None:
     s = strategy(server_evaluate=lambda arrays: (seen.append(arrays) or 0.3, 0.9))
     assert s.evaluate(1, ndarrays_to_parameters(zeros())) == (0.3, {"accuracy": 0.9})
     assert strategy().evaluate(1, ndarrays_to_parameters(zeros())) is None
+
+
+def test_gone_sites_count_as_dropped_and_erroring_sites_as_failed() -> None:
+    from flwr.app import Error
+
+    s = strategy()
+    s.ready = {1, 2, 3, 4}
+    s.configure_fit(1, ndarrays_to_parameters(zeros()), manager(4))
+    failures = [
+        Exception(Error(code=5, reason="node unavailable")),  # written by the SuperLink
+        Exception(Error(code=2, reason="ClientApp raised an exception")),
+    ]
+    s.aggregate_fit(1, [(Proxy("1"), fitres(0.1, 5)), (Proxy("2"), fitres(0.1, 5))], failures)
+    st = s.stats(1)
+    assert (st.selected, st.replied, st.failed, st.dropped) == (4, 2, 1, 1)

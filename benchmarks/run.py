@@ -1,0 +1,501 @@
+"""fedhead benchmarks: every figure is a ratio of two measurements taken side by side.
+
+    python benchmarks/run.py --quick     # reduced sizes, a few minutes, prints `name: value`
+    python benchmarks/run.py             # full sizes; also writes BENCHMARKS.md
+
+1. cache_speedup_<px>: per-round site compute (5 local epochs) recomputing the trunk
+   every epoch, divided by fedhead's (features from the cache + head training).
+2. bytes_ratio_<backbone>: bytes per site per round sending the full model, divided
+   by fedhead's head-only messages (both directions, Flower's serialization).
+3. extraction_throughput_ratio: fedhead's extractor (hashing, cache writes included),
+   images/s divided by a plain torchvision inference loop's on the same images.
+4. secagg_round_ratio_<n>_sites: round time under SecAgg+ divided by plain FedAvg's,
+   Flower's Simulation Engine, rounds after the first (features cached).
+5. scale_*: Flower's Simulation Engine with many sites on this machine: seconds per
+   round, peak memory (PSS of the process tree), and their growth between sizes.
+6. accuracy_ratio_<split>: federated final accuracy divided by the same head trained
+   centrally on the pooled data, IID and non-IID (Dirichlet alpha 0.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("FEDHEAD_LOG_LEVEL", "WARNING")
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    target: str
+    detail: str
+    command: str = "python benchmarks/run.py"
+
+
+@dataclass
+class Results:
+    quick: bool
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, fig: Figure) -> None:
+        self.figures.append(fig)
+        print(f"{fig.name}: {fig.value:.4g}", flush=True)
+
+
+def _best_of(fn: Callable[[], float], repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+# --- shared set-up ------------------------------------------------------------------
+def _mobilenet() -> Any:
+    from fedhead.common.config import RunConfig
+    from fedhead.server.federation import build_server_model
+
+    cfg = RunConfig.from_mapping({"classes": "normal,pneumonia"})
+    return build_server_model(cfg)
+
+
+def _demo_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    from fedhead.common import demo_data
+
+    train = demo_data.load("train")
+    idx = np.random.default_rng(0).choice(len(train.labels), n, replace=False)
+    return train.images[idx], train.labels[idx]
+
+
+# --- 1. cache vs recomputing the trunk every epoch ----------------------------------
+def bench_cache(res: Results, sizes: list[int], n_images: dict[int, int], epochs: int = 5) -> None:
+    from fedhead.common.device import select_device
+
+    sm = _mobilenet()
+    device = select_device("auto")
+    for px in sizes:
+        res.add(_cache_figure(sm, device, px, n_images[px], epochs))
+
+
+def _cache_figure(sm: Any, device: Any, px: int, n: int, epochs: int) -> Figure:
+    from fedhead.common.features import FeatureCache, FeatureExtractor
+    from fedhead.common.images import ArrayImages, Preprocessor
+    from fedhead.common.training import TrainParams, train_head
+
+    initial = sm.trainable.get(sm.model)
+    images, labels = _demo_images(n)
+    y = torch.from_numpy(labels)
+    pre = Preprocessor(px, sm.spec.mean, sm.spec.std)
+    params = TrainParams(epochs, 64, 0.01)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_path = Path(tmp) / "features.sqlite"
+        # the first round fills the cache (not part of the per-round figure)
+        t0 = time.perf_counter()
+        FeatureExtractor(sm.model, pre, device, sm.sha256, FeatureCache(cache_path))(
+            ArrayImages(images, "bench")
+        )
+        first_round = time.perf_counter() - t0
+
+        def fedhead_round() -> float:
+            """What a site does in a later round: features from the cache, train the head."""
+            sm.trainable.set(sm.model, initial)
+            t = time.perf_counter()
+            ex = FeatureExtractor(sm.model, pre, device, sm.sha256, FeatureCache(cache_path))
+            feats = ex(ArrayImages(images, "bench"))
+            assert feats.stats.cache_misses == 0
+            train_head(sm.model, feats.values, y, params, device)
+            return time.perf_counter() - t
+
+        def naive_round() -> float:
+            """The usual pattern: every epoch runs every image through the (frozen) trunk."""
+            sm.trainable.set(sm.model, initial)
+            model = sm.model
+            opt = torch.optim.SGD(model.head.parameters(), lr=0.01, momentum=0.9)
+            t = time.perf_counter()
+            for _ in range(epochs):
+                order = torch.randperm(len(y))
+                for s in range(0, len(y), 64):
+                    idx = order[s : s + 64]
+                    x = pre([images[i] for i in idx.tolist()]).to(device.torch_device)
+                    with torch.no_grad(), device.autocast():
+                        z = model.extract(x).float()
+                    loss = torch.nn.functional.cross_entropy(
+                        model.forward_from_features(z), y[idx].to(device.torch_device)
+                    )
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            return time.perf_counter() - t
+
+        ours = _best_of(fedhead_round, 3)
+        naive = _best_of(naive_round, 1 if px >= 224 else 2)
+    return Figure(
+        f"cache_speedup_{px}px",
+        naive / ours,
+        ">= 20",
+        f"{n} images, {epochs} local epochs, {device.describe()}: recomputing the trunk "
+        f"{naive:.2f} s per round, fedhead {ours:.3f} s per round (its first round, which "
+        f"extracts and caches: {first_round:.2f} s)",
+    )
+
+
+# --- 2. bytes per site per round ----------------------------------------------------
+def bench_bytes(res: Results) -> None:
+    from flwr.app import Message
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedhead.common.backbones import get_spec
+    from fedhead.common.model import FedHeadModel, TrainableSet
+    from fedhead.server.workflow import message_bytes
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+    def round_bytes(arrays: list[np.ndarray]) -> int:
+        content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), {}), True)
+        msg = Message(content=content, dst_node_id=2, message_type="train")
+        return 2 * message_bytes(msg)  # the tensors go to the site and come back
+
+    for name in ("mobilenet_v2", "resnet50"):
+        spec = get_spec(name)
+        model = FedHeadModel(spec, spec.build(), num_classes=2)
+        head = round_bytes(TrainableSet.of(model).get(model))
+        full_model = spec.build()
+        full = round_bytes([v.detach().numpy() for v in full_model.state_dict().values()])
+        res.add(
+            Figure(
+                f"bytes_ratio_{name}",
+                full / head,
+                ">= 100",
+                f"per site per round, to and from the site: full model {full / 1e6:.1f} MB, "
+                f"fedhead head-only {head / 1e3:.1f} KB (2-class linear head)",
+            )
+        )
+
+
+# --- 3. extraction throughput vs a plain torchvision loop ---------------------------
+def bench_throughput(res: Results, n: int, px: int = 128) -> None:
+    from fedhead.common.device import select_device
+    from fedhead.common.features import FeatureCache, FeatureExtractor
+    from fedhead.common.images import ArrayImages, Preprocessor
+
+    sm = _mobilenet()
+    device = select_device("auto")
+    images, _ = _demo_images(n)
+    pre = Preprocessor(px, sm.spec.mean, sm.spec.std)
+    tv = sm.spec.build()
+    tv.load_state_dict(torch.load(sm.weights_path, weights_only=True))
+    tv.eval().to(device.torch_device)
+
+    def plain() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode(), device.autocast():
+            for s in range(0, n, 64):
+                x = pre(list(images[s : s + 64])).to(device.torch_device)
+                z = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tv.features(x), 1), 1)
+                z.float().cpu()
+        return n / (time.perf_counter() - t)
+
+    def ours() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            ex = FeatureExtractor(
+                sm.model, pre, device, sm.sha256, FeatureCache(Path(tmp) / "f.sqlite")
+            )
+            t = time.perf_counter()
+            feats = ex(ArrayImages(images, "bench"))
+            elapsed = time.perf_counter() - t
+            assert feats.stats.extracted == n
+        return n / elapsed
+
+    plain()  # warm-up
+    p_rates, o_rates = [], []
+    for _ in range(3):  # alternate, so both see the same machine state
+        p_rates.append(plain())
+        o_rates.append(ours())
+    p, o = statistics.median(p_rates), statistics.median(o_rates)
+    res.add(
+        Figure(
+            "extraction_throughput_ratio",
+            o / p,
+            ">= 0.9",
+            f"{n} images at {px} px, {device.describe()}: fedhead {o:.0f} img/s (hashing, "
+            f"float16 cache writes included), plain torchvision loop {p:.0f} img/s",
+        )
+    )
+
+
+# --- simulation runs (4, 5, 6) ------------------------------------------------------
+def simulate(overrides: dict[str, Any], sites: int) -> Any:
+    from flwr.simulation import run_simulation
+
+    from fedhead.client.app import app as client_app
+    from fedhead.common.config import RunConfig
+    from fedhead.server.app import make_server_app
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    box: list[Any] = []
+    with tempfile.TemporaryDirectory() as out:
+        cfg = RunConfig.from_mapping(
+            {
+                "classes": "normal,pneumonia",
+                "min-sites": sites,
+                "join-timeout": 600.0,
+                "out-dir": out,
+                **overrides,
+            }
+        )
+        backend = {
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "logging_level": logging.ERROR,
+                "log_to_driver": False,
+            },
+        }
+        run_simulation(
+            make_server_app(cfg, on_report=box.append),
+            client_app,
+            num_supernodes=sites,
+            backend_config=backend,
+        )  # type: ignore[arg-type]
+    return box[0]
+
+
+def _later_rounds_seconds(report: Any) -> float:
+    later = [r.seconds for r in report.rounds if r.round >= 2]
+    return statistics.mean(later)
+
+
+def bench_secagg(res: Results, site_counts: list[int], rounds: int) -> None:
+    for n in site_counts:
+        base = {
+            "input-size": 64,
+            "num-server-rounds": rounds,
+            "dirichlet-alpha": 1.0,
+            "fraction-evaluate": 0.2,
+        }
+        plain = _later_rounds_seconds(simulate({**base, "secure-aggregation": False}, n))
+        secure = _later_rounds_seconds(simulate({**base, "secure-aggregation": True}, n))
+        res.add(
+            Figure(
+                f"secagg_round_ratio_{n}_sites",
+                secure / plain,
+                "(measured)",
+                f"{n} simulated sites, mean of rounds 2-{rounds}: SecAgg+ {secure:.2f} s, "
+                f"plain FedAvg {plain:.2f} s per round",
+            )
+        )
+
+
+def _tree_pss_bytes(root: int) -> int:
+    """Proportional set size of a process and all its descendants (shared pages split)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def _write_scale_sites(folder: Path, sites: int) -> None:
+    from fedhead.common import demo_data
+
+    train, test = demo_data.load("train"), demo_data.load("test")
+    rng = np.random.default_rng(1)
+    for i in range(sites):
+        tr = rng.choice(len(train.labels), 8, replace=False)
+        va = rng.choice(len(test.labels), 4, replace=False)
+        np.savez(
+            folder / f"site-{i}.npz",
+            images=train.images[tr],
+            labels=train.labels[tr],
+            val_images=test.images[va],
+            val_labels=test.labels[va],
+        )
+
+
+def bench_scale(res: Results, site_counts: list[int], rounds: int) -> None:
+    measured = []
+    for n in site_counts:
+        with tempfile.TemporaryDirectory() as data:
+            _write_scale_sites(Path(data), n)
+            peak = [0]
+            done = threading.Event()
+
+            def sample(peak: list[int] = peak, done: threading.Event = done) -> None:
+                while not done.wait(0.5):
+                    peak[0] = max(peak[0], _tree_pss_bytes(os.getpid()))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            report = simulate(
+                {
+                    "input-size": 32,
+                    "num-server-rounds": rounds,
+                    "simulation-data": data,
+                    "secure-aggregation": False,
+                    "fraction-evaluate": 0.1,
+                    "round-timeout": 1800.0,
+                },
+                n,
+            )
+            done.set()
+            sampler.join()
+        seconds = statistics.mean(r.seconds for r in report.rounds)
+        measured.append((n, seconds, peak[0]))
+        res.add(
+            Figure(
+                f"scale_{n}_sites_seconds_per_round",
+                seconds,
+                "(measured)",
+                f"{n} simulated sites on {os.cpu_count()} cores, plain FedAvg, "
+                f"8 training images per site, mean of {rounds} round(s)",
+            )
+        )
+        res.add(
+            Figure(
+                f"scale_{n}_sites_peak_memory_mb",
+                peak[0] / 2**20,
+                "(measured)",
+                "peak proportional set size of the driver, Ray and its workers",
+            )
+        )
+    (n0, s0, m0), (n1, s1, m1) = measured[0], measured[-1]
+    res.add(
+        Figure(
+            f"scale_time_growth_{n1}_vs_{n0}",
+            s1 / s0,
+            f"(sites x{n1 / n0:g})",
+            "how seconds per round grow with the number of sites",
+        )
+    )
+    res.add(
+        Figure(
+            f"scale_memory_growth_{n1}_vs_{n0}",
+            m1 / m0,
+            f"(sites x{n1 / n0:g})",
+            "how peak memory grows with the number of sites",
+        )
+    )
+
+
+def bench_accuracy(res: Results, rounds: int) -> None:
+    from fedhead.server.demo import centralized_baseline
+
+    for label, alpha in (("iid", 1000.0), ("alpha_0.3", 0.3)):
+        overrides = {"input-size": 128, "num-server-rounds": rounds, "dirichlet-alpha": alpha}
+        report = simulate(overrides, 3)
+        from fedhead.common.config import RunConfig
+
+        cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", **overrides})
+        split = "IID: Dirichlet alpha 1000" if alpha > 100 else "non-IID: Dirichlet alpha 0.3"
+        central = centralized_baseline(cfg, progress=False)["accuracy"]
+        fed = report.final_eval_accuracy
+        res.add(
+            Figure(
+                f"accuracy_ratio_{label}",
+                fed / central,
+                ">= 0.97",
+                f"3 simulated sites ({split}), "
+                f"{rounds} rounds, 128 px: federated {fed:.4f}, centralized {central:.4f} "
+                "(bundled test split)",
+            )
+        )
+
+
+# --- report ------------------------------------------------------------------------
+def write_markdown(res: Results, path: Path, seconds: float) -> None:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    lines = [
+        "# fedhead benchmarks",
+        "",
+        f"Measured {dt.date.today().isoformat()} with `python benchmarks/run.py` in "
+        f"{seconds / 60:.0f} minutes on {cpu}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}, "
+        f"torch {torch.__version__}, no GPU. Every figure is a ratio of two measurements "
+        "taken side by side in the same run; `--quick` repeats them at reduced sizes.",
+        "",
+        "| figure | value | target | what was measured |",
+        "|---|---|---|---|",
+    ]
+    for f in res.figures:
+        lines.append(f"| `{f.name}` | {f.value:.4g} | {f.target} | {f.detail} |")
+    lines += ["", *res.notes, ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes)")
+    parser.add_argument(
+        "--only", help="comma-separated subset: cache,bytes,throughput,secagg,scale,accuracy"
+    )
+    parser.add_argument("--write", help="markdown file to write (full runs: BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    q = args.quick
+    res = Results(quick=q)
+    t0 = time.perf_counter()
+    chosen = set((args.only or "cache,bytes,throughput,secagg,scale,accuracy").split(","))
+    if "cache" in chosen:
+        bench_cache(res, [96, 224], {96: 128, 224: 32} if q else {96: 512, 224: 128})
+    if "bytes" in chosen:
+        bench_bytes(res)
+    if "throughput" in chosen:
+        bench_throughput(res, 128 if q else 512)
+    if "secagg" in chosen:
+        bench_secagg(res, [5] if q else [5, 10, 20], 3)
+    if "scale" in chosen:
+        bench_scale(res, [20, 50] if q else [100, 500], 1 if q else 2)
+    if "accuracy" in chosen:
+        bench_accuracy(res, 5 if q else 10)
+    seconds = time.perf_counter() - t0
+    target = args.write or (None if q else str(REPO / "BENCHMARKS.md"))
+    if target:
+        write_markdown(res, Path(target), seconds)
+        print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
