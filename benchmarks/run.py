@@ -39,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-os.environ.setdefault("FEDHEAD_LOG_LEVEL", "WARNING")
+os.environ.setdefault("FEDHEAD_LOG_LEVEL", "ERROR")
 
 
 @dataclass
@@ -438,6 +438,39 @@ def bench_accuracy(res: Results, rounds: int) -> None:
 
 
 # --- report ------------------------------------------------------------------------
+NOTES = [
+    "## Notes",
+    "",
+    "- **GPU.** No GPU was lent to the task that produced these figures, so figures 1 "
+    "and 3 exist for the CPU only. The CUDA path (mixed precision, channels_last, "
+    "DataLoader workers into pinned memory) runs where a site has a GPU; its DataLoader "
+    "path is tested on the CPU (`tests/common/test_features.py`).",
+    "- **Per-round compute** compares what a site does in every round after its first: "
+    "read the features from its cache and train the head, against the usual pattern of "
+    "running every image through the frozen trunk in every epoch. The first round, which "
+    "extracts and caches, is given beside it.",
+    "- **Bytes** are Flower's serialized message sizes (object trees) for the tensors a "
+    "site receives and sends back per round. SecAgg+ adds its key-exchange messages to "
+    "fedhead's side; see the demo's report for a whole round's traffic.",
+    "- **SecAgg+ vs plain FedAvg** runs the same federation twice in Flower's Simulation "
+    "Engine; SecAgg+ adds three message exchanges per round (setup, key sharing, "
+    "unmasking) and the masking work, so its round time is a multiple of plain FedAvg's "
+    "when local training is as short as a head's.",
+    "- **Scale** uses plain FedAvg (SecAgg+ with every site sharing keys with every other "
+    "grows with the square of the sites; figure 4 measures its cost) and 8 training "
+    "images per site. Peak memory is the proportional set size of the driver, Ray and its "
+    "workers. A simulation worker shares one frozen model and one cache connection among "
+    "the sites it serves, so memory stays flat as sites grow. The remaining growth of "
+    "round time with the number of sites is in Flower's simulation engine: a sampling "
+    "profile of the driver at 500 sites spends most of its time in "
+    "`InMemoryGrid.send_and_receive` polling, Ray's result fetching and the in-memory "
+    "LinkState's message scans, not in fedhead's code.",
+    "- **Accuracy** runs the demo's federation (3 sites, the bundled chest X-rays, "
+    "MobileNetV2 head at 128 px) and the same head trained centrally with the same "
+    "schedule, both evaluated on the bundled test split.",
+]
+
+
 def write_markdown(res: Results, path: Path, seconds: float) -> None:
     cpu = "unknown CPU"
     try:
@@ -461,7 +494,14 @@ def write_markdown(res: Results, path: Path, seconds: float) -> None:
     ]
     for f in res.figures:
         lines.append(f"| `{f.name}` | {f.value:.4g} | {f.target} | {f.detail} |")
-    lines += ["", *res.notes, ""]
+    lines += [
+        "",
+        "Reproduce: `python benchmarks/run.py` (writes this file), "
+        "`python benchmarks/run.py --quick` (reduced sizes, prints `name: value`).",
+        "",
+        *res.notes,
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -474,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", help="markdown file to write (full runs: BENCHMARKS.md)")
     args = parser.parse_args(argv)
     q = args.quick
-    res = Results(quick=q)
+    res = Results(quick=q, notes=NOTES)
     t0 = time.perf_counter()
     chosen = set((args.only or "cache,bytes,throughput,secagg,scale,accuracy").split(","))
     if "cache" in chosen:

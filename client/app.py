@@ -59,6 +59,8 @@ def _site(context: Context, spec: RunSpec | None = None) -> Site:
     node = NodeConfig.from_mapping(context.node_config)
     site = _SITES.get(key)
     if site is None or site.spec != spec or site.node != node:
+        for other in [k for k in _SITES if k[0] != context.run_id]:
+            del _SITES[other]  # sites of earlier runs in this process
         site = Site(node, spec)
         _SITES[key] = site
     return site

@@ -56,6 +56,10 @@ def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         log.error("%s: %s", err.title, err)
         reason = f"{type(err).__name__}: {err.title} (details in the site's log)"
         return Message(Error(code=ERROR_CODE_BASE + err.exit_code, reason=reason), reply_to=msg)
+    except Exception as err:  # a bug or an unforeseen failure: its text may name local files
+        log.exception("unexpected error while handling a %s message", msg.metadata.message_type)
+        reason = f"{type(err).__name__}: unexpected error (details in the site's log)"
+        return Message(Error(code=ERROR_CODE_BASE + 1, reason=reason), reply_to=msg)
 
 
 def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -18,7 +18,13 @@ from fedhead.common.backbones import get_spec
 from fedhead.common.config import NodeConfig
 from fedhead.common.device import Device, select_device
 from fedhead.common.errors import DataError, ModelMismatchError, WeightsError
-from fedhead.common.features import ExtractionStats, FeatureCache, FeatureExtractor, Features
+from fedhead.common.features import (
+    ExtractionStats,
+    FeatureCache,
+    FeatureExtractor,
+    Features,
+    open_cache,
+)
 from fedhead.common.images import (
     ArrayImages,
     AugmentedImages,
@@ -106,7 +112,7 @@ class Site:
     @property
     def cache(self) -> FeatureCache:
         if self._cache is None:
-            self._cache = FeatureCache(
+            self._cache = open_cache(
                 self.cache_dir / "features.sqlite", int(self.node.feature_cache_gb * 1024**3)
             )
         return self._cache
@@ -153,18 +159,8 @@ class Site:
 
     def model(self) -> FedHeadModel:
         if self._model is None:
-            spec = get_spec(self.spec.backbone)
             path = find_weights(self.ref, default_search_dirs(self.cache_dir))
-            model = FedHeadModel(
-                spec,
-                load_backbone(spec, path),
-                num_classes=len(self.spec.class_names()),
-                head=self.spec.head,
-                hidden=self.spec.head_hidden,
-                dropout=self.spec.head_dropout,
-                unfreeze_blocks=self.spec.unfreeze_blocks,
-            )
-            trainable = TrainableSet.of(model)
+            model, trainable = _shared_model(self.spec, path, self.device.kind)
             if trainable.fingerprint() != self.spec.trainable_fingerprint:
                 raise ModelMismatchError(
                     "this site's model has other trainable tensors than the server's "
@@ -283,6 +279,39 @@ class Site:
         self.trainable.set(model, arrays)
         feats, labels, _ = self.features("val")
         return evaluate_head(model, feats, labels, self.device)
+
+
+# One model per process and run configuration. A simulation worker serves many sites
+# in turn; they all use the same frozen trunk, and every train or evaluate call loads
+# the trainable tensors it is given before using the model, so sites can share it.
+_MODELS: dict[tuple[object, ...], tuple[FedHeadModel, TrainableSet]] = {}
+
+
+def _shared_model(spec: RunSpec, weights: Path, device: str) -> tuple[FedHeadModel, TrainableSet]:
+    key = (
+        spec.weights_sha256,
+        spec.backbone,
+        spec.classes,
+        spec.head,
+        spec.head_hidden,
+        spec.head_dropout,
+        spec.unfreeze_blocks,
+        device,
+    )
+    if key not in _MODELS:
+        _MODELS.clear()  # one run at a time per process: free the previous run's model
+        backbone = get_spec(spec.backbone)
+        model = FedHeadModel(
+            backbone,
+            load_backbone(backbone, weights),
+            num_classes=len(spec.class_names()),
+            head=spec.head,
+            hidden=spec.head_hidden,
+            dropout=spec.head_dropout,
+            unfreeze_blocks=spec.unfreeze_blocks,
+        )
+        _MODELS[key] = (model, TrainableSet.of(model))
+    return _MODELS[key]
 
 
 def embedded_demo_share(pid: int, num_sites: int, spec: RunSpec) -> SiteData:

@@ -188,12 +188,17 @@ def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None)
             print(f"(metrics for the {role} on http://{address}/metrics)")
         return 0
     program = _program(cmd[0])
+    # Flower's programs start their helpers (flower-superexec, flwr-serverapp,
+    # flwr-clientapp) by name: they must find them beside themselves, also when the
+    # virtual environment is not activated.
+    path = f"{Path(program).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path}
     sys.stdout.flush()
     if address == "none":
-        os.execv(program, [program, *cmd[1:]])
+        os.execve(program, [program, *cmd[1:]], env)
     from fedhead.common.exporter import supervise
 
-    return supervise([program, *cmd[1:]], [role], address)
+    return supervise([program, *cmd[1:]], [role], address, env)
 
 
 def _exporter(args: argparse.Namespace) -> int:

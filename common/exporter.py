@@ -115,13 +115,14 @@ def prepare_spool(path: Path | None = None) -> Path:
     return path
 
 
-def supervise(cmd: list[str], roles: Sequence[str], address: str) -> int:
+def supervise(
+    cmd: list[str], roles: Sequence[str], address: str, env: dict[str, str] | None = None
+) -> int:
     """Run ``cmd`` with an exporter beside it; forward signals; return its exit code."""
     spool = prepare_spool()
     exporter = Exporter(roles, spool)
     exporter.start(address)
-    env = {**os.environ, SPOOL_ENV: str(spool)}
-    child = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd, env={**(env or os.environ), SPOOL_ENV: str(spool)})
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:

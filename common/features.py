@@ -52,6 +52,17 @@ def cache_namespace(backbone_sha256: str, preprocess: Preprocessor, unfreeze_blo
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+_OPEN: dict[tuple[str, int], FeatureCache] = {}
+
+
+def open_cache(path: Path, max_bytes: int = 5 * 1024**3) -> FeatureCache:
+    """The process's one connection to the cache at ``path`` (opened and checked once)."""
+    key = (str(path.resolve()), max_bytes)
+    if key not in _OPEN:
+        _OPEN[key] = FeatureCache(path, max_bytes)
+    return _OPEN[key]
+
+
 class FeatureCache:
     """Persistent features keyed by (namespace, image content sha256), bounded in size."""
 

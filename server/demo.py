@@ -20,16 +20,14 @@ import torch
 
 from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
-from fedhead.common.device import select_device
 from fedhead.common.errors import ConfigError, FedheadError
 from fedhead.common.exporter import Exporter, prepare_spool
-from fedhead.common.features import FeatureCache, FeatureExtractor
-from fedhead.common.images import ArrayImages, Preprocessor
+from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, scheduled_lr, train_head
-from fedhead.common.weights import atomic_writer, fedhead_cache_dir
-from fedhead.server.federation import build_server_model
+from fedhead.common.weights import atomic_writer
+from fedhead.server.federation import build_server_model, server_extractor
 from fedhead.server.report import TABLE_HEADER, RoundRecord, RunReport, human_bytes, plot, table_row
 
 log = logging.getLogger(__name__)
@@ -110,16 +108,8 @@ def centralized_baseline(cfg: RunConfig, progress: bool) -> dict[str, Any]:
     """The same head trained on the pooled training split, with the federated schedule:
     ``num-server-rounds`` stages of ``local-epochs`` epochs at the round's learning rate."""
     sm = build_server_model(cfg)
-    device = select_device(cfg.device)
     initial = sm.trainable.get(sm.model)
-    extractor = FeatureExtractor(
-        sm.model,
-        Preprocessor(cfg.resolved_input_size(), sm.spec.mean, sm.spec.std),
-        device,
-        sm.sha256,
-        FeatureCache(fedhead_cache_dir() / "features.sqlite"),
-        progress=progress,
-    )
+    extractor, device = server_extractor(cfg, sm, progress)
     train, test = demo_data.load("train"), demo_data.load("test")
     f_train = extractor(ArrayImages(train.images, "demo-train"))
     f_test = extractor(ArrayImages(test.images, "demo-test"))

@@ -26,9 +26,9 @@ from flwr.serverapp import Grid
 from fedhead.client.data import load_test_set
 from fedhead.common.backbones import BackboneSpec, get_spec
 from fedhead.common.config import RunConfig
-from fedhead.common.device import select_device
+from fedhead.common.device import Device, select_device
 from fedhead.common.errors import WeightsError
-from fedhead.common.features import FeatureCache, FeatureExtractor
+from fedhead.common.features import FeatureExtractor, open_cache
 from fedhead.common.images import Preprocessor
 from fedhead.common.model import (
     FedHeadModel,
@@ -143,6 +143,22 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
     )
 
 
+def server_extractor(
+    cfg: RunConfig, sm: ServerModel, progress: bool = False
+) -> tuple[FeatureExtractor, Device]:
+    """The trunk on the server (its own test set, the demo's baseline), via its cache."""
+    device = select_device(cfg.device)
+    extractor = FeatureExtractor(
+        sm.model,
+        Preprocessor(cfg.resolved_input_size(), sm.spec.mean, sm.spec.std),
+        device,
+        sm.sha256,
+        open_cache(fedhead_cache_dir() / "features.sqlite"),
+        progress=progress,
+    )
+    return extractor, device
+
+
 def server_evaluator(
     cfg: RunConfig, sm: ServerModel
 ) -> Callable[[list[np.ndarray]], tuple[float, float]] | None:
@@ -150,14 +166,7 @@ def server_evaluator(
     if not cfg.server_test_data:
         return None
     test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names())
-    device = select_device(cfg.device)
-    extractor = FeatureExtractor(
-        sm.model,
-        Preprocessor(cfg.resolved_input_size(), sm.spec.mean, sm.spec.std),
-        device,
-        sm.sha256,
-        FeatureCache(fedhead_cache_dir() / "features.sqlite"),
-    )
+    extractor, device = server_extractor(cfg, sm)
     feats = extractor(test.images)
     labels = torch.from_numpy(test.labels[feats.ok])
     log.info("server test set: %d images (%d unreadable)", len(labels), feats.stats.skipped)
@@ -183,7 +192,7 @@ def run_federation(
     """Run every round of one federated job and write its report."""
     emit(RunStarted(cfg.backbone, "secagg+" if cfg.secure_aggregation else "none"))
     try:
-        report = _run_federation(grid, context, cfg, on_round, out_dir)
+        report = _Run(grid, context, cfg, on_round, out_dir)()
     except BaseException:
         emit(RunFinished(ok=False))
         raise
@@ -195,71 +204,108 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _run_federation(
-    grid: Grid,
-    context: Context,
-    cfg: RunConfig,
-    on_round: RoundCallback | None,
-    out_dir: Path | None,
-) -> RunReport:
-    t_start = time.perf_counter()
-    sm = build_server_model(cfg)
-    spec = run_spec(cfg, sm)
-    settings = fit_settings(cfg, sm.trainable)
-    log.info(
-        "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
-        "%d rounds",
-        context.run_id,
-        sm.spec.name,
-        sm.sha256[:12],
-        sm.trainable.num_params,
-        sm.trainable.nbytes,
-        cfg.num_server_rounds,
-    )
-    strategy = FedHeadStrategy(
-        trainable=sm.trainable,
-        initial=sm.trainable.get(sm.model),
-        settings=settings,
-        num_rounds=cfg.num_server_rounds,
-        min_sites=cfg.min_sites,
-        lr_schedule=cfg.lr_schedule,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        secure=cfg.secure_aggregation,
-        max_update_norm=cfg.max_update_norm,
-        server_evaluate=server_evaluator(cfg, sm),
-    )
-    metered = MeteredGrid(grid)
-    report = RunReport(
-        run_id=context.run_id,
-        backbone={
-            "name": sm.spec.name,
-            "sha256": sm.sha256,
-            "weights_file": spec.weights_file,
-            "custom": spec.custom_weights,
-            "trunk_params": count_params(sm.model.frozen) + count_params(sm.model.tuned),
-            "head_params": sm.trainable.num_params,
-            "head_bytes": sm.trainable.nbytes,
-            "trainable_tensors": sm.trainable.names,
-        },
-        clients=0,
-        input_size=spec.input_size,
-        config=cfg.to_mapping(),
-    )
-    out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
-    counters = {"sent": 0, "received": 0}
-    ledger: list[PrivacyLedger] = []
+class _Run:
+    """One run's server side: the hooks the workflow calls, and the report they fill."""
 
-    def build_round(outcome: PrepareOutcome) -> tuple[Step, Strategy]:
-        ready = len(outcome.ready)
+    def __init__(
+        self,
+        grid: Grid,
+        context: Context,
+        cfg: RunConfig,
+        on_round: RoundCallback | None,
+        out_dir: Path | None,
+    ) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.on_round = on_round
+        self.sm = build_server_model(cfg)
+        self.spec = run_spec(cfg, self.sm)
+        self.strategy = FedHeadStrategy(
+            trainable=self.sm.trainable,
+            initial=self.sm.trainable.get(self.sm.model),
+            settings=fit_settings(cfg, self.sm.trainable),
+            num_rounds=cfg.num_server_rounds,
+            min_sites=cfg.min_sites,
+            lr_schedule=cfg.lr_schedule,
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            secure=cfg.secure_aggregation,
+            max_update_norm=cfg.max_update_norm,
+            server_evaluate=server_evaluator(cfg, self.sm),
+        )
+        self.grid = MeteredGrid(grid)
+        self.privacy: PrivacyLedger | None = None
+        self.out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
+        sm = self.sm
+        self.report = RunReport(
+            run_id=context.run_id,
+            backbone={
+                "name": sm.spec.name,
+                "sha256": sm.sha256,
+                "weights_file": self.spec.weights_file,
+                "custom": self.spec.custom_weights,
+                "trunk_params": count_params(sm.model.frozen) + count_params(sm.model.tuned),
+                "head_params": sm.trainable.num_params,
+                "head_bytes": sm.trainable.nbytes,
+                "trainable_tensors": sm.trainable.names,
+            },
+            clients=0,
+            input_size=self.spec.input_size,
+            config=cfg.to_mapping(),
+        )
+
+    def __call__(self) -> RunReport:
+        t_start = time.perf_counter()
+        cfg, sm = self.cfg, self.sm
+        log.info(
+            "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
+            "%d rounds",
+            self.context.run_id,
+            sm.spec.name,
+            sm.sha256[:12],
+            sm.trainable.num_params,
+            sm.trainable.nbytes,
+            cfg.num_server_rounds,
+        )
+        workflow = FedHeadWorkflow(
+            strategy=self.strategy,
+            distributor=BackboneDistributor(self.spec, sm.weights_path, cfg.round_timeout),
+            build_round=self.build_round,
+            evaluate_step=PlainEvaluate(cfg.round_timeout),
+            num_rounds=cfg.num_server_rounds,
+            min_sites=cfg.min_sites,
+            join_timeout=cfg.join_timeout,
+            on_prepared=self.prepared,
+            on_round=self.round_done,
+            on_round_start=lambda rnd: emit(RoundStarted(rnd)),
+        )
+        legacy = LegacyContext(
+            context=self.context,
+            config=ServerConfig(num_rounds=cfg.num_server_rounds),
+            strategy=self.strategy,
+        )
+        workflow(self.grid, legacy)
+        report = self.report
+        finals = [r for r in report.rounds if math.isfinite(r.eval_accuracy)]
+        if finals:
+            report.final_eval_accuracy = finals[-1].eval_accuracy
+            report.final_eval_loss = finals[-1].eval_loss
+        report.seconds = time.perf_counter() - t_start
+        path = report.write(self.out)
+        log.info("report written to %s", path)
+        return report
+
+    def build_round(self, outcome: PrepareOutcome) -> tuple[Step, Strategy]:
+        """Once sites joined: the fit step and the strategy it drives, sized to them."""
+        cfg, ready = self.cfg, len(outcome.ready)
         sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
-        legacy: Strategy = strategy
+        legacy: Strategy = self.strategy
         if cfg.dp_noise_multiplier > 0:
             legacy = DPFixedClipping(
-                strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled
+                self.strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled
             )
-            ledger.append(PrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta, ready, sampled))
-            report.differential_privacy = {
+            self.privacy = PrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta, ready, sampled)
+            self.report.differential_privacy = {
                 "noise_multiplier": cfg.dp_noise_multiplier,
                 "clipping_norm": cfg.dp_clipping_norm,
                 "delta": cfg.dp_delta,
@@ -281,8 +327,8 @@ def _run_federation(
             return PlainFit(cfg.round_timeout), legacy
         max_examples = max(r.train_examples for r in outcome.ready.values())
         params = secagg_params(cfg, sampled, max_examples)
-        report.secure_aggregation = "secagg+"
-        report.secure_aggregation_params = params.report()
+        self.report.secure_aggregation = "secagg+"
+        self.report.secure_aggregation_params = params.report()
         log.info(
             "secure aggregation: SecAgg+ over %d sites (shares %s, threshold %s, clipping +-%g)",
             sampled,
@@ -292,36 +338,36 @@ def _run_federation(
         )
 
         def stage_done(rnd: int, stage: str, seconds: float) -> None:
-            strategy.stats(rnd).secagg_seconds[stage] = seconds
+            self.strategy.stats(rnd).secagg_seconds[stage] = seconds
 
         return TimedSecAggPlus(params, stage_done), legacy
 
-    def prepared(outcome: PrepareOutcome) -> None:
-        report.clients = len(outcome.ready)
-        report.setup = {
+    def prepared(self, outcome: PrepareOutcome) -> None:
+        sent, received = self.grid.take()
+        self.report.clients = len(outcome.ready)
+        self.report.setup = {
             "sites_ready": sorted(outcome.ready),
             "sites_failed": {str(k): v for k, v in outcome.failed.items()},
             "backbone_sent_to": sorted(outcome.weights_sent_to),
-            "bytes_to_clients": metered.bytes_sent,
-            "bytes_from_clients": metered.bytes_received,
+            "bytes_to_clients": sent,
+            "bytes_from_clients": received,
             "train_examples": outcome.train_examples,
         }
-        counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
-        emit(RunPrepared(sm.sha256, len(outcome.ready), sm.trainable.num_params))
+        emit(RunPrepared(self.sm.sha256, len(outcome.ready), self.sm.trainable.num_params))
 
-    def round_done(rnd: int, seconds: float) -> None:
-        st = strategy.stats(rnd)
+    def round_done(self, rnd: int, seconds: float) -> None:
+        st = self.strategy.stats(rnd)
+        sent, received = self.grid.take()
         if rnd == 0:
-            report.initial_eval = {
+            self.report.initial_eval = {
                 "eval_loss": st.eval_loss,
                 "eval_accuracy": st.eval_accuracy,
                 "server_eval_loss": st.server_eval_loss,
                 "server_eval_accuracy": st.server_eval_accuracy,
-                "bytes_to_clients": metered.bytes_sent - counters["sent"],
-                "bytes_from_clients": metered.bytes_received - counters["received"],
+                "bytes_to_clients": sent,
+                "bytes_from_clients": received,
                 "seconds": seconds,
             }
-            counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
             log.info("initial head: federated eval accuracy %.4f", st.eval_accuracy)
             return
         rejected: dict[str, int] = {}
@@ -334,8 +380,8 @@ def _run_federation(
             eval_accuracy=st.eval_accuracy,
             server_eval_loss=st.server_eval_loss,
             server_eval_accuracy=st.server_eval_accuracy,
-            bytes_to_clients=metered.bytes_sent - counters["sent"],
-            bytes_from_clients=metered.bytes_received - counters["received"],
+            bytes_to_clients=sent,
+            bytes_from_clients=received,
             seconds=seconds,
             sites_selected=st.selected,
             sites_replied=st.replied,
@@ -345,16 +391,15 @@ def _run_federation(
             aggregated=st.aggregated,
             secagg_seconds=dict(st.secagg_seconds),
         )
-        if ledger and st.aggregated:
-            rec.dp_epsilon = ledger[0].release()
+        if self.privacy is not None and st.aggregated:
+            rec.dp_epsilon = self.privacy.release()
             log.info(
                 "round %d: privacy spent epsilon %.4g at delta %g",
                 rnd,
                 rec.dp_epsilon,
-                cfg.dp_delta,
+                self.cfg.dp_delta,
             )
-        counters["sent"], counters["received"] = metered.bytes_sent, metered.bytes_received
-        report.rounds.append(rec)
+        self.report.rounds.append(rec)
         emit(
             RoundFinished(
                 round=rnd,
@@ -365,42 +410,17 @@ def _run_federation(
                 sites_failed=st.failed,
                 sites_dropped=st.dropped,
                 rejected=rejected,
-                bytes_to_sites=rec.bytes_to_clients,
-                bytes_from_sites=rec.bytes_from_clients,
+                bytes_to_sites=sent,
+                bytes_from_sites=received,
                 eval_loss=_finite_or_none(st.eval_loss),
                 eval_accuracy=_finite_or_none(st.eval_accuracy),
                 server_eval_loss=_finite_or_none(st.server_eval_loss),
                 server_eval_accuracy=_finite_or_none(st.server_eval_accuracy),
                 secagg_seconds=dict(st.secagg_seconds),
                 dp_epsilon=rec.dp_epsilon,
-                dp_delta=cfg.dp_delta,
+                dp_delta=self.cfg.dp_delta,
             )
         )
         log.info("%s", table_row(rec))
-        if on_round:
-            on_round(rec)
-
-    workflow = FedHeadWorkflow(
-        strategy=strategy,
-        distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout),
-        build_round=build_round,
-        evaluate_step=PlainEvaluate(cfg.round_timeout),
-        num_rounds=cfg.num_server_rounds,
-        min_sites=cfg.min_sites,
-        join_timeout=cfg.join_timeout,
-        on_prepared=prepared,
-        on_round=round_done,
-        on_round_start=lambda rnd: emit(RoundStarted(rnd)),
-    )
-    legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy
-    )
-    workflow(metered, legacy)
-    finals = [r for r in report.rounds if math.isfinite(r.eval_accuracy)]
-    if finals:
-        report.final_eval_accuracy = finals[-1].eval_accuracy
-        report.final_eval_loss = finals[-1].eval_loss
-    report.seconds = time.perf_counter() - t_start
-    path = report.write(out)
-    log.info("report written to %s", path)
-    return report
+        if self.on_round:
+            self.on_round(rec)

@@ -202,9 +202,7 @@ class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if failures:
-            st = self.inner.stats(server_round)
-            st.replied, st.failed = len(results), len(failures)
-            st.dropped = max(0, st.selected - st.replied - st.failed)
+            self.inner.count_replies(server_round, results, failures)
             log.error(
                 "round %d: %d site(s) failed; with differential privacy the round is skipped "
                 "(noise is calibrated to %d sites)",

@@ -135,6 +135,24 @@ class FedHeadStrategy(Strategy):
     def stats(self, server_round: int) -> RoundStats:
         return self.rounds.setdefault(server_round, RoundStats())
 
+    def count_replies(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> RoundStats:
+        """Record who replied, failed or dropped in a training round.
+
+        A site that is gone leaves either no failure entry (a wait timed out) or an
+        error reply the SuperLink wrote for it (node unavailable): both count as
+        dropped. Failed means the site itself answered with an error.
+        """
+        st = self.stats(server_round)
+        st.replied = len(results)
+        st.failed = sum(1 for f in failures if not _unreachable(f))
+        st.dropped = max(0, st.selected - st.replied - st.failed)
+        return st
+
     # --- training ------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.initial)
@@ -158,13 +176,7 @@ class FedHeadStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        st = self.stats(server_round)
-        # A site that is gone leaves either no failure entry (a wait timed out) or an
-        # error reply the SuperLink wrote for it (node unavailable): both count as
-        # dropped. Failed means the site itself answered with an error.
-        st.replied = len(results)
-        st.failed = sum(1 for f in failures if not _unreachable(f))
-        st.dropped = max(0, st.selected - st.replied - st.failed)
+        st = self.count_replies(server_round, results, failures)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
         st.train_loss = weighted_metric(

@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import flwr.compat.common.recorddict_compat as compat
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import Code, EvaluateRes, FitRes
 from flwr.server.client_proxy import ClientProxy
@@ -52,6 +52,14 @@ class MeteredGrid(Grid):
         self.bytes_received = 0
         self.messages_sent = 0
         self.messages_received = 0
+        self._mark = (0, 0)
+
+    def take(self) -> tuple[int, int]:
+        """Bytes (sent, received) since the previous call."""
+        now = (self.bytes_sent, self.bytes_received)
+        since = (now[0] - self._mark[0], now[1] - self._mark[1])
+        self._mark = now
+        return since
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)
@@ -107,6 +115,51 @@ def _params(context: LegacyContext) -> Any:
     )
 
 
+R = TypeVar("R", FitRes, EvaluateRes)
+
+
+def exchange(
+    grid: Grid,
+    instructions: list[tuple[ClientProxy, Any]],
+    message_type: str,
+    encode: Callable[[Any], RecordDict],
+    decode: Callable[[RecordDict], R],
+    server_round: int,
+    timeout: float,
+) -> tuple[list[tuple[ClientProxy, R]], list[tuple[ClientProxy, R] | BaseException]]:
+    """Send each site its instruction, wait (up to ``timeout``) for the replies, and sort
+    them into results and failures the way Flower's legacy strategies expect."""
+    proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+    out = [
+        Message(
+            content=encode(ins),
+            dst_node_id=proxy.node_id,
+            message_type=message_type,
+            group_id=str(server_round),
+        )
+        for proxy, ins in instructions
+    ]
+    replies = list(grid.send_and_receive(out, timeout=timeout))
+    results: list[tuple[ClientProxy, R]] = []
+    failures: list[tuple[ClientProxy, R] | BaseException] = []
+    for msg in replies:
+        if msg.has_error():
+            failures.append(Exception(msg.error))  # as Flower's SecAgg+ workflow does
+            continue
+        res = decode(msg.content)
+        item = (proxies[msg.metadata.src_node_id], res)
+        (results if res.status.code == Code.OK else failures).append(item)
+    if missing := set(proxies) - {m.metadata.src_node_id for m in replies}:
+        log.warning(
+            "round %d: no %s reply within %.0fs from node(s) %s",
+            server_round,
+            message_type,
+            timeout,
+            ", ".join(map(str, sorted(missing))),
+        )
+    return results, failures
+
+
 @dataclass
 class PlainFit:
     """Send FitIns to the sampled sites, collect FitRes (with a timeout), aggregate."""
@@ -119,33 +172,15 @@ class PlainFit:
         instructions = ctx.strategy.configure_fit(rnd, _params(ctx), ctx.client_manager)
         if not instructions:
             return
-        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
-        out = [
-            Message(
-                content=compat.fitins_to_recorddict(ins, True),
-                dst_node_id=proxy.node_id,
-                message_type=MessageType.TRAIN,
-                group_id=str(rnd),
-            )
-            for proxy, ins in instructions
-        ]
-        replies = list(grid.send_and_receive(out, timeout=self.timeout))
-        results: list[tuple[ClientProxy, FitRes]] = []
-        failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
-        for msg in replies:
-            if msg.has_error():
-                failures.append(Exception(msg.error))  # as Flower's SecAgg+ workflow does
-                continue
-            res = compat.recorddict_to_fitres(msg.content, keep_input=False)
-            item = (proxies[msg.metadata.src_node_id], res)
-            (results if res.status.code == Code.OK else failures).append(item)
-        if missing := set(proxies) - {m.metadata.src_node_id for m in replies}:
-            log.warning(
-                "round %d: no reply within %.0fs from node(s) %s",
-                rnd,
-                self.timeout,
-                ", ".join(map(str, sorted(missing))),
-            )
+        results, failures = exchange(
+            grid,
+            instructions,
+            MessageType.TRAIN,
+            lambda ins: compat.fitins_to_recorddict(ins, True),
+            lambda rd: compat.recorddict_to_fitres(rd, keep_input=False),
+            rnd,
+            self.timeout,
+        )
         params, metrics = ctx.strategy.aggregate_fit(rnd, results, failures)
         if params is not None:
             ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -166,26 +201,15 @@ class PlainEvaluate:
         instructions = ctx.strategy.configure_evaluate(rnd, _params(ctx), ctx.client_manager)
         if not instructions:
             return
-        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
-        out = [
-            Message(
-                content=compat.evaluateins_to_recorddict(ins, True),
-                dst_node_id=proxy.node_id,
-                message_type=MessageType.EVALUATE,
-                group_id=str(rnd),
-            )
-            for proxy, ins in instructions
-        ]
-        replies = list(grid.send_and_receive(out, timeout=self.timeout))
-        results: list[tuple[ClientProxy, EvaluateRes]] = []
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException] = []
-        for msg in replies:
-            if msg.has_error():
-                failures.append(Exception(msg.error))
-                continue
-            res = compat.recorddict_to_evaluateres(msg.content)
-            item = (proxies[msg.metadata.src_node_id], res)
-            (results if res.status.code == Code.OK else failures).append(item)
+        results, failures = exchange(
+            grid,
+            instructions,
+            MessageType.EVALUATE,
+            lambda ins: compat.evaluateins_to_recorddict(ins, True),
+            compat.recorddict_to_evaluateres,
+            rnd,
+            self.timeout,
+        )
         loss, metrics = ctx.strategy.aggregate_evaluate(rnd, results, failures)
         if loss is not None:
             ctx.history.add_loss_distributed(server_round=rnd, loss=loss)

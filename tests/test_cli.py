@@ -150,3 +150,53 @@ def test_superlink_insecure_warns_loudly() -> None:
     result = fedhead("superlink", "--insecure", "--dry-run")
     assert result.returncode == 0 and "WITHOUT TLS" in result.stderr
     assert "--disable-runtime-dependency-installation" in result.stdout
+
+
+@pytest.mark.deployment
+@pytest.mark.parametrize("metrics", ["none", "on"])
+def test_superlink_starts_without_the_venv_on_path(tmp_path: Path, metrics: str) -> None:
+    """`.venv/bin/fedhead superlink` must work when the venv is not activated: Flower
+    starts its helper programs by name, so the wrapper puts them on PATH."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    address = "none" if metrics == "none" else f"127.0.0.1:{metrics_port}"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    proc = subprocess.Popen(
+        [*FEDHEAD, "superlink", "--insecure", "--port", str(port), "--metrics-address", address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        healthy = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    healthy = r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert healthy, proc.communicate(timeout=30)[0].decode() if proc.poll() is not None else ""
+        time.sleep(2)  # its SuperExec helper starts after the API is up
+        assert proc.poll() is None, "the SuperLink died after starting"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode()
+    assert "No such file or directory" not in output, output

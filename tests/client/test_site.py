@@ -161,6 +161,13 @@ def test_errors_mod_replies_with_the_problem_kind_only() -> None:
     assert reply.has_error() and "/secret" not in (reply.error.reason or "")
     assert reply.error.code == 1000 + DataError.exit_code
 
+    def crashing(msg: Message, ctx: Context) -> Message:
+        open("/secret/site/scan-0001.png")  # noqa: SIM115 - fails with the path in its text
+        raise AssertionError("unreachable")
+
+    reply = errors_mod(_train_msg([np.zeros(1, np.float32)]), _ctx(), crashing)
+    assert reply.error.reason == "FileNotFoundError: unexpected error (details in the site's log)"
+
 
 def test_audit_mod_records_what_leaves(tmp_path: Path) -> None:
     log = tmp_path / "audit" / "sent.jsonl"

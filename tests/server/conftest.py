@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 
 from fedhead.common import demo_data
+from fedhead.common.config import RunConfig
+from fedhead.server.federation import run_federation
+from tests.loopback import LoopbackGrid
 
 CLASSES = ",".join(demo_data.CLASSES)
 
@@ -50,3 +56,22 @@ def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, obj
         100 + i: {"data-path": str(p), "cache-dir": str(tmp / f"node{i}"), **extra}
         for i, p in enumerate(sites)
     }
+
+
+def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, Any]:
+    """One federation over the loopback grid; returns report.json."""
+    cfg = RunConfig.from_mapping(
+        {
+            "classes": CLASSES,
+            "input-size": 64,
+            "num-server-rounds": 3,
+            "min-sites": 2,
+            "round-timeout": 30.0,
+            "join-timeout": 5.0,
+            "out-dir": str(tmp / "out"),
+            **overrides,
+        }
+    )
+    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    run_federation(grid, ctx, cfg)
+    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]

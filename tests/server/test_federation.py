@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedhead.client.app import app as client_app
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, WeightsError
 from fedhead.common.protocol import MSG_WEIGHTS
-from fedhead.server.federation import run_federation
 from tests.loopback import LoopbackGrid
-from tests.server.conftest import CLASSES, nodes, write_sites
-
-
-def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, object]:
-    cfg = RunConfig.from_mapping(
-        {
-            "classes": CLASSES,
-            "input-size": 64,
-            "num-server-rounds": 3,
-            "min-sites": 2,
-            "round-timeout": 30.0,
-            "join-timeout": 5.0,
-            "out-dir": str(tmp / "out"),
-            **overrides,
-        }
-    )
-    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    run_federation(grid, ctx, cfg)
-    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+from tests.server.conftest import CLASSES, nodes, run, write_sites
 
 
 def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) -> None:

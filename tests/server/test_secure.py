@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.common import parameters_to_ndarrays
 
 from fedhead.client.app import app as client_app
 from fedhead.client.site import Site
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
-from fedhead.server.federation import run_federation
 from fedhead.server.secure import secagg_params
 from fedhead.server.strategy import FedHeadStrategy
 from tests.loopback import LoopbackGrid
-from tests.server.conftest import CLASSES, nodes, write_sites
+from tests.server.conftest import CLASSES, nodes, run, write_sites
 
 
 def _run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict:  # type: ignore[type-arg]
-    cfg = RunConfig.from_mapping(
-        {
-            "classes": CLASSES,
-            "input-size": 64,
-            "num-server-rounds": 2,
-            "min-sites": 3,
-            "round-timeout": 30.0,
-            "join-timeout": 5.0,
-            "out-dir": str(tmp / "out"),
-            **overrides,
-        }
-    )
-    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    run_federation(grid, ctx, cfg)
-    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+    return run(grid, tmp, **{"num-server-rounds": 2, "min-sites": 3, **overrides})
 
 
 def test_the_server_sees_only_the_secure_sum_and_it_equals_fedavg(
