@@ -32,8 +32,9 @@ class ConfigError(FedheadError):
 
     def __init__(self, problems: Iterable[str], source: str = "configuration") -> None:
         self.problems = list(problems)
-        what = f"invalid {source}: " + "; ".join(self.problems)
-        super().__init__(what, "fix the keys named above and start again")
+        self.title = f"invalid {source}"  # the user sees "<title>: <problems>; <hint>"
+        which = "this setting" if len(self.problems) == 1 else "these settings"
+        super().__init__("; ".join(self.problems), f"fix {which} and start again")
 
 
 class UnknownBackboneError(ConfigError):

@@ -32,6 +32,8 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("fedhead: ")
+    title = lines[0].split(": ")[1]
+    assert lines[0].count(title) == 1, f"the error's title is repeated: {lines[0]}"
     for needle in needles:
         assert needle in lines[0], lines[0]
 
