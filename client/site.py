@@ -301,15 +301,7 @@ def _shared_model(spec: RunSpec, weights: Path, device: str) -> tuple[FedHeadMod
     if key not in _MODELS:
         _MODELS.clear()  # one run at a time per process: free the previous run's model
         backbone = get_spec(spec.backbone)
-        model = FedHeadModel(
-            backbone,
-            load_backbone(backbone, weights),
-            num_classes=len(spec.class_names()),
-            head=spec.head,
-            hidden=spec.head_hidden,
-            dropout=spec.head_dropout,
-            unfreeze_blocks=spec.unfreeze_blocks,
-        )
+        model = FedHeadModel.for_run(backbone, load_backbone(backbone, weights), spec)
         _MODELS[key] = (model, TrainableSet.of(model))
     return _MODELS[key]
 

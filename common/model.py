@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -92,6 +92,20 @@ def _freeze_batchnorm_stats(module: nn.Module) -> None:
             m.eval()
 
 
+class ModelSettings(Protocol):
+    """The run settings that shape the model: RunConfig on the server, RunSpec on a node."""
+
+    @property
+    def head(self) -> str: ...
+    @property
+    def head_hidden(self) -> int: ...
+    @property
+    def head_dropout(self) -> float: ...
+    @property
+    def unfreeze_blocks(self) -> int: ...
+    def class_names(self) -> list[str]: ...
+
+
 class FedHeadModel(nn.Module):
     """``frozen`` blocks (cacheable), ``tuned`` last blocks, frozen ``pool``, trainable ``head``.
 
@@ -130,6 +144,19 @@ class FedHeadModel(nn.Module):
         for p in [*self.tuned.parameters(), *self.head.parameters()]:
             p.requires_grad_(True)
         self.train(False)
+
+    @classmethod
+    def for_run(cls, spec: BackboneSpec, backbone: nn.Module, run: ModelSettings) -> FedHeadModel:
+        """The run's model; the server and every node build it here, so they agree."""
+        return cls(
+            spec,
+            backbone,
+            num_classes=len(run.class_names()),
+            head=run.head,
+            hidden=run.head_hidden,
+            dropout=run.head_dropout,
+            unfreeze_blocks=run.unfreeze_blocks,
+        )
 
     def train(self, mode: bool = True) -> FedHeadModel:
         super().train(mode)

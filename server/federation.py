@@ -89,15 +89,7 @@ def resolve_weights(cfg: RunConfig) -> tuple[BackboneSpec, Path, str]:
 def build_server_model(cfg: RunConfig) -> ServerModel:
     spec, path, sha = resolve_weights(cfg)
     torch.manual_seed(cfg.seed)  # the initial head is the same for the same seed
-    model = FedHeadModel(
-        spec,
-        load_backbone(spec, path),
-        num_classes=len(cfg.class_names()),
-        head=cfg.head,
-        hidden=cfg.head_hidden,
-        dropout=cfg.head_dropout,
-        unfreeze_blocks=cfg.unfreeze_blocks,
-    )
+    model = FedHeadModel.for_run(spec, load_backbone(spec, path), cfg)
     return ServerModel(spec, path, sha, model, TrainableSet.of(model))
 
 

@@ -93,6 +93,33 @@ def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def plain_superlink(port: int) -> list[str]:
+    """Flower's own SuperLink command, without TLS, on 127.0.0.1:``port``."""
+    return [
+        str(BIN / "flower-superlink"),
+        "--insecure",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def plain_supernode(link_port: int, node_config: str) -> list[str]:
+    """Flower's own SuperNode command, without TLS, joining the SuperLink on ``link_port``."""
+    return [
+        str(BIN / "flower-supernode"),
+        "--insecure",
+        "--superlink",
+        f"127.0.0.1:{link_port}",
+        "--port",
+        str(free_port()),
+        "--node-config",
+        node_config,
+    ]
+
+
 def write_flwr_connection(
     flwr_home: Path, name: str, port: int, root_certificates: Path | None = None
 ) -> None:

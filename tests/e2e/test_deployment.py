@@ -17,7 +17,16 @@ import pytest
 
 from fedhead.common import demo_data
 from tests.conftest import REPO, write_png
-from tests.e2e.procs import BIN, base_env, check_audit, free_port, processes, wait_for_port
+from tests.e2e.procs import (
+    BIN,
+    base_env,
+    check_audit,
+    free_port,
+    plain_superlink,
+    plain_supernode,
+    processes,
+    wait_for_port,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -80,15 +89,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     with processes(tmp_path / "logs") as procs:
         link = procs.start(
             "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link_port),
-            ],
+            plain_superlink(link_port),
             base_env(flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch),
         )
         wait_for_port(link_port, proc=link)
@@ -99,16 +100,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
             )
             procs.start(
                 f"node{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    node_config,
-                ],
+                plain_supernode(link_port, node_config),
                 base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
             )
         run_config = (

@@ -16,6 +16,8 @@ from tests.e2e.procs import (
     base_env,
     free_port,
     npz_site,
+    plain_superlink,
+    plain_supernode,
     processes,
     wait_for_port,
     write_flwr_connection,
@@ -52,15 +54,7 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
     with processes(tmp_path / "logs") as procs:
         link = procs.start(
             "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            plain_superlink(port),
             base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
         )
         wait_for_port(port, proc=link)
@@ -72,16 +66,7 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
             )
             procs.start(
                 f"site{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    node_config,
-                ],
+                plain_supernode(port, node_config),
                 base_env(tmp_path / f"site{i}-home"),
             )
         run = subprocess.Popen(
