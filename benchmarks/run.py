@@ -414,7 +414,7 @@ def bench_scale(res: Results, site_counts: list[int], rounds: int) -> None:
 
 
 def bench_accuracy(res: Results, rounds: int) -> None:
-    from fedhead.server.demo import centralized_baseline
+    from fedhead.cli.demo_job import centralized_baseline
 
     for label, alpha in (("iid", 1000.0), ("alpha_0.3", 0.3)):
         overrides = {"input-size": 128, "num-server-rounds": rounds, "dirichlet-alpha": alpha}

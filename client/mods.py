@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedhead.common.errors import FederationError, FedheadError
+from fedhead.common.files import append_line
 from fedhead.common.model import global_norm
 from fedhead.common.protocol import FitSettings
 from fedhead.common.telemetry import SiteMessage, SiteRefusedUpdate, emit
@@ -133,13 +133,8 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     reply = call_next(msg, context)
     path = str(context.node_config.get("audit-log", ""))
     if path:
-        line = json.dumps(describe_message(reply), default=str) + "\n"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        append_line(Path(path), json.dumps(describe_message(reply), default=str))
     return reply
 
 

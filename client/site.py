@@ -12,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedhead.client.data import SiteData, load_site_data
-from fedhead.common import demo_data
 from fedhead.common.backbones import get_spec
 from fedhead.common.config import NodeConfig
+from fedhead.common.datasets import SiteData, load_site_data
 from fedhead.common.device import Device, select_device
-from fedhead.common.errors import DataError, ModelMismatchError, WeightsError
+from fedhead.common.errors import (
+    DataError,
+    ModelMismatchError,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+)
 from fedhead.common.features import (
     ExtractionStats,
     FeatureCache,
@@ -26,7 +30,6 @@ from fedhead.common.features import (
     open_cache,
 )
 from fedhead.common.images import (
-    ArrayImages,
     AugmentedImages,
     Augmenter,
     HashMemo,
@@ -44,6 +47,7 @@ from fedhead.common.protocol import (
     PrepareReply,
     RunSpec,
 )
+from fedhead.common.simulation import simulated_site_data
 from fedhead.common.telemetry import SiteDevice, SiteFeatures, SiteTrained, emit
 from fedhead.common.training import EvalResult, TrainParams, TrainResult, evaluate_head, train_head
 from fedhead.common.weights import (
@@ -94,10 +98,10 @@ class Site:
         """
         try:
             find_weights(self.ref, default_search_dirs(self.cache_dir))
-        except WeightsError as err:
-            if "not found" in err.what:
-                log.info("%s; asking the server for it", err.what)
-                return WEIGHTS_MISSING
+        except WeightsNotFoundError as err:
+            log.info("%s; asking the server for it", err.what)
+            return WEIGHTS_MISSING
+        except WeightsMismatchError as err:
             log.error("refusing the local copy: %s", err)
             return WEIGHTS_MISMATCH
         return WEIGHTS_OK
@@ -133,26 +137,16 @@ class Site:
                 self.spec.seed,
                 self._hash_memo(),
             )
-        pid = self.node.partition_id
-        if self.spec.simulation_data:
-            root = Path(self.spec.simulation_data)
-            for candidate in (
-                root / f"site-{pid}.npz",
-                root / f"site-{pid}.csv",
-                root / f"site-{pid}",
-            ):
-                if candidate.exists():
-                    return load_site_data(
-                        candidate,
-                        classes,
-                        self.spec.val_fraction,
-                        self.spec.seed,
-                        self._hash_memo(),
-                    )
-            raise DataError(
-                f"simulation-data {root} has no site-{pid}(.npz|.csv|/) for simulated node {pid}"
-            )
-        return embedded_demo_share(pid, self.node.num_partitions, self.spec)
+        return simulated_site_data(
+            self.node.partition_id,
+            self.node.num_partitions,
+            classes,
+            self.spec.simulation_data,
+            self.spec.dirichlet_alpha,
+            self.spec.val_fraction,
+            self.spec.seed,
+            self._hash_memo(),
+        )
 
     def _hash_memo(self) -> HashMemo:
         return HashMemo(self.cache.lookup_hash, self.cache.store_hash)
@@ -304,22 +298,3 @@ def _shared_model(spec: RunSpec, weights: Path, device: str) -> tuple[FedHeadMod
         model = FedHeadModel.for_run(backbone, load_backbone(backbone, weights), spec)
         _MODELS[key] = (model, TrainableSet.of(model))
     return _MODELS[key]
-
-
-def embedded_demo_share(pid: int, num_sites: int, spec: RunSpec) -> SiteData:
-    """Simulated node ``pid``'s share of the embedded demo data (see demo_data.shares)."""
-    if list(spec.class_names()) != list(demo_data.CLASSES):
-        raise DataError(
-            f"the embedded demo data has classes {', '.join(demo_data.CLASSES)}, the run asks "
-            f"for {spec.classes}",
-            "set simulation-data, or give real nodes a data-path",
-        )
-    share = demo_data.shares(num_sites, spec.dirichlet_alpha, spec.seed)[pid]
-    return SiteData(
-        LabeledImages(
-            ArrayImages(share.train.images, f"demo-train/site-{pid}"), share.train.labels
-        ),
-        LabeledImages(ArrayImages(share.val.images, f"demo-test/site-{pid}"), share.val.labels),
-        f"embedded demo data, share {pid} of {num_sites}",
-        val_held_out=False,
-    )

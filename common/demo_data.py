@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhead.common.errors import DataError
 from fedhead.common.weights import sha256_file
 
 CLASSES = ("normal", "pneumonia")
@@ -31,7 +32,7 @@ def load(split: str) -> Split:
     """One of the splits 'train', 'val', 'test', checked against the known sha256."""
     p = path()
     if sha256_file(p) != SHA256:
-        raise RuntimeError(f"embedded demo data {p} is corrupt (sha256 mismatch); reinstall")
+        raise DataError(f"embedded demo data {p} is corrupt (sha256 mismatch)", "reinstall fedhead")
     with np.load(p) as data:
         return Split(data[f"{split}_images"], data[f"{split}_labels"].reshape(-1).astype(np.int64))
 

@@ -59,6 +59,14 @@ class WeightsError(FedheadError):
     title = "backbone weights problem"
 
 
+class WeightsNotFoundError(WeightsError):
+    """No copy of the weights file where it was looked for."""
+
+
+class WeightsMismatchError(WeightsError):
+    """A weights file (or received bytes) with another sha256 than expected."""
+
+
 class ModelMismatchError(FedheadError):
     """Tensors received do not match the model's trainable set."""
 

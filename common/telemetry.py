@@ -4,8 +4,8 @@ Flower runs the ServerApp in a process per run and every site message in a fresh
 ``flwr-clientapp`` process, so no metric can live in those processes. They *emit*
 plain statistics events instead: each is appended as one JSON line to
 ``$FEDHEAD_METRICS_SPOOL/<role>-<pid>.jsonl``. The exporter started beside the
-SuperLink or SuperNode (``fedhead.common.exporter``) reads complete lines, turns them
-into Prometheus metrics (``fedhead.common.metrics``) and deletes the files of writers
+SuperLink or SuperNode (``fedhead.cli.exporter``) reads complete lines, turns them
+into Prometheus metrics (``fedhead.cli.metrics``) and deletes the files of writers
 that have exited, so the spool stays small however many processes come and go. A
 line cut short by a crash is never read. Without ``FEDHEAD_METRICS_SPOOL`` events are
 dropped: metrics are optional, training never depends on them.
@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedhead.common.files import append_line
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +160,7 @@ def emit(event: Event) -> None:
     role = "server" if type(event).__name__ in SERVER_EVENTS else "site"
     path = Path(spool) / f"{role}-{os.getpid()}.jsonl"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, (encode(event) + "\n").encode())
-        finally:
-            os.close(fd)
+        append_line(path, encode(event))
     except OSError as err:  # metrics are optional: training goes on
         log.debug("metrics event not written to %s: %s", path, err)
 

@@ -13,13 +13,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from fedhead.common.errors import WeightsError
+from fedhead.common.errors import WeightsError, WeightsMismatchError, WeightsNotFoundError
+from fedhead.common.files import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def verify(path: Path, ref: WeightsRef) -> None:
     """Raise WeightsError unless ``path`` has the sha256 of ``ref``."""
     actual = sha256_file(path)
     if actual != ref.sha256:
-        raise WeightsError(
+        raise WeightsMismatchError(
             f"{ref.label or ref.filename}: {path} has sha256 {actual[:16]}…, "
             f"expected {ref.sha256[:16]}…",
             f"the file is corrupt or a different checkpoint: delete it, then "
@@ -93,13 +92,13 @@ def find_weights(
     """
     if explicit is not None:
         if not explicit.is_file():
-            raise WeightsError(
+            raise WeightsNotFoundError(
                 f"{ref.label or ref.filename}: weights file {explicit} does not exist",
                 ref.install_hint or "check the path",
             )
         verify(explicit, ref)
         return explicit
-    mismatch: WeightsError | None = None
+    mismatch: WeightsMismatchError | None = None
     searched = []
     for folder in search_dirs:
         candidate = folder / ref.filename
@@ -107,43 +106,25 @@ def find_weights(
         if candidate.is_file():
             try:
                 verify(candidate, ref)
-            except WeightsError as err:
+            except WeightsMismatchError as err:
                 log.warning("%s", err)
                 mismatch = mismatch or err
                 continue
             return candidate
     if mismatch is not None:
         raise mismatch
-    raise WeightsError(
+    raise WeightsNotFoundError(
         f"{ref.label or ref.filename}: weights file {ref.filename} not found "
         f"(looked in {', '.join(searched)})",
         ref.install_hint or "install it first",
     )
 
 
-@contextmanager
-def atomic_writer(dest: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
-    """Write to a temporary file beside ``dest`` and rename it into place on success."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def install_bytes(data: bytes | memoryview, ref: WeightsRef, dest_dir: Path) -> Path:
     """Verify ``data`` against ``ref`` and store it as ``dest_dir/ref.filename``."""
     actual = hashlib.sha256(data).hexdigest()
     if actual != ref.sha256:
-        raise WeightsError(
+        raise WeightsMismatchError(
             f"{ref.label or ref.filename}: received weights have sha256 {actual[:16]}…, "
             f"expected {ref.sha256[:16]}…; refusing them",
             "the copy on the sending side is corrupt or altered: check it there",

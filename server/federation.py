@@ -23,9 +23,9 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
-from fedhead.client.data import load_test_set
 from fedhead.common.backbones import BackboneSpec, get_spec
 from fedhead.common.config import RunConfig
+from fedhead.common.datasets import load_test_set
 from fedhead.common.device import Device, select_device
 from fedhead.common.errors import WeightsError
 from fedhead.common.features import FeatureExtractor, open_cache

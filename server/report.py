@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedhead.common.weights import atomic_writer
+from fedhead.common.files import atomic_writer
 
 
 @dataclass

@@ -12,7 +12,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedhead.common.metrics import ServerMetrics, SiteMetrics, build_info
+from fedhead.cli.metrics import ServerMetrics, SiteMetrics, build_info
 from tests.conftest import REPO
 
 MONITORING = REPO / "deploy" / "monitoring"

@@ -36,7 +36,7 @@ from tests.e2e.procs import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 MONITORING = REPO / "deploy" / "monitoring"
 
 

@@ -28,7 +28,7 @@ from tests.e2e.procs import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 def fedhead(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 def test_demo_meets_the_bar_and_writes_its_contract(

@@ -22,14 +22,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from fedhead.common.metrics import ServerMetrics, SiteMetrics, build_info
+from fedhead.cli.metrics import ServerMetrics, SiteMetrics, build_info
+from fedhead.common.errors import ConfigError, FedheadError, SetupError
 from fedhead.common.telemetry import SERVER_EVENTS, SPOOL_ENV, SpoolReader
 
 log = logging.getLogger(__name__)
-
-
-class AddressError(ValueError):
-    pass
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -37,7 +34,7 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise AddressError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:9400)")
+        raise ConfigError([f"{text!r} is not HOST:PORT (for example 127.0.0.1:9400)"], "address")
     return host, int(port)
 
 
@@ -60,25 +57,30 @@ class Exporter:
     def start(self, address: str) -> bool:
         """Start serving; on failure print one line and return False (training goes on)."""
         try:
-            host, port = parse_address(address)
-            self._httpd, _ = start_http_server(port, host, registry=self.registry)
-        except (AddressError, OSError) as err:
-            reason = (
-                str(err)
-                if isinstance(err, AddressError)
-                else (f"{address} is not available ({err.strerror or err})")
-            )
+            self.serve(address)
+        except FedheadError as err:
             print(
-                f"fedhead: metrics exporter not started: {reason}; continuing without "
+                f"fedhead: metrics exporter not started: {err.what}; continuing without "
                 "metrics (choose another --metrics-address, or none)",
                 file=sys.stderr,
             )
             return False
+        return True
+
+    def serve(self, address: str) -> None:
+        """Start serving; ConfigError for a bad address, SetupError for a taken one."""
+        host, port = parse_address(address)
+        try:
+            self._httpd, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as err:
+            raise SetupError(
+                f"metrics address {address} is not available ({err.strerror or err})",
+                "choose another address, or stop what uses it",
+            ) from err
         self.address = (host, self._httpd.server_port)
         self._thread = threading.Thread(target=self._loop, name="fedhead-metrics", daemon=True)
         self._thread.start()
         log.info("serving metrics on http://%s:%d/metrics", *self.address)
-        return True
 
     def poll(self) -> None:
         for event in self.reader.poll():

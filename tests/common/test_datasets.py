@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhead.client.data import held_out_split, load_site_data, load_test_set
+from fedhead.common.datasets import held_out_split, load_site_data, load_test_set
 from fedhead.common.errors import DataError
 from tests.conftest import write_png
 

@@ -13,8 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedhead.common.exporter import Exporter, parse_address, supervise
-from fedhead.common.metrics import ServerMetrics, SiteMetrics
+from fedhead.cli.exporter import Exporter, parse_address, supervise
+from fedhead.cli.metrics import ServerMetrics, SiteMetrics
+from fedhead.common.errors import ConfigError
 from fedhead.common.telemetry import (
     SPOOL_ENV,
     RoundFinished,
@@ -232,7 +233,7 @@ def test_exporter_address_problems_are_one_line_and_not_fatal(
     assert not Exporter(["site"], tmp_path).start("localhost")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not HOST:PORT" in err[0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         parse_address("127.0.0.1:99999")
     assert parse_address("[::1]:9400") == ("::1", 9400)
 

@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedhead.cli.exporter import Exporter, prepare_spool
 from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError, FedheadError
-from fedhead.common.exporter import Exporter, prepare_spool
+from fedhead.common.files import atomic_writer
 from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, scheduled_lr, train_head
-from fedhead.common.weights import atomic_writer
 from fedhead.server.federation import build_server_model, server_extractor
 from fedhead.server.report import TABLE_HEADER, RoundRecord, RunReport, human_bytes, plot, table_row
 

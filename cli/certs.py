@@ -13,6 +13,7 @@ Sites receive ``ca.crt`` and their own ``.key``; nothing else leaves the operato
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -25,8 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedhead.cli.types import Subparsers
 from fedhead.common.errors import ConfigError, SetupError
-from fedhead.common.weights import atomic_writer
+from fedhead.common.files import atomic_writer
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -221,3 +223,39 @@ def create(plan: CertsPlan) -> list[Path]:
     for site in plan.sites:
         _site_keys(plan, site)
     return plan.created
+
+
+def _certs(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    written = create(CertsPlan(out, args.host or [], args.site or [], args.days, args.force))
+    for path in written:
+        print(f"wrote {path}")
+    if args.host:
+        print(
+            f"\nSuperLink: fedhead superlink --certs-dir {out} --host 0.0.0.0\n"
+            f"Give every site {out / 'ca.crt'} (public) and its own sites/<name>.key (secret)."
+        )
+    for site in args.site or []:
+        print(
+            f"register {site}: flwr supernode register {out / 'sites' / (site + '.pub')} "
+            f"<federation>"
+        )
+    return 0
+
+
+def add_parser(sub: Subparsers) -> None:
+    """``fedhead certs``."""
+    c = sub.add_parser(
+        "certs",
+        help="create the federation's CA, SuperLink certificate and site keys",
+        description="Creates (with `cryptography`) a private CA, a TLS certificate for the "
+        "SuperLink naming the given hosts, and an EC P-384 key pair per site for node "
+        "authentication (OpenSSH format). Private keys are written 0600. Existing files "
+        "are never overwritten without --force; an existing CA is reused.",
+    )
+    c.add_argument("--out", default="certs", help="folder for the files (default certs)")
+    c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
+    c.add_argument("--site", action="append", help="a site to make a key pair for (repeatable)")
+    c.add_argument("--days", type=int, default=825, help="server certificate validity (825)")
+    c.add_argument("--force", action="store_true", help="replace existing server/site files")
+    c.set_defaults(handler=_certs)

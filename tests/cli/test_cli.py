@@ -12,7 +12,7 @@ import pytest
 from fedhead.common.errors import ConfigError, DataError, UnknownBackboneError, WeightsError
 from tests.conftest import write_png
 
-FEDHEAD = [sys.executable, "-m", "fedhead.common.cli"]
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 def fedhead(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

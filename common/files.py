@@ -1,0 +1,45 @@
+"""Writing files safely: whole files atomically, log lines appended in one write."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_writer(dest: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """Write to a temporary file beside ``dest`` and rename it into place on success.
+
+    The data are fsynced before the rename, so a crash leaves either the old file or
+    the complete new one, never a part.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: str, mode: int = 0o600) -> None:
+    """Append one line to ``path`` (created with ``mode``) in a single ``write``.
+
+    O_APPEND makes each write land whole at the end, also with several processes
+    appending to the same file; a reader never sees two lines interleaved.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode())
+    finally:
+        os.close(fd)
