@@ -95,13 +95,13 @@ def bench_cache(res: Results, sizes: list[int], n_images: dict[int, int], epochs
 
 def _cache_figure(sm: Any, device: Any, px: int, n: int, epochs: int) -> Figure:
     from fedhead.common.features import FeatureCache, FeatureExtractor
-    from fedhead.common.images import ArrayImages, Preprocessor
+    from fedhead.common.images import ArrayImages
     from fedhead.common.training import TrainParams, train_head
 
     initial = sm.trainable.get(sm.model)
     images, labels = _demo_images(n)
     y = torch.from_numpy(labels)
-    pre = Preprocessor(px, sm.spec.mean, sm.spec.std)
+    pre = sm.spec.preprocessor(px)
     params = TrainParams(epochs, 64, 0.01)
     with tempfile.TemporaryDirectory() as tmp:
         cache_path = Path(tmp) / "features.sqlite"
@@ -194,12 +194,12 @@ def bench_bytes(res: Results) -> None:
 def bench_throughput(res: Results, n: int, px: int = 128) -> None:
     from fedhead.common.device import select_device
     from fedhead.common.features import FeatureCache, FeatureExtractor
-    from fedhead.common.images import ArrayImages, Preprocessor
+    from fedhead.common.images import ArrayImages
 
     sm = _mobilenet()
     device = select_device("auto")
     images, _ = _demo_images(n)
-    pre = Preprocessor(px, sm.spec.mean, sm.spec.std)
+    pre = sm.spec.preprocessor(px)
     tv = sm.spec.build()
     tv.load_state_dict(torch.load(sm.weights_path, weights_only=True))
     tv.eval().to(device.torch_device)

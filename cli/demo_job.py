@@ -22,13 +22,15 @@ from fedhead.cli.exporter import Exporter, prepare_spool
 from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError, FedheadError
-from fedhead.common.files import atomic_writer
 from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
+from fedhead.common.rounds import RoundResult
+from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
-from fedhead.common.training import TrainParams, evaluate_head, scheduled_lr, train_head
-from fedhead.server.federation import build_server_model, server_extractor
-from fedhead.server.report import TABLE_HEADER, RoundRecord, RunReport, human_bytes, plot, table_row
+from fedhead.common.training import TrainParams, evaluate_head, round_seed, scheduled_lr, train_head
+from fedhead.server.evaluation import server_extractor
+from fedhead.server.report import TABLE_HEADER, RunReport, human_bytes, plot, table_row
+from fedhead.server.setup import build_server_model
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +86,8 @@ def _check(opts: DemoOptions) -> None:
 
 def _write_sites(opts: DemoOptions) -> list[demo_data.Share]:
     shares = demo_data.shares(opts.clients, opts.alpha, opts.seed)
-    folder = opts.out / "sites"
-    folder.mkdir(parents=True, exist_ok=True)
     for i, share in enumerate(shares):
-        with atomic_writer(folder / f"site-{i}.npz") as f:
-            np.savez_compressed(
-                f,
-                images=share.train.images,
-                labels=share.train.labels,
-                val_images=share.val.images,
-                val_labels=share.val.labels,
-                class_names=np.array(demo_data.CLASSES),
-            )
+        write_site_npz(opts.out / "sites" / f"site-{i}.npz", share.train, share.val)
     return shares
 
 
@@ -127,7 +119,7 @@ def centralized_baseline(cfg: RunConfig, progress: bool) -> dict[str, Any]:
             cfg.momentum,
             cfg.weight_decay,
             cfg.unfreeze_lr_scale,
-            cfg.seed * 100_003 + rnd,
+            round_seed(cfg.seed, rnd),
         )
         train_head(sm.model, f_train.values, y_train, params, device)
     result = evaluate_head(sm.model, f_test.values, y_test, device)
@@ -180,7 +172,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
     print(TABLE_HEADER)
     report_box: list[RunReport] = []
 
-    def on_round(rec: RoundRecord) -> None:
+    def on_round(rec: RoundResult) -> None:
         print(table_row(rec), flush=True)
 
     try:
@@ -241,16 +233,7 @@ def _simulate(
     from fedhead.server.app import make_server_app
 
     gpus = 1.0 / opts.clients if torch.cuda.is_available() and opts.device != "cpu" else 0.0
-    cpus = max(os.cpu_count() or 1, 1)
-    backend: dict[str, dict[str, Any]] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": opts.verbose,
-        },
-    }
+    backend = backend_config(gpus, opts.verbose)
     server_app = make_server_app(cfg, on_report=on_report, on_round=on_round, out_dir=opts.out)
     try:
         run_simulation(

@@ -16,9 +16,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from fedhead.common import __version__
+from fedhead.common.rounds import REJECT_REASONS, SECAGG_STAGES, RoundResult
 from fedhead.common.telemetry import (
     Event,
-    RoundFinished,
     RoundStarted,
     RunFinished,
     RunPrepared,
@@ -41,8 +41,6 @@ SITE_TRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 # A ClientApp message includes process start-up and the first feature extraction.
 SITE_MESSAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
-SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
-REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples")
 SITE_STATES = ("selected", "replied", "failed", "dropped")
 SITE_MESSAGE_KINDS = ("prepare", "weights", "train", "evaluate")
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
@@ -204,10 +202,10 @@ class ServerMetrics:
             self.round_current.set(0)
         elif isinstance(event, RoundStarted):
             self.round_current.set(event.round)
-        elif isinstance(event, RoundFinished):
+        elif isinstance(event, RoundResult):
             self._round(event)
 
-    def _round(self, e: RoundFinished) -> None:
+    def _round(self, e: RoundResult) -> None:
         self.round_last.set(e.round)
         self.round_last_ts.set(time.time())
         self.progress_ts.set_to_current_time()
@@ -222,7 +220,7 @@ class ServerMetrics:
         for state, n in counts.items():
             self.sites.labels(state).inc(n)
             self.sites_last.labels(state).set(n)
-        for reason, n in e.rejected.items():
+        for reason, n in e.updates_rejected.items():
             self.rejected.labels(reason).inc(n)
         self.traffic.labels("to_sites").inc(e.bytes_to_sites)
         self.traffic.labels("from_sites").inc(e.bytes_from_sites)
@@ -233,9 +231,8 @@ class ServerMetrics:
             ("server", e.server_eval_loss, e.server_eval_accuracy),
         ):
             if _finite(loss):
-                self.eval_loss.labels(scope).set(loss)  # type: ignore[arg-type]
+                self.eval_loss.labels(scope).set(loss)
             if _finite(acc):
-                assert acc is not None
                 self.eval_accuracy.labels(scope).set(acc)
                 if scope in self._previous_accuracy:
                     change = acc - self._previous_accuracy[scope]

@@ -44,6 +44,7 @@ def _weights_list(args: argparse.Namespace) -> int:
         print(
             f"{name:<16}{spec.input_size:>6}{spec.feature_dim:>10}  {spec.weights_file:<42}{status}"
         )
+        print(f"{'':<16}{spec.description}")
     return 0
 
 

@@ -35,7 +35,6 @@ from fedhead.common.images import (
     HashMemo,
     ImageSource,
     LabeledImages,
-    Preprocessor,
     SubsetImages,
 )
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
@@ -49,7 +48,14 @@ from fedhead.common.protocol import (
 )
 from fedhead.common.simulation import simulated_site_data
 from fedhead.common.telemetry import SiteDevice, SiteFeatures, SiteTrained, emit
-from fedhead.common.training import EvalResult, TrainParams, TrainResult, evaluate_head, train_head
+from fedhead.common.training import (
+    EvalResult,
+    TrainParams,
+    TrainResult,
+    evaluate_head,
+    round_seed,
+    train_head,
+)
 from fedhead.common.weights import (
     WeightsRef,
     default_search_dirs,
@@ -174,7 +180,7 @@ class Site:
         spec = get_spec(self.spec.backbone)
         return FeatureExtractor(
             self.model(),
-            Preprocessor(self.spec.input_size, spec.mean, spec.std),
+            spec.preprocessor(self.spec.input_size),
             self.device,
             self.spec.weights_sha256,
             self.cache,
@@ -254,7 +260,7 @@ class Site:
             momentum=settings.momentum,
             weight_decay=settings.weight_decay,
             tuned_lr_scale=settings.unfreeze_lr_scale,
-            seed=settings.seed * 100_003 + settings.server_round,
+            seed=round_seed(settings.seed, settings.server_round),
         )
         views = self.spec.augment_views > 0
         result = train_head(model, feats, labels, params, self.device, views=views)

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from fedhead.common.errors import UnknownBackboneError
+from fedhead.common.images import Preprocessor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,14 +40,13 @@ class BackboneSpec:
     architecture: str  # torchvision builder, e.g. "mobilenet_v2"
     weights_enum: str  # torchvision Weights member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
     sha256: str  # full hex digest of the weights file
-    trunk_module: str  # attribute(s) of the torchvision model that form the trunk
     head_module: str  # attribute of the torchvision model holding the ImageNet classifier
     feature_dim: int
     input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     fixed_input_size: bool = False  # ViTs only accept their training resolution
-    description: str = ""
+    description: str = ""  # one line for `fedhead weights list`
 
     @property
     def url(self) -> str:
@@ -59,6 +59,11 @@ class BackboneSpec:
     def build(self) -> nn.Module:
         """The torchvision architecture with random weights (load a state dict next)."""
         return cast(nn.Module, tvm.get_model(self.architecture, weights=None))
+
+    def preprocessor(self, input_size: int = 0) -> Preprocessor:
+        """The image preprocessing these weights expect (as torchvision's
+        ``Weights.transforms``): resize to ``input_size`` (0 = the default), normalise."""
+        return Preprocessor(input_size or self.input_size, self.mean, self.std)
 
     def trunk_blocks(self, model: nn.Module) -> TrunkBlocks:
         return _SPLITTERS[self.architecture](model)
@@ -163,7 +168,6 @@ register(
         architecture="mobilenet_v2",
         weights_enum="MobileNet_V2_Weights.IMAGENET1K_V1",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        trunk_module="features",
         head_module="classifier",
         feature_dim=1280,
         input_size=224,
@@ -180,7 +184,6 @@ register(
         architecture="resnet18",
         weights_enum="ResNet18_Weights.IMAGENET1K_V1",
         sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
-        trunk_module="conv1..layer4",
         head_module="fc",
         feature_dim=512,
         input_size=224,
@@ -193,7 +196,6 @@ register(
         architecture="resnet50",
         weights_enum="ResNet50_Weights.IMAGENET1K_V2",
         sha256="11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
-        trunk_module="conv1..layer4",
         head_module="fc",
         feature_dim=2048,
         input_size=224,
@@ -206,7 +208,6 @@ register(
         architecture="efficientnet_b0",
         weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1",
         sha256="7f5810bc96def8f7552d5b7e68d53c4786f81167d28291b21c0d90e1fca14934",
-        trunk_module="features",
         head_module="classifier",
         feature_dim=1280,
         input_size=224,
@@ -219,7 +220,6 @@ register(
         architecture="vit_b_16",
         weights_enum="ViT_B_16_Weights.IMAGENET1K_V1",
         sha256="c867db91d3e12c6cbadabb610d73c24a546bf82d8c03a9fea34f43a712ddb0e9",
-        trunk_module="conv_proj+encoder",
         head_module="heads",
         feature_dim=768,
         input_size=224,

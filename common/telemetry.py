@@ -21,11 +21,12 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedhead.common.files import append_line
+from fedhead.common.rounds import RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +59,6 @@ class RunFinished:
 @dataclass(frozen=True)
 class RoundStarted:
     round: int
-
-
-@dataclass(frozen=True)
-class RoundFinished:
-    round: int
-    seconds: float
-    aggregated: bool
-    sites_selected: int
-    sites_replied: int
-    sites_failed: int
-    sites_dropped: int
-    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
-    bytes_to_sites: int = 0
-    bytes_from_sites: int = 0
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    server_eval_loss: float | None = None
-    server_eval_accuracy: float | None = None
-    secagg_seconds: dict[str, float] = field(default_factory=dict)
-    dp_epsilon: float | None = None
-    dp_delta: float = 0.0
 
 
 # --- site events ------------------------------------------------------------------
@@ -128,7 +108,7 @@ EVENTS: dict[str, type] = {
         RunPrepared,
         RunFinished,
         RoundStarted,
-        RoundFinished,
+        RoundResult,
         SiteMessage,
         SiteTrained,
         SiteFeatures,
@@ -137,7 +117,7 @@ EVENTS: dict[str, type] = {
     )
 }
 SERVER_EVENTS = frozenset(
-    {"RunStarted", "RunPrepared", "RunFinished", "RoundStarted", "RoundFinished"}
+    {"RunStarted", "RunPrepared", "RunFinished", "RoundStarted", "RoundResult"}
 )
 Event = Any
 

@@ -41,6 +41,12 @@ class EvalResult:
     examples: int
 
 
+def round_seed(seed: int, server_round: int) -> int:
+    """The local-training seed of one round: the same on every site and in the demo's
+    centralized baseline, different in every round."""
+    return seed * 100_003 + server_round
+
+
 def scheduled_lr(base: float, server_round: int, num_rounds: int, schedule: str) -> float:
     """Learning rate for a round: constant, or cosine-decayed from ``base`` over the run.
 

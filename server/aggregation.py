@@ -17,14 +17,11 @@ from fedhead.common.model import TrainableSet, global_norm
 
 Arrays = list[np.ndarray]
 
-# Bounded set of reasons, used as a metrics label: keep it small and fixed.
-REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples")
-
 
 @dataclass(frozen=True)
 class Rejection:
     node_id: int
-    reason: str  # one of REJECT_REASONS
+    reason: str  # one of fedhead.common.rounds.REJECT_REASONS
     detail: str
 
 

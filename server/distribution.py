@@ -36,6 +36,8 @@ class PrepareOutcome:
     ready: dict[int, PrepareReply] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     weights_sent_to: list[int] = field(default_factory=list)
+    bytes_to_sites: int = 0  # the prepare and backbone messages, both ways
+    bytes_from_sites: int = 0
 
     @property
     def train_examples(self) -> int:

@@ -1,4 +1,4 @@
-"""The run report: per-round records, report.json, a plot and the console table."""
+"""The run report: per-round results, report.json, a plot and the console table."""
 
 from __future__ import annotations
 
@@ -9,27 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhead.common.files import atomic_writer
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    train_loss: float = math.nan  # example-weighted mean over sites, last local epoch
-    eval_loss: float = math.nan  # federated evaluation: example-weighted over sites
-    eval_accuracy: float = math.nan
-    server_eval_loss: float = math.nan  # server-side test set, when configured
-    server_eval_accuracy: float = math.nan
-    bytes_to_clients: int = 0
-    bytes_from_clients: int = 0
-    seconds: float = 0.0
-    sites_selected: int = 0
-    sites_replied: int = 0
-    sites_failed: int = 0  # answered with an error
-    sites_dropped: int = 0  # never delivered an update (died or timed out)
-    updates_rejected: dict[str, int] = field(default_factory=dict)
-    aggregated: bool = False  # False: too few valid updates, global head unchanged
-    secagg_seconds: dict[str, float] = field(default_factory=dict)  # SecAgg+ stage durations
-    dp_epsilon: float | None = None  # cumulative, at the run's dp delta (DP runs only)
+from fedhead.common.rounds import RoundResult
 
 
 @dataclass
@@ -40,8 +20,8 @@ class RunReport:
     input_size: int
     config: dict[str, Any]
     setup: dict[str, Any] = field(default_factory=dict)
-    initial_eval: dict[str, float] = field(default_factory=dict)  # the head before round 1
-    rounds: list[RoundRecord] = field(default_factory=list)
+    initial_eval: RoundResult | None = None  # round 0: the head before training
+    rounds: list[RoundResult] = field(default_factory=list)
     final_eval_accuracy: float = math.nan
     final_eval_loss: float = math.nan
     centralized_accuracy: float | None = None
@@ -91,11 +71,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def table_row(r: RoundRecord) -> str:
+def table_row(r: RoundResult) -> str:
     return (
         f"{r.round:>5}  {_fmt(r.train_loss, '.4f'):>10}  {_fmt(r.eval_loss, '.4f'):>9}  "
-        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {human_bytes(r.bytes_to_clients):>10}  "
-        f"{human_bytes(r.bytes_from_clients):>10}  {r.seconds:>7.2f}"
+        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {human_bytes(r.bytes_to_sites):>10}  "
+        f"{human_bytes(r.bytes_from_sites):>10}  {r.seconds:>7.2f}"
     )
 
 
@@ -109,8 +89,8 @@ def plot(report: RunReport, path: Path) -> Path:
     rounds = [r.round for r in report.rounds]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     acc = [r.eval_accuracy for r in report.rounds]
-    if math.isfinite(report.initial_eval.get("eval_accuracy", math.nan)):
-        rounds, acc = [0, *rounds], [report.initial_eval["eval_accuracy"], *acc]
+    if report.initial_eval is not None and math.isfinite(report.initial_eval.eval_accuracy):
+        rounds, acc = [0, *rounds], [report.initial_eval.eval_accuracy, *acc]
     ax_acc.plot(rounds, acc, "o-", label="federated eval")
     if any(math.isfinite(r.server_eval_accuracy) for r in report.rounds):
         ax_acc.plot(

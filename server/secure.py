@@ -30,11 +30,13 @@ from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
+from fedhead.common.rounds import SECAGG_STAGES
 from fedhead.server.strategy import FedHeadStrategy
 
 log = logging.getLogger(__name__)
 
 MODULUS_RANGE = 2**32
+SETUP, SHARE_KEYS, COLLECT, UNMASK = SECAGG_STAGES
 StageHook = Callable[[int, str, float], None]  # (round, stage, seconds)
 
 
@@ -108,8 +110,6 @@ def secagg_params(cfg: RunConfig, sampled_sites: int, max_examples: int) -> SecA
 class TimedSecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow with each stage timed, and halts logged as errors."""
 
-    STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
-
     def __init__(self, params: SecAggParams, on_stage: StageHook | None = None) -> None:
         super().__init__(
             num_shares=params.num_shares,
@@ -145,10 +145,10 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
         return ok
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._timed("setup", super().setup_stage, grid, context, state)
+        return self._timed(SETUP, super().setup_stage, grid, context, state)
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = self._timed("share_keys", super().share_keys_stage, grid, context, state)
+        ok = self._timed(SHARE_KEYS, super().share_keys_stage, grid, context, state)
         # Sites that dropped before sharing their keys never entered anyone's masks and
         # left no key shares behind: they are out of the round, not "dead". Flower 1.41
         # keeps them among the sampled sites, so unmasking would ask the others for
@@ -170,12 +170,10 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
     def collect_masked_vectors_stage(
         self, grid: Grid, context: LegacyContext, state: WorkflowState
     ) -> bool:
-        return self._timed(
-            "collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state
-        )
+        return self._timed(COLLECT, super().collect_masked_vectors_stage, grid, context, state)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._timed("unmask", super().unmask_stage, grid, context, state)
+        return self._timed(UNMASK, super().unmask_stage, grid, context, state)
 
 
 class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):

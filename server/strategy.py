@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from flwr.app import Error
 from flwr.common import (
@@ -25,6 +24,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import ErrorCode
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -32,6 +32,7 @@ from flwr.server.strategy import Strategy
 
 from fedhead.common.model import TrainableSet
 from fedhead.common.protocol import FitSettings
+from fedhead.common.rounds import RoundResult
 from fedhead.common.training import scheduled_lr
 from fedhead.server.aggregation import (
     Arrays,
@@ -45,26 +46,6 @@ from fedhead.server.aggregation import (
 log = logging.getLogger(__name__)
 
 ServerEvaluate = Callable[[Arrays], tuple[float, float]]  # arrays -> (loss, accuracy)
-
-
-@dataclass
-class RoundStats:
-    """What happened in one round, as the strategy saw it."""
-
-    selected: int = 0
-    replied: int = 0
-    failed: int = 0  # answered with an error
-    dropped: int = 0  # selected but never delivered an update (died, timed out)
-    rejected: list[Rejection] = field(default_factory=list)
-    aggregated: bool = False
-    train_loss: float = math.nan
-    eval_selected: int = 0
-    eval_loss: float = math.nan
-    eval_accuracy: float = math.nan
-    eval_examples: int = 0
-    server_eval_loss: float = math.nan
-    server_eval_accuracy: float = math.nan
-    secagg_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _Ready(Criterion):
@@ -127,20 +108,21 @@ class FedHeadStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.server_evaluate = server_evaluate
         self.ready: set[int] = set()
-        self.rounds: dict[int, RoundStats] = {}
+        self.rounds: dict[int, RoundResult] = {}
 
     def __repr__(self) -> str:
         return f"FedHeadStrategy(secure={self.secure}, min_sites={self.min_sites})"
 
-    def stats(self, server_round: int) -> RoundStats:
-        return self.rounds.setdefault(server_round, RoundStats())
+    def stats(self, server_round: int) -> RoundResult:
+        """The round's result so far (created on first use)."""
+        return self.rounds.setdefault(server_round, RoundResult(server_round))
 
     def count_replies(
         self,
         server_round: int,
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> RoundStats:
+    ) -> RoundResult:
         """Record who replied, failed or dropped in a training round.
 
         A site that is gone leaves either no failure entry (a wait timed out) or an
@@ -148,9 +130,9 @@ class FedHeadStrategy(Strategy):
         dropped. Failed means the site itself answered with an error.
         """
         st = self.stats(server_round)
-        st.replied = len(results)
-        st.failed = sum(1 for f in failures if not _unreachable(f))
-        st.dropped = max(0, st.selected - st.replied - st.failed)
+        st.sites_replied = len(results)
+        st.sites_failed = sum(1 for f in failures if not _unreachable(f))
+        st.sites_dropped = max(0, st.sites_selected - st.sites_replied - st.sites_failed)
         return st
 
     # --- training ------------------------------------------------------------------
@@ -161,7 +143,7 @@ class FedHeadStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_train, self.min_sites)
-        self.stats(server_round).selected = len(sites)
+        self.stats(server_round).sites_selected = len(sites)
         lr = scheduled_lr(
             self.settings.learning_rate, server_round, self.num_rounds, self.lr_schedule
         )
@@ -233,8 +215,8 @@ class FedHeadStrategy(Strategy):
             return None
         return aggregate
 
-    def _reject(self, st: RoundStats, server_round: int, r: Rejection) -> None:
-        st.rejected.append(r)
+    def _reject(self, st: RoundResult, server_round: int, r: Rejection) -> None:
+        st.reject(r.node_id, r.reason)
         who = "the secure aggregate" if r.node_id == 0 else f"update from node {r.node_id}"
         log.warning("round %d: rejected %s (%s): %s", server_round, who, r.reason, r.detail)
 
@@ -243,7 +225,6 @@ class FedHeadStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
-        self.stats(server_round).eval_selected = len(sites)
         return [(site, EvaluateIns(parameters, {})) for site in sites]
 
     def aggregate_evaluate(
@@ -280,9 +261,10 @@ class FedHeadStrategy(Strategy):
         return loss, {"accuracy": accuracy}
 
 
-# Flower error codes meaning the node or its reply is gone (not that its app failed):
-# MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE.
-UNREACHABLE_CODES = frozenset({3, 4, 5})
+# Flower error codes meaning the node or its reply is gone (not that its app failed).
+UNREACHABLE_CODES = frozenset(
+    {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
+)
 
 
 def _flower_error(failure: object) -> Error | None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import Code, EvaluateRes, FitRes
+from flwr.common import Code, EvaluateRes, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
@@ -30,7 +30,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
 from fedhead.common.errors import FederationError
+from fedhead.common.rounds import RoundResult
+from fedhead.server.aggregation import Arrays
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
+from fedhead.server.secure import PrivacyLedger
 from fedhead.server.strategy import FedHeadStrategy
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,6 @@ class MeteredGrid(Grid):
         self.inner = inner
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.messages_sent = 0
-        self.messages_received = 0
         self._mark = (0, 0)
 
     def take(self) -> tuple[int, int]:
@@ -79,11 +80,9 @@ class MeteredGrid(Grid):
 
     def _count_out(self, messages: list[Message]) -> None:
         self.bytes_sent += sum(message_bytes(m) for m in messages)
-        self.messages_sent += len(messages)
 
     def _count_in(self, messages: list[Message]) -> None:
         self.bytes_received += sum(message_bytes(m) for m in messages if m.has_content())
-        self.messages_received += len(messages)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -160,6 +159,38 @@ def exchange(
     return results, failures
 
 
+_CODECS: dict[str, tuple[Callable[[Any], RecordDict], Callable[[RecordDict], Any]]] = {
+    MessageType.TRAIN: (
+        lambda ins: compat.fitins_to_recorddict(ins, True),
+        lambda rd: compat.recorddict_to_fitres(rd, keep_input=False),
+    ),
+    MessageType.EVALUATE: (
+        lambda ins: compat.evaluateins_to_recorddict(ins, True),
+        compat.recorddict_to_evaluateres,
+    ),
+}
+
+
+def _plain_exchange(
+    grid: Grid, ctx: LegacyContext, message_type: str, timeout: float
+) -> tuple[int, list[Any], list[Any]] | None:
+    """Configure, send and collect one plain (unmasked) step; None if nobody is sampled."""
+    rnd = _current_round(ctx)
+    configure = (
+        ctx.strategy.configure_fit
+        if message_type == MessageType.TRAIN
+        else ctx.strategy.configure_evaluate
+    )
+    instructions = configure(rnd, _params(ctx), ctx.client_manager)
+    if not instructions:
+        return None
+    encode, decode = _CODECS[message_type]
+    results, failures = exchange(
+        grid, list(instructions), message_type, encode, decode, rnd, timeout
+    )
+    return rnd, results, failures
+
+
 @dataclass
 class PlainFit:
     """Send FitIns to the sampled sites, collect FitRes (with a timeout), aggregate."""
@@ -168,19 +199,9 @@ class PlainFit:
 
     def __call__(self, grid: Grid, context: Context) -> None:
         ctx = cast(LegacyContext, context)
-        rnd = _current_round(ctx)
-        instructions = ctx.strategy.configure_fit(rnd, _params(ctx), ctx.client_manager)
-        if not instructions:
+        if (step := _plain_exchange(grid, ctx, MessageType.TRAIN, self.timeout)) is None:
             return
-        results, failures = exchange(
-            grid,
-            instructions,
-            MessageType.TRAIN,
-            lambda ins: compat.fitins_to_recorddict(ins, True),
-            lambda rd: compat.recorddict_to_fitres(rd, keep_input=False),
-            rnd,
-            self.timeout,
-        )
+        rnd, results, failures = step
         params, metrics = ctx.strategy.aggregate_fit(rnd, results, failures)
         if params is not None:
             ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -197,29 +218,40 @@ class PlainEvaluate:
 
     def __call__(self, grid: Grid, context: Context) -> None:
         ctx = cast(LegacyContext, context)
-        rnd = _current_round(ctx)
-        instructions = ctx.strategy.configure_evaluate(rnd, _params(ctx), ctx.client_manager)
-        if not instructions:
+        if (step := _plain_exchange(grid, ctx, MessageType.EVALUATE, self.timeout)) is None:
             return
-        results, failures = exchange(
-            grid,
-            instructions,
-            MessageType.EVALUATE,
-            lambda ins: compat.evaluateins_to_recorddict(ins, True),
-            compat.recorddict_to_evaluateres,
-            rnd,
-            self.timeout,
-        )
+        rnd, results, failures = step
         loss, metrics = ctx.strategy.aggregate_evaluate(rnd, results, failures)
         if loss is not None:
             ctx.history.add_loss_distributed(server_round=rnd, loss=loss)
             ctx.history.add_metrics_distributed(server_round=rnd, metrics=metrics)
 
 
-RoundHook = Callable[[int, float], None]  # (round, seconds); round 0 = initial evaluation
-# Once sites are prepared: the fit step (plain or SecAgg+) and the strategy the steps
-# call (FedHeadStrategy, or a DP wrapper around it), both sized to the sites that joined.
-RoundBuilder = Callable[[PrepareOutcome], tuple[Step, Strategy]]
+@dataclass
+class RoundPlan:
+    """Once sites are prepared: the fit step (plain or SecAgg+), the strategy the steps
+    call (FedHeadStrategy, or a DP wrapper around it) and the privacy ledger of a DP
+    run, all sized to the sites that joined."""
+
+    fit_step: Step
+    strategy: Strategy
+    privacy: PrivacyLedger | None = None
+
+
+RoundPlanner = Callable[[PrepareOutcome], RoundPlan]
+
+
+class RunObserver(Protocol):
+    """What happens in a run, for whoever records it (report, telemetry, checkpoints)."""
+
+    def prepared(self, outcome: PrepareOutcome) -> None:
+        """Sites joined and were prepared (``outcome`` includes the setup traffic)."""
+
+    def round_started(self, server_round: int) -> None:
+        """A training round begins."""
+
+    def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+        """A round (0: the initial head's evaluation) ended with these global tensors."""
 
 
 class FedHeadWorkflow:
@@ -229,31 +261,30 @@ class FedHeadWorkflow:
         self,
         strategy: FedHeadStrategy,
         distributor: BackboneDistributor,
-        build_round: RoundBuilder,
+        plan_rounds: RoundPlanner,
         evaluate_step: Step,
         num_rounds: int,
         min_sites: int,
         join_timeout: float,
-        on_prepared: Callable[[PrepareOutcome], None] | None = None,
-        on_round: RoundHook | None = None,
-        on_round_start: Callable[[int], None] | None = None,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
         self.strategy = strategy
         self.distributor = distributor
-        self.build_round = build_round
+        self.plan_rounds = plan_rounds
         self.evaluate_step = evaluate_step
         self.num_rounds = num_rounds
         self.min_sites = min_sites
         self.join_timeout = join_timeout
-        self.on_prepared = on_prepared
-        self.on_round = on_round
-        self.on_round_start = on_round_start
+        self.observers = list(observers)
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
-        thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
+        metered = MeteredGrid(grid)
+        thread, stop, registered = start_update_client_manager_thread(
+            metered, context.client_manager
+        )
         try:
             registered.wait()
-            self._run(grid, context)
+            self._run(metered, context)
         finally:
             stop.set()
             thread.join()
@@ -273,11 +304,12 @@ class FedHeadWorkflow:
                 )
             time.sleep(0.5)
 
-    def _run(self, grid: Grid, context: LegacyContext) -> None:
+    def _run(self, grid: MeteredGrid, context: LegacyContext) -> None:
         nodes = self._wait_for_sites(context)
         outcome = self.distributor.prepare(grid, nodes)
-        if self.on_prepared:
-            self.on_prepared(outcome)
+        outcome.bytes_to_sites, outcome.bytes_from_sites = grid.take()
+        for obs in self.observers:
+            obs.prepared(outcome)
         if len(outcome.ready) < self.min_sites:
             reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(outcome.failed.items()))
             raise FederationError(
@@ -286,11 +318,10 @@ class FedHeadWorkflow:
                 "fix the problems named and start the run again",
             )
         self.strategy.ready = set(outcome.ready)
-        fit_step, context.strategy = self.build_round(outcome)
-        params = self.strategy.initialize_parameters(context.client_manager)
-        assert params is not None
+        plan = self.plan_rounds(outcome)
+        context.strategy = plan.strategy
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            params, True
+            ndarrays_to_parameters(self.strategy.initial), True
         )
         cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
@@ -298,15 +329,27 @@ class FedHeadWorkflow:
         t0 = time.perf_counter()
         self.strategy.evaluate(0, _params(context))
         self.evaluate_step(grid, context)
-        if self.on_round:
-            self.on_round(0, time.perf_counter() - t0)
+        self._finish(0, time.perf_counter() - t0, grid, context, plan)
         for rnd in range(1, self.num_rounds + 1):
             t0 = time.perf_counter()
             cfg[Key.CURRENT_ROUND] = rnd
-            if self.on_round_start:
-                self.on_round_start(rnd)
-            fit_step(grid, context)
+            for obs in self.observers:
+                obs.round_started(rnd)
+            plan.fit_step(grid, context)
             self.strategy.evaluate(rnd, _params(context))
             self.evaluate_step(grid, context)
-            if self.on_round:
-                self.on_round(rnd, time.perf_counter() - t0)
+            self._finish(rnd, time.perf_counter() - t0, grid, context, plan)
+
+    def _finish(
+        self, rnd: int, seconds: float, grid: MeteredGrid, context: LegacyContext, plan: RoundPlan
+    ) -> None:
+        """Complete the round's result (time, traffic, privacy) and tell the observers."""
+        result = self.strategy.stats(rnd)
+        result.seconds = seconds
+        result.bytes_to_sites, result.bytes_from_sites = grid.take()
+        if plan.privacy is not None and result.aggregated:
+            result.dp_epsilon = plan.privacy.release()
+            result.dp_delta = plan.privacy.delta
+        arrays = parameters_to_ndarrays(_params(context))
+        for obs in self.observers:
+            obs.round_finished(result, arrays)

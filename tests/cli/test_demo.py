@@ -41,12 +41,12 @@ def test_demo_meets_the_bar_and_writes_its_contract(
             "train_loss",
             "eval_loss",
             "eval_accuracy",
-            "bytes_to_clients",
-            "bytes_from_clients",
+            "bytes_to_sites",
+            "bytes_from_sites",
             "seconds",
         ):
             assert r[key] is not None, (key, r)
-        assert r["bytes_to_clients"] > 0 and r["bytes_from_clients"] > 0
+        assert r["bytes_to_sites"] > 0 and r["bytes_from_sites"] > 0
     # the bar: >= 0.80 on the bundled test split, within 0.03 of the centralized head
     final, central = report["final_eval_accuracy"], report["centralized_accuracy"]
     assert final >= 0.80, final

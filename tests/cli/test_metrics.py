@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -16,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedhead.cli.exporter import Exporter, parse_address, supervise
 from fedhead.cli.metrics import ServerMetrics, SiteMetrics
 from fedhead.common.errors import ConfigError
+from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import (
     SPOOL_ENV,
-    RoundFinished,
     RoundStarted,
     RunFinished,
     RunPrepared,
@@ -81,27 +82,36 @@ def test_server_events_become_metrics() -> None:
     m.apply(RoundStarted(1))
     assert samples(registry)["fedhead_round_current"] == 1
     m.apply(
-        RoundFinished(
+        RoundResult(
             1,
-            12.5,
-            True,
-            3,
-            2,
-            0,
-            1,
-            {"norm": 1},
-            3000,
-            2000,
-            0.6,
-            0.7,
+            seconds=12.5,
+            aggregated=True,
+            sites_selected=3,
+            sites_replied=2,
+            sites_failed=0,
+            sites_dropped=1,
+            updates_rejected={"norm": 1},
+            bytes_to_sites=3000,
+            bytes_from_sites=2000,
+            eval_loss=0.6,
+            eval_accuracy=0.7,
             secagg_seconds={"setup": 0.2, "unmask": 0.1},
         )
     )
     m.apply(RoundStarted(2))
     assert not any(k.startswith("fedhead_dp_epsilon") for k in samples(registry))  # DP off
     m.apply(
-        RoundFinished(
-            2, 8.0, False, 3, 3, 0, 0, {}, 3000, 2000, 0.5, 0.65, dp_epsilon=2.5, dp_delta=1e-5
+        RoundResult(
+            2,
+            seconds=8.0,
+            sites_selected=3,
+            sites_replied=3,
+            bytes_to_sites=3000,
+            bytes_from_sites=2000,
+            eval_loss=0.5,
+            eval_accuracy=0.65,
+            dp_epsilon=2.5,
+            dp_delta=1e-5,
         )
     )
     m.apply(RunFinished(ok=True))
@@ -160,8 +170,12 @@ def test_site_events_become_metrics() -> None:
 def test_events_roundtrip_and_emit_without_a_spool_does_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    event = RoundFinished(3, 1.5, True, 2, 2, 0, 0, {"norm": 2}, 10, 20, secagg_seconds={"a": 1})
-    assert decode(encode(event)) == event
+    event = RoundResult(
+        3, seconds=1.5, aggregated=True, updates_rejected={"norm": 2}, secagg_seconds={"a": 1}
+    )
+    back = decode(encode(event))
+    assert isinstance(back, RoundResult) and encode(back) == encode(event)  # NaN != NaN
+    assert back.updates_rejected == {"norm": 2} and math.isnan(back.train_loss)
     monkeypatch.delenv(SPOOL_ENV, raising=False)
     emit(event)
     monkeypatch.setenv(SPOOL_ENV, str(tmp_path))

@@ -35,8 +35,8 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
     assert backbone["head_params"] == 1280 * 2 + 2 and backbone["head_bytes"] == 4 * 2562  # type: ignore[index]
     assert backbone["trunk_params"] == 2_223_872  # type: ignore[index]
     for r in rounds:  # type: ignore[attr-defined]
-        assert r["bytes_to_clients"] > 2 * backbone["head_bytes"]  # type: ignore[index]
-        assert r["bytes_to_clients"] < 20 * backbone["head_bytes"]  # type: ignore[index]
+        assert r["bytes_to_sites"] > 2 * backbone["head_bytes"]  # type: ignore[index]
+        assert r["bytes_to_sites"] < 20 * backbone["head_bytes"]  # type: ignore[index]
 
     # a second run finds the cached copies: no transfer
     grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))

@@ -1,0 +1,96 @@
+"""A run's server-side setup: the verified backbone, the model, and what sites are told.
+
+Resolves and verifies the backbone on the server, builds the model and the initial
+head (the same for the same seed), and derives the RunSpec sent to every site and the
+per-round FitSettings from the run configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedhead.common.backbones import BackboneSpec, get_spec
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import WeightsError
+from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
+from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
+from fedhead.common.weights import default_search_dirs, download, fedhead_cache_dir, find_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    spec: BackboneSpec
+    weights_path: Path
+    sha256: str
+    model: FedHeadModel
+    trainable: TrainableSet
+
+
+def resolve_weights(cfg: RunConfig) -> tuple[BackboneSpec, Path, str]:
+    """The verified weights file of the run's backbone on this (server) machine."""
+    spec = get_spec(cfg.backbone)
+    ref = weights_ref(spec, cfg.backbone_sha256)
+    explicit = Path(cfg.backbone_weights).expanduser() if cfg.backbone_weights else None
+    try:
+        path = find_weights(ref, default_search_dirs(), explicit)
+    except WeightsError:
+        if explicit is not None or not cfg.download_weights:
+            raise
+        log.info("downloading %s from %s", ref.filename, ref.url)
+        path = download(ref, fedhead_cache_dir() / "weights")
+    return spec, path, ref.sha256
+
+
+def build_server_model(cfg: RunConfig) -> ServerModel:
+    spec, path, sha = resolve_weights(cfg)
+    torch.manual_seed(cfg.seed)  # the initial head is the same for the same seed
+    model = FedHeadModel.for_run(spec, load_backbone(spec, path), cfg)
+    return ServerModel(spec, path, sha, model, TrainableSet.of(model))
+
+
+def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
+    return RunSpec(
+        protocol=PROTOCOL_VERSION,
+        backbone=sm.spec.name,
+        weights_file=weights_ref(sm.spec, cfg.backbone_sha256).filename,
+        weights_sha256=sm.sha256,
+        weights_bytes=sm.weights_path.stat().st_size,
+        custom_weights=bool(cfg.backbone_weights),
+        classes=",".join(cfg.class_names()),
+        input_size=cfg.resolved_input_size(),
+        head=cfg.head,
+        head_hidden=cfg.head_hidden,
+        head_dropout=cfg.head_dropout,
+        unfreeze_blocks=cfg.unfreeze_blocks,
+        augment_views=cfg.augment_views,
+        augment_flip=cfg.augment_flip,
+        trainable_fingerprint=sm.trainable.fingerprint(),
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        simulation_data=cfg.simulation_data,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+    )
+
+
+def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
+    return FitSettings(
+        server_round=0,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        unfreeze_lr_scale=cfg.unfreeze_lr_scale,
+        seed=cfg.seed,
+        trainable_fingerprint=trainable.fingerprint(),
+        max_update_norm=cfg.max_update_norm,
+        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
+        uniform_weight=cfg.dp_noise_multiplier > 0,
+    )
