@@ -247,6 +247,7 @@ def simulate(overrides: dict[str, Any], sites: int) -> Any:
 
     from fedhead.client.app import app as client_app
     from fedhead.common.config import RunConfig
+    from fedhead.common.simulation import backend_config
     from fedhead.server.app import make_server_app
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -261,21 +262,12 @@ def simulate(overrides: dict[str, Any], sites: int) -> Any:
                 **overrides,
             }
         )
-        backend = {
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-                "logging_level": logging.ERROR,
-                "log_to_driver": False,
-            },
-        }
         run_simulation(
             make_server_app(cfg, on_report=box.append),
             client_app,
             num_supernodes=sites,
-            backend_config=backend,
-        )  # type: ignore[arg-type]
+            backend_config=backend_config(),
+        )
     return box[0]
 
 
@@ -333,18 +325,17 @@ def _tree_pss_bytes(root: int) -> int:
 
 def _write_scale_sites(folder: Path, sites: int) -> None:
     from fedhead.common import demo_data
+    from fedhead.common.simulation import write_site_npz
 
     train, test = demo_data.load("train"), demo_data.load("test")
     rng = np.random.default_rng(1)
     for i in range(sites):
         tr = rng.choice(len(train.labels), 8, replace=False)
         va = rng.choice(len(test.labels), 4, replace=False)
-        np.savez(
+        write_site_npz(
             folder / f"site-{i}.npz",
-            images=train.images[tr],
-            labels=train.labels[tr],
-            val_images=test.images[va],
-            val_labels=test.labels[va],
+            demo_data.Split(train.images[tr], train.labels[tr]),
+            demo_data.Split(test.images[va], test.labels[va]),
         )
 
 
@@ -441,7 +432,7 @@ def bench_accuracy(res: Results, rounds: int) -> None:
 NOTES = [
     "## Notes",
     "",
-    "- **GPU.** No GPU was lent to the task that produced these figures, so figures 1 "
+    "- **GPU.** These figures were measured on a machine without a GPU, so figures 1 "
     "and 3 exist for the CPU only. The CUDA path (mixed precision, channels_last, "
     "DataLoader workers into pinned memory) runs where a site has a GPU; its DataLoader "
     "path is tested on the CPU (`tests/common/test_features.py`).",

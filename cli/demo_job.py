@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, round_seed, scheduled_lr, train_head
 from fedhead.server.evaluation import server_extractor
+from fedhead.server.recorder import RoundCallback
 from fedhead.server.report import TABLE_HEADER, RunReport, human_bytes, plot, table_row
 from fedhead.server.setup import build_server_model
 
@@ -224,8 +226,8 @@ def _start_exporter(address: str) -> Exporter | None:
 def _simulate(
     cfg: RunConfig,
     opts: DemoOptions,
-    on_round: Any,
-    on_report: Any,
+    on_round: RoundCallback,
+    on_report: Callable[[RunReport], None],
 ) -> None:
     from flwr.simulation import run_simulation
 

@@ -9,13 +9,13 @@ collected and reported together, each naming its key.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
 from fedhead.common.errors import ConfigError
+from fedhead.common.records import FlatRecord, coerce
 
 Check = Callable[[Any], str | None]
 
@@ -50,40 +50,19 @@ def one_of(*choices: str) -> Check:
     return check
 
 
-def _coerce(value: Any, typ: type) -> Any:
-    """Flower config values are str/int/float/bool; accept ints for floats only."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, bool):
-        raise TypeError
-    if not isinstance(value, typ):
-        raise TypeError
-    return value
-
-
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-class _Config:
+class _Config(FlatRecord):
     """Shared loading logic for the frozen config dataclasses below."""
 
     _source = "configuration"
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [_key(f.name) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-
-    @classmethod
-    def docs(cls) -> list[tuple[str, Any, str]]:
-        return [
-            (_key(f.name), f.default, f.metadata.get("doc", ""))
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        ]
+        return [_key(f.name) for f in cls.fields()]
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> Self:
         problems: list[str] = []
-        fields = {_key(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        fields = {_key(f.name): f for f in cls.fields()}
         for key in mapping:
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
@@ -93,9 +72,9 @@ class _Config:
         for key, f in fields.items():
             if key not in mapping:
                 continue
-            typ = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = cls.field_type(f)
             try:
-                value = _coerce(mapping[key], typ)
+                value = coerce(mapping[key], typ)
             except TypeError:
                 problems.append(
                     f"{key}: expected {typ.__name__}, got {type(mapping[key]).__name__} "
@@ -123,7 +102,7 @@ class _Config:
         return []
 
     def to_mapping(self) -> dict[str, Any]:
-        return {_key(k): v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return {_key(k): v for k, v in self.to_dict().items()}
 
 
 def _classes_check(v: str) -> str | None:

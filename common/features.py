@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fedhead.common.device import Device
 from fedhead.common.images import ImageDecodeError, ImageSource, Preprocessor
@@ -92,9 +93,6 @@ class FeatureCache:
                 for suffix in ("-wal", "-shm"):
                     Path(str(self.path) + suffix).unlink(missing_ok=True)
         raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        self._db.close()
 
     def get_many(self, ns: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -184,10 +182,6 @@ class ExtractionStats:
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
-    @property
-    def images_per_second(self) -> float:
-        return self.extracted / self.extract_seconds if self.extract_seconds > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class Features:
@@ -196,50 +190,6 @@ class Features:
     values: torch.Tensor  # (n_ok, ...) float32
     ok: np.ndarray  # indices into the source of the images that were usable
     stats: ExtractionStats
-
-
-class Progress:
-    """Progress of a long extraction: a bar on a terminal, else a log line every 10 s."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "extracting trunk features") -> None:
-        self.total = total
-        self.label = label
-        self.tty = enabled and sys.stderr.isatty()
-        self.enabled = enabled and total >= 256  # short extractions stay quiet
-        self.t0 = time.perf_counter()
-        self.last_log = self.t0
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else 0.0
-        if self.tty:
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            print(
-                f"\r{self.label} [{bar}] {self.done}/{self.total} "
-                f"{rate:.0f} img/s, {left:.0f}s left",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-            if self.done >= self.total:
-                print(file=sys.stderr)
-        elif time.perf_counter() - self.last_log >= 10 or self.done >= self.total:
-            self.last_log = time.perf_counter()
-            log.info(
-                "%s: %d/%d images, %.0f img/s, about %.0fs left",
-                self.label,
-                self.done,
-                self.total,
-                rate,
-                left,
-            )
 
 
 class _Misses(torch.utils.data.Dataset[tuple[int, torch.Tensor | None]]):
@@ -378,7 +328,17 @@ class FeatureExtractor:
         out: dict[str, np.ndarray] = {}
         keys, indices = list(todo), list(todo.values())
         dev = self.device.torch_device
-        progress = Progress(len(indices), self.progress or len(indices) >= 2048)
+        # A bar for long extractions (short ones stay quiet); on a log rather than a
+        # terminal, tqdm writes a line at most every 10 s.
+        show = (self.progress or len(indices) >= 2048) and len(indices) >= 256
+        progress = tqdm(
+            total=len(indices),
+            desc="extracting trunk features",
+            unit="img",
+            disable=not show,
+            file=sys.stderr,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
         t0 = time.perf_counter()
         for positions, batch in self._batches(images, indices, stats):
             x = batch.to(dev, non_blocking=True)
@@ -395,5 +355,6 @@ class FeatureExtractor:
             if self.cache:
                 self.cache.put_many(self.namespace, new)
             progress.update(len(positions))
+        progress.close()
         stats.extract_seconds = time.perf_counter() - t0
         return out

@@ -11,13 +11,13 @@ the per-round settings in ``FitSettings``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Self
 
 from flwr.app import ConfigRecord
 
 from fedhead.common.errors import FederationError
+from fedhead.common.records import FlatRecord, coerce
 
 PROTOCOL_VERSION = 1
 
@@ -33,34 +33,31 @@ WEIGHTS_MISSING = "missing"
 WEIGHTS_MISMATCH = "mismatch"
 
 
-class _Record:
-    """Dataclass <-> flat ConfigRecord of scalars, refusing missing or mistyped keys."""
+class _Record(FlatRecord):
+    """A wire record: a flat ConfigRecord of scalars, refusing missing or mistyped keys."""
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return ConfigRecord(self.to_dict())
 
     def to_config(self) -> dict[str, Any]:
-        return dict(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return self.to_dict()
 
     @classmethod
     def from_mapping(cls, record: Any) -> Self:
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in cls.fields():
             if f.name not in record:
                 raise FederationError(
                     f"{cls.__name__}: missing key {f.name!r} in a message from the other side",
                     "server and sites must run the same fedhead version",
                 )
-            value = record[f.name]
-            expected = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            try:
+                values[f.name] = coerce(record[f.name], cls.field_type(f))
+            except TypeError as err:
                 raise FederationError(
-                    f"{cls.__name__}: key {f.name!r} has type {type(value).__name__}",
+                    f"{cls.__name__}: key {f.name!r}: {err}",
                     "server and sites must run the same fedhead version",
-                )
-            values[f.name] = value
+                ) from err
         return cls(**values)
 
 
@@ -72,7 +69,6 @@ class RunSpec(_Record):
     backbone: str
     weights_file: str
     weights_sha256: str
-    weights_bytes: int
     custom_weights: bool
     classes: str  # comma-separated
     input_size: int

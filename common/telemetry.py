@@ -23,7 +23,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedhead.common.files import append_line
 from fedhead.common.rounds import RoundResult
@@ -101,7 +100,19 @@ class SiteRefusedUpdate:
     reason: str  # non_finite, norm, clipping_range
 
 
-EVENTS: dict[str, type] = {
+Event = (
+    RunStarted
+    | RunPrepared
+    | RunFinished
+    | RoundStarted
+    | RoundResult
+    | SiteMessage
+    | SiteTrained
+    | SiteFeatures
+    | SiteDevice
+    | SiteRefusedUpdate
+)
+EVENTS: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
         RunStarted,
@@ -119,7 +130,6 @@ EVENTS: dict[str, type] = {
 SERVER_EVENTS = frozenset(
     {"RunStarted", "RunPrepared", "RunFinished", "RoundStarted", "RoundResult"}
 )
-Event = Any
 
 
 def encode(event: Event) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -12,7 +13,9 @@ from fedhead.common.config import RunConfig
 from fedhead.common.errors import FedheadError
 from fedhead.common.logs import setup_logging
 from fedhead.server.federation import run_federation
+from fedhead.server.recorder import RoundCallback
 from fedhead.server.report import RunReport
+from fedhead.server.workflow import RunObserver
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +23,19 @@ log = logging.getLogger(__name__)
 def make_server_app(
     config: RunConfig | None = None,
     on_report: Callable[[RunReport], None] | None = None,
-    **run_kwargs: object,
+    on_round: RoundCallback | None = None,
+    out_dir: Path | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> ServerApp:
-    """A ServerApp for ``config`` (default: the run config Flower passes in)."""
+    """A ServerApp for ``config`` (default: the run config Flower passes in); the other
+    arguments go to ``run_federation``."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
             cfg = config or RunConfig.from_mapping(context.run_config)
-            report = run_federation(grid, context, cfg, **run_kwargs)  # type: ignore[arg-type]
+            report = run_federation(grid, context, cfg, on_round, out_dir, observers)
         except FedheadError as err:
             log.error("%s: %s", err.title, err)
             raise

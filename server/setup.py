@@ -60,7 +60,6 @@ def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
         backbone=sm.spec.name,
         weights_file=weights_ref(sm.spec, cfg.backbone_sha256).filename,
         weights_sha256=sm.sha256,
-        weights_bytes=sm.weights_path.stat().st_size,
         custom_weights=bool(cfg.backbone_weights),
         classes=",".join(cfg.class_names()),
         input_size=cfg.resolved_input_size(),

@@ -14,6 +14,7 @@ from fedhead.common import demo_data
 from fedhead.common.backbones import get_spec
 from fedhead.common.errors import WeightsError
 from fedhead.common.model import weights_ref
+from fedhead.common.simulation import write_site_npz
 from fedhead.common.weights import default_search_dirs, find_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +94,18 @@ def csv_manifest(tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]) -> 
         writer.writeheader()
         writer.writerows(rows)
     return manifest
+
+
+def write_share_npz(
+    path: Path, share: demo_data.Share, n_train: int, n_val: int, seed: int
+) -> Path:
+    """A site's .npz file holding a random sample of one demo share (the one site-file
+    writer of the tests: the product's own, fedhead.common.simulation.write_site_npz)."""
+    rng = np.random.default_rng(seed)
+    tr = rng.choice(len(share.train.labels), min(n_train, len(share.train.labels)), replace=False)
+    va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
+    return write_site_npz(
+        path,
+        demo_data.Split(share.train.images[tr], share.train.labels[tr]),
+        demo_data.Split(share.val.images[va], share.val.labels[va]),
+    )

@@ -11,6 +11,7 @@ import pytest
 
 from fedhead.common.errors import ConfigError, DataError, UnknownBackboneError, WeightsError
 from tests.conftest import write_png
+from tests.e2e.procs import descendant_commands, poll_until
 
 FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
@@ -196,7 +197,12 @@ def test_superlink_starts_without_the_venv_on_path(tmp_path: Path, metrics: str)
             except OSError:
                 time.sleep(0.5)
         assert healthy, proc.communicate(timeout=30)[0].decode() if proc.poll() is not None else ""
-        time.sleep(2)  # its SuperExec helper starts after the API is up
+        # its SuperExec helper starts after the API is up, found by name on PATH
+        poll_until(
+            lambda: any("superexec" in c for c in descendant_commands(proc.pid)),
+            "running its SuperExec helper",
+            proc=proc,
+        )
         assert proc.poll() is None, "the SuperLink died after starting"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -23,18 +24,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(
-    port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+def poll_until(
+    condition: Callable[[], bool],
+    what: str,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    proc: subprocess.Popen[Any] | None = None,
 ) -> None:
+    """Wait until ``condition()`` holds; fail naming ``what`` after ``timeout`` seconds,
+    or at once if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+            raise RuntimeError(f"process exited with {proc.returncode} before {what}")
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"not {what} after {timeout}s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_port(
+    port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    poll_until(lambda: port_open(port), f"listening on 127.0.0.1:{port}", timeout, proc=proc)
+
+
+def descendant_commands(pid: int) -> list[str]:
+    """Command lines of the live descendants of process ``pid`` (Linux /proc). Flower
+    starts its helpers in sessions of their own, so parentage is what links them."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found = []
+    for child in parents:
+        ancestor = parents.get(child)
+        while ancestor is not None and ancestor != pid and ancestor > 1:
+            ancestor = parents.get(ancestor)
+        if ancestor == pid:
+            try:
+                cmd = (Path("/proc") / str(child) / "cmdline").read_bytes()
+            except OSError:
+                continue
+            found.append(cmd.replace(b"\0", b" ").decode())
+    return found
 
 
 @dataclass
@@ -146,23 +187,11 @@ def flwr(flwr_home: Path, *args: str, timeout: float = 900) -> subprocess.Comple
 
 def npz_site(path: Path, site: int, n_sites: int, n_train: int = 120, n_val: int = 40) -> Path:
     """A small non-IID share of the embedded demo data, as a site's .npz file."""
-    import numpy as np
-
     from fedhead.common import demo_data
+    from tests.conftest import write_share_npz
 
     share = demo_data.shares(n_sites, alpha=1.0, seed=5)[site]
-    rng = np.random.default_rng(site)
-    tr = rng.choice(len(share.train.labels), min(n_train, len(share.train.labels)), replace=False)
-    va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        path,
-        images=share.train.images[tr],
-        labels=share.train.labels[tr],
-        val_images=share.val.images[va],
-        val_labels=share.val.labels[va],
-    )
-    return path
+    return write_share_npz(path, share, n_train, n_val, seed=site)
 
 
 SECAGG_RECORD = "secaggplus_configs"

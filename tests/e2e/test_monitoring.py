@@ -29,6 +29,7 @@ from tests.e2e.procs import (
     flwr,
     free_port,
     npz_site,
+    poll_until,
     processes,
     wait_for_port,
     write_flwr_connection,
@@ -147,7 +148,17 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
             "dp-noise-multiplier=0.1 dp-clipping-norm=5.0",
         )
         assert run.returncode == 0, run.stdout + run.stderr + procs.log("superlink")[-3000:]
-        time.sleep(4)  # a few more scrapes after the last round
+        # Prometheus has scraped the end of the run (the last round and the run's end)
+        poll_until(
+            lambda: bool(
+                query(
+                    prom_port, "fedhead_round_last_completed == 2 and fedhead_round_current == 0"
+                )["data"]["result"]
+            ),
+            "scraped the run's last round",
+            timeout=60,
+            interval=1,
+        )
         window = f"{int(time.time() - started) + 30}s"
 
         results = {}

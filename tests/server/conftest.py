@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
 from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
 from fedhead.server.federation import run_federation
+from tests.conftest import write_share_npz
 from tests.loopback import LoopbackGrid
+from tests.reports import ReportJson, read_report
 
 CLASSES = ",".join(demo_data.CLASSES)
 
 
 def write_sites(root: Path, n_sites: int, n_train: int = 120, n_val: int = 40) -> list[Path]:
     """Small non-IID sites cut from the real demo data."""
-    paths = []
-    rng = np.random.default_rng(0)
-    for i, share in enumerate(demo_data.shares(n_sites, alpha=1.0, seed=3)):
-        path = root / f"site-{i}.npz"
-        tr = rng.choice(
-            len(share.train.labels), min(n_train, len(share.train.labels)), replace=False
-        )
-        va = rng.choice(len(share.val.labels), min(n_val, len(share.val.labels)), replace=False)
-        np.savez(
-            path,
-            images=share.train.images[tr],
-            labels=share.train.labels[tr],
-            val_images=share.val.images[va],
-            val_labels=share.val.labels[va],
-        )
-        paths.append(path)
-    return paths
+    return [
+        write_share_npz(root / f"site-{i}.npz", share, n_train, n_val, seed=i)
+        for i, share in enumerate(demo_data.shares(n_sites, alpha=1.0, seed=3))
+    ]
 
 
 @pytest.fixture
@@ -58,7 +44,7 @@ def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, obj
     }
 
 
-def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, Any]:
+def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
     """One federation over the loopback grid; returns report.json."""
     cfg = RunConfig.from_mapping(
         {
@@ -74,4 +60,4 @@ def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, Any]:
     )
     ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
     run_federation(grid, ctx, cfg)
-    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+    return read_report(tmp / "out")

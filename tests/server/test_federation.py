@@ -23,25 +23,25 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
     report = run(grid, tmp)
 
     # the sites lacked the trunk: the server sent it once, they verified and cached it
-    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]  # type: ignore[index]
+    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]
     for i in range(2):
         assert (tmp / f"node{i}" / "weights" / "mobilenet_v2-b0353104.pth").is_file()
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]  # type: ignore[index]
-    acc = [r["eval_accuracy"] for r in rounds]  # type: ignore[index]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    acc = [r["eval_accuracy"] for r in rounds]
     assert acc[-1] > 0.6 and acc[-1] >= acc[0]
     assert report["final_eval_accuracy"] == acc[-1]
     backbone = report["backbone"]
-    assert backbone["head_params"] == 1280 * 2 + 2 and backbone["head_bytes"] == 4 * 2562  # type: ignore[index]
-    assert backbone["trunk_params"] == 2_223_872  # type: ignore[index]
-    for r in rounds:  # type: ignore[attr-defined]
-        assert r["bytes_to_sites"] > 2 * backbone["head_bytes"]  # type: ignore[index]
-        assert r["bytes_to_sites"] < 20 * backbone["head_bytes"]  # type: ignore[index]
+    assert backbone["head_params"] == 1280 * 2 + 2 and backbone["head_bytes"] == 4 * 2562
+    assert backbone["trunk_params"] == 2_223_872
+    for r in rounds:
+        assert r["bytes_to_sites"] > 2 * backbone["head_bytes"]
+        assert r["bytes_to_sites"] < 20 * backbone["head_bytes"]
 
     # a second run finds the cached copies: no transfer
     grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     report2 = run(grid2, tmp, **{"num-server-rounds": 1})
-    assert report2["setup"]["backbone_sent_to"] == []  # type: ignore[index]
+    assert report2["setup"]["backbone_sent_to"] == []
     assert not any(m.metadata.message_type == MSG_WEIGHTS for m in grid2.sent)
 
 
@@ -69,7 +69,7 @@ def test_sites_send_only_trainable_tensors_and_scalars(offline_world: Path, secu
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     report = run(grid, tmp, **{"num-server-rounds": 2, "secure-aggregation": secure})
     assert report["secure_aggregation"] == ("secagg+" if secure else "none")
-    _check_replies(grid.replies, len(report["backbone"]["trainable_tensors"]), secure)  # type: ignore[index]
+    _check_replies(grid.replies, len(report["backbone"]["trainable_tensors"]), secure)
     masked = [
         r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
         for r in grid.replies
@@ -86,7 +86,7 @@ def test_a_mismatching_local_copy_is_replaced_by_the_servers(offline_world: Path
     bad.write_bytes(b"tampered weights")
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     report = run(grid, tmp, **{"num-server-rounds": 1})
-    assert 100 in report["setup"]["backbone_sent_to"]  # type: ignore[index]
+    assert 100 in report["setup"]["backbone_sent_to"]
     assert bad.read_bytes() != b"tampered weights"
 
 
@@ -96,7 +96,7 @@ def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None
     cfgs = nodes(tmp, sites)
     cfgs[102]["data-path"] = str(tmp / "no-such-folder")
     report = run(LoopbackGrid(client_app, cfgs), tmp, **{"num-server-rounds": 1})
-    failed = report["setup"]["sites_failed"]  # type: ignore[index]
+    failed = report["setup"]["sites_failed"]
     assert list(failed) == ["102"]
     assert failed["102"] == "DataError: data problem (details in the site's log)"  # no paths
     assert report["clients"] == 2
@@ -128,9 +128,9 @@ def test_a_site_that_dies_mid_run_does_not_stop_it(
     grid.before_delivery = kill_in_round_2
     report = run(grid, tmp, **{"round-timeout": 1.0, "secure-aggregation": secure})
     rounds = report["rounds"]
-    assert [r["sites_replied"] for r in rounds] == [3, 2, 2]  # type: ignore[index]
-    assert rounds[1]["sites_dropped"] == 1 and rounds[1]["aggregated"]  # type: ignore[index]
-    assert [r["sites_selected"] for r in rounds] == [3, 3, 2]  # type: ignore[index]
+    assert [r["sites_replied"] for r in rounds] == [3, 2, 2]
+    assert rounds[1]["sites_dropped"] == 1 and rounds[1]["aggregated"]
+    assert [r["sites_selected"] for r in rounds] == [3, 3, 2]
 
 
 def test_unknown_run_config_key_fails_before_anything_starts() -> None:
@@ -142,7 +142,7 @@ def test_report_is_valid_json_without_nan(offline_world: Path) -> None:
     tmp = offline_world
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     text_report = run(grid, tmp, **{"num-server-rounds": 1})
-    assert math.isfinite(text_report["final_eval_accuracy"])  # type: ignore[arg-type]
+    assert math.isfinite(text_report["final_eval_accuracy"])
     assert "NaN" not in (tmp / "out" / "report.json").read_text()
 
 

@@ -15,10 +15,11 @@ from fedhead.common.errors import ConfigError
 from fedhead.server.secure import secagg_params
 from fedhead.server.strategy import FedHeadStrategy
 from tests.loopback import LoopbackGrid
+from tests.reports import ReportJson
 from tests.server.conftest import CLASSES, nodes, run, write_sites
 
 
-def _run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict:  # type: ignore[type-arg]
+def _run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
     return run(grid, tmp, **{"num-server-rounds": 2, "min-sites": 3, **overrides})
 
 

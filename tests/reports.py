@@ -1,0 +1,77 @@
+"""report.json as tests read it: typed, so a wrong key is a type error, not a KeyError.
+
+Values the report writes as null when missing (a metric of a round that has none, DP
+settings of a run without DP) are typed as present: tests read them where they exist.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+
+class BackboneJson(TypedDict):
+    name: str
+    sha256: str
+    weights_file: str
+    custom: bool
+    trunk_params: int
+    head_params: int
+    head_bytes: int
+    trainable_tensors: list[str]
+
+
+class SetupJson(TypedDict):
+    sites_ready: list[int]
+    sites_failed: dict[str, str]
+    backbone_sent_to: list[int]
+    bytes_to_sites: int
+    bytes_from_sites: int
+    train_examples: int
+
+
+class RoundJson(TypedDict):
+    round: int
+    seconds: float
+    aggregated: bool
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    eval_examples: int
+    server_eval_loss: float
+    server_eval_accuracy: float
+    sites_selected: int
+    sites_replied: int
+    sites_failed: int
+    sites_dropped: int
+    updates_rejected: dict[str, int]
+    rejected_sites: dict[str, str]
+    bytes_to_sites: int
+    bytes_from_sites: int
+    secagg_seconds: dict[str, float]
+    dp_epsilon: float
+    dp_delta: float
+
+
+class ReportJson(TypedDict):
+    run_id: int
+    backbone: BackboneJson
+    clients: int
+    input_size: int
+    config: dict[str, Any]
+    setup: SetupJson
+    initial_eval: RoundJson
+    rounds: list[RoundJson]
+    final_eval_accuracy: float
+    final_eval_loss: float
+    centralized_accuracy: float
+    centralized: dict[str, Any]
+    secure_aggregation: str
+    secure_aggregation_params: dict[str, Any]
+    differential_privacy: dict[str, Any]
+    seconds: float
+
+
+def read_report(out_dir: Path) -> ReportJson:
+    return cast(ReportJson, json.loads((out_dir / "report.json").read_text()))
