@@ -291,7 +291,7 @@ def _lift_functional_groups(ds: Dataset, frame: int) -> None:
         ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
         ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
     ):
-        item = next((g[seq][0] for g in groups if seq in g and len(g[seq])), None)
+        item = next((g.get(seq)[0] for g in groups if g.get(seq)), None)
         if item is None:
             continue
         for name in names:

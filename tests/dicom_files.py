@@ -129,6 +129,59 @@ def write_voi_lut(path: Path, image8: np.ndarray, with_window: bool = True) -> P
     return _save(ds, path)
 
 
+def write_modality_lut(path: Path, image8: np.ndarray) -> Path:
+    """A 12-bit MONOCHROME2 file with a Modality LUT Sequence (16-bit entries) mapping
+    stored 16*v to 257*v, and no window: the full 16-bit LUT range is v / 255."""
+    ds = _base(*image8.shape, "MONOCHROME2")
+    _set_pixels(ds, image8.astype(np.int64) * 16, 12)
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "US", [min(65535, (x // 16) * 257) for x in range(4096)])
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = Sequence([item])
+    return _save(ds, path)
+
+
+def write_signed_ct(path: Path, hu: np.ndarray, center: float, width: float) -> Path:
+    """A signed 16-bit CT slice: stored = HU + 1024 - 2048 (so negative values occur),
+    rescale intercept -1024 + 2048, and one window in HU."""
+    ds = _base(*hu.shape, "MONOCHROME2")
+    ds.Modality = "CT"
+    stored = hu.astype(np.int64) - 1024
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = np.ascontiguousarray(stored.astype(np.int16)).tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1.0, 1024.0, "HU"
+    ds.WindowCenter, ds.WindowWidth = center, width
+    return _save(ds, path)
+
+
+def write_enhanced_multiframe(path: Path, frames8: list[np.ndarray]) -> Path:
+    """A multi-frame file that keeps rescale in the shared functional groups and one
+    window per frame in the per-frame groups (as enhanced CT/MR/XA objects do).
+    Frame 0 stores 16*v, frame 1 stores 8*v with its own window: both display v/255."""
+    rows, cols = frames8[0].shape
+    ds = _base(rows, cols, "MONOCHROME2")
+    ds.NumberOfFrames = len(frames8)
+    scale = [16 // (k + 1) for k in range(len(frames8))]
+    stored = np.stack([f.astype(np.int64) * s for f, s in zip(frames8, scale, strict=True)])
+    _set_pixels(ds, stored, 12)
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1.0, 0.0, "US"
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for s in scale:
+        voi = Dataset()
+        lo, hi = 0.0, float(s * 255)
+        voi.WindowCenter, voi.WindowWidth = lo + 0.5 + (hi - lo) / 2, hi - lo + 1
+        group = Dataset()
+        group.FrameVOILUTSequence = Sequence([voi])
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    return _save(ds, path)
+
+
 def write_multiframe(path: Path, frames8: list[np.ndarray]) -> Path:
     """A 12-bit MONOCHROME2 multi-frame file, frame i = frames8[i] / 255."""
     rows, cols = frames8[0].shape

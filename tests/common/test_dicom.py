@@ -104,6 +104,35 @@ def test_multi_frame_reads_the_chosen_frame(tmp_path: Path, xray: np.ndarray) ->
         read_dicom(path, ReaderSettings(frame=3))
 
 
+def test_modality_lut_sequence_without_a_window_uses_the_lut_range(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    path = dcm.write_modality_lut(tmp_path / "mlut.dcm", xray)
+    np.testing.assert_allclose(read_dicom(path), xray / 255.0, atol=EXACT)
+
+
+def test_signed_ct_is_windowed_in_hounsfield_units(tmp_path: Path) -> None:
+    hu = np.linspace(-1200, 1500, 32 * 32).reshape(32, 32).round()
+    path = dcm.write_signed_ct(tmp_path / "ct.dcm", hu, center=40.0, width=400.0)
+    expected = linear_window(hu, 40.0, 400.0)  # soft-tissue window, computed in HU
+    np.testing.assert_allclose(read_dicom(path), expected, atol=EXACT)
+    # no window: the signed 16-bit range, rescaled, mapped linearly
+    full = read_dicom(path, ReaderSettings(window=-1))
+    np.testing.assert_allclose(full, (hu - 1024 + 32768) / 65535, atol=EXACT)
+
+
+def test_enhanced_multi_frame_takes_rescale_and_window_from_functional_groups(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    frames = [xray, 255 - xray]
+    path = dcm.write_enhanced_multiframe(tmp_path / "enh.dcm", frames)
+    np.testing.assert_allclose(read_dicom(path), xray / 255.0, atol=EXACT)
+    # frame 1 is stored at half the scale with its own window: still v / 255
+    np.testing.assert_allclose(
+        read_dicom(path, ReaderSettings(frame=1)), frames[1] / 255.0, atol=EXACT
+    )
+
+
 def test_colour_is_refused_naming_the_file_and_the_tag(tmp_path: Path, xray: np.ndarray) -> None:
     path = dcm.write_rgb(tmp_path / "colour.dcm", xray)
     with pytest.raises(UnsupportedDicomError) as err:

@@ -65,6 +65,17 @@ def test_sixteen_bit_png_keeps_its_depth_scaled_to_0_1(tmp_path: Path) -> None:
     assert len(np.unique(out)) == 64 * 64  # no value merged by 8-bit rounding
 
 
+def test_sixteen_bit_tiff_reads_like_the_sixteen_bit_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 61).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.tif")
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    tif = decode_image_file(tmp_path / "deep.tif")
+    np.testing.assert_array_equal(tif, decode_image_file(tmp_path / "deep.png"))
+    np.testing.assert_allclose(tif, arr / 65535.0, atol=1e-7)
+
+
 def test_float_and_uint8_images_preprocess_identically(
     xray_arrays: tuple[np.ndarray, np.ndarray],
 ) -> None:
