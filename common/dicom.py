@@ -195,7 +195,7 @@ def _int(ds: Dataset, name: str, default: int) -> int:
     return default if value is None or value == "" else int(value)
 
 
-def _check_grayscale(path: Path, ds: Dataset) -> str:
+def _check_grayscale(path: Path, ds: Dataset) -> None:
     if not any(name in ds for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise UnsupportedDicomError(
             f"{path}: no Pixel Data (7FE0,0010) found: a report, a DICOMDIR or a "
@@ -214,7 +214,6 @@ def _check_grayscale(path: Path, ds: Dataset) -> str:
             f"{path}: Samples per Pixel (0028,0002) is {samples}; only single-sample "
             "grayscale DICOM images are read"
         )
-    return photometric
 
 
 def read_info(path: Path) -> DicomInfo:
@@ -244,14 +243,22 @@ def read_dicom(path: Path, settings: ReaderSettings | None = None) -> np.ndarray
     settings = settings or ReaderSettings()
     with _quiet():
         ds = _read(path, pixels=True)
-        _check_grayscale(path, ds)
         try:
+            _check_grayscale(path, ds)
             return _picture(path, ds, settings)
         except ImageDecodeError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
-            # Raised while decoding pixels or applying the pixel-module tags above,
-            # none of which holds personal data.
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            IndexError,
+            RuntimeError,
+            ArithmeticError,
+        ) as err:
+            # Raised while decoding pixels or reading the pixel-module tags, the only
+            # ones parsed, none of which holds personal data.
             raise ImageDecodeError(f"{path}: cannot decode the DICOM pixel data ({err})") from err
 
 

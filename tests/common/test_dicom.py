@@ -173,6 +173,17 @@ def test_corrupt_and_non_dicom_files_raise_decode_errors(tmp_path: Path, xray: n
         read_dicom(fake)
 
 
+def test_an_invalid_window_is_a_decode_error_not_a_crash(tmp_path: Path, xray: np.ndarray) -> None:
+    from pydicom import dcmread
+
+    path = dcm.write_gray(tmp_path / "w.dcm", xray)
+    ds = dcmread(path)
+    ds.WindowWidth = 0.5  # LINEAR windowing needs a width >= 1
+    ds.save_as(path)
+    with pytest.raises(ImageDecodeError, match=r"w\.dcm: cannot decode.*\(0028,1051\)"):
+        read_dicom(path)
+
+
 def test_header_facts_for_the_data_check(tmp_path: Path, xray: np.ndarray) -> None:
     info = read_info(dcm.write_gray(tmp_path / "a.dcm", xray, photometric="MONOCHROME1"))
     assert (info.photometric, info.bits_stored, info.rows, info.columns) == (
