@@ -15,12 +15,13 @@ Formats (``data-path`` in the node config):
   are class names. A row may name a folder (a DICOM series): each image file below
   it is one example with the row's label and split.
 
-Image files are PNG/JPEG/TIFF/... (8 or 16 bit) and DICOM (``.dcm``, or files without
-an image suffix that carry the DICOM 'DICM' mark); see ``fedhead.common.dicom``.
 - ``.npz`` with ``images``/``labels`` (or ``train_images``/``train_labels``), optional
   ``val_images``/``val_labels`` and ``test_images``/``test_labels``, and optional
   ``class_names`` (label i = class_names[i]; without it, integer labels are indices
   into the run's classes, string labels are names). Images uint8 (N,H,W[,C]).
+
+Image files are PNG/JPEG/TIFF/... (8 or 16 bit) and DICOM (``.dcm``, or files without
+an image suffix that carry the DICOM 'DICM' mark); see ``fedhead.common.dicom``.
 
 A site trains on the training part and validates on the validation part; a test part
 is only used for server-side evaluation.
@@ -245,7 +246,7 @@ def _load_csv(
         )
     base = path.parent
     paths = [(base / r["path"]).resolve() for r in rows]
-    rows, paths = _expand_series(rows, paths)
+    rows, paths = _expand_series(rows, paths, path)
     labels = map_label_names([r["label"] for r in rows], classes, str(path))
     images = FileImages(paths, memo, settings)
     everything = LabeledImages(images, labels)
@@ -260,12 +261,17 @@ def _load_csv(
 
 
 def _expand_series(
-    rows: list[dict[str, str]], paths: list[Path]
+    rows: list[dict[str, str]], paths: list[Path], manifest: Path
 ) -> tuple[list[dict[str, str]], list[Path]]:
     """A row naming a folder (a DICOM series) stands for every image file below it."""
     out_rows, out_paths = [], []
     for row, p in zip(rows, paths, strict=True):
         members = sorted(q for q in p.rglob("*") if _is_image(q)) if p.is_dir() else [p]
+        if not members:
+            raise DataError(
+                f"{manifest}: the row for {row['path']!r} names a folder without image files",
+                "point it at a series folder holding DICOM or image files, or remove the row",
+            )
         out_rows += [row] * len(members)
         out_paths += members
     return out_rows, out_paths

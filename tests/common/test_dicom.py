@@ -17,7 +17,7 @@ from fedhead.common.dicom import (
     read_dicom,
     read_info,
 )
-from fedhead.common.errors import ConfigError
+from fedhead.common.errors import ConfigError, DataError
 from fedhead.common.images import FileImages, ImageDecodeError
 from tests import dicom_files as dcm
 from tests.conftest import write_png
@@ -259,6 +259,11 @@ def test_csv_row_naming_a_series_folder_stands_for_its_files(
         w.writerow(["single.dcm", "normal", "val"])
     parts = read_parts(manifest, CLASSES)
     assert parts.train.labels.tolist() == [1, 1, 1]
+    (root / "empty").mkdir()
+    with manifest.open("a", newline="") as f:
+        csv.writer(f).writerow(["empty", "normal", "train"])
+    with pytest.raises(DataError, match=r"'empty' names a folder without image files"):
+        read_parts(manifest, CLASSES)
     assert parts.val is not None and parts.val.labels.tolist() == [0]
     for i in range(3):
         np.testing.assert_allclose(parts.train.images.load(i), xray / 255.0, atol=EXACT)
