@@ -99,3 +99,21 @@ def test_another_window_is_another_cache_entry(
     back = extractor(FileImages(paths, reader=ReaderSettings(window=0)))
     assert back.stats.cache_hits == len(images)
     torch.testing.assert_close(back.values, first.values, rtol=0, atol=0)
+
+
+def test_dicom_decodes_the_same_in_dataloader_workers(
+    tmp_path: Path, model: FedHeadModel, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """On CUDA, images are decoded in DataLoader workers; tested here on the CPU."""
+    images = xray_arrays[0][:4]
+    paths = [
+        dcm.write_gray(tmp_path / f"{i}.dcm", img, photometric="MONOCHROME1")
+        for i, img in enumerate(images)
+    ]
+    paths.append(dcm.write_rgb(tmp_path / "colour.dcm", images[0]))
+    pre = Preprocessor(64, SPEC.mean, SPEC.std)
+    plain = FeatureExtractor(model, pre, CPU, SPEC.sha256, workers=0, batch_size=4)
+    pooled = FeatureExtractor(model, pre, CPU, SPEC.sha256, workers=2, batch_size=4)
+    a, b = plain(FileImages(paths)), pooled(FileImages(paths))
+    assert a.ok.tolist() == b.ok.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(a.values, b.values)
