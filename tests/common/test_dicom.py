@@ -152,6 +152,30 @@ def test_compressed_transfer_syntaxes_decode(tmp_path: Path, xray: np.ndarray, s
     np.testing.assert_allclose(read_dicom(path), big / 255.0, atol=EXACT)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPEGBaseline8Bit",
+        "JPEGExtended12Bit",
+        "JPEGLosslessSV1",
+        "JPEGLSLossless",
+        "JPEGLSNearLossless",
+        "JPEG2000Lossless",
+        "JPEG2000",
+        "HTJ2KLossless",
+        "RLELossless",
+        "DeflatedExplicitVRLittleEndian",
+    ],
+)
+def test_the_installed_plugins_decode_the_common_compressed_syntaxes(name: str) -> None:
+    """The pinned pylibjpeg plugins are installed and pydicom finds them."""
+    import pydicom.uid
+    from pydicom.pixels.decoders.base import get_decoder
+
+    decoder = get_decoder(getattr(pydicom.uid, name))
+    assert decoder.is_available, decoder.missing_dependencies
+
+
 def test_a_transfer_syntax_without_a_decoder_is_refused_by_name(
     tmp_path: Path, xray: np.ndarray
 ) -> None:
