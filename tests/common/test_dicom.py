@@ -176,6 +176,17 @@ def test_the_installed_plugins_decode_the_common_compressed_syntaxes(name: str) 
     assert decoder.is_available, decoder.missing_dependencies
 
 
+def test_a_syntax_whose_plugin_is_missing_is_refused_by_name(
+    tmp_path: Path, xray: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydicom.pixels.decoders.base import Decoder
+
+    path = dcm.write_compressed(tmp_path / "rle.dcm", xray, "1.2.840.10008.1.2.5")
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(UnsupportedDicomError, match=r"rle\.dcm: transfer syntax RLE Lossless "):
+        read_dicom(path)
+
+
 def test_a_transfer_syntax_without_a_decoder_is_refused_by_name(
     tmp_path: Path, xray: np.ndarray
 ) -> None:
