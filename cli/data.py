@@ -1,4 +1,8 @@
-"""``fedhead data check``: read every image of a site's data before it joins."""
+"""``fedhead data check``: read every image of a site's data before it joins.
+
+It reports formats, bit depths, photometric interpretations, sizes and pixel spacing;
+from DICOM headers it reads nothing else (no names, IDs or dates).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,35 @@ from fedhead.common.errors import ConfigError
 
 def _data_check(args: argparse.Namespace) -> int:
     from fedhead.common.datasets import load_site_data
+    from fedhead.common.dicom import ReaderSettings
     from fedhead.common.errors import DataError
     from fedhead.common.images import ImageDecodeError
+    from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
         raise ConfigError(["--classes: needs at least two comma-separated class names"])
-    data = load_site_data(Path(args.path).expanduser(), classes, args.val_fraction, args.seed)
+    try:
+        reader = ReaderSettings(window=args.dicom_window, frame=args.dicom_frame)
+    except ValueError as err:
+        raise ConfigError([f"--dicom-window/--dicom-frame: {err}"]) from err
+    data = load_site_data(
+        Path(args.path).expanduser(), classes, args.val_fraction, args.seed, reader=reader
+    )
     print(data.summary(classes))
     bad: list[str] = []
+    inventory = Inventory()
     for part in (data.train, data.val):
         for i in range(len(part)):
             try:
                 part.images.key(i)
-                part.images.load(i)
+                image = part.images.load(i)
+                path = source_file(part.images, i)
+                inventory.add(file_facts(path) if path else array_facts(image))
             except ImageDecodeError as err:
                 bad.append(str(err))
+    for line in inventory.lines():
+        print(line)
     usable = len(data.train) + len(data.val) - len(bad)
     print(f"{usable} usable image(s), {len(bad)} unreadable")
     for line in bad[:20]:
@@ -44,13 +61,27 @@ def add_parser(sub: Subparsers) -> None:
     dsub = dc.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dk = dsub.add_parser(
         "check",
-        help="read and decode every image, count per class",
+        help="read and decode every image; count per class, format, bit depth and size",
         description="Formats: folder of class folders (or train/ and val/ "
         "with class folders), CSV manifest with path,label[,split], "
-        ".npz with images/labels[/val_images/val_labels/class_names].",
+        ".npz with images/labels[/val_images/val_labels/class_names]. Images: "
+        "PNG/JPEG/TIFF (8 or 16 bit) and grayscale DICOM.",
     )
     dk.add_argument("path", help="image folder, .csv manifest or .npz file")
     dk.add_argument("--classes", required=True, help="the run's classes, comma-separated")
     dk.add_argument("--val-fraction", type=float, default=0.15)
     dk.add_argument("--seed", type=int, default=0)
+    dk.add_argument(
+        "--dicom-window",
+        type=int,
+        default=0,
+        help="DICOM: which VOI LUT / window to apply, as the node's dicom-window "
+        "(0 = the first, -1 = none)",
+    )
+    dk.add_argument(
+        "--dicom-frame",
+        type=int,
+        default=0,
+        help="DICOM: which frame of a multi-frame file, as the node's dicom-frame",
+    )
     dk.set_defaults(handler=_data_check)

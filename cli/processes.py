@@ -94,6 +94,14 @@ def _node(args: argparse.Namespace) -> int:
     if args.audit_log:
         config["audit-log"] = str(Path(args.audit_log).expanduser().resolve())
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
+    for key, number, lowest in (
+        ("dicom-window", args.dicom_window, -1),
+        ("dicom-frame", args.dicom_frame, 0),
+    ):
+        if number is not None and number < lowest:
+            raise ConfigError([f"--{key}: must be >= {lowest}, got {number}"])
+        if number is not None:
+            node_config += f" {key}={number}"
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port)]
     cmd += ["--node-config", node_config]
     if args.insecure and (args.root_certificates or args.auth_key):
@@ -173,6 +181,14 @@ def add_parser(sub: Subparsers) -> None:
     n.add_argument("--cache-dir", help="weights and feature cache (default ~/.cache/fedhead)")
     n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     n.add_argument("--audit-log", help="JSON-lines record of every message this site sends")
+    n.add_argument(
+        "--dicom-window",
+        type=int,
+        help="DICOM: which VOI LUT / window to apply (default 0 = the first; -1 = none)",
+    )
+    n.add_argument(
+        "--dicom-frame", type=int, help="DICOM: which frame of a multi-frame file (default 0)"
+    )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")
     n.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")

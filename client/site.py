@@ -142,6 +142,7 @@ class Site:
                 self.spec.val_fraction,
                 self.spec.seed,
                 self._hash_memo(),
+                self.node.reader_settings(),
             )
         return simulated_site_data(
             self.node.partition_id,

@@ -12,10 +12,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from fedhead.common.errors import ConfigError
 from fedhead.common.records import FlatRecord, coerce
+
+if TYPE_CHECKING:
+    from fedhead.common.dicom import ReaderSettings
 
 Check = Callable[[Any], str | None]
 
@@ -255,6 +258,12 @@ class NodeConfig(_Config):
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "training device")
     audit_log: str = opt("", doc="JSON-lines file recording every message the site sends")
     feature_cache_gb: float = opt(5.0, positive, "disk budget of the feature cache")
+    dicom_window: int = opt(
+        0,
+        lambda v: None if v >= -1 else "must be >= -1",
+        "DICOM: which VOI LUT / window center-width to apply (0 = first); -1 = none",
+    )
+    dicom_frame: int = opt(0, non_negative, "DICOM: which frame of a multi-frame file (0 = first)")
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")
     num_partitions: int = opt(0, doc="simulation only")
@@ -262,3 +271,9 @@ class NodeConfig(_Config):
     @property
     def simulated(self) -> bool:
         return self.partition_id >= 0 and not self.data_path
+
+    def reader_settings(self) -> ReaderSettings:
+        """How this site's DICOM files become pictures (part of their cache keys)."""
+        from fedhead.common.dicom import ReaderSettings
+
+        return ReaderSettings(window=self.dicom_window, frame=self.dicom_frame)

@@ -7,14 +7,21 @@ class with a fixed seed so it is the same in every round and every run.
 
 Formats (``data-path`` in the node config):
 - folder of class folders: ``<path>/<class>/<image>``; or ``<path>/train/<class>/...``
-  with ``<path>/val/<class>/...`` beside it.
+  with ``<path>/val/<class>/...`` beside it. Class folders may hold sub-folders (a
+  study's DICOM series): every image file below a class folder is one example with
+  that class's label.
 - ``.csv`` with a header naming ``path`` and ``label`` columns (optional ``split``
   column: ``train``, ``val`` or ``test``); paths relative to the CSV's folder; labels
-  are class names.
+  are class names. A row may name a folder (a DICOM series): each image file below
+  it is one example with the row's label and split.
+
 - ``.npz`` with ``images``/``labels`` (or ``train_images``/``train_labels``), optional
   ``val_images``/``val_labels`` and ``test_images``/``test_labels``, and optional
   ``class_names`` (label i = class_names[i]; without it, integer labels are indices
   into the run's classes, string labels are names). Images uint8 (N,H,W[,C]).
+
+Image files are PNG/JPEG/TIFF/... (8 or 16 bit) and DICOM (``.dcm``, or files without
+an image suffix that carry the DICOM 'DICM' mark); see ``fedhead.common.dicom``.
 
 A site trains on the training part and validates on the validation part; a test part
 is only used for server-side evaluation.
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhead.common.dicom import ReaderSettings, is_dicom_path
 from fedhead.common.errors import DataError
 from fedhead.common.images import (
     IMAGE_EXTENSIONS,
@@ -105,6 +113,7 @@ def load_site_data(
     val_fraction: float = 0.15,
     seed: int = 0,
     memo: HashMemo | None = None,
+    reader: ReaderSettings | None = None,
 ) -> SiteData:
     """Read a site's data path; see the module docstring for the formats."""
     if not str(path):
@@ -117,7 +126,7 @@ def load_site_data(
             f"data path {path} does not exist",
             "set data-path to the site's image folder, .csv manifest or .npz file",
         )
-    parts = read_parts(path, classes, memo)
+    parts = read_parts(path, classes, memo, reader)
     train, val = parts.train, parts.val
     if len(train) == 0:
         raise DataError(f"no training images found in {path}", "check the data path and layout")
@@ -128,12 +137,17 @@ def load_site_data(
     return SiteData(train, val, str(path), held_out)
 
 
-def read_parts(path: Path, classes: Sequence[str], memo: HashMemo | None = None) -> Parts:
+def read_parts(
+    path: Path,
+    classes: Sequence[str],
+    memo: HashMemo | None = None,
+    reader: ReaderSettings | None = None,
+) -> Parts:
     """Read any supported data path into its parts (no held-out split yet)."""
     if path.is_dir():
-        return _load_folder(path, classes, memo)
+        return _load_folder(path, classes, memo, reader)
     if path.suffix.lower() == ".csv":
-        return _load_csv(path, classes, memo)
+        return _load_csv(path, classes, memo, reader)
     if path.suffix.lower() == ".npz":
         return _load_npz(path, classes)
     raise DataError(
@@ -157,14 +171,20 @@ def load_test_set(path: Path, classes: Sequence[str]) -> LabeledImages:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    return (
+        p.is_file()
+        and not p.name.startswith(".")
+        and (p.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_path(p))
+    )
 
 
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _folder_split(root: Path, classes: Sequence[str], memo: HashMemo | None) -> LabeledImages:
+def _folder_split(
+    root: Path, classes: Sequence[str], memo: HashMemo | None, reader: ReaderSettings | None
+) -> LabeledImages:
     paths: list[Path] = []
     names: list[str] = []
     folders = _class_folders(root)
@@ -180,24 +200,28 @@ def _folder_split(root: Path, classes: Sequence[str], memo: HashMemo | None) -> 
                 paths.append(p)
                 names.append(folder.name)
     return LabeledImages(
-        FileImages(paths, memo),
+        FileImages(paths, memo, reader),
         map_label_names(names, classes, str(root)),
     )
 
 
-def _load_folder(root: Path, classes: Sequence[str], memo: HashMemo | None) -> Parts:
+def _load_folder(
+    root: Path, classes: Sequence[str], memo: HashMemo | None, reader: ReaderSettings | None
+) -> Parts:
     sub = {p.name.lower(): p for p in _class_folders(root)}
     if "train" in sub and "train" not in classes:
         val_dir = next((sub[n] for n in _VAL_NAMES if n in sub), None)
         return Parts(
-            _folder_split(sub["train"], classes, memo),
-            _folder_split(val_dir, classes, memo) if val_dir else None,
-            _folder_split(sub["test"], classes, memo) if "test" in sub else None,
+            _folder_split(sub["train"], classes, memo, reader),
+            _folder_split(val_dir, classes, memo, reader) if val_dir else None,
+            _folder_split(sub["test"], classes, memo, reader) if "test" in sub else None,
         )
-    return Parts(_folder_split(root, classes, memo))
+    return Parts(_folder_split(root, classes, memo, reader))
 
 
-def _load_csv(path: Path, classes: Sequence[str], memo: HashMemo | None) -> Parts:
+def _load_csv(
+    path: Path, classes: Sequence[str], memo: HashMemo | None, settings: ReaderSettings | None
+) -> Parts:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -222,8 +246,9 @@ def _load_csv(path: Path, classes: Sequence[str], memo: HashMemo | None) -> Part
         )
     base = path.parent
     paths = [(base / r["path"]).resolve() for r in rows]
+    rows, paths = _expand_series(rows, paths, path)
     labels = map_label_names([r["label"] for r in rows], classes, str(path))
-    images = FileImages(paths, memo)
+    images = FileImages(paths, memo, settings)
     everything = LabeledImages(images, labels)
     split = np.array([r.get("split", "") or "train" for r in rows])
     split[np.isin(split, _VAL_NAMES)] = "val"
@@ -233,6 +258,23 @@ def _load_csv(path: Path, classes: Sequence[str], memo: HashMemo | None) -> Part
         return everything.subset(idx) if len(idx) else None
 
     return Parts(part("train") or everything.subset([]), part("val"), part("test"))
+
+
+def _expand_series(
+    rows: list[dict[str, str]], paths: list[Path], manifest: Path
+) -> tuple[list[dict[str, str]], list[Path]]:
+    """A row naming a folder (a DICOM series) stands for every image file below it."""
+    out_rows, out_paths = [], []
+    for row, p in zip(rows, paths, strict=True):
+        members = sorted(q for q in p.rglob("*") if _is_image(q)) if p.is_dir() else [p]
+        if not members:
+            raise DataError(
+                f"{manifest}: the row for {row['path']!r} names a folder without image files",
+                "point it at a series folder holding DICOM or image files, or remove the row",
+            )
+        out_rows += [row] * len(members)
+        out_paths += members
+    return out_rows, out_paths
 
 
 def _npz_labels(

@@ -1,7 +1,9 @@
 """Image sources with content keys, and the one preprocessing pipeline fedhead uses.
 
 An ``ImageSource`` is an indexable collection of images that can name each image by
-the sha256 of its content (the feature cache key) and decode it to a uint8 array.
+the sha256 of its content (the feature cache key) and decode it to an array: uint8
+for 8-bit images, float32 in [0, 1] for deeper ones (16-bit PNG/TIFF, DICOM), so
+nothing is lost to 8-bit rounding.
 Files and in-memory arrays go through the same ``Preprocessor``, so the same picture
 yields the same features whichever way it arrived.
 """
@@ -13,11 +15,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PilImage
+
+    from fedhead.common.dicom import ReaderSettings
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -36,7 +43,8 @@ class ImageSource(Protocol):
         ...
 
     def load(self, i: int) -> np.ndarray:
-        """The image as uint8 HxW or HxWxC (raises ImageDecodeError)."""
+        """The image as uint8 HxW or HxWxC, or float32 HxW in [0, 1] for images
+        deeper than 8 bits (raises ImageDecodeError)."""
         ...
 
     def describe(self, i: int) -> str:
@@ -89,11 +97,23 @@ class HashMemo:
 
 
 class FileImages:
-    """Image files on disk; content hashes can be memoised by (path, size, mtime)."""
+    """Image files on disk; content hashes can be memoised by (path, size, mtime).
 
-    def __init__(self, paths: Sequence[Path], memo: HashMemo | None = None) -> None:
+    DICOM files are read by ``fedhead.common.dicom`` with ``reader`` settings, which
+    are part of their keys: the same file windowed differently is another picture.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        memo: HashMemo | None = None,
+        reader: ReaderSettings | None = None,
+    ) -> None:
+        from fedhead.common.dicom import ReaderSettings
+
         self.paths = list(paths)
         self.memo = memo or HashMemo()
+        self.reader = reader or ReaderSettings()
         self._keys: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -113,10 +133,21 @@ class FileImages:
                     store(path, st.st_size, st.st_mtime_ns, digest)
         except OSError as err:
             raise ImageDecodeError(f"{path}: cannot read ({err.strerror or err})") from err
+        if self._is_dicom(i):
+            digest = self.reader.image_key(digest)
         self._keys[i] = digest
         return digest
 
+    def _is_dicom(self, i: int) -> bool:
+        from fedhead.common.dicom import is_dicom_path
+
+        return is_dicom_path(self.paths[i])
+
     def load(self, i: int) -> np.ndarray:
+        if self._is_dicom(i):
+            from fedhead.common.dicom import read_dicom
+
+            return read_dicom(self.paths[i], self.reader)
         return decode_image_file(self.paths[i])
 
     def describe(self, i: int) -> str:
@@ -161,17 +192,29 @@ class LabeledImages:
         return np.bincount(self.labels, minlength=num_classes).tolist()  # type: ignore[no-any-return]
 
 
+def _deep_gray(img: PilImage) -> np.ndarray:
+    """A 16/32-bit grayscale image as float32 in [0, 1], scaled by its bit depth.
+
+    PNG and TIFF store 16-bit samples over the full 0..65535 range (PNG scales
+    fewer significant bits up to it), so 65535 is the divisor; a 32-bit integer
+    image uses 65535 when its values fit 16 bits, else 2**32 - 1.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    fits_16 = img.mode.startswith("I;16") or arr.max(initial=0) <= 65535
+    scale = 65535.0 if fits_16 else 2.0**32 - 1
+    return np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
+
+
 def decode_image_file(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour)."""
+    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour), or float32
+    HxW in [0, 1] for 16-bit grayscale."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                scale = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                return np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8)
+                return _deep_gray(img)
             if img.mode in ("L", "RGB"):
                 return np.array(img, dtype=np.uint8)
             return np.array(img.convert("RGB"), dtype=np.uint8)
@@ -182,14 +225,16 @@ def decode_image_file(path: Path) -> np.ndarray:
 
 
 class Preprocessor:
-    """uint8 images -> normalised float tensors of shape (N, 3, S, S).
+    """Images -> normalised float tensors of shape (N, 3, S, S).
 
-    Grayscale is replicated to three channels; the shorter side is resized to S with
-    antialiased bilinear interpolation, then the centre S x S is kept; ImageNet-style
-    mean/std normalisation follows.
+    uint8 images are divided by 255 and float images (deeper than 8 bits) are taken
+    as already in [0, 1], so both reach the same range. Grayscale is replicated to
+    three channels; the shorter side is resized to S with antialiased bilinear
+    interpolation, then the centre S x S is kept; ImageNet-style mean/std
+    normalisation follows.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: deep images arrive as float in [0, 1], no longer rounded to uint8
 
     def __init__(
         self,
@@ -210,7 +255,9 @@ class Preprocessor:
         )
 
     def _to_chw(self, img: np.ndarray) -> torch.Tensor:
+        """(3, H, W) float32 in [0, 1]."""
         t = torch.from_numpy(np.ascontiguousarray(img))
+        t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
         if t.ndim == 2:
             t = t.unsqueeze(0).expand(3, -1, -1)
         else:
@@ -239,7 +286,7 @@ class Preprocessor:
         for i, img in enumerate(images):
             by_shape.setdefault(tuple(img.shape), []).append(i)
         for idx in by_shape.values():
-            batch = torch.stack([self._to_chw(images[i]) for i in idx]).float().div_(255.0)
+            batch = torch.stack([self._to_chw(images[i]) for i in idx])
             out[idx] = self._resize(batch)
         return (out - self.mean) / self.std
 
@@ -316,6 +363,8 @@ class Augmenter:
         contrast = rng.uniform(1 - self.jitter, 1 + self.jitter)
         brightness = rng.uniform(1 - self.jitter, 1 + self.jitter)
         out = ((out - out.mean()) * contrast + out.mean()) * brightness
+        if img.dtype != np.uint8:  # a deep image in [0, 1] stays float
+            return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
         return np.ascontiguousarray(np.clip(out, 0, 255).astype(np.uint8))
 
 

@@ -54,13 +54,43 @@ def test_mixed_sizes_in_one_batch() -> None:
     assert out.shape == (2, 3, 64, 64)
 
 
-def test_sixteen_bit_png_decodes_to_8_bit(tmp_path: Path) -> None:
+def test_sixteen_bit_png_keeps_its_depth_scaled_to_0_1(tmp_path: Path) -> None:
     from PIL import Image
 
     arr = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(arr).save(tmp_path / "deep.png")
     out = decode_image_file(tmp_path / "deep.png")
-    assert out.dtype == np.uint8 and out.shape == (64, 64) and out.max() > 200
+    assert out.dtype == np.float32 and out.shape == (64, 64)
+    np.testing.assert_allclose(out, arr / 65535.0, atol=1e-7)  # by bit depth, not by max
+    assert len(np.unique(out)) == 64 * 64  # no value merged by 8-bit rounding
+
+
+def test_sixteen_bit_tiff_reads_like_the_sixteen_bit_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 61).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.tif")
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    tif = decode_image_file(tmp_path / "deep.tif")
+    np.testing.assert_array_equal(tif, decode_image_file(tmp_path / "deep.png"))
+    np.testing.assert_allclose(tif, arr / 65535.0, atol=1e-7)
+
+
+def test_float_and_uint8_images_preprocess_identically(
+    xray_arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
+    img = xray_arrays[0][3]
+    torch.testing.assert_close(PRE([img.astype(np.float32) / 255.0]), PRE([img]))
+
+
+def test_augmented_views_of_a_deep_image_stay_float_in_range(
+    xray_arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
+    from fedhead.common.images import Augmenter
+
+    img = xray_arrays[0][0].astype(np.float32) / 255.0
+    view = Augmenter(2, flip=True).apply(img, "k", 1)
+    assert view.dtype == np.float32 and view.min() >= 0.0 and view.max() <= 1.0
 
 
 def test_corrupt_file_raises_decode_error(tmp_path: Path) -> None:
