@@ -6,18 +6,35 @@ import argparse
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from fedhead.common.datasets import load_site_data
+    from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
+    from fedhead.common.datasets import ReadPolicy, load_site_data
     from fedhead.common.errors import DataError
-    from fedhead.common.images import ImageDecodeError
+    from fedhead.common.images import DecodeLimits, ImageDecodeError
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if len(classes) < 2:
         raise ConfigError(["--classes: needs at least two comma-separated class names"])
-    data = load_site_data(Path(args.path).expanduser(), classes, args.val_fraction, args.seed)
+    node = NodeConfig.from_mapping(
+        {
+            "data-roots": ",".join(
+                str(Path(r.strip()).expanduser().resolve())
+                for r in (args.data_roots or "").split(",")
+                if r.strip()
+            ),
+            "max-image-pixels": args.max_image_pixels,
+        }
+    )
+    # checking needs no detail: images are decoded only as far as the largest input needs
+    policy = ReadPolicy(
+        node.data_root_paths(), DecodeLimits.for_input(MAX_INPUT_SIZE, node.max_image_pixels)
+    )
+    path = Path(args.path).expanduser()
+    data = load_site_data(path, classes, args.val_fraction, args.seed, None, policy)
     print(data.summary(classes))
     bad: list[str] = []
     for part in (data.train, data.val):
@@ -53,4 +70,15 @@ def add_parser(sub: Subparsers) -> None:
     dk.add_argument("--classes", required=True, help="the run's classes, comma-separated")
     dk.add_argument("--val-fraction", type=float, default=0.15)
     dk.add_argument("--seed", type=int, default=0)
+    dk.add_argument(
+        "--data-roots",
+        help="comma-separated folders besides the data folder that image paths may lead "
+        "into, as the node's data-roots",
+    )
+    dk.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"as the node's max-image-pixels ({DEFAULT_MAX_IMAGE_PIXELS})",
+    )
     dk.set_defaults(handler=_data_check)

@@ -93,7 +93,14 @@ def _node(args: argparse.Namespace) -> int:
         config["cache-dir"] = str(Path(args.cache_dir).expanduser().resolve())
     if args.audit_log:
         config["audit-log"] = str(Path(args.audit_log).expanduser().resolve())
+    if args.data_roots:
+        roots = [r.strip() for r in args.data_roots.split(",") if r.strip()]
+        config["data-roots"] = ",".join(str(Path(r).expanduser().resolve()) for r in roots)
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels <= 0:
+            raise ConfigError([f"--max-image-pixels: must be > 0 (got {args.max_image_pixels})"])
+        node_config += f" max-image-pixels={args.max_image_pixels}"
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port)]
     cmd += ["--node-config", node_config]
     if args.insecure and (args.root_certificates or args.auth_key):
@@ -173,6 +180,17 @@ def add_parser(sub: Subparsers) -> None:
     n.add_argument("--cache-dir", help="weights and feature cache (default ~/.cache/fedhead)")
     n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     n.add_argument("--audit-log", help="JSON-lines record of every message this site sends")
+    n.add_argument(
+        "--data-roots",
+        help="comma-separated folders besides the data folder that image paths may lead "
+        "into (CSV entries, symlinks); by default every image must lie inside the data "
+        "folder",
+    )
+    n.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="refuse images with more pixels, unread, as unreadable (50000000)",
+    )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")
     n.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")

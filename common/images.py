@@ -13,19 +13,40 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 
 
+# Files are decoded reduced while their shorter side stays at least this many times the
+# model's input side, so a large photo costs memory and time in proportion to the
+# model's input rather than to its own pixel count.
+DECODE_SIDE_FACTOR = 2
+
+
 class ImageDecodeError(Exception):
     """An image that cannot be read or decoded (it is skipped and counted)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How far image files are decoded: a pixel budget, and a side to reduce them to."""
+
+    max_pixels: int = 50_000_000  # larger images are refused before decoding
+    min_side: int = 0  # decode reduced while the shorter side stays >= this; 0 = full size
+
+    @classmethod
+    def for_input(cls, input_size: int, max_pixels: int = 50_000_000) -> DecodeLimits:
+        return cls(max_pixels, DECODE_SIDE_FACTOR * input_size)
 
 
 class ImageSource(Protocol):
@@ -91,9 +112,15 @@ class HashMemo:
 class FileImages:
     """Image files on disk; content hashes can be memoised by (path, size, mtime)."""
 
-    def __init__(self, paths: Sequence[Path], memo: HashMemo | None = None) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        memo: HashMemo | None = None,
+        limits: DecodeLimits | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.memo = memo or HashMemo()
+        self.limits = limits or DecodeLimits()
         self._keys: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -108,7 +135,8 @@ class FileImages:
             lookup, store = self.memo.lookup, self.memo.store
             digest = lookup(path, st.st_size, st.st_mtime_ns) if lookup else None
             if digest is None:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                with path.open("rb") as f:  # streamed: a large file is not read into memory
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
                 if store:
                     store(path, st.st_size, st.st_mtime_ns, digest)
         except OSError as err:
@@ -117,7 +145,7 @@ class FileImages:
         return digest
 
     def load(self, i: int) -> np.ndarray:
-        return decode_image_file(self.paths[i])
+        return decode_image_file(self.paths[i], self.limits)
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -161,24 +189,54 @@ class LabeledImages:
         return np.bincount(self.labels, minlength=num_classes).tolist()  # type: ignore[no-any-return]
 
 
-def decode_image_file(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour)."""
+def decode_image_file(path: Path, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour).
+
+    The size is read from the header first: an image above ``limits.max_pixels`` is
+    refused before any pixel is decoded. A large one is decoded reduced by a whole
+    factor that keeps its shorter side >= ``limits.min_side`` (JPEG: scaled while
+    decoding; other formats: averaged over blocks right after decoding).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    limits = limits or DecodeLimits()
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ImageDecodeError(
+                    f"{path}: image of {w}x{h} pixels is larger than the limit of "
+                    f"{limits.max_pixels} pixels (max-image-pixels); refused unread"
+                )
+            factor = min(w, h) // limits.min_side if limits.min_side else 1
+            if factor >= 2 and img.format == "JPEG":
+                img.draft(img.mode, (w // factor, h // factor))  # DCT scaling by 1/2..1/8
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                scale = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            sixteen_bit = img.mode.startswith("I;16")
+            pic = _reduced(img, limits.min_side)
+            if pic.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(pic, dtype=np.float64)
+                scale = 65535.0 if sixteen_bit else max(float(arr.max()), 1.0)
                 return np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8)
-            if img.mode in ("L", "RGB"):
-                return np.array(img, dtype=np.uint8)
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            if pic.mode in ("L", "RGB"):
+                return np.array(pic, dtype=np.uint8)
+            return np.array(pic.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageDecodeError(f"{path}: not a readable image ({err})") from err
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{path}: image too large ({err})") from err
+
+
+def _reduced(img: PILImage, min_side: int) -> PILImage:
+    """``img`` reduced by the largest whole factor that keeps its shorter side >= min_side."""
+    factor = min(img.size) // min_side if min_side else 1
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):  # reduce() lacks these modes
+        img = img.convert("I")
+    elif img.mode not in ("L", "RGB", "I", "F"):  # as the full-size path would convert it
+        img = img.convert("RGB")
+    return img.reduce(factor)
 
 
 class Preprocessor:
@@ -189,7 +247,7 @@ class Preprocessor:
     mean/std normalisation follows.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: files decoded reduced to DECODE_SIDE_FACTOR x the input side
 
     def __init__(
         self,
@@ -205,7 +263,8 @@ class Preprocessor:
 
     def fingerprint(self) -> str:
         return (
-            f"v{self.VERSION}|short-side-bilinear-aa+center-crop|{self.size}|"
+            f"v{self.VERSION}|files-reduced-{DECODE_SIDE_FACTOR}x|"
+            f"short-side-bilinear-aa+center-crop|{self.size}|"
             f"{self._mean_t}|{self._std_t}"
         )
 

@@ -25,11 +25,11 @@ from flwr.serverapp import Grid
 
 from fedhead.common.backbones import BackboneSpec, get_spec
 from fedhead.common.config import RunConfig
-from fedhead.common.datasets import load_test_set
+from fedhead.common.datasets import ReadPolicy, load_test_set
 from fedhead.common.device import Device, select_device
 from fedhead.common.errors import WeightsError
 from fedhead.common.features import FeatureExtractor, open_cache
-from fedhead.common.images import Preprocessor
+from fedhead.common.images import DecodeLimits, Preprocessor
 from fedhead.common.model import (
     FedHeadModel,
     TrainableSet,
@@ -157,7 +157,9 @@ def server_evaluator(
     """Evaluate global tensors on the server's own test set, if one is configured."""
     if not cfg.server_test_data:
         return None
-    test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names())
+    # decoded as the sites decode their images: large files reduced for the input size
+    policy = ReadPolicy(decode=DecodeLimits.for_input(cfg.resolved_input_size()))
+    test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names(), policy)
     extractor, device = server_extractor(cfg, sm)
     feats = extractor(test.images)
     labels = torch.from_numpy(test.labels[feats.ok])
