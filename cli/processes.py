@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
@@ -189,7 +190,8 @@ def add_parser(sub: Subparsers) -> None:
     n.add_argument(
         "--max-image-pixels",
         type=int,
-        help="refuse images with more pixels, unread, as unreadable (50000000)",
+        help="images with more pixels are refused unread and counted as unreadable "
+        f"({DEFAULT_MAX_IMAGE_PIXELS})",
     )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")
