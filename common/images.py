@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
+
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
@@ -41,11 +43,11 @@ class ImageDecodeError(Exception):
 class DecodeLimits:
     """How far image files are decoded: a pixel budget, and a side to reduce them to."""
 
-    max_pixels: int = 50_000_000  # larger images are refused before decoding
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused before decoding
     min_side: int = 0  # decode reduced while the shorter side stays >= this; 0 = full size
 
     @classmethod
-    def for_input(cls, input_size: int, max_pixels: int = 50_000_000) -> DecodeLimits:
+    def for_input(cls, input_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodeLimits:
         return cls(max_pixels, DECODE_SIDE_FACTOR * input_size)
 
 
