@@ -10,14 +10,16 @@ import argparse
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from fedhead.common.datasets import load_site_data
+    from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
+    from fedhead.common.datasets import ReadPolicy, load_site_data
     from fedhead.common.dicom import ReaderSettings
     from fedhead.common.errors import DataError
-    from fedhead.common.images import ImageDecodeError
+    from fedhead.common.images import DecodeLimits, ImageDecodeError
     from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -27,9 +29,22 @@ def _data_check(args: argparse.Namespace) -> int:
         reader = ReaderSettings(window=args.dicom_window, frame=args.dicom_frame)
     except ValueError as err:
         raise ConfigError([f"--dicom-window/--dicom-frame: {err}"]) from err
-    data = load_site_data(
-        Path(args.path).expanduser(), classes, args.val_fraction, args.seed, reader=reader
+    node = NodeConfig.from_mapping(
+        {
+            "data-roots": ",".join(
+                str(Path(r.strip()).expanduser().resolve())
+                for r in (args.data_roots or "").split(",")
+                if r.strip()
+            ),
+            "max-image-pixels": args.max_image_pixels,
+        }
     )
+    # checking needs no detail: images are decoded only as far as the largest input needs
+    policy = ReadPolicy(
+        node.data_root_paths(), DecodeLimits.for_input(MAX_INPUT_SIZE, node.max_image_pixels)
+    )
+    path = Path(args.path).expanduser()
+    data = load_site_data(path, classes, args.val_fraction, args.seed, None, policy, reader)
     print(data.summary(classes))
     bad: list[str] = []
     inventory = Inventory()
@@ -38,8 +53,8 @@ def _data_check(args: argparse.Namespace) -> int:
             try:
                 part.images.key(i)
                 image = part.images.load(i)
-                path = source_file(part.images, i)
-                inventory.add(file_facts(path) if path else array_facts(image))
+                source = source_file(part.images, i)
+                inventory.add(file_facts(source) if source else array_facts(image))
             except ImageDecodeError as err:
                 bad.append(str(err))
     for line in inventory.lines():
@@ -83,5 +98,16 @@ def add_parser(sub: Subparsers) -> None:
         type=int,
         default=0,
         help="DICOM: which frame of a multi-frame file, as the node's dicom-frame",
+    )
+    dk.add_argument(
+        "--data-roots",
+        help="comma-separated folders besides the data folder that image paths may lead "
+        "into, as the node's data-roots",
+    )
+    dk.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"as the node's max-image-pixels ({DEFAULT_MAX_IMAGE_PIXELS})",
     )
     dk.set_defaults(handler=_data_check)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
@@ -93,6 +94,9 @@ def _node(args: argparse.Namespace) -> int:
         config["cache-dir"] = str(Path(args.cache_dir).expanduser().resolve())
     if args.audit_log:
         config["audit-log"] = str(Path(args.audit_log).expanduser().resolve())
+    if args.data_roots:
+        roots = [r.strip() for r in args.data_roots.split(",") if r.strip()]
+        config["data-roots"] = ",".join(str(Path(r).expanduser().resolve()) for r in roots)
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
     for key, number, lowest in (
         ("dicom-window", args.dicom_window, -1),
@@ -102,6 +106,10 @@ def _node(args: argparse.Namespace) -> int:
             raise ConfigError([f"--{key}: must be >= {lowest}, got {number}"])
         if number is not None:
             node_config += f" {key}={number}"
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels <= 0:
+            raise ConfigError([f"--max-image-pixels: must be > 0 (got {args.max_image_pixels})"])
+        node_config += f" max-image-pixels={args.max_image_pixels}"
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port)]
     cmd += ["--node-config", node_config]
     if args.insecure and (args.root_certificates or args.auth_key):
@@ -188,6 +196,18 @@ def add_parser(sub: Subparsers) -> None:
     )
     n.add_argument(
         "--dicom-frame", type=int, help="DICOM: which frame of a multi-frame file (default 0)"
+    )
+    n.add_argument(
+        "--data-roots",
+        help="comma-separated folders besides the data folder that image paths may lead "
+        "into (CSV entries, symlinks); by default every image must lie inside the data "
+        "folder",
+    )
+    n.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="images with more pixels are refused unread and counted as unreadable "
+        f"({DEFAULT_MAX_IMAGE_PIXELS})",
     )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")

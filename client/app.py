@@ -61,6 +61,7 @@ def _site(context: Context, spec: RunSpec | None = None) -> Site:
     if site is None or site.spec != spec or site.node != node:
         for other in [k for k in _SITES if k[0] != context.run_id]:
             del _SITES[other]  # sites of earlier runs in this process
+        _SITES.pop(key, None)  # a refused spec leaves no earlier site in its place
         site = Site(node, spec)
         _SITES[key] = site
     return site

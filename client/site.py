@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedhead.common.backbones import get_spec
-from fedhead.common.config import NodeConfig
-from fedhead.common.datasets import SiteData, load_site_data
+from fedhead.common.backbones import backbone_names, get_spec
+from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
+from fedhead.common.datasets import ReadPolicy, SiteData, load_site_data
 from fedhead.common.device import Device, select_device
 from fedhead.common.errors import (
     DataError,
     ModelMismatchError,
+    RunSpecError,
     WeightsMismatchError,
     WeightsNotFoundError,
 )
@@ -32,13 +33,15 @@ from fedhead.common.features import (
 from fedhead.common.images import (
     AugmentedImages,
     Augmenter,
+    DecodeLimits,
     HashMemo,
     ImageSource,
     LabeledImages,
     SubsetImages,
 )
-from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
+from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
 from fedhead.common.protocol import (
+    PROTOCOL_VERSION,
     WEIGHTS_MISMATCH,
     WEIGHTS_MISSING,
     WEIGHTS_OK,
@@ -67,6 +70,53 @@ from fedhead.common.weights import (
 log = logging.getLogger(__name__)
 
 
+def check_run_spec(spec: RunSpec) -> None:
+    """Refuse a run description this site must not act on, naming every problem.
+
+    The weights file name is joined to this site's folders, so only the name this
+    fedhead version gives that backbone's file is accepted: the registered file name,
+    or for a custom checkpoint ``<backbone>-custom-<sha256 prefix>.pth``. Nothing here
+    touches the file system.
+    """
+    problems = []
+    if spec.protocol != PROTOCOL_VERSION:
+        problems.append(f"protocol {spec.protocol} (this site speaks {PROTOCOL_VERSION})")
+    sha_ok = len(spec.weights_sha256) == 64 and all(
+        c in "0123456789abcdef" for c in spec.weights_sha256
+    )
+    if not sha_ok:
+        problems.append("weights_sha256 is not 64 lowercase hex digits")
+    if spec.backbone not in backbone_names():
+        known = ", ".join(backbone_names())
+        problems.append(f"backbone {spec.backbone[:64]!r} is unknown here (known: {known})")
+    elif sha_ok:
+        backbone = get_spec(spec.backbone)
+        expected = weights_ref(backbone, spec.weights_sha256 if spec.custom_weights else "")
+        if spec.weights_file != expected.filename:
+            what = "a custom checkpoint of " if spec.custom_weights else ""
+            problems.append(
+                f"weights_file {spec.weights_file[:128]!r} is not the file name of "
+                f"{what}{backbone.name} ({expected.filename})"
+            )
+        if not spec.custom_weights and spec.weights_sha256 != backbone.sha256:
+            problems.append(
+                f"weights_sha256 is not the registered sha256 of {backbone.name} "
+                "(a custom checkpoint must be announced as one)"
+            )
+        if backbone.fixed_input_size and spec.input_size != backbone.input_size:
+            problems.append(
+                f"input_size {spec.input_size}: {backbone.name} needs {backbone.input_size}"
+            )
+    if not 1 <= spec.input_size <= MAX_INPUT_SIZE:
+        problems.append(f"input_size {spec.input_size} is not in 1..{MAX_INPUT_SIZE}")
+    if problems:
+        raise RunSpecError(
+            "the server's run description is refused: " + "; ".join(problems),
+            "ask the operator to check the run configuration and that server and sites "
+            "run the same fedhead version",
+        )
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     arrays: list[np.ndarray]  # the trained tensors, in TrainableSet order
@@ -78,6 +128,7 @@ class Site:
     """A site's state for one run: resolved lazily and reused across messages."""
 
     def __init__(self, node: NodeConfig, spec: RunSpec) -> None:
+        check_run_spec(spec)  # before anything is looked up or written
         self.node = node
         self.spec = spec
         self.cache_dir = (
@@ -133,6 +184,13 @@ class Site:
             log.info("site data %s", self._data.summary(self.spec.class_names()))
         return self._data
 
+    def read_policy(self) -> ReadPolicy:
+        """Where this site's images may lie, and how far they are decoded for this run."""
+        return ReadPolicy(
+            self.node.data_root_paths(),
+            DecodeLimits.for_input(self.spec.input_size, self.node.max_image_pixels),
+        )
+
     def _load_data(self) -> SiteData:
         classes = self.spec.class_names()
         if not self.node.simulated:
@@ -142,6 +200,7 @@ class Site:
                 self.spec.val_fraction,
                 self.spec.seed,
                 self._hash_memo(),
+                self.read_policy(),
                 self.node.reader_settings(),
             )
         return simulated_site_data(
@@ -153,6 +212,7 @@ class Site:
             self.spec.val_fraction,
             self.spec.seed,
             self._hash_memo(),
+            self.read_policy(),
         )
 
     def _hash_memo(self) -> HashMemo:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from fedhead.common.errors import ConfigError
@@ -129,6 +130,14 @@ def _sha_check(v: str) -> str | None:
     return None
 
 
+# The largest image side a run may ask for: sites refuse larger ones, which would make
+# them allocate huge tensors (and decode large images at full size).
+MAX_INPUT_SIZE = 1024
+
+# Images with more pixels are refused unread (a small file can hold a huge image).
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
 @dataclass(frozen=True)
 class RunConfig(_Config):
     """One federated run, as the operator configures it (server side)."""
@@ -140,7 +149,11 @@ class RunConfig(_Config):
     backbone_sha256: str = opt("", _sha_check, "sha256 of backbone-weights (required with it)")
     download_weights: bool = opt(False, doc="server may download missing weights")
     classes: str = opt("", _classes_check, "comma-separated class names, in label order")
-    input_size: int = opt(0, non_negative, "image side in pixels; 0 = the backbone's default")
+    input_size: int = opt(
+        0,
+        lambda v: None if 0 <= v <= MAX_INPUT_SIZE else f"must be in 0..{MAX_INPUT_SIZE}",
+        "image side in pixels; 0 = the backbone's default",
+    )
     head: str = opt("linear", one_of("linear", "mlp"), "head type")
     head_hidden: int = opt(256, positive, "hidden width of the mlp head")
     head_dropout: float = opt(
@@ -247,6 +260,13 @@ class RunConfig(_Config):
         return self.input_size or get_spec(self.backbone).input_size
 
 
+def _roots_check(v: str) -> str | None:
+    relative = [r.strip() for r in v.split(",") if r.strip() and not Path(r.strip()).is_absolute()]
+    if relative:
+        return f"folders must be absolute paths ({', '.join(relative)} is not)"
+    return None
+
+
 @dataclass(frozen=True)
 class NodeConfig(_Config):
     """One site's SuperNode, as its IT configures it (``--node-config``)."""
@@ -264,6 +284,17 @@ class NodeConfig(_Config):
         "DICOM: which VOI LUT / window center-width to apply (0 = first); -1 = none",
     )
     dicom_frame: int = opt(0, non_negative, "DICOM: which frame of a multi-frame file (0 = first)")
+    data_roots: str = opt(
+        "",
+        _roots_check,
+        "comma-separated absolute folders, besides the data folder, that image paths "
+        "(CSV entries, symlinks) may lead into",
+    )
+    max_image_pixels: int = opt(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        positive,
+        "images with more pixels are refused unread and counted as unreadable",
+    )
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")
     num_partitions: int = opt(0, doc="simulation only")
@@ -277,3 +308,6 @@ class NodeConfig(_Config):
         from fedhead.common.dicom import ReaderSettings
 
         return ReaderSettings(window=self.dicom_window, frame=self.dicom_frame)
+
+    def data_root_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(r.strip()) for r in self.data_roots.split(",") if r.strip())

@@ -25,14 +25,20 @@ an image suffix that carry the DICOM 'DICM' mark); see ``fedhead.common.dicom``.
 
 A site trains on the training part and validates on the validation part; a test part
 is only used for server-side evaluation.
+
+Every image path, symlinks followed, must lead into the data folder (the folder given,
+or the CSV manifest's folder) or a folder the node lists in ``data-roots``: a manifest
+naming ``/etc/passwd`` or ``../other/x.png``, or a symlink leading out, stops the site
+with a line naming the path.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +48,7 @@ from fedhead.common.errors import DataError
 from fedhead.common.images import (
     IMAGE_EXTENSIONS,
     ArrayImages,
+    DecodeLimits,
     FileImages,
     HashMemo,
     LabeledImages,
@@ -58,6 +65,55 @@ class Parts:
     train: LabeledImages
     val: LabeledImages | None = None
     test: LabeledImages | None = None
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """Where a site's image files may lie besides its data folder, and how they decode."""
+
+    data_roots: tuple[Path, ...] = ()  # further folders image paths may lead into
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Makes image sources of file paths, refusing paths that lead outside the allowed
+    folders (the data folder, then the node's data-roots; all resolved)."""
+
+    base: Path
+    allowed: tuple[Path, ...]
+    memo: HashMemo | None
+    decode: DecodeLimits
+    reader: ReaderSettings | None
+
+    @classmethod
+    def of(
+        cls,
+        base: Path,
+        policy: ReadPolicy,
+        memo: HashMemo | None,
+        reader: ReaderSettings | None = None,
+    ) -> _Files:
+        allowed = tuple(r.resolve() for r in (base, *policy.data_roots))
+        return cls(base, allowed, memo, policy.decode, reader)
+
+    def images(self, paths: list[Path], where: str) -> FileImages:
+        outside = []
+        for p in paths:
+            try:
+                target = p.resolve()
+            except (OSError, RuntimeError):  # a symlink loop: unreadable, counted later
+                continue
+            if not any(target.is_relative_to(root) for root in self.allowed):
+                outside.append(str(p) if target == p.absolute() else f"{p} -> {target}")
+        if outside:
+            raise DataError(
+                f"{where}: {len(outside)} image path(s) lead outside the data folder "
+                f"{self.base}, e.g. {', '.join(outside[:3])}",
+                "move the images into the data folder, or list the folder they lie in "
+                "under the node's data-roots",
+            )
+        return FileImages(paths, self.memo, self.reader, self.decode)
 
 
 @dataclass(frozen=True)
@@ -113,6 +169,7 @@ def load_site_data(
     val_fraction: float = 0.15,
     seed: int = 0,
     memo: HashMemo | None = None,
+    policy: ReadPolicy | None = None,
     reader: ReaderSettings | None = None,
 ) -> SiteData:
     """Read a site's data path; see the module docstring for the formats."""
@@ -126,7 +183,7 @@ def load_site_data(
             f"data path {path} does not exist",
             "set data-path to the site's image folder, .csv manifest or .npz file",
         )
-    parts = read_parts(path, classes, memo, reader)
+    parts = read_parts(path, classes, memo, policy, reader)
     train, val = parts.train, parts.val
     if len(train) == 0:
         raise DataError(f"no training images found in {path}", "check the data path and layout")
@@ -141,13 +198,15 @@ def read_parts(
     path: Path,
     classes: Sequence[str],
     memo: HashMemo | None = None,
+    policy: ReadPolicy | None = None,
     reader: ReaderSettings | None = None,
 ) -> Parts:
     """Read any supported data path into its parts (no held-out split yet)."""
+    policy = policy or ReadPolicy()
     if path.is_dir():
-        return _load_folder(path, classes, memo, reader)
+        return _load_folder(path, classes, _Files.of(path, policy, memo, reader))
     if path.suffix.lower() == ".csv":
-        return _load_csv(path, classes, memo, reader)
+        return _load_csv(path, classes, _Files.of(path.parent, policy, memo, reader))
     if path.suffix.lower() == ".npz":
         return _load_npz(path, classes)
     raise DataError(
@@ -156,12 +215,14 @@ def read_parts(
     )
 
 
-def load_test_set(path: Path, classes: Sequence[str]) -> LabeledImages:
+def load_test_set(
+    path: Path, classes: Sequence[str], policy: ReadPolicy | None = None
+) -> LabeledImages:
     """Labelled images for server-side evaluation: the data's test split if it names
     one (``test_images`` in an .npz), else all of its images."""
     if not path.exists():
         raise DataError(f"server test data {path} does not exist", "fix server-test-data")
-    parts = read_parts(path, classes)
+    parts = read_parts(path, classes, None, policy)
     if parts.test is not None:
         return parts.test
     test = concat([p for p in (parts.train, parts.val) if p is not None])
@@ -182,9 +243,7 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _folder_split(
-    root: Path, classes: Sequence[str], memo: HashMemo | None, reader: ReaderSettings | None
-) -> LabeledImages:
+def _folder_split(root: Path, classes: Sequence[str], files: _Files) -> LabeledImages:
     paths: list[Path] = []
     names: list[str] = []
     folders = _class_folders(root)
@@ -200,28 +259,24 @@ def _folder_split(
                 paths.append(p)
                 names.append(folder.name)
     return LabeledImages(
-        FileImages(paths, memo, reader),
+        files.images(paths, str(root)),
         map_label_names(names, classes, str(root)),
     )
 
 
-def _load_folder(
-    root: Path, classes: Sequence[str], memo: HashMemo | None, reader: ReaderSettings | None
-) -> Parts:
+def _load_folder(root: Path, classes: Sequence[str], files: _Files) -> Parts:
     sub = {p.name.lower(): p for p in _class_folders(root)}
     if "train" in sub and "train" not in classes:
         val_dir = next((sub[n] for n in _VAL_NAMES if n in sub), None)
         return Parts(
-            _folder_split(sub["train"], classes, memo, reader),
-            _folder_split(val_dir, classes, memo, reader) if val_dir else None,
-            _folder_split(sub["test"], classes, memo, reader) if "test" in sub else None,
+            _folder_split(sub["train"], classes, files),
+            _folder_split(val_dir, classes, files) if val_dir else None,
+            _folder_split(sub["test"], classes, files) if "test" in sub else None,
         )
-    return Parts(_folder_split(root, classes, memo, reader))
+    return Parts(_folder_split(root, classes, files))
 
 
-def _load_csv(
-    path: Path, classes: Sequence[str], memo: HashMemo | None, settings: ReaderSettings | None
-) -> Parts:
+def _load_csv(path: Path, classes: Sequence[str], files: _Files) -> Parts:
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -245,10 +300,10 @@ def _load_csv(
             f"{path}: split values {bad_split} are not train, val or test", "fix the split column"
         )
     base = path.parent
-    paths = [(base / r["path"]).resolve() for r in rows]
+    paths = [Path(os.path.abspath(base / r["path"])) for r in rows]  # symlinks kept
     rows, paths = _expand_series(rows, paths, path)
     labels = map_label_names([r["label"] for r in rows], classes, str(path))
-    images = FileImages(paths, memo, settings)
+    images = files.images(paths, str(path))
     everything = LabeledImages(images, labels)
     split = np.array([r.get("split", "") or "train" for r in rows])
     split[np.isin(split, _VAL_NAMES)] = "val"

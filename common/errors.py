@@ -81,6 +81,13 @@ class FederationError(FedheadError):
     title = "federation problem"
 
 
+class RunSpecError(FederationError):
+    """A run description a site refuses: another protocol version, an unknown backbone,
+    a weights file name that is not the plain name expected, or values out of range."""
+
+    title = "refused run description"
+
+
 class SetupError(FedheadError):
     """A local setup step failed: a port in use, a missing program, a file in the way."""
 

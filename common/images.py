@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
+
 if TYPE_CHECKING:
-    from PIL.Image import Image as PilImage
+    from PIL.Image import Image as PILImage
 
     from fedhead.common.dicom import ReaderSettings
 
@@ -31,8 +33,26 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
+# Files are decoded reduced while their shorter side stays at least this many times the
+# model's input side, so a large photo costs memory and time in proportion to the
+# model's input rather than to its own pixel count.
+DECODE_SIDE_FACTOR = 2
+
+
 class ImageDecodeError(Exception):
     """An image that cannot be read or decoded (it is skipped and counted)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How far image files are decoded: a pixel budget, and a side to reduce them to."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused before decoding
+    min_side: int = 0  # decode reduced while the shorter side stays >= this; 0 = full size
+
+    @classmethod
+    def for_input(cls, input_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodeLimits:
+        return cls(max_pixels, DECODE_SIDE_FACTOR * input_size)
 
 
 class ImageSource(Protocol):
@@ -108,12 +128,14 @@ class FileImages:
         paths: Sequence[Path],
         memo: HashMemo | None = None,
         reader: ReaderSettings | None = None,
+        limits: DecodeLimits | None = None,
     ) -> None:
         from fedhead.common.dicom import ReaderSettings
 
         self.paths = list(paths)
         self.memo = memo or HashMemo()
         self.reader = reader or ReaderSettings()
+        self.limits = limits or DecodeLimits()
         self._keys: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -128,7 +150,8 @@ class FileImages:
             lookup, store = self.memo.lookup, self.memo.store
             digest = lookup(path, st.st_size, st.st_mtime_ns) if lookup else None
             if digest is None:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                with path.open("rb") as f:  # streamed: a large file is not read into memory
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
                 if store:
                     store(path, st.st_size, st.st_mtime_ns, digest)
         except OSError as err:
@@ -148,7 +171,7 @@ class FileImages:
             from fedhead.common.dicom import read_dicom
 
             return read_dicom(self.paths[i], self.reader)
-        return decode_image_file(self.paths[i])
+        return decode_image_file(self.paths[i], self.limits)
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -192,7 +215,7 @@ class LabeledImages:
         return np.bincount(self.labels, minlength=num_classes).tolist()  # type: ignore[no-any-return]
 
 
-def _deep_gray(img: PilImage) -> np.ndarray:
+def _deep_gray(img: PILImage) -> np.ndarray:
     """A 16/32-bit grayscale image as float32 in [0, 1], scaled by its bit depth.
 
     PNG and TIFF store 16-bit samples over the full 0..65535 range (PNG scales
@@ -205,23 +228,52 @@ def _deep_gray(img: PilImage) -> np.ndarray:
     return np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
 
 
-def decode_image_file(path: Path) -> np.ndarray:
+def decode_image_file(path: Path, limits: DecodeLimits | None = None) -> np.ndarray:
     """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour), or float32
-    HxW in [0, 1] for 16-bit grayscale."""
+    HxW in [0, 1] for 16-bit grayscale.
+
+    The size is read from the header first: an image above ``limits.max_pixels`` is
+    refused before any pixel is decoded. A large one is decoded reduced by a whole
+    factor that keeps its shorter side >= ``limits.min_side`` (JPEG: scaled while
+    decoding; other formats: averaged over blocks right after decoding).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    limits = limits or DecodeLimits()
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise ImageDecodeError(
+                    f"{path}: image of {w}x{h} pixels is larger than the limit of "
+                    f"{limits.max_pixels} pixels (max-image-pixels); refused unread"
+                )
+            factor = min(w, h) // limits.min_side if limits.min_side else 1
+            if factor >= 2 and img.format == "JPEG":
+                img.draft(img.mode, (w // factor, h // factor))  # DCT scaling by 1/2..1/8
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return _deep_gray(img)
-            if img.mode in ("L", "RGB"):
-                return np.array(img, dtype=np.uint8)
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            pic = _reduced(img, limits.min_side)
+            if pic.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return _deep_gray(pic)
+            if pic.mode in ("L", "RGB"):
+                return np.array(pic, dtype=np.uint8)
+            return np.array(pic.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageDecodeError(f"{path}: not a readable image ({err})") from err
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{path}: image too large ({err})") from err
+
+
+def _reduced(img: PILImage, min_side: int) -> PILImage:
+    """``img`` reduced by the largest whole factor that keeps its shorter side >= min_side."""
+    factor = min(img.size) // min_side if min_side else 1
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):  # reduce() lacks these modes
+        img = img.convert("I")
+    elif img.mode not in ("L", "RGB", "I", "F"):  # as the full-size path would convert it
+        img = img.convert("RGB")
+    return img.reduce(factor)
 
 
 class Preprocessor:
@@ -234,7 +286,9 @@ class Preprocessor:
     normalisation follows.
     """
 
-    VERSION = 2  # 2: deep images arrive as float in [0, 1], no longer rounded to uint8
+    # 2: deep images arrive as float in [0, 1]; 3: files decoded reduced to
+    # DECODE_SIDE_FACTOR x the input side
+    VERSION = 3
 
     def __init__(
         self,
@@ -250,7 +304,8 @@ class Preprocessor:
 
     def fingerprint(self) -> str:
         return (
-            f"v{self.VERSION}|short-side-bilinear-aa+center-crop|{self.size}|"
+            f"v{self.VERSION}|files-reduced-{DECODE_SIDE_FACTOR}x|"
+            f"short-side-bilinear-aa+center-crop|{self.size}|"
             f"{self._mean_t}|{self._std_t}"
         )
 

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 from flwr.app import ConfigRecord
 
-from fedhead.common.errors import FederationError
+from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
 PROTOCOL_VERSION = 1
@@ -83,6 +83,18 @@ class RunSpec(_Record):
     seed: int
     simulation_data: str
     dirichlet_alpha: float
+
+    @classmethod
+    def from_mapping(cls, record: Any) -> Self:
+        """Refuse another protocol version first: its other keys may differ too."""
+        version = record.get("protocol", "(none)")
+        if version != PROTOCOL_VERSION:
+            raise RunSpecError(
+                f"the server speaks fedhead protocol {str(version)[:16]}, this site speaks "
+                f"protocol {PROTOCOL_VERSION}",
+                "run the same fedhead version on the server and the sites",
+            )
+        return super().from_mapping(record)
 
     def class_names(self) -> list[str]:
         return self.classes.split(",")

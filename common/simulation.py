@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedhead.common import demo_data
-from fedhead.common.datasets import SiteData, load_site_data
+from fedhead.common.datasets import ReadPolicy, SiteData, load_site_data
 from fedhead.common.errors import DataError
 from fedhead.common.files import atomic_writer
 from fedhead.common.images import ArrayImages, HashMemo, LabeledImages
@@ -48,6 +48,7 @@ def simulated_site_data(
     val_fraction: float,
     seed: int,
     memo: HashMemo | None = None,
+    policy: ReadPolicy | None = None,
 ) -> SiteData:
     """The data of simulated node ``partition_id``: its file in ``simulation_data``, or
     its share of the embedded demo data when no folder is set."""
@@ -56,7 +57,7 @@ def simulated_site_data(
         pid = partition_id
         for candidate in (root / f"site-{pid}.npz", root / f"site-{pid}.csv", root / f"site-{pid}"):
             if candidate.exists():
-                return load_site_data(candidate, classes, val_fraction, seed, memo)
+                return load_site_data(candidate, classes, val_fraction, seed, memo, policy)
         raise DataError(
             f"simulation-data {root} has no site-{pid}(.npz|.csv|/) for simulated node {pid}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -26,15 +27,50 @@ _CHUNK = 1 << 20
 _hash_memo: dict[tuple[str, int, int], str] = {}
 
 
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".safetensors")
+MAX_NAME_LENGTH = 128
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def weights_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain weights file name, or None if it is one.
+
+    Names can come from the network (the server's run description); a plain name
+    (no folder, no '..', no leading dot) never leaves the folder it is joined to.
+    """
+    if len(name) > MAX_NAME_LENGTH:
+        return f"longer than {MAX_NAME_LENGTH} characters"
+    if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        return (
+            "not a plain file name (only letters, digits, '.', '_' and '-'; "
+            "no folders, no '..', no leading dot)"
+        )
+    if not name.endswith(WEIGHTS_SUFFIXES):
+        return f"does not end in {', '.join(WEIGHTS_SUFFIXES)}"
+    return None
+
+
 @dataclass(frozen=True)
 class WeightsRef:
-    """A weights file identified by name and sha256 (and where to download it)."""
+    """A weights file identified by name and sha256 (and where to download it).
+
+    The name must be plain (``weights_name_problem``): every function here joins it
+    to a folder, so an unsafe name is refused when the reference is made.
+    """
 
     filename: str
     sha256: str
     url: str = ""
     label: str = ""  # for messages, e.g. "backbone mobilenet_v2"
     install_hint: str = ""  # how a user obtains the file
+
+    def __post_init__(self) -> None:
+        if problem := weights_name_problem(self.filename):
+            raise WeightsError(
+                f"{self.label or 'weights'}: file name {self.filename[:MAX_NAME_LENGTH]!r} "
+                f"refused: {problem}",
+                "weights files are named by plain file names only",
+            )
 
 
 def sha256_file(path: Path) -> str:

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from fedhead.common.config import RunConfig
-from fedhead.common.datasets import load_test_set
+from fedhead.common.datasets import ReadPolicy, load_test_set
 from fedhead.common.device import Device, select_device
 from fedhead.common.features import FeatureExtractor, open_cache
+from fedhead.common.images import DecodeLimits
 from fedhead.common.training import evaluate_head
 from fedhead.common.weights import fedhead_cache_dir
 from fedhead.server.setup import ServerModel
@@ -42,7 +43,9 @@ def server_evaluator(
     """Evaluate global tensors on the server's own test set, if one is configured."""
     if not cfg.server_test_data:
         return None
-    test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names())
+    # decoded as the sites decode their images: large files reduced for the input size
+    policy = ReadPolicy(decode=DecodeLimits.for_input(cfg.resolved_input_size()))
+    test = load_test_set(Path(cfg.server_test_data).expanduser(), cfg.class_names(), policy)
     extractor, device = server_extractor(cfg, sm)
     feats = extractor(test.images)
     labels = torch.from_numpy(test.labels[feats.ok])

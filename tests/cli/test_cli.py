@@ -144,6 +144,38 @@ def test_node_wrapper_builds_the_flower_command(tmp_path: Path) -> None:
     assert f'data-path="{tmp_path / "my data"}"' in cmd and "--insecure" in cmd
 
 
+def test_node_wrapper_passes_the_data_options_as_node_config(tmp_path: Path) -> None:
+    import shlex
+
+    from flwr.common.config import parse_config_args
+
+    from fedhead.common.config import NodeConfig
+
+    result = fedhead(
+        *("node", "--superlink", "h:1", "--data", str(tmp_path), "--insecure", "--dry-run"),
+        *("--data-roots", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--max-image-pixels", "1000"),
+    )
+    assert result.returncode == 0, result.stderr
+    cmd = shlex.split(result.stdout.strip())
+    node = NodeConfig.from_mapping(parse_config_args([cmd[cmd.index("--node-config") + 1]]))
+    assert node.data_root_paths() == (tmp_path / "a", tmp_path / "b")
+    assert node.max_image_pixels == 1000
+
+
+def test_data_check_refuses_an_outward_symlink_unless_its_folder_is_a_data_root(
+    tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
+) -> None:
+    for i, img in enumerate(xray_arrays[0][:4]):
+        write_png(tmp_path / "site" / ("normal" if i < 2 else "pneumonia") / f"{i}.png", img)
+    write_png(tmp_path / "elsewhere" / "x.png", xray_arrays[0][5])
+    (tmp_path / "site" / "normal" / "x.png").symlink_to(tmp_path / "elsewhere" / "x.png")
+    check = ("data", "check", str(tmp_path / "site"), "--classes", "normal,pneumonia")
+    one_line_error(fedhead(*check), DataError.exit_code, "normal/x.png -> ", "data-roots")
+    result = fedhead(*check, "--data-roots", str(tmp_path / "elsewhere"))
+    assert result.returncode == 0, result.stderr
+    assert "5 usable image(s), 0 unreadable" in result.stdout
+
+
 @pytest.mark.parametrize("args", [["superlink"], ["node", "--superlink", "h:1", "--data", "."]])
 def test_wrappers_refuse_to_run_without_tls_unless_told(args: list[str]) -> None:
     one_line_error(fedhead(*args, "--dry-run"), ConfigError.exit_code, "--insecure")

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhead.common.datasets import held_out_split, load_site_data, load_test_set
+from fedhead.common.datasets import ReadPolicy, held_out_split, load_site_data, load_test_set
 from fedhead.common.errors import DataError
 from tests.conftest import write_png
 
@@ -164,3 +164,71 @@ def test_server_test_set_prefers_the_test_split(
 
 def test_server_test_set_from_folder_uses_everything(image_folder: Path) -> None:
     assert len(load_test_set(image_folder, CLASSES)) == 20
+
+
+# --- paths outside the data folder -----------------------------------------------------
+def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    return path
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the data with one real image in it."""
+    write_png(tmp_path / "outside" / "x.png", np.full((8, 8), 7, np.uint8))
+    return tmp_path / "outside"
+
+
+def _inside_rows(site: Path) -> list[tuple[str, str]]:
+    for i in range(4):
+        write_png(site / "img" / f"{i}.png", np.full((8, 8), i, np.uint8))
+    return [(f"img/{i}.png", CLASSES[i % 2]) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    "entry", ["/etc/passwd", "ABS", "../outside/x.png", "img/../../outside/x.png"]
+)
+def test_csv_paths_leading_outside_the_data_folder_are_refused(
+    tmp_path: Path, outside: Path, entry: str
+) -> None:
+    site = tmp_path / "site"
+    entry = str(outside / "x.png") if entry == "ABS" else entry
+    manifest = _csv(site / "m.csv", [*_inside_rows(site), (entry, "normal")])
+    with pytest.raises(DataError, match=r"1 image path\(s\) lead outside the data folder") as err:
+        load_site_data(manifest, CLASSES)
+    shown = "/etc/passwd" if entry == "/etc/passwd" else str(outside / "x.png")
+    assert shown in str(err.value) and "data-roots" in str(err.value)
+
+
+def test_symlinks_leading_out_are_refused_unless_their_folder_is_a_data_root(
+    tmp_path: Path, outside: Path
+) -> None:
+    site = tmp_path / "site"
+    manifest = _csv(site / "m.csv", [*_inside_rows(site), ("img/link.png", "normal")])
+    (site / "img" / "link.png").symlink_to(outside / "x.png")
+    with pytest.raises(DataError, match=r"img/link.png -> .*/outside/x.png"):
+        load_site_data(manifest, CLASSES)
+    # the node option names the folder the symlink may lead into
+    data = load_site_data(manifest, CLASSES, policy=ReadPolicy(data_roots=(outside,)))
+    assert len(data.train) + len(data.val) == 5
+    loaded = [data.train.images.load(i) for i in range(len(data.train))]
+    loaded += [data.val.images.load(i) for i in range(len(data.val))]
+    assert any(int(img.max()) == 7 for img in loaded)  # the linked image was read
+    # a symlink that stays inside the data folder needs no option
+    (site / "img" / "link.png").unlink()
+    (site / "img" / "link.png").symlink_to(site / "img" / "0.png")
+    assert len(load_site_data(manifest, CLASSES).train) > 0
+
+
+def test_class_folder_symlinks_leading_out_are_refused(image_folder: Path, outside: Path) -> None:
+    (image_folder / "normal" / "link.png").symlink_to(outside / "x.png")
+    with pytest.raises(DataError, match=r"normal/link.png -> .*/outside/x.png"):
+        load_site_data(image_folder, CLASSES)
+    (image_folder / "normal" / "link.png").unlink()
+    (image_folder / "pneumonia").rename(outside / "pneumonia")
+    (image_folder / "pneumonia").symlink_to(outside / "pneumonia")  # a whole class folder
+    with pytest.raises(DataError, match=r"10 image path\(s\) lead outside"):
+        load_site_data(image_folder, CLASSES)
+    data = load_site_data(image_folder, CLASSES, policy=ReadPolicy(data_roots=(outside,)))
+    assert len(data.train) + len(data.val) == 20

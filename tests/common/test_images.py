@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,7 @@ import torch
 
 from fedhead.common.images import (
     ArrayImages,
+    DecodeLimits,
     FileImages,
     HashMemo,
     ImageDecodeError,
@@ -147,3 +151,83 @@ def test_augmented_views_are_deterministic_distinct_and_keyed_apart(
     assert len({base.key(0), v0.key(0), v1.key(0)}) == 3  # cached under different keys
     assert v0.load(1).dtype == np.uint8 and v0.load(1).ndim == 2
     assert AugmentedImages(base, Augmenter(2, flip=False), 0).key(0) != v0.key(0)
+
+
+# --- large images ---------------------------------------------------------------------
+_PEAK_PROBE = """
+import sys
+from pathlib import Path
+from fedhead.common.images import DecodeLimits, ImageDecodeError, decode_image_file
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+
+def grown_kib(limit):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak resident size to the current one
+    before = peak_kib()
+    try:
+        shape = decode_image_file(Path(sys.argv[1]), DecodeLimits(limit)).shape
+    except ImageDecodeError as err:
+        shape = str(err)
+    return peak_kib() - before, shape
+
+print(repr(grown_kib(50_000_000)))
+print(repr(grown_kib(100_000_000)))
+"""
+
+
+def test_a_huge_image_in_a_small_file_is_refused_unread(tmp_path: Path) -> None:
+    from PIL import Image
+
+    huge = tmp_path / "huge.png"
+    Image.new("L", (9000, 9000), 128).save(huge)  # 81 megapixels in a file of ~80 KB
+    assert huge.stat().st_size < 200_000
+    with pytest.raises(ImageDecodeError, match=r"9000x9000 pixels .* limit of 50000000"):
+        decode_image_file(huge, DecodeLimits(50_000_000))
+    # Peak memory, in a fresh process: refusing costs nothing; decoding (the control,
+    # with a higher limit) raises the peak by at least the image's 81 MB.
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(huge)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    (refused_kib, refused), (decoded_kib, decoded) = (ast.literal_eval(line) for line in out)
+    assert "refused unread" in refused and refused_kib < 10_000
+    assert decoded == (9000, 9000) and decoded_kib > 60_000
+
+
+def test_too_large_images_are_counted_as_unreadable(tmp_path: Path) -> None:
+    write_png(tmp_path / "ok.png", np.zeros((40, 50), np.uint8))
+    write_png(tmp_path / "big.png", np.zeros((300, 400), np.uint8))
+    images = FileImages([tmp_path / "ok.png", tmp_path / "big.png"], limits=DecodeLimits(100_000))
+    assert images.load(0).shape == (40, 50)
+    with pytest.raises(ImageDecodeError, match="400x300 pixels"):
+        images.load(1)
+
+
+def _gradient(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (h + w)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "expected"),
+    [(".png", (334, 500, 3)), (".jpg", (500, 750, 3))],  # png: reduce(6); jpg: DCT 1/4
+)
+def test_large_images_are_decoded_reduced_for_the_input_size(
+    tmp_path: Path, suffix: str, expected: tuple[int, int, int]
+) -> None:
+    path = tmp_path / f"large{suffix}"
+    full = _gradient(2000, 3000)
+    write_png(path, full)  # PIL picks the format from the suffix
+    limits = DecodeLimits.for_input(160)  # keep the shorter side >= 320
+    reduced = decode_image_file(path, limits)
+    assert reduced.shape == expected
+    assert 320 <= min(reduced.shape[:2]) < 2 * 320
+    # the model sees nearly the same picture as from the full-size decode
+    pre = Preprocessor(160, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    diff = (pre([reduced]) - pre([decode_image_file(path)])).abs()
+    assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2
+    # small images are untouched
+    write_png(tmp_path / "small.png", full[:600, :900])  # shorter side < 2 x 320
+    assert decode_image_file(tmp_path / "small.png", limits).shape == (600, 900, 3)

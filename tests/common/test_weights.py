@@ -13,6 +13,7 @@ from fedhead.common.weights import (
     install_bytes,
     install_file,
     sha256_file,
+    weights_name_problem,
 )
 
 DATA = b"pretend these are weights" * 1000
@@ -85,3 +86,30 @@ def test_atomic_writer_leaves_nothing_behind_on_error(tmp_path: Path) -> None:
         f.write(b"half")
         raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../outside-cache/planted.pth",
+        "/etc/passwd",
+        "sub/net.pth",
+        "sub\\net.pth",
+        ".hidden.pth",
+        "-flag.pth",
+        "net..pth",
+        "net.sh",
+        "net.pth\n",
+        "",
+        "n" * 200 + ".pth",
+    ],
+)
+def test_only_plain_weights_file_names_are_accepted(name: str) -> None:
+    assert weights_name_problem(name) is not None
+    with pytest.raises(WeightsError, match="refused"):  # so no folder is ever joined to it
+        WeightsRef(name, REF.sha256)
+
+
+def test_registered_style_names_are_plain() -> None:
+    for name in ("mobilenet_v2-b0353104.pth", "net-custom-0123456789abcdef.pth", "m.safetensors"):
+        assert weights_name_problem(name) is None
