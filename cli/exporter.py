@@ -118,23 +118,50 @@ def prepare_spool(path: Path | None = None) -> Path:
 
 
 def supervise(
-    cmd: list[str], roles: Sequence[str], address: str, env: dict[str, str] | None = None
+    cmd: list[str],
+    roles: Sequence[str],
+    address: str,
+    env: dict[str, str] | None = None,
+    companion: list[str] | None = None,
 ) -> int:
-    """Run ``cmd`` with an exporter beside it; forward signals; return its exit code."""
+    """Run ``cmd`` with an exporter beside it (unless ``address`` is none) and, if given,
+    a companion process (the proxy in front of a SuperLink) that lives and dies with it;
+    forward signals; return the exit code."""
     spool = prepare_spool()
     exporter = Exporter(roles, spool)
-    exporter.start(address)
+    if address != "none":
+        exporter.start(address)
+    helper = subprocess.Popen(companion) if companion else None
     child = subprocess.Popen(cmd, env={**(env or os.environ), SPOOL_ENV: str(spool)})
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:
             child.send_signal(signum)
 
+    def stop_child_when(proc: subprocess.Popen[bytes], name: str) -> None:
+        proc.wait()
+        if child.poll() is None:
+            print(
+                f"fedhead: {name} exited with {proc.returncode}; stopping {Path(cmd[0]).name}",
+                file=sys.stderr,
+            )
+            child.terminate()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    if helper is not None and companion is not None:
+        name = Path(companion[0]).name
+        threading.Thread(target=stop_child_when, args=(helper, name), daemon=True).start()
     try:
         code = child.wait()
     finally:
+        if helper is not None and helper.poll() is None:
+            helper.terminate()
+            try:
+                helper.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
         exporter.stop()
         for path in spool.glob("*"):
             path.unlink(missing_ok=True)
