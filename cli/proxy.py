@@ -78,13 +78,18 @@ def _free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _app_store_answer(signed_app: Path | None, store: str) -> tuple[str, str, str]:
-    """(status, JSON answer to fetch-fab, FAB path) in the shape Flower's SuperLink reads."""
+def _app_store_answer(signed_app: Path | None, store: str) -> tuple[str, str, bytes]:
+    """(status, JSON answer to fetch-fab, the FAB) in the shape Flower's SuperLink reads."""
+    import hashlib
+
     from fedhead.cli.apps import FAB_NAME, Signature
 
     if signed_app is None:
-        return "404", json.dumps({"detail": "no signed app is served"}), "/nonexistent"
+        return "404", json.dumps({"detail": "no signed app is served"}), b""
     sig = Signature.read(signed_app)
+    fab = (signed_app / FAB_NAME).read_bytes()
+    if hashlib.sha256(fab).hexdigest() != sig.sha256:
+        raise SetupError(f"{signed_app / FAB_NAME} changed while reading it", "start again")
     verification = {
         "public_key_id": sig.public_key_id,
         "signature": sig.signature,
@@ -94,7 +99,7 @@ def _app_store_answer(signed_app: Path | None, store: str) -> tuple[str, str, st
     text = json.dumps(answer)
     if "'" in text or "$" in text or "\\" in text:  # never, for the fields above
         raise SetupError(f"{signed_app}: unexpected characters in the signature", "sign again")
-    return "200", text, str((signed_app / FAB_NAME).resolve())
+    return "200", text, fab
 
 
 def prepare(
@@ -111,6 +116,13 @@ def prepare(
             "run fedhead from its repository checkout (deploy/install.sh installs it so)",
         )
     run_dir = Path(tempfile.mkdtemp(prefix="fedhead-proxy-"))
+    if fab:
+        # nginx's workers serve the FAB; started as root they run as another user, so
+        # the folder may be crossed (not listed) and the FAB, which every site
+        # receives anyway, read by them. The configuration stays private (0600).
+        run_dir.chmod(0o711)
+        with atomic_writer(run_dir / "app.fab", mode=0o644) as f:
+            f.write(fab)
     fields = {
         "run_dir": str(run_dir),
         "public_address": public_address,
@@ -121,7 +133,6 @@ def prepare(
         "app_store_address": store,
         "app_store_status": status,
         "app_store_answer": answer,
-        "app_fab": fab,
     }
     config = run_dir / "nginx.conf"
     with atomic_writer(config, mode=0o600) as f:
