@@ -269,9 +269,11 @@ def add_parser(sub: Subparsers) -> None:
     s = sub.add_parser(
         "superlink",
         help="start the operator's Flower SuperLink",
-        description="Starts flower-superlink (becomes that process) with "
-        "runtime dependency installation disabled. TLS is required unless "
-        "--insecure is given.",
+        description="Starts flower-superlink with runtime dependency installation "
+        "disabled. TLS is required unless --insecure is given. Its port also serves the "
+        "Control API, so it listens on loopback only; --public-address starts nginx "
+        "for the sites, forwarding only the Fleet API, and --signed-app offers the "
+        "app signed with `fedhead app sign` to the SuperLink.",
     )
     s.add_argument(
         "--host",
