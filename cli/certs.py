@@ -7,8 +7,11 @@ Layout of the folder (private keys 0600, the folder 0700)::
     server.crt  server.key   the SuperLink's certificate (SANs: the hosts given)
     sites/<name>.key         a site's private key (OpenSSH format, for its SuperNode)
     sites/<name>.pub         its public key (OpenSSH format, registered at the SuperLink)
+    app-signer.key           the operator's ed25519 key that signs the app (--app-signer)
+    trusted-entities.yaml    its public key, for every site's ``fedhead node --trusted-entities``
 
-Sites receive ``ca.crt`` and their own ``.key``; nothing else leaves the operator.
+Sites receive ``ca.crt``, ``trusted-entities.yaml`` and their own ``.key``; nothing else
+leaves the operator, and ``app-signer.key`` is best kept off the SuperLink's machine.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedhead.cli.types import Subparsers
@@ -44,6 +47,7 @@ class CertsPlan:
     sites: list[str]
     days: int = 825
     force: bool = False
+    app_signer: bool = False
     created: list[Path] = field(default_factory=list)
 
     def check(self) -> None:
@@ -58,8 +62,10 @@ class CertsPlan:
                 problems.append(f"--host: {host!r} is neither an IP address nor a host name")
         if not 1 <= self.days <= 3650:
             problems.append(f"--days: must be between 1 and 3650 (got {self.days})")
-        if not self.hosts and not self.sites:
-            problems.append("nothing to create: give --host for the SuperLink and/or --site")
+        if not self.hosts and not self.sites and not self.app_signer:
+            problems.append(
+                "nothing to create: give --host for the SuperLink, --site and/or --app-signer"
+            )
         if problems:
             raise ConfigError(problems, "certs options")
         existing = [p for p in self._targets() if p.exists()]
@@ -75,6 +81,8 @@ class CertsPlan:
             targets += [self.out / "server.crt", self.out / "server.key"]
         for site in self.sites:
             targets += [self.out / "sites" / f"{site}.key", self.out / "sites" / f"{site}.pub"]
+        if self.app_signer:
+            targets += [self.out / "app-signer.key", self.out / "trusted-entities.yaml"]
         return targets
 
 
@@ -163,9 +171,11 @@ def _server_cert(
 ) -> None:
     key = ec.generate_private_key(CURVE)
     now = dt.datetime.now(dt.UTC)
+    # The loopback names too: the operator's tools, Flower's own helpers and the proxy
+    # in front of the SuperLink reach it on 127.0.0.1 / localhost.
+    hosts = [*plan.hosts, *(h for h in ("localhost", "127.0.0.1") if h not in plan.hosts)]
     names: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h)
-        for h in plan.hosts
+        x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts
     ]
     cert = (
         x509.CertificateBuilder()
@@ -212,6 +222,19 @@ def _site_keys(plan: CertsPlan, site: str) -> None:
     )
 
 
+def _app_signer(plan: CertsPlan) -> None:
+    from fedhead.cli.apps import trusted_entities_yaml
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    _write(plan, plan.out / "app-signer.key", private, private=True)
+    _write(plan, plan.out / "trusted-entities.yaml", trusted_entities_yaml(key.public_key()), False)
+
+
 def create(plan: CertsPlan) -> list[Path]:
     """Create what the plan asks for; returns the files written."""
     plan.check()
@@ -222,18 +245,27 @@ def create(plan: CertsPlan) -> list[Path]:
         _server_cert(plan, ca_key, ca_cert)
     for site in plan.sites:
         _site_keys(plan, site)
+    if plan.app_signer:
+        _app_signer(plan)
     return plan.created
 
 
 def _certs(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
-    written = create(CertsPlan(out, args.host or [], args.site or [], args.days, args.force))
+    written = create(
+        CertsPlan(out, args.host or [], args.site or [], args.days, args.force, args.app_signer)
+    )
     for path in written:
         print(f"wrote {path}")
     if args.host:
         print(
-            f"\nSuperLink: fedhead superlink --certs-dir {out} --host 0.0.0.0\n"
+            f"\nSuperLink: fedhead superlink --certs-dir {out} --public-address 0.0.0.0:9443\n"
             f"Give every site {out / 'ca.crt'} (public) and its own sites/<name>.key (secret)."
+        )
+    if args.app_signer:
+        print(
+            f"sign the app: fedhead app sign --key {out / 'app-signer.key'} --out signed-app\n"
+            f"Give every site {out / 'trusted-entities.yaml'} (fedhead node --trusted-entities)."
         )
     for site in args.site or []:
         print(
@@ -256,6 +288,11 @@ def add_parser(sub: Subparsers) -> None:
     c.add_argument("--out", default="certs", help="folder for the files (default certs)")
     c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
     c.add_argument("--site", action="append", help="a site to make a key pair for (repeatable)")
+    c.add_argument(
+        "--app-signer",
+        action="store_true",
+        help="also create the ed25519 key that signs the app, and the sites' trusted-entities.yaml",
+    )
     c.add_argument("--days", type=int, default=825, help="server certificate validity (825)")
     c.add_argument("--force", action="store_true", help="replace existing server/site files")
     c.set_defaults(handler=_certs)

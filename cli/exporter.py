@@ -118,25 +118,62 @@ def prepare_spool(path: Path | None = None) -> Path:
 
 
 def supervise(
-    cmd: list[str], roles: Sequence[str], address: str, env: dict[str, str] | None = None
+    cmd: list[str],
+    roles: Sequence[str],
+    address: str,
+    env: dict[str, str] | None = None,
+    companion: list[str] | None = None,
 ) -> int:
-    """Run ``cmd`` with an exporter beside it; forward signals; return its exit code."""
+    """Run ``cmd`` with an exporter beside it (unless ``address`` is none) and, if given,
+    a companion process (the proxy in front of a SuperLink) that lives and dies with it;
+    forward signals; return the exit code (the companion's, if it ended first)."""
     spool = prepare_spool()
     exporter = Exporter(roles, spool)
-    exporter.start(address)
+    if address != "none":
+        exporter.start(address)
+    helper = subprocess.Popen(companion) if companion else None
     child = subprocess.Popen(cmd, env={**(env or os.environ), SPOOL_ENV: str(spool)})
 
+    stopping = threading.Event()  # a signal asked us to stop (it reached the companion too)
+    companion_ended_first = threading.Event()
+
     def forward(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
         if child.poll() is None:
             child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    def stop_child_when(proc: subprocess.Popen[bytes], name: str) -> None:
+        proc.wait()
+        if child.poll() is None and not stopping.is_set():
+            companion_ended_first.set()
+            print(
+                f"fedhead: {name} exited with {proc.returncode}; stopping {Path(cmd[0]).name}",
+                file=sys.stderr,
+            )
+            child.terminate()
+
+    previous = {
+        sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    if helper is not None and companion is not None:
+        name = Path(companion[0]).name
+        threading.Thread(target=stop_child_when, args=(helper, name), daemon=True).start()
     try:
         code = child.wait()
     finally:
+        if helper is not None and helper.poll() is None:
+            helper.terminate()
+            try:
+                helper.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
         exporter.stop()
         for path in spool.glob("*"):
             path.unlink(missing_ok=True)
         spool.rmdir()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if helper is not None and companion_ended_first.is_set():
+        return helper.returncode or 1
     return code

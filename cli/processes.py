@@ -32,10 +32,19 @@ def _program(name: str) -> str:
     return found
 
 
-def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None) -> int:
-    """Become the Flower process, or supervise it with a metrics exporter beside it."""
+def _exec(
+    cmd: list[str],
+    dry_run: bool,
+    metrics: tuple[str, str] | None = None,
+    companion: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> int:
+    """Become the Flower process, or supervise it with a metrics exporter (and a
+    companion process, the proxy in front of a SuperLink) beside it."""
     role, address = metrics or ("", "none")
     if dry_run:
+        if companion:
+            print(shlex.join(companion))
         print(shlex.join(cmd))
         if address != "none":
             print(f"(metrics for the {role} on http://{address}/metrics)")
@@ -45,13 +54,13 @@ def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None)
     # flwr-clientapp) by name: they must find them beside themselves, also when the
     # virtual environment is not activated.
     path = f"{Path(program).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path}
+    env = {**os.environ, "PATH": path, **(extra_env or {})}
     sys.stdout.flush()
-    if address == "none":
+    if address == "none" and companion is None:
         os.execve(program, [program, *cmd[1:]], env)
     from fedhead.cli.exporter import supervise
 
-    return supervise([program, *cmd[1:]], [role], address, env)
+    return supervise([program, *cmd[1:]], [role], address, env, companion)
 
 
 def _exporter(args: argparse.Namespace) -> int:
@@ -128,6 +137,30 @@ def _node(args: argparse.Namespace) -> int:
     ):
         if value and not Path(value).expanduser().is_file():
             raise SetupError(f"{flag} {value} does not exist", "copy the file from the operator")
+    if args.trusted_entities and args.allow_unsigned_apps:
+        raise ConfigError(["--trusted-entities and --allow-unsigned-apps: give one of them"])
+    if not args.trusted_entities and not args.allow_unsigned_apps:
+        raise ConfigError(
+            [
+                "--trusted-entities: a node runs only apps signed by a key it trusts (a YAML "
+                "file of ed25519 public keys, see SECURITY.md); pass --allow-unsigned-apps to "
+                "run whatever app the SuperLink sends"
+            ]
+        )
+    if args.trusted_entities:
+        entities = Path(args.trusted_entities).expanduser()
+        if not entities.is_file():
+            raise SetupError(
+                f"--trusted-entities {entities} does not exist", "copy the file from the operator"
+            )
+        cmd += ["--trusted-entities", str(entities)]
+    else:
+        print(
+            "WARNING: this node runs ANY app the SuperLink sends: whoever can start runs "
+            "there runs code here, with this site's data. Use --trusted-entities outside "
+            "test setups.",
+            file=sys.stderr,
+        )
     cmd += _tls_args(args, "site node")
     if args.root_certificates:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
@@ -137,10 +170,21 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
+    from fedhead.cli import proxy
+
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
     cmd += ["--host", args.host, "--port", str(args.port)]
     if args.database:
         cmd += ["--database", args.database]
+    if args.host not in proxy.LOOPBACK_NAMES:
+        raise ConfigError(
+            [
+                f"--host {args.host}: the SuperLink's port also serves the Control API (list "
+                "and register nodes, start runs) to anyone holding ca.crt; keep --host "
+                "127.0.0.1 and give sites --public-address HOST:PORT, which forwards only "
+                "the Fleet API"
+            ]
+        )
     if not args.insecure and not args.certs_dir:
         raise ConfigError(
             [
@@ -148,6 +192,10 @@ def _superlink(args: argparse.Namespace) -> int:
                 "or --insecure for a test setup"
             ]
         )
+    if args.public_address and not args.certs_dir:
+        raise ConfigError(["--public-address: needs TLS (--certs-dir); sites connect over it"])
+    if args.signed_app and not args.public_address:
+        raise ConfigError(["--signed-app: served by the proxy; give --public-address too"])
     cmd += _tls_args(args, "SuperLink")
     if args.certs_dir:
         certs = Path(args.certs_dir).expanduser()
@@ -167,7 +215,31 @@ def _superlink(args: argparse.Namespace) -> int:
             str(files["key"]),
             "--enable-supernode-auth",
         ]
-    return _exec(cmd, args.dry_run, metrics=("server", args.metrics_address))
+    metrics = ("server", args.metrics_address)
+    if not args.public_address:
+        return _exec(cmd, args.dry_run, metrics=metrics)
+    upstream = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+    if args.dry_run:
+        print(
+            f"nginx ({proxy.TEMPLATE}): {args.public_address} -> {upstream}, the Fleet API only",
+        )
+        return _exec(cmd, True, metrics=metrics)
+    proxy.check_loopback_name(files["cert"])
+    signed_app = Path(args.signed_app).expanduser() if args.signed_app else None
+    fleet_proxy = proxy.prepare(args.public_address, upstream, certs, signed_app)
+    try:
+        fleet_proxy.check()
+        print(
+            f"sites connect to {args.public_address} (Fleet API only, through nginx); "
+            f"the Control API stays on {upstream}",
+            file=sys.stderr,
+        )
+        # Flower's SuperLink fetches `flwr run @publisher/name` apps, with their
+        # signatures, from this address.
+        store = {"FLWR_SUPERGRID_API_URL": fleet_proxy.app_store_url}
+        return _exec(cmd, False, metrics, fleet_proxy.command(), store)
+    finally:
+        shutil.rmtree(fleet_proxy.run_dir, ignore_errors=True)
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -213,6 +285,15 @@ def add_parser(sub: Subparsers) -> None:
     n.add_argument("--auth-key", help="this site's private key for node authentication")
     n.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
     n.add_argument(
+        "--trusted-entities",
+        help="YAML file of ed25519 public keys: run only apps signed by one of them",
+    )
+    n.add_argument(
+        "--allow-unsigned-apps",
+        action="store_true",
+        help="run any app the SuperLink sends (whoever can start runs there runs code here)",
+    )
+    n.add_argument(
         "--metrics-address",
         default=DEFAULT_SITE_ADDRESS,
         help="serve this site's Prometheus metrics here, on the site's own network "
@@ -224,16 +305,29 @@ def add_parser(sub: Subparsers) -> None:
     s = sub.add_parser(
         "superlink",
         help="start the operator's Flower SuperLink",
-        description="Starts flower-superlink (becomes that process) with "
-        "runtime dependency installation disabled. TLS is required unless "
-        "--insecure is given.",
+        description="Starts flower-superlink with runtime dependency installation "
+        "disabled. TLS is required unless --insecure is given. Its port also serves the "
+        "Control API, so it listens on loopback only; --public-address starts nginx "
+        "for the sites, forwarding only the Fleet API, and --signed-app offers the "
+        "app signed with `fedhead app sign` to the SuperLink.",
     )
     s.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on; 0.0.0.0 to accept remote sites (127.0.0.1)",
+        help="loopback address to listen on (127.0.0.1): this port also serves the "
+        "Control API, so it never faces the sites; they use --public-address",
     )
     s.add_argument("--port", type=int, default=8000, help="port of the SuperLink (8000)")
+    s.add_argument(
+        "--public-address",
+        help="HOST:PORT for the sites (e.g. 0.0.0.0:9443): nginx listens there with the "
+        "SuperLink's certificate and forwards only the Fleet API; needs --certs-dir",
+    )
+    s.add_argument(
+        "--signed-app",
+        help="folder from `fedhead app sign`: runs started with `flwr run @publisher/name` "
+        "use this FAB and its signature (sites with --trusted-entities run only these)",
+    )
     s.add_argument("--certs-dir", help="folder with ca.crt, server.crt, server.key")
     s.add_argument("--database", help="SuperLink state database (default: in memory)")
     s.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")

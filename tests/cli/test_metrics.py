@@ -262,3 +262,34 @@ def test_supervise_runs_the_child_with_an_exporter_beside_it(tmp_path: Path) -> 
     )
     # the child's exit code comes back, and it ran with a spool folder to write to
     assert supervise([sys.executable, "-c", child], ["site"], f"127.0.0.1:{port}") == 3
+
+
+def test_supervise_keeps_a_companion_and_the_child_together(tmp_path: Path) -> None:
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    # the companion (the proxy) fails: the child is stopped and its failure comes back
+    failing = [sys.executable, "-c", "raise SystemExit(5)"]
+    assert supervise(sleeper, ["server"], "none", companion=failing) == 5
+    # the child ends: the companion is stopped, and the child's code comes back
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    companion = (
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    pathlib.Path(sys.argv[2]).touch()\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "time.sleep(120)\n"
+    )
+    child = (
+        "import pathlib, sys, time\n"
+        "while not pathlib.Path(sys.argv[1]).exists():\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(4)\n"
+    )
+    code = supervise(
+        [sys.executable, "-c", child, str(ready)],
+        ["server"],
+        "none",
+        companion=[sys.executable, "-c", companion, str(ready), str(stopped)],
+    )
+    assert code == 4 and stopped.exists()

@@ -121,6 +121,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
                 [
                     *FEDHEAD,
                     "node",
+                    "--allow-unsigned-apps",
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link_port}",

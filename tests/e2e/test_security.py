@@ -100,6 +100,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
                 [
                     *FEDHEAD,
                     "node",
+                    "--allow-unsigned-apps",
                     "--superlink",
                     f"127.0.0.1:{port}",
                     "--data",
