@@ -57,7 +57,14 @@ from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.report import RoundRecord, RunReport, table_row
 from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
 from fedhead.server.strategy import FedHeadStrategy
-from fedhead.server.workflow import FedHeadWorkflow, MeteredGrid, PlainEvaluate, PlainFit, Step
+from fedhead.server.workflow import (
+    FedHeadWorkflow,
+    MeteredGrid,
+    PlainEvaluate,
+    PlainFit,
+    Step,
+    global_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +285,7 @@ class _Run:
         )
         workflow(self.grid, legacy)
         report = self.report
+        report.final_arrays = global_arrays(legacy)
         finals = [r for r in report.rounds if math.isfinite(r.eval_accuracy)]
         if finals:
             report.final_eval_accuracy = finals[-1].eval_accuracy

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import Code, EvaluateRes, FitRes
+from flwr.common import Code, EvaluateRes, FitRes, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
@@ -113,6 +114,12 @@ def _params(context: LegacyContext) -> Any:
     return compat.arrayrecord_to_parameters(
         context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
     )
+
+
+def global_arrays(context: LegacyContext) -> list[np.ndarray]:
+    """The current global trainable tensors the workflow holds (the final ones after
+    the last round)."""
+    return parameters_to_ndarrays(_params(context))
 
 
 R = TypeVar("R", FitRes, EvaluateRes)
