@@ -98,8 +98,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _refuse_existing(out, args.force)
+    images = read_images(Path(args.data))  # a wrong path fails before the trunk loads
     site = _load(args)
-    images = read_images(Path(args.data))
     preds = predict(site, images, select_device(args.device), args.batch_size)
     _report_unreadable(preds, images.describe, _side_file(out))
     _no_predictions(preds, args.data)

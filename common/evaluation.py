@@ -13,11 +13,13 @@ both classes, precision of a class never predicted) are left out for that metric
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 
 ECE_BINS = 15
 
@@ -48,7 +50,21 @@ def expected_calibration_error(
 def point_metrics(
     y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int = 1
 ) -> dict[str, float]:
-    """Every scalar metric, by name (``precision/<class>``, ``recall/<class>`` per class)."""
+    """Every scalar metric, by name (``precision/<class>``, ``recall/<class>`` per class).
+
+    A metric that is undefined on these examples (AUROC without both classes, the
+    precision of a class never predicted) is NaN.
+    """
+    with warnings.catch_warnings():
+        # scikit-learn warns about undefined metrics; they are NaN here, and reported so.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
+        return _point_metrics(y_true, proba, classes, positive)
+
+
+def _point_metrics(
+    y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], positive: int
+) -> dict[str, float]:
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
@@ -62,16 +78,15 @@ def point_metrics(
     pred = proba.argmax(axis=1)
     out: dict[str, float] = {
         "accuracy": float(accuracy_score(y_true, pred)),
-        "balanced_accuracy": _quiet(lambda: balanced_accuracy_score(y_true, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
     }
-    try:
-        if k == 2:
-            auroc = roc_auc_score(y_true == positive, proba[:, positive])
-        else:
-            auroc = roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
-        out["auroc"] = float(auroc)
-    except ValueError:  # a class absent from y_true: AUROC is undefined
-        out["auroc"] = math.nan
+    present = np.unique(y_true)
+    if k == 2 and len(present) == 2:
+        out["auroc"] = float(roc_auc_score(y_true == positive, proba[:, positive]))
+    elif k > 2 and len(present) == k:
+        out["auroc"] = float(roc_auc_score(y_true, proba, multi_class="ovr", labels=labels))
+    else:
+        out["auroc"] = math.nan  # needs every class among the true labels
     if k == 2:
         negative = 1 - positive
         out["sensitivity"] = float(
@@ -87,14 +102,6 @@ def point_metrics(
         out[f"precision/{name}"] = float(precision[i])
         out[f"recall/{name}"] = float(recall[i])
     return out
-
-
-def _quiet(fn: Any) -> float:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
-        return float(fn())
 
 
 @dataclass

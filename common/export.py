@@ -197,6 +197,7 @@ def export_model(
     w = width or site.preprocess.size
     module = ExportedModel(site, channels, h, w).eval()
     module.to("cpu")
+    module.requires_grad_(False)  # an inference graph: outputs need no autograd history
     batch = sample_images(max(2, samples), channels, h, w)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)

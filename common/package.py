@@ -277,7 +277,9 @@ class ModelPackage:
             tensors = load(blob)
         except (SafetensorError, ValueError) as err:
             raise PackageError(f"{tensors_path} is not a safetensors file ({err})") from err
-        pkg = replace(pkg, tensors=tensors)
+        order = [t.name for t in pkg.architecture.tensors]  # safetensors sorts by name
+        ranked = sorted(tensors, key=lambda n: order.index(n) if n in order else len(order))
+        pkg = replace(pkg, tensors={n: tensors[n] for n in ranked})
         pkg.check_tensors()
         return pkg
 
