@@ -128,13 +128,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from fedhead.common.evaluation import evaluate_predictions
     from fedhead.common.files import atomic_writer
     from fedhead.common.inference import predict
+    from fedhead.common.package import ModelPackage
 
     out = Path(args.out)
     _refuse_existing(out, args.force)
     if args.bootstrap < 0:
         raise ConfigError([f"--bootstrap: must be >= 0 (got {args.bootstrap})"], "arguments")
-    site = _load(args)
-    classes = site.classes
+    # The package's classes first: wrong labels or arguments fail before the trunk loads.
+    classes = list(ModelPackage.load(Path(args.model)).classes)
     positive = 1
     if args.positive is not None:
         if len(classes) != 2 or args.positive not in classes:
@@ -144,6 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         positive = classes.index(args.positive)
     data = load_test_set(Path(args.data), classes, what="labelled data", fix="--data")
+    site = _load(args)
     preds = predict(site, data.images, select_device(args.device), args.batch_size)
     unreadable = _report_unreadable(preds, data.images.describe, _side_file(out))
     _no_predictions(preds, args.data)

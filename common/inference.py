@@ -93,8 +93,9 @@ def predict(
         progress=False,
     )
     n = len(images)
-    # Images per extraction call: bounds memory and paces the progress bar.
-    chunk = 2048 if device.kind == "cuda" else 256
+    # Images per extraction call: bounds memory and paces the progress bar (below the
+    # size at which the extractor would print progress of its own).
+    chunk = 1024 if device.kind == "cuda" else 256
     probs: list[np.ndarray] = []
     ok: list[np.ndarray] = []
     show = progress if progress is not None else (n >= 256 and sys.stderr.isatty())
