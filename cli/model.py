@@ -251,7 +251,7 @@ def add_parser(sub: Subparsers) -> None:
         description="Evaluate a run's model package on labelled data: accuracy, balanced "
         "accuracy, per-class precision and recall, AUROC (one-vs-rest for more than two "
         "classes), sensitivity and specificity (two classes), expected calibration error "
-        "(15 bins), each with a 95%% percentile bootstrap interval, and the confusion "
+        "(15 bins), each with a 95% percentile bootstrap interval, and the confusion "
         "matrix. --data: class folders, a .csv with path and label columns, or an .npz "
         "with images and labels (its test split when it names one). Prints a table and "
         "writes the metrics as JSON.",
