@@ -516,6 +516,11 @@ def model_card(pkg: ModelPackage) -> str:
         if dp
         else "no differential privacy"
     )
+    aggregation = (
+        "SecAgg+ secure aggregation (the server saw only the sum of the updates)"
+        if t.secure_aggregation == "secagg+"
+        else "without secure aggregation (the server saw each site's update)"
+    )
     trained = "the head" + (
         f" and the last {a.unfreeze_blocks} trunk block(s)" if a.unfreeze_blocks else ""
     )
@@ -538,14 +543,15 @@ with `fedhead export`. It is not validated for any other use, population or devi
   `{pkg.backbone.install}`.
 - Trained: {trained}; head `{a.head}`{f" (hidden {a.hidden})" if a.head == "mlp" else ""},
   dropout {a.dropout}; {sum(int(np.prod(x.shape)) for x in a.tensors):,} trained parameters.
-- Input: {p.input_size} x {p.input_size} px; {p.resize}; {p.crop}; {p.channels};
-  mean {list(p.mean)}, std {list(p.std)}.
+- Input: the shorter side resized to {p.input_size} px (bilinear, antialiased), the
+  centre {p.input_size} x {p.input_size} kept; {p.channels};
+  scaled to [0, 1] and normalised with mean {list(p.mean)}, std {list(p.std)}.
 
 ## Training data
 
 Federated training over {t.sites} site(s) and {t.rounds} round(s); {t.examples:,}
 training images in all. Images never left the sites. Images per class: {counts}.
-Aggregation: {t.secure_aggregation} secure aggregation; {privacy}.
+Aggregation: {aggregation}; {privacy}.
 
 ## Metrics
 
