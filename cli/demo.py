@@ -39,7 +39,8 @@ def add_parser(sub: Subparsers) -> None:
         help="run a complete federated job on the embedded X-ray data",
         description="Simulate hospitals with Flower's Simulation Engine, train "
         "the head federatedly and centrally, print a per-round table and "
-        "write report.json and accuracy_loss.png to --out.",
+        "write report.json, accuracy_loss.png and the model package model/ to --out "
+        "(a previous demo's model/ there is replaced).",
     )
     d.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     d.add_argument("--clients", type=int, default=3, help="simulated hospitals (default 3)")

@@ -25,6 +25,8 @@ from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError, FedheadError
 from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
+from fedhead.common.model import FedHeadModel
+from fedhead.common.package import package_from_run
 from fedhead.common.rounds import RoundResult
 from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
@@ -188,6 +190,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
     report.centralized_accuracy = baseline["accuracy"]
     report.write(out)
     png = plot(report, out / "accuracy_loss.png")
+    model_dir = _write_package(cfg, sm.model, report, shares, out / "model")
     diff = report.final_eval_accuracy - report.centralized_accuracy
     print(
         f"\ncentralized upper bound (same head, pooled {baseline['train_examples']} training "
@@ -206,7 +209,27 @@ def run_demo(opts: DemoOptions) -> RunReport:
     else:
         print("secure aggregation: OFF (--no-secure-aggregation): the server saw every update")
     print(f"report: {out / 'report.json'}   plot: {png}")
+    print(
+        f"model package: {model_dir} (use it with `fedhead predict --model {model_dir} "
+        "--data PATH`)"
+    )
     return report
+
+
+def _write_package(
+    cfg: RunConfig,
+    model: FedHeadModel,
+    report: RunReport,
+    shares: list[demo_data.Share],
+    dest: Path,
+) -> Path:
+    """The run's model package; a previous demo's package in ``dest`` is replaced."""
+    labels = np.concatenate([s.train.labels for s in shares])
+    counts = np.bincount(labels, minlength=len(demo_data.CLASSES)).tolist()
+    pkg = package_from_run(
+        cfg, model, report.final_arrays, report.training_summary(counts), report.final_metrics()
+    )
+    return pkg.write(dest, overwrite=True)
 
 
 def _start_exporter(address: str) -> Exporter | None:

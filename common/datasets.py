@@ -48,9 +48,11 @@ from fedhead.common.errors import DataError
 from fedhead.common.images import (
     IMAGE_EXTENSIONS,
     ArrayImages,
+    ConcatImages,
     DecodeLimits,
     FileImages,
     HashMemo,
+    ImageSource,
     LabeledImages,
     concat,
 )
@@ -216,19 +218,94 @@ def read_parts(
 
 
 def load_test_set(
-    path: Path, classes: Sequence[str], policy: ReadPolicy | None = None
+    path: Path,
+    classes: Sequence[str],
+    policy: ReadPolicy | None = None,
+    what: str = "server test data",
+    fix: str = "server-test-data",
 ) -> LabeledImages:
-    """Labelled images for server-side evaluation: the data's test split if it names
-    one (``test_images`` in an .npz), else all of its images."""
+    """Labelled images for evaluation: the data's test split if it names one (a
+    ``test/`` folder, ``split`` = test, ``test_images`` in an .npz), else all of its
+    images. ``what`` and ``fix`` name the data and the setting in messages."""
     if not path.exists():
-        raise DataError(f"server test data {path} does not exist", "fix server-test-data")
+        raise DataError(f"{what} {path} does not exist", f"fix {fix}")
     parts = read_parts(path, classes, None, policy)
     if parts.test is not None:
         return parts.test
     test = concat([p for p in (parts.train, parts.val) if p is not None])
     if len(test) == 0:
-        raise DataError(f"server test data {path} holds no images")
+        raise DataError(f"{what} {path} holds no images", f"fix {fix}")
     return test
+
+
+def read_images(path: Path) -> ImageSource:
+    """Unlabelled images to predict on: one image file, a folder (searched recursively,
+    class folders included), a .csv with a ``path`` column (other columns ignored;
+    paths relative to the CSV's folder) or an .npz with ``images`` (else its
+    ``train_images``, ``val_images`` and ``test_images``, in that order).
+
+    Files listed but missing or undecodable stay in the source: reading them raises
+    ImageDecodeError, so callers count and name them instead of losing them.
+    """
+    if not path.exists():
+        raise DataError(f"{path} does not exist", "give an image file, a folder, a .csv or an .npz")
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        source: ImageSource = FileImages(sorted(p for p in path.rglob("*") if _is_image(p)))
+    elif suffix == ".csv":
+        source = FileImages(_csv_paths(path))
+    elif suffix == ".npz":
+        source = _npz_images(path)
+    elif suffix in IMAGE_EXTENSIONS:
+        source = FileImages([path])
+    else:
+        raise DataError(
+            f"{path} is neither an image, a folder, a .csv nor an .npz file",
+            "point it at one of those",
+        )
+    if len(source) == 0:
+        raise DataError(f"no images found in {path}", "check the path and the layout")
+    return source
+
+
+def _csv_paths(path: Path) -> list[Path]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
+            if "path" not in header:
+                raise DataError(
+                    f"{path}: the CSV header must name a 'path' column "
+                    f"(found: {', '.join(header) or 'nothing'})",
+                    "add a header line such as path",
+                )
+            column = header["path"]
+            values = [(row.get(column) or "").strip() for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read the CSV manifest ({err})") from err
+    return [(path.parent / v).resolve() for v in values if v]
+
+
+def _npz_images(path: Path) -> ImageSource:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = (
+                ["images"]
+                if "images" in data.files
+                else [k for k in ("train_images", "val_images", "test_images") if k in data.files]
+            )
+            arrays = {k: data[k] for k in keys}
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    if not arrays:
+        raise DataError(
+            f"{path}: no images array", "store the images as an array named images (uint8)"
+        )
+    try:
+        parts: list[ImageSource] = [ArrayImages(a, f"{path.name}:{k}") for k, a in arrays.items()]
+    except ValueError as err:
+        raise DataError(str(err), "store images as uint8 arrays") from err
+    return parts[0] if len(parts) == 1 else ConcatImages(parts)
 
 
 def _is_image(p: Path) -> bool:

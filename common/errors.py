@@ -74,6 +74,28 @@ class ModelMismatchError(FedheadError):
     title = "model mismatch"
 
 
+class PackageError(FedheadError):
+    """A model package that is missing, malformed, altered or of an unknown format."""
+
+    exit_code = 8
+    title = "model package problem"
+
+
+class PackageFormatError(PackageError):
+    """A model package written in a format version this fedhead does not read."""
+
+
+class PackageExistsError(PackageError):
+    """A model package already exists where a new one would be written."""
+
+
+class ExportError(FedheadError):
+    """An exported model could not be written or does not reproduce the package."""
+
+    exit_code = 9
+    title = "export problem"
+
+
 class FederationError(FedheadError):
     """The federation could not run: too few sites, a node refused the run, a timeout."""
 
@@ -101,7 +123,9 @@ EXIT_CODES: dict[int, str] = {
     ConfigError.exit_code: "invalid configuration or command-line arguments",
     DataError.exit_code: "site data missing, empty, unreadable or wrongly labelled",
     WeightsError.exit_code: "backbone weights missing or sha256 mismatch",
-    ModelMismatchError.exit_code: "received tensors do not match the model",
+    ModelMismatchError.exit_code: "tensors (received or in a model package) do not match the model",
     FederationError.exit_code: "the federated run could not complete",
     SetupError.exit_code: "local setup problem (port in use, missing program, file in the way)",
+    PackageError.exit_code: "model package missing, malformed, altered, in the way or unknown",
+    ExportError.exit_code: "model export failed or does not reproduce the package",
 }

@@ -144,14 +144,24 @@ def evaluate_head(
     n = int(labels.shape[0])
     if n == 0:
         return EvalResult(math.nan, math.nan, 0)
+    logits = head_logits(model, features, device, batch_size)
+    y = labels.to(logits.device)
+    loss = float(F.cross_entropy(logits, y, reduction="sum"))
+    correct = int((logits.argmax(1) == y).sum())
+    return EvalResult(loss / n, correct / n, n)
+
+
+@torch.no_grad()
+def head_logits(
+    model: FedHeadModel, features: torch.Tensor, device: Device, batch_size: int = 1024
+) -> torch.Tensor:
+    """float32 logits of the trainable part on cached trunk features, as evaluation
+    computes them (on ``device``)."""
     _trainable_to(model, device)
     model.train(False)
-    loss_sum, correct = 0.0, 0
-    for start in range(0, n, batch_size):
+    out = []
+    for start in range(0, int(features.shape[0]), batch_size):
         x = features[start : start + batch_size].to(device.torch_device)
-        y = labels[start : start + batch_size].to(device.torch_device)
         with _autocast(model, device):
-            logits = model.forward_from_features(x).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return EvalResult(loss_sum / n, correct / n, n)
+            out.append(model.forward_from_features(x).float())
+    return torch.cat(out) if out else torch.empty(0, device=device.torch_device)

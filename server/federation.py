@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
 from fedhead.common.model import count_params
+from fedhead.common.package import package_from_run
 from fedhead.common.protocol import RunSpec
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
@@ -111,6 +112,10 @@ def _run(
     out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
     path = report.write(out)
     log.info("report written to %s", path)
+    package = package_from_run(
+        cfg, sm.model, report.final_arrays, report.training_summary(), report.final_metrics()
+    )
+    log.info("model package written to %s", package.write(out / "model", overwrite=True))
     return report
 
 

@@ -49,6 +49,7 @@ class RunRecorder:
         emit(RoundStarted(server_round))
 
     def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+        self.report.final_arrays = [a.copy() for a in arrays]
         if result.round == 0:
             self.report.initial_eval = result
             log.info("initial head: federated eval accuracy %.4f", result.eval_accuracy)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedhead.common.files import atomic_writer
+from fedhead.common.package import TrainingSummary
 from fedhead.common.rounds import RoundResult
 
 
@@ -30,10 +34,43 @@ class RunReport:
     secure_aggregation_params: dict[str, Any] = field(default_factory=dict)
     differential_privacy: dict[str, Any] | None = None
     seconds: float = 0.0
+    # The global trainable tensors after the last round (TrainableSet order); kept for
+    # the model package, never written to report.json.
+    final_arrays: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        cleaned: dict[str, Any] = _clean(asdict(self))
+        cleaned: dict[str, Any] = _clean(asdict(replace(self, final_arrays=[])))
+        del cleaned["final_arrays"]
         return cleaned
+
+    def final_metrics(self) -> dict[str, float | None]:
+        """The run's final metrics as a model package records them (None: not measured)."""
+
+        def last(values: Sequence[float]) -> float | None:
+            finite = [v for v in values if math.isfinite(v)]
+            return finite[-1] if finite else None
+
+        return {
+            "federated_eval_accuracy": last([self.final_eval_accuracy]),
+            "federated_eval_loss": last([self.final_eval_loss]),
+            "initial_federated_eval_accuracy": last(
+                [self.initial_eval.eval_accuracy if self.initial_eval else math.nan]
+            ),
+            "server_test_accuracy": last([r.server_eval_accuracy for r in self.rounds]),
+            "server_test_loss": last([r.server_eval_loss for r in self.rounds]),
+        }
+
+    def training_summary(self, class_counts: Sequence[int] | None = None) -> TrainingSummary:
+        """Who trained the model on how much data (class counts only where known)."""
+        return TrainingSummary(
+            run_id=self.run_id,
+            rounds=len(self.rounds),
+            sites=self.clients,
+            examples=int(self.setup.get("train_examples", 0)),
+            class_counts=None if class_counts is None else tuple(int(c) for c in class_counts),
+            secure_aggregation=self.secure_aggregation,
+            differential_privacy=self.differential_privacy,
+        )
 
     def write(self, out_dir: Path) -> Path:
         path = out_dir / "report.json"

@@ -232,3 +232,30 @@ def test_class_folder_symlinks_leading_out_are_refused(image_folder: Path, outsi
         load_site_data(image_folder, CLASSES)
     data = load_site_data(image_folder, CLASSES, policy=ReadPolicy(data_roots=(outside,)))
     assert len(data.train) + len(data.val) == 20
+
+
+def test_read_images_for_prediction(tmp_path: Path, image_folder: Path) -> None:
+    from fedhead.common.datasets import read_images
+    from fedhead.common.images import ImageDecodeError
+
+    assert len(read_images(image_folder)) == 20  # class folders, searched recursively
+    npz = tmp_path / "splits.npz"
+    imgs = np.zeros((3, 8, 8), np.uint8)
+    np.savez(npz, train_images=imgs, test_images=imgs[:2], train_labels=np.zeros(3))
+    source = read_images(npz)
+    assert len(source) == 5 and source.describe(4) == "splits.npz:test_images[1]"
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("id,path\n1,folder/normal/000.png\n2,missing.png\n")
+    listed = read_images(manifest)
+    assert len(listed) == 2  # a missing file stays listed, to be counted as unreadable
+    with pytest.raises(ImageDecodeError):
+        listed.key(1)
+    (tmp_path / "nopath.csv").write_text("file\nx.png\n")
+    with pytest.raises(DataError, match="'path' column"):
+        read_images(tmp_path / "nopath.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        read_images(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="neither an image"):
+        read_images(tmp_path / "notes.txt")

@@ -175,3 +175,64 @@ def test_a_custom_checkpoint_is_distributed_and_verified(
     assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]
     cached = tmp / "node0" / "weights" / report["backbone"]["weights_file"]
     assert cached.read_bytes() == path.read_bytes()
+
+
+def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy(
+    offline_world: Path,
+) -> None:
+    """RunReport.final_arrays is the head after the last round: packaged and used at a
+    site on the sites' validation images, it scores the federated evaluation exactly."""
+    import json
+
+    import numpy as np
+    from flwr.app import Context, RecordDict
+
+    from fedhead.common.device import select_device
+    from fedhead.common.images import ArrayImages
+    from fedhead.common.inference import load_site_model, predict
+    from fedhead.common.package import ModelPackage, package_from_run
+    from fedhead.server.federation import build_server_model, run_federation
+
+    tmp = offline_world
+    sites = write_sites(tmp, 2)
+    cfg = RunConfig.from_mapping(
+        {
+            "classes": CLASSES,
+            "input-size": 64,
+            "num-server-rounds": 2,
+            "min-sites": 2,
+            "round-timeout": 30.0,
+            "join-timeout": 5.0,
+            "out-dir": str(tmp / "out"),
+        }
+    )
+    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    report = run_federation(LoopbackGrid(client_app, nodes(tmp, sites)), ctx, cfg)
+    assert "final_arrays" not in json.loads((tmp / "out" / "report.json").read_text())
+    sm = build_server_model(cfg)
+    assert not sm.trainable.problems(report.final_arrays)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(report.final_arrays, sm.trainable.get(sm.model), strict=True)
+    )  # trained, not the initial head
+    pkg = package_from_run(
+        cfg, sm.model, report.final_arrays, report.training_summary(), report.final_metrics()
+    )
+    folder = pkg.write(tmp / "model")
+    loaded = ModelPackage.load(folder)
+    assert loaded.training.sites == 2 and loaded.training.rounds == 2
+    assert loaded.training.examples == report.setup["train_examples"]
+    assert loaded.metrics["federated_eval_accuracy"] == report.final_eval_accuracy
+
+    site = load_site_model(folder)
+    images, labels = [], []
+    for path in sites:
+        with np.load(path) as data:
+            images.append(data["val_images"])
+            labels.append(data["val_labels"])
+    preds = predict(
+        site, ArrayImages(np.concatenate(images), "val"), select_device("cpu"), progress=False
+    )
+    y = np.concatenate(labels)
+    accuracy = float(np.mean(preds.predicted == y))
+    assert accuracy == pytest.approx(report.final_eval_accuracy, abs=1e-9)
