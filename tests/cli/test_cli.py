@@ -153,7 +153,16 @@ def test_node_wrapper_passes_the_data_options_as_node_config(tmp_path: Path) -> 
     from fedhead.common.config import NodeConfig
 
     result = fedhead(
-        *("node", "--superlink", "h:1", "--data", str(tmp_path), "--insecure", "--dry-run"),
+        *(
+            "node",
+            "--superlink",
+            "h:1",
+            "--data",
+            str(tmp_path),
+            "--insecure",
+            "--dry-run",
+            "--allow-unsigned-apps",
+        ),
         *("--data-roots", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--max-image-pixels", "1000"),
     )
     assert result.returncode == 0, result.stderr

@@ -85,6 +85,7 @@ def test_data_check_refuses_a_bad_window_setting(
 
 def test_node_wrapper_passes_the_dicom_settings(tmp_path: Path) -> None:
     base = ["node", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path), "--insecure"]
+    base += ["--allow-unsigned-apps"]
     result = fedhead(*base, "--dicom-window", "-1", "--dicom-frame", "2", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "dicom-window=-1 dicom-frame=2" in result.stdout

@@ -42,7 +42,6 @@ def _spec(**changes: object) -> RunSpec:
         backbone=MOBILENET.name,
         weights_file=MOBILENET.weights_file,
         weights_sha256=MOBILENET.sha256,
-        weights_bytes=14_212_972,
         custom_weights=False,
         classes="normal,pneumonia",
         input_size=64,
@@ -157,7 +156,6 @@ def test_a_malicious_server_cannot_plant_a_file_outside_the_site_cache(
     spec = _spec(
         weights_file=PLANTED,
         weights_sha256=hashlib.sha256(payload).hexdigest(),
-        weights_bytes=len(payload),
         custom_weights=True,
     )
     node_configs = {
