@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fedhead.cli.types import Subparsers
 
 if TYPE_CHECKING:
+    from fedhead.common.dicom import ReaderSettings
     from fedhead.common.inference import Predictions, SiteModel
 
 _SHOWN = 10  # unreadable images named on the terminal (all go to the side file)
@@ -98,7 +99,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _refuse_existing(out, args.force)
-    images = read_images(Path(args.data))  # a wrong path fails before the trunk loads
+    images = read_images(Path(args.data), _reader(args))  # a bad path fails before the trunk
     site = _load(args)
     preds = predict(site, images, select_device(args.device), args.batch_size)
     _report_unreadable(preds, images.describe, _side_file(out))
@@ -144,7 +145,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                 "arguments",
             )
         positive = classes.index(args.positive)
-    data = load_test_set(Path(args.data), classes, what="labelled data", fix="--data")
+    data = load_test_set(
+        Path(args.data), classes, what="labelled data", fix="--data", reader=_reader(args)
+    )
     site = _load(args)
     preds = predict(site, data.images, select_device(args.device), args.batch_size)
     unreadable = _report_unreadable(preds, data.images.describe, _side_file(out))
@@ -222,6 +225,35 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
+def _reader(args: argparse.Namespace) -> ReaderSettings:
+    """How DICOM files are read: the package's settings, or the site's own overrides."""
+    from fedhead.common.dicom import ReaderSettings
+    from fedhead.common.errors import ConfigError
+    from fedhead.common.package import ModelPackage
+
+    pre = ModelPackage.load(Path(args.model)).preprocessing
+    window = pre.dicom_window if args.dicom_window is None else args.dicom_window
+    frame = pre.dicom_frame if args.dicom_frame is None else args.dicom_frame
+    try:
+        return ReaderSettings(window=window, frame=frame)
+    except ValueError as err:
+        raise ConfigError([f"--dicom-window/--dicom-frame: {err}"], "arguments") from err
+
+
+def _dicom(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dicom-window",
+        type=int,
+        help="DICOM: which VOI LUT / window to apply (-1 = none); default: the package's, "
+        "which is the sites' default (0, the first); give your node's dicom-window if set",
+    )
+    p.add_argument(
+        "--dicom-frame",
+        type=int,
+        help="DICOM: which frame of a multi-frame file; default: the package's (0)",
+    )
+
+
 def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="images per trunk batch (64)")
@@ -242,6 +274,7 @@ def add_parser(sub: Subparsers) -> None:
     _common(pr)
     pr.add_argument("--data", required=True, help="image file, folder, .csv or .npz")
     pr.add_argument("--out", required=True, help="predictions CSV to write")
+    _dicom(pr)
     _device(pr)
     pr.set_defaults(handler=_predict)
 
@@ -259,6 +292,7 @@ def add_parser(sub: Subparsers) -> None:
     _common(ev)
     ev.add_argument("--data", required=True, help="labelled folder, .csv or .npz")
     ev.add_argument("--out", required=True, help="metrics JSON to write")
+    _dicom(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (0)")
     ev.add_argument(

@@ -223,13 +223,14 @@ def load_test_set(
     policy: ReadPolicy | None = None,
     what: str = "server test data",
     fix: str = "server-test-data",
+    reader: ReaderSettings | None = None,
 ) -> LabeledImages:
     """Labelled images for evaluation: the data's test split if it names one (a
     ``test/`` folder, ``split`` = test, ``test_images`` in an .npz), else all of its
     images. ``what`` and ``fix`` name the data and the setting in messages."""
     if not path.exists():
         raise DataError(f"{what} {path} does not exist", f"fix {fix}")
-    parts = read_parts(path, classes, None, policy)
+    parts = read_parts(path, classes, None, policy, reader)
     if parts.test is not None:
         return parts.test
     test = concat([p for p in (parts.train, parts.val) if p is not None])
@@ -238,26 +239,29 @@ def load_test_set(
     return test
 
 
-def read_images(path: Path) -> ImageSource:
+def read_images(path: Path, reader: ReaderSettings | None = None) -> ImageSource:
     """Unlabelled images to predict on: one image file, a folder (searched recursively,
     class folders included), a .csv with a ``path`` column (other columns ignored;
     paths relative to the CSV's folder) or an .npz with ``images`` (else its
     ``train_images``, ``val_images`` and ``test_images``, in that order).
 
     Files listed but missing or undecodable stay in the source: reading them raises
-    ImageDecodeError, so callers count and name them instead of losing them.
+    ImageDecodeError, so callers count and name them instead of losing them. DICOM files
+    are read with ``reader`` settings (window, frame).
     """
     if not path.exists():
         raise DataError(f"{path} does not exist", "give an image file, a folder, a .csv or an .npz")
     suffix = path.suffix.lower()
     if path.is_dir():
-        source: ImageSource = FileImages(sorted(p for p in path.rglob("*") if _is_image(p)))
+        source: ImageSource = FileImages(
+            sorted(p for p in path.rglob("*") if _is_image(p)), reader=reader
+        )
     elif suffix == ".csv":
-        source = FileImages(_csv_paths(path))
+        source = FileImages(_csv_paths(path), reader=reader)
     elif suffix == ".npz":
         source = _npz_images(path)
-    elif suffix in IMAGE_EXTENSIONS:
-        source = FileImages([path])
+    elif _is_image(path):
+        source = FileImages([path], reader=reader)
     else:
         raise DataError(
             f"{path} is neither an image, a folder, a .csv nor an .npz file",

@@ -34,6 +34,7 @@ import torch
 from fedhead.common import __version__
 from fedhead.common.backbones import BackboneSpec, get_spec
 from fedhead.common.config import RunConfig
+from fedhead.common.dicom import ReaderSettings
 from fedhead.common.errors import (
     ConfigError,
     ModelMismatchError,
@@ -89,9 +90,16 @@ class Preprocessing:
     channels: str = "grayscale replicated to 3 channels; alpha dropped; RGB order"
     features: str = "trunk output rounded to float16 before the head (as in training)"
     fingerprint: str = ""  # Preprocessor.fingerprint(): the exact pipeline and its version
+    # DICOM files: which VOI LUT / window (-1: none) and which frame, as the sites'
+    # dicom-window and dicom-frame; a site that trained otherwise overrides them
+    dicom_window: int = 0
+    dicom_frame: int = 0
 
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(self.input_size, self.mean, self.std)
+
+    def reader_settings(self) -> ReaderSettings:
+        return ReaderSettings(window=self.dicom_window, frame=self.dicom_frame)
 
 
 @dataclass(frozen=True)
@@ -389,7 +397,10 @@ def _from_json(doc: dict[str, Any]) -> ModelPackage:
         mean=_triple(p["mean"]),
         std=_triple(p["std"]),
         fingerprint=str(p["fingerprint"]),
+        dicom_window=int(p.get("dicom_window", 0)),
+        dicom_frame=int(p.get("dicom_frame", 0)),
     )
+    pre.reader_settings()  # ValueError for values no reader accepts
     if pre.input_size < 1:
         raise ValueError(f"input_size {pre.input_size}")
     if pre.preprocessor().fingerprint() != pre.fingerprint:
