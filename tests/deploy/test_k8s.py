@@ -1,0 +1,114 @@
+"""The Kubernetes manifests in deploy/k8s: valid against the Kubernetes API schemas
+(kubernetes-validate, offline, strict: no unknown fields), and consistent with the image
+and with each other."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "gpu-patch.yaml")
+# the oldest Kubernetes release still supported upstream when this was written, and the newest
+KUBERNETES_VERSIONS = ["1.32.0", "1.37.0"]
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _validate(doc: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for p in MANIFESTS for d in _documents(p) if d["kind"] == kind]
+
+
+def _pod(kind: str) -> dict[str, Any]:
+    (workload,) = _by_kind(kind)
+    return workload["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+def test_manifests_match_the_kubernetes_schemas(path: Path, version: str) -> None:
+    docs = _documents(path)
+    assert docs
+    for doc in docs:
+        _validate(doc, version)
+
+
+def test_a_wrong_field_is_caught() -> None:
+    """The validation is real: a typo in a manifest fails it."""
+    (statefulset,) = _by_kind("StatefulSet")
+    broken = copy.deepcopy(statefulset)
+    broken["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _validate(broken, KUBERNETES_VERSIONS[-1])
+
+
+def test_gpu_patch_gives_a_valid_deployment() -> None:
+    """gpu-patch.yaml merged as `kubectl patch` merges it (containers by name)."""
+    (deployment,) = _by_kind("Deployment")
+    patch = yaml.safe_load((K8S / "site" / "gpu-patch.yaml").read_text())
+    patched = copy.deepcopy(deployment)
+    (node_patch,) = patch["spec"]["template"]["spec"]["containers"]
+    (node,) = patched["spec"]["template"]["spec"]["containers"]
+    assert node["name"] == node_patch["name"]
+    node["image"] = node_patch["image"]
+    node["resources"].setdefault("limits", {}).update(node_patch["resources"]["limits"])
+    _validate(patched, KUBERNETES_VERSIONS[-1])
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+@pytest.mark.parametrize("kind", ["StatefulSet", "Deployment"])
+def test_pods_run_the_image_as_its_user_with_read_only_secrets(kind: str) -> None:
+    pod = _pod(kind)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the image's user
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert container["args"][0] in ("superlink", "node")  # the image's entrypoint is fedhead
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {
+        t["metadata"]["name"] for t in _by_kind(kind)[0]["spec"].get("volumeClaimTemplates", [])
+    }
+    assert set(mounts) == set(volumes) | claims  # every mount has a volume and back
+    assert mounts["certs"]["readOnly"] is True and "secret" in volumes["certs"]
+    # the mount points are the image's volumes
+    assert {m["mountPath"] for m in mounts.values()} >= {"/var/lib/fedhead", "/etc/fedhead/certs"}
+
+
+def test_superlink_keeps_state_and_is_scraped() -> None:
+    (statefulset,) = _by_kind("StatefulSet")
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--database=/var/lib/fedhead/superlink.db" in args
+    assert "--certs-dir=/etc/fedhead/certs" in args
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "state"
+    annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert f"--metrics-address=0.0.0.0:{annotations['prometheus.io/port']}" in args
+
+
+def test_site_reads_its_data_read_only_and_caches_on_a_claim() -> None:
+    pod = _pod("Deployment")
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["data"]["readOnly"] is True
+    assert volumes["data"]["persistentVolumeClaim"]["readOnly"] is True
+    claims = {d["metadata"]["name"] for d in _by_kind("PersistentVolumeClaim")}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] in claims
+    assert mounts["cache"]["mountPath"] == "/var/cache/fedhead"
+    assert "--cache-dir=/var/cache/fedhead" in container["args"]
