@@ -74,4 +74,4 @@ def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> dict[str, Any]:
     )
     ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
     run_federation(grid, ctx, cfg)
-    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+    return json.loads((Path(cfg.out_dir) / "report.json").read_text())  # type: ignore[no-any-return]

@@ -40,7 +40,7 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
 
     # a second run finds the cached copies: no transfer
     grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
-    report2 = run(grid2, tmp, **{"num-server-rounds": 1})
+    report2 = run(grid2, tmp, **{"num-server-rounds": 1, "out-dir": str(tmp / "out2")})
     assert report2["setup"]["backbone_sent_to"] == []  # type: ignore[index]
     assert not any(m.metadata.message_type == MSG_WEIGHTS for m in grid2.sent)
 
@@ -102,7 +102,7 @@ def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None
     assert report["clients"] == 2
 
     with pytest.raises(FederationError, match="only 2 of 3 site"):
-        run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3})
+        run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3, "out-dir": str(tmp / "o2")})
 
 
 # SecAgg+ sends four train messages per round: setup, share keys, collect masked
