@@ -323,20 +323,21 @@ class Site:
                 f"described as {description.head_sha256[:12]}…"
             )
         dest = self.cache_dir / "models" / str(run_id)
-        if dest.exists():
+        try:
+            with atomic_folder(dest) as tmp:
+                with atomic_writer(tmp / HEAD_FILE) as f:
+                    f.write(head_bytes(names, arrays))
+                with atomic_writer(tmp / MODEL_JSON) as f:
+                    f.write((json.dumps(description.to_config(), indent=2) + "\n").encode())
+        except OSError:  # already kept (sites sharing a cache folder): the same model?
+            if not (dest / MODEL_JSON).is_file():
+                raise
             kept = json.loads((dest / MODEL_JSON).read_text())
             if kept.get("head_sha256") != sha:
                 raise ModelMismatchError(
                     f"{dest} already holds another final model for run {run_id}",
                     "nothing was overwritten; move that folder away to accept this one",
-                )
-            log.info("final model of run %d already kept at %s (sha256 %s)", run_id, dest, sha)
-            return dest
-        with atomic_folder(dest) as tmp:
-            with atomic_writer(tmp / HEAD_FILE) as f:
-                f.write(head_bytes(names, arrays))
-            with atomic_writer(tmp / MODEL_JSON) as f:
-                f.write((json.dumps(description.to_config(), indent=2) + "\n").encode())
+                ) from None
         log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
         return dest
 

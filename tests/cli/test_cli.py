@@ -63,6 +63,21 @@ def test_bad_demo_options_are_reported_together(tmp_path: Path) -> None:
     )
 
 
+def test_demo_refuses_an_out_with_checkpoints_unless_resumed(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("demo", "--resume", "--out", str(tmp_path)),
+        ConfigError.exit_code,
+        "--resume",
+        "holds no checkpoints",
+    )
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "round-0003.safetensors").write_bytes(b"earlier demo")
+    one_line_error(
+        fedhead("demo", "--out", str(tmp_path)), ConfigError.exit_code, "--out", "--resume"
+    )
+    assert (tmp_path / "checkpoints" / "round-0003.safetensors").read_bytes() == b"earlier demo"
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path: Path) -> None:
     env = {"TORCH_HOME": str(tmp_path / "t"), "FEDHEAD_CACHE": str(tmp_path / "c")}
     result = fedhead("demo", "--out", str(tmp_path / "o"), env=env)
