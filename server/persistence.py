@@ -306,6 +306,16 @@ def load_resume(cfg: RunConfig, out_dir: Path) -> Checkpoint | None:
             ],
             "run configuration",
         )
+    held = CheckpointStore(checkpoint_folder(out_dir)).rounds()
+    if checkpoint_folder(out_dir) == ckpt.path.parent and max(held, default=0) > ckpt.round:
+        raise ConfigError(
+            [
+                f"resume-from: {out_dir} holds checkpoints after round {ckpt.round}, which "
+                "resuming there would replace; resume from the last one, or into another "
+                "out-dir"
+            ],
+            "run configuration",
+        )
     if ckpt.round >= cfg.num_server_rounds:
         raise CheckpointError(
             f"resume-from: {ckpt.path.name} is round {ckpt.round} of a run of "

@@ -133,6 +133,10 @@ def test_an_out_dir_with_checkpoints_is_not_reused_without_resume(tmp_path: Path
     assert load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path)}), tmp_path) is not None
     with pytest.raises(ConfigError, match="no checkpoints"):
         load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path / "x")}), tmp_path / "new")
+    earlier = str(tmp_path / "checkpoints" / "round-0000.safetensors")
+    with pytest.raises(ConfigError, match="after round 0, which resuming there would replace"):
+        load_resume(_cfg(tmp_path, **{"resume-from": earlier}), tmp_path)
+    assert load_resume(_cfg(tmp_path, **{"resume-from": earlier}), tmp_path / "new") is not None
     with pytest.raises(ConfigError, match="nothing is left to train"):
         load_resume(
             _cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1}), tmp_path
