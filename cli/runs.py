@@ -50,7 +50,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # it exists, owned by someone else
         return True
-    return True
+    try:  # a killed process its parent has not reaped yet (Linux: state Z) is gone too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _last_checkpoint(out: Path) -> str:
