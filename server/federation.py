@@ -40,6 +40,7 @@ from fedhead.server.persistence import (
     FinalModel,
     RunStatus,
     check_resume,
+    config_changes,
     load_resume,
     model_identity,
     resumed_from,
@@ -117,6 +118,10 @@ def _federate(
     initial = sm.trainable.get(sm.model)
     if resume is not None:
         check_resume(resume, identity, names)
+        if changes := config_changes(resume, cfg):
+            log.warning(
+                "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
+            )
         initial = resume.arrays
     strategy = FedHeadStrategy(
         trainable=sm.trainable,

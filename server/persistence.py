@@ -338,6 +338,19 @@ def check_resume(ckpt: Checkpoint, identity: Mapping[str, Any], names: list[str]
         raise CheckpointError("resume-from: the checkpoint holds other tensors than this model")
 
 
+def config_changes(ckpt: Checkpoint, cfg: RunConfig) -> list[str]:
+    """Settings (beyond the model's) that differ from the checkpoint's run: allowed,
+    but the resumed run then computes something else than the original would have."""
+    if ckpt.meta.get("config_fingerprint") == config_fingerprint(cfg):
+        return []
+    saved, now = ckpt.meta.get("config", {}), cfg.to_mapping()
+    return [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in OPERATIONAL_KEYS and saved.get(k) != v
+    ]
+
+
 class RunStatus:
     """``status.json``: running, finished or failed (with the reason), rewritten atomically."""
 

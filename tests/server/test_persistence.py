@@ -18,6 +18,8 @@ from fedhead.server.persistence import (
     CheckpointError,
     CheckpointStore,
     check_resume,
+    config_changes,
+    config_fingerprint,
     load_resume,
     read_checkpoint,
 )
@@ -141,6 +143,16 @@ def test_an_out_dir_with_checkpoints_is_not_reused_without_resume(tmp_path: Path
         load_resume(
             _cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1}), tmp_path
         )
+
+
+def test_other_settings_than_the_checkpoints_are_named(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"learning-rate": 0.05})
+    meta = {**_meta([{"round": 1}]), "config": cfg.to_mapping()}
+    meta["config_fingerprint"] = config_fingerprint(cfg)
+    CheckpointStore(tmp_path).save(1, NAMES, _arrays(1), meta)
+    ckpt = CheckpointStore(tmp_path).load()
+    assert config_changes(ckpt, _cfg(tmp_path / "elsewhere", **{"learning-rate": 0.05})) == []
+    assert config_changes(ckpt, _cfg(tmp_path)) == ["learning-rate: 0.05 -> 0.01"]
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path: Path) -> None:
