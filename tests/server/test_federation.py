@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedhead.client.app import app as client_app
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, WeightsError
-from fedhead.common.protocol import MSG_WEIGHTS
+from fedhead.common.protocol import MSG_WEIGHTS, RECORD_MODEL_REPLY
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import CLASSES, nodes, run, write_sites
 
@@ -58,6 +59,9 @@ def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> No
             for key, value in rec.items():
                 if name == RECORD_KEY_CONFIGS:  # SecAgg+ keys, shares, masked sums
                     assert secure
+                    continue
+                if name == RECORD_MODEL_REPLY:  # the sha256 of the final model it kept
+                    assert re.fullmatch("[0-9a-f]{64}", value), value
                     continue
                 assert isinstance(value, int | float | str), (key, value)
                 assert not isinstance(value, str) or len(value) < 64, (key, value)
