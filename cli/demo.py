@@ -27,6 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
             secure_aggregation=not args.no_secure_aggregation,
             metrics_address=args.metrics_address,
             verbose=args.verbose,
+            resume=args.resume,
         )
     )
     return 0
@@ -39,8 +40,8 @@ def add_parser(sub: Subparsers) -> None:
         help="run a complete federated job on the embedded X-ray data",
         description="Simulate hospitals with Flower's Simulation Engine, train "
         "the head federatedly and centrally, print a per-round table and "
-        "write report.json, accuracy_loss.png and the model package model/ to --out "
-        "(a previous demo's model/ there is replaced).",
+        "write report.json, accuracy_loss.png, a checkpoint per round and the model "
+        "package model/ to --out (a previous demo's model/ there is replaced).",
     )
     d.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     d.add_argument("--clients", type=int, default=3, help="simulated hospitals (default 3)")
@@ -66,6 +67,11 @@ def add_parser(sub: Subparsers) -> None:
         "--metrics-address",
         default=DEFAULT_SERVER_ADDRESS,
         help=f"serve Prometheus metrics while the demo runs ({DEFAULT_SERVER_ADDRESS}; none)",
+    )
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the demo whose checkpoints are in --out (after it was cut off)",
     )
     d.add_argument("--verbose", action="store_true", help="show Flower's and the sites' logs")
     d.set_defaults(handler=_demo)

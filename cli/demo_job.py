@@ -32,6 +32,7 @@ from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, round_seed, scheduled_lr, train_head
 from fedhead.server.evaluation import server_extractor
+from fedhead.server.persistence import has_checkpoints
 from fedhead.server.recorder import RoundCallback
 from fedhead.server.report import TABLE_HEADER, RunReport, human_bytes, plot, table_row
 from fedhead.server.setup import build_server_model
@@ -54,6 +55,7 @@ class DemoOptions:
     secure_aggregation: bool = True
     metrics_address: str = "none"
     verbose: bool = False
+    resume: bool = False  # continue the run whose checkpoints are in ``out``
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_mapping(
@@ -72,6 +74,7 @@ class DemoOptions:
                 "out-dir": str(self.out),
                 "join-timeout": 120.0,
                 "secure-aggregation": self.secure_aggregation,
+                "resume-from": str(self.out) if self.resume else "",
             }
         )
 
@@ -84,6 +87,14 @@ def _check(opts: DemoOptions) -> None:
         problems.append(f"--clients: must be between 2 and 50 (got {opts.clients})")
     if opts.alpha <= 0:
         problems.append(f"--alpha: must be > 0 (got {opts.alpha})")
+    held = has_checkpoints(opts.out)
+    if held and not opts.resume:
+        problems.append(
+            f"--out: {opts.out} holds checkpoints of an earlier demo; add --resume to "
+            "continue it, or choose another --out"
+        )
+    if opts.resume and not held:
+        problems.append(f"--resume: {opts.out} holds no checkpoints to continue from")
     if problems:
         raise ConfigError(problems, "demo options")
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -117,37 +118,70 @@ def prepare_spool(path: Path | None = None) -> Path:
     return path
 
 
+# Flower exit codes after which starting the same command again cannot help (bad
+# arguments, keys, certificates or addresses): the supervisor gives up on these.
+def _permanent_exits() -> frozenset[int]:
+    from flwr.supercore.exit import ExitCode
+
+    return frozenset(
+        {
+            2,  # argparse: bad command line
+            ExitCode.SUPERNODE_NODE_AUTH_KEY_INVALID,
+            ExitCode.SUPERNODE_STARTED_WITHOUT_TLS_BUT_NODE_AUTH_ENABLED,
+            ExitCode.SUPERNODE_INVALID_TRUSTED_ENTITIES,
+            ExitCode.COMMON_ADDRESS_INVALID,
+            ExitCode.COMMON_TLS_NOT_SUPPORTED,
+            ExitCode.COMMON_TLS_ROOT_CERTIFICATES_INCOMPATIBLE,
+            ExitCode.COMMON_PATH_INVALID,
+            ExitCode.COMMON_TLS_SERVER_CERTIFICATES_INVALID,
+            ExitCode.RUNTIME_VERSION_INCOMPATIBLE,
+        }
+    )
+
+
 def supervise(
     cmd: list[str],
     roles: Sequence[str],
     address: str,
     env: dict[str, str] | None = None,
     companion: list[str] | None = None,
+    restart: bool = False,
+    backoff: tuple[float, float] = (2.0, 60.0),
 ) -> int:
-    """Run ``cmd`` with an exporter beside it (unless ``address`` is none) and, if given,
-    a companion process (the proxy in front of a SuperLink) that lives and dies with it;
-    forward signals; return the exit code (the companion's, if it ended first)."""
-    spool = prepare_spool()
-    exporter = Exporter(roles, spool)
-    if address != "none":
-        exporter.start(address)
-    helper = subprocess.Popen(companion) if companion else None
-    child = subprocess.Popen(cmd, env={**(env or os.environ), SPOOL_ENV: str(spool)})
+    """Run ``cmd`` with an exporter beside it (unless ``address`` is none); forward
+    signals; return its exit code.
 
-    stopping = threading.Event()  # a signal asked us to stop (it reached the companion too)
+    ``companion``: a process (the proxy in front of a SuperLink) that lives and dies
+    with ``cmd``; if it ends first, ``cmd`` is stopped and its exit code returned.
+    ``restart``: a child that exits on its own (a SuperNode whose SuperLink went away or
+    forgot it) is started again after a growing pause (``backoff``: first and longest,
+    in seconds), one line per attempt, until a signal stops the supervisor or the child
+    fails in a way a restart cannot fix. The two do not go together.
+    """
+    if companion and restart:
+        raise ValueError("supervise: a companion process and restarts do not go together")
+    spool = prepare_spool()
+    exporter = Exporter(roles, spool) if address != "none" else None
+    if exporter is not None:
+        exporter.start(address)
+    child_env = {**(env or os.environ), SPOOL_ENV: str(spool)}
+    helper = subprocess.Popen(companion) if companion else None
+    child = subprocess.Popen(cmd, env=child_env)
+    stop = threading.Event()  # a signal asked us to stop (it reached the companion too)
     companion_ended_first = threading.Event()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
+        stop.set()
         if child.poll() is None:
             child.send_signal(signum)
 
-    def stop_child_when(proc: subprocess.Popen[bytes], name: str) -> None:
+    def stop_child_when(proc: subprocess.Popen[bytes], companion_name: str) -> None:
         proc.wait()
-        if child.poll() is None and not stopping.is_set():
+        if child.poll() is None and not stop.is_set():
             companion_ended_first.set()
             print(
-                f"fedhead: {name} exited with {proc.returncode}; stopping {Path(cmd[0]).name}",
+                f"fedhead: {companion_name} exited with {proc.returncode}; "
+                f"stopping {Path(cmd[0]).name}",
                 file=sys.stderr,
             )
             child.terminate()
@@ -156,10 +190,31 @@ def supervise(
         sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     }
     if helper is not None and companion is not None:
-        name = Path(companion[0]).name
-        threading.Thread(target=stop_child_when, args=(helper, name), daemon=True).start()
+        threading.Thread(
+            target=stop_child_when, args=(helper, Path(companion[0]).name), daemon=True
+        ).start()
+    name = Path(cmd[0]).name
+    permanent = _permanent_exits() if restart else frozenset()
+    delay, attempt = backoff[0], 0
     try:
-        code = child.wait()
+        while True:
+            started = time.monotonic()
+            code = child.wait()
+            if stop.is_set() or not restart or code == 0 or code in permanent:
+                break
+            if time.monotonic() - started > backoff[1]:  # it ran well for a while
+                delay, attempt = backoff[0], 0
+            attempt += 1
+            print(
+                f"fedhead: {name} exited with code {code}; starting it again in "
+                f"{delay:.0f}s (attempt {attempt})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if stop.wait(delay):
+                break
+            child = subprocess.Popen(cmd, env=child_env)
+            delay = min(delay * 2, backoff[1])
     finally:
         if helper is not None and helper.poll() is None:
             helper.terminate()
@@ -168,12 +223,13 @@ def supervise(
             except subprocess.TimeoutExpired:
                 helper.kill()
                 helper.wait()
-        exporter.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if exporter is not None:
+            exporter.stop()
         for path in spool.glob("*"):
             path.unlink(missing_ok=True)
         spool.rmdir()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if helper is not None and companion_ended_first.is_set():
         return helper.returncode or 1
     return code

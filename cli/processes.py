@@ -38,9 +38,10 @@ def _exec(
     metrics: tuple[str, str] | None = None,
     companion: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
+    restart: bool = False,
 ) -> int:
     """Become the Flower process, or supervise it with a metrics exporter (and a
-    companion process, the proxy in front of a SuperLink) beside it."""
+    companion process, the proxy in front of a SuperLink; or restarts) beside it."""
     role, address = metrics or ("", "none")
     if dry_run:
         if companion:
@@ -56,11 +57,11 @@ def _exec(
     path = f"{Path(program).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, **(extra_env or {})}
     sys.stdout.flush()
-    if address == "none" and companion is None:
+    if address == "none" and companion is None and not restart:
         os.execve(program, [program, *cmd[1:]], env)
     from fedhead.cli.exporter import supervise
 
-    return supervise([program, *cmd[1:]], [role], address, env, companion)
+    return supervise([program, *cmd[1:]], [role], address, env, companion, restart=restart)
 
 
 def _exporter(args: argparse.Namespace) -> int:
@@ -166,7 +167,25 @@ def _node(args: argparse.Namespace) -> int:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser())]
-    return _exec(cmd, args.dry_run, metrics=("site", args.metrics_address))
+    # Flower's SuperNode exits when its SuperLink forgets it (a restart without a state
+    # database): the supervisor starts it again, so the site stays in the federation.
+    return _exec(cmd, args.dry_run, metrics=("site", args.metrics_address), restart=True)
+
+
+def fedhead_data_dir() -> Path:
+    """fedhead's data root: ``$FEDHEAD_HOME``, else ``$XDG_DATA_HOME/fedhead``."""
+    if env := os.environ.get("FEDHEAD_HOME"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg).expanduser() / "fedhead"
+
+
+def _state_dir(given: str | None, create: bool) -> Path:
+    """The SuperLink's state folder (registered node keys, runs), private to its owner."""
+    path = Path(given).expanduser() if given else fedhead_data_dir() / "superlink"
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -174,8 +193,6 @@ def _superlink(args: argparse.Namespace) -> int:
 
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
     cmd += ["--host", args.host, "--port", str(args.port)]
-    if args.database:
-        cmd += ["--database", args.database]
     if args.host not in proxy.LOOPBACK_NAMES:
         raise ConfigError(
             [
@@ -185,6 +202,9 @@ def _superlink(args: argparse.Namespace) -> int:
                 "the Fleet API"
             ]
         )
+    state = _state_dir(args.state_dir, create=not args.dry_run and not args.database)
+    database = args.database or str(state / "superlink.db")
+    cmd += ["--database", database]
     if not args.insecure and not args.certs_dir:
         raise ConfigError(
             [
@@ -329,7 +349,15 @@ def add_parser(sub: Subparsers) -> None:
         "use this FAB and its signature (sites with --trusted-entities run only these)",
     )
     s.add_argument("--certs-dir", help="folder with ca.crt, server.crt, server.key")
-    s.add_argument("--database", help="SuperLink state database (default: in memory)")
+    s.add_argument(
+        "--state-dir",
+        help="folder for the SuperLink's state database: registered site keys and runs "
+        "survive a restart (default $FEDHEAD_HOME/superlink or ~/.local/share/fedhead/superlink)",
+    )
+    s.add_argument(
+        "--database",
+        help="the state database file instead (:memory: keeps nothing across a restart)",
+    )
     s.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
     s.add_argument(
         "--metrics-address",

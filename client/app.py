@@ -3,6 +3,7 @@
 Handlers:
 - ``query.prepare``: check data and backbone copy, remember the run spec.
 - ``query.weights``: receive the backbone file from the server, verify, cache.
+- ``query.model``: after the last round, the final head: verify it, keep it.
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
 - ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes.
 
@@ -30,8 +31,20 @@ from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
+from fedhead.common.heads import head_sha256
 from fedhead.common.logs import setup_logging
-from fedhead.common.protocol import RECORD_PREPARE, RECORD_RUN, RECORD_WEIGHTS, FitSettings, RunSpec
+from fedhead.common.protocol import (
+    RECORD_MODEL,
+    RECORD_MODEL_REPLY,
+    RECORD_MODEL_TENSORS,
+    RECORD_PREPARE,
+    RECORD_RUN,
+    RECORD_WEIGHTS,
+    FitSettings,
+    ModelDescription,
+    ModelReceipt,
+    RunSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +104,18 @@ def weights(msg: Message, context: Context) -> Message:
     data = array.numpy()
     site.install_weights(np.ascontiguousarray(data).data.cast("B"))
     return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
+
+
+@app.query("model")
+def model(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    description = ModelDescription.from_mapping(msg.content.config_records[RECORD_MODEL])
+    record = msg.content.array_records[RECORD_MODEL_TENSORS]
+    tensors = {name: array.numpy() for name, array in record.items()}
+    site.keep_model(context.run_id, description, tensors)
+    names = site.trainable.names
+    receipt = ModelReceipt(head_sha256(names, [tensors[n] for n in names]))
+    return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
 
 
 @app.train(mods=train_mods())

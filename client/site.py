@@ -5,7 +5,9 @@ The Flower ClientApp (``fedhead.client.app``) only translates messages to calls 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from fedhead.common.features import (
     Features,
     open_cache,
 )
+from fedhead.common.files import atomic_folder, atomic_writer
+from fedhead.common.heads import head_bytes, head_sha256
 from fedhead.common.images import (
     AugmentedImages,
     Augmenter,
@@ -46,6 +50,7 @@ from fedhead.common.protocol import (
     WEIGHTS_MISSING,
     WEIGHTS_OK,
     FitSettings,
+    ModelDescription,
     PrepareReply,
     RunSpec,
 )
@@ -68,6 +73,10 @@ from fedhead.common.weights import (
 )
 
 log = logging.getLogger(__name__)
+
+# A kept final model: ``<cache-dir>/models/<run-id>/{head.safetensors,model.json}``.
+HEAD_FILE = "head.safetensors"
+MODEL_JSON = "model.json"
 
 
 def check_run_spec(spec: RunSpec) -> None:
@@ -334,6 +343,64 @@ class Site:
         if self.device.kind == "cuda":
             peak = int(torch.cuda.max_memory_allocated(self.device.torch_device))
         emit(SiteDevice(self.device.kind, self.device.describe(), peak))
+
+    def keep_model(
+        self, run_id: int, description: ModelDescription, tensors: Mapping[str, np.ndarray]
+    ) -> Path:
+        """Verify the run's final model and keep it under ``<cache-dir>/models/<run-id>/``.
+
+        It must be the model this site trained: the backbone this site holds (sha256),
+        the same trainable tensors (names and shapes) and a head whose sha256 is the one
+        described. A model already kept for the run is never replaced by another.
+        """
+        spec = self.spec
+        if description.run_id != run_id:
+            raise ModelMismatchError(f"a final model for run {description.run_id} in run {run_id}")
+        if description.backbone_sha256 != spec.weights_sha256:
+            raise ModelMismatchError(
+                f"the final model is for backbone sha256 {description.backbone_sha256[:12]}…, "
+                f"this site trained on {spec.weights_sha256[:12]}…"
+            )
+        if self.weights_status() != WEIGHTS_OK:
+            raise ModelMismatchError(
+                "this site no longer holds the run's backbone with its sha256",
+                "the final model is of no use without it",
+            )
+        if description.trainable_fingerprint != spec.trainable_fingerprint:
+            raise ModelMismatchError("the final model names another trainable set than the run")
+        names = self.trainable.names
+        missing = [n for n in names if n not in tensors]
+        if missing or len(tensors) != len(names):
+            raise ModelMismatchError(
+                f"the final model holds tensors {sorted(tensors)[:3]}…, expected {names[:3]}…"
+            )
+        arrays = [tensors[n] for n in names]
+        if problems := self.trainable.problems(arrays):
+            raise ModelMismatchError("the final model does not fit: " + "; ".join(problems[:3]))
+        sha = head_sha256(names, arrays)
+        if sha != description.head_sha256:
+            raise ModelMismatchError(
+                f"the final model's tensors have sha256 {sha[:12]}…, "
+                f"described as {description.head_sha256[:12]}…"
+            )
+        dest = self.cache_dir / "models" / str(run_id)
+        try:
+            with atomic_folder(dest) as tmp:
+                with atomic_writer(tmp / HEAD_FILE) as f:
+                    f.write(head_bytes(names, arrays))
+                with atomic_writer(tmp / MODEL_JSON) as f:
+                    f.write((json.dumps(description.to_config(), indent=2) + "\n").encode())
+        except OSError:  # already kept (sites sharing a cache folder): the same model?
+            if not (dest / MODEL_JSON).is_file():
+                raise
+            kept = json.loads((dest / MODEL_JSON).read_text())
+            if kept.get("head_sha256") != sha:
+                raise ModelMismatchError(
+                    f"{dest} already holds another final model for run {run_id}",
+                    "nothing was overwritten; move that folder away to accept this one",
+                ) from None
+        log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
+        return dest
 
     def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
         model = self.model()

@@ -206,7 +206,13 @@ class RunConfig(_Config):
         1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)", "differential privacy delta"
     )
     server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
-    out_dir: str = opt("", doc="where report.json goes; default ./fedhead-runs/<run-id>")
+    out_dir: str = opt(
+        "", doc="report.json, status and checkpoints go here; default ./fedhead-runs/run-<id>"
+    )
+    resume_from: str = opt(
+        "", doc="continue a cut-off run: its out-dir or checkpoints folder (same model settings)"
+    )
+    keep_checkpoints: int = opt(2, positive, "newest round checkpoints kept (and the best one)")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
     simulation_data: str = opt("", doc="simulation: folder with site-<i> data per node")
     dirichlet_alpha: float = opt(0.5, positive, "simulation: non-IID split of the demo data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +28,40 @@ def atomic_writer(dest: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the folder's entry list reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """Fill a temporary folder beside ``dest`` and rename it into place on success.
+
+    Write every file in the yielded folder (through ``atomic_writer`` or fsynced); a
+    crash leaves no ``dest`` or the complete one. ``dest`` must not exist yet: a folder
+    is never replaced.
+    """
+    if dest.exists():
+        raise FileExistsError(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

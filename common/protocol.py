@@ -6,7 +6,9 @@ node loads its data, checks its backbone copy and replies with a ``PrepareReply`
 node that lacks the backbone then receives the weights file's bytes in a
 ``query.weights`` message, verifies the sha256 and caches them. Training and
 evaluation then use Flower's legacy fit/evaluate records (needed for SecAgg+), with
-the per-round settings in ``FitSettings``.
+the per-round settings in ``FitSettings``. After the last round every site that took
+part receives the final head and its ``ModelDescription`` in a ``query.model``
+message, verifies both and keeps them.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ PROTOCOL_VERSION = 1
 
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
+MSG_MODEL = "query.model"
 
 RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps it in state)
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
 RECORD_WEIGHTS = "fedhead.weights"  # ArrayRecord: the weights file as one uint8 array
+RECORD_MODEL = "fedhead.model"  # ConfigRecord: ModelDescription (server -> node)
+RECORD_MODEL_TENSORS = "fedhead.model.head"  # ArrayRecord: the final head, by tensor name
+RECORD_MODEL_REPLY = "fedhead.model.reply"  # ConfigRecord: ModelReceipt (node -> server)
 
 WEIGHTS_OK = "ok"
 WEIGHTS_MISSING = "missing"
@@ -126,3 +132,29 @@ class FitSettings(_Record):
     max_update_norm: float  # the site refuses to send a larger update (0 = no bound)
     clipping_range: float  # SecAgg+: every sent value must lie within +-this (0 = no SecAgg+)
     uniform_weight: bool  # DP: every site counts once, whatever its number of examples
+
+
+@dataclass(frozen=True)
+class ModelDescription(_Record):
+    """What the final head is: enough to rebuild the model around it on a site that
+    holds the backbone (the trunk itself is never part of a delivered model)."""
+
+    run_id: int
+    rounds: int
+    backbone: str
+    backbone_sha256: str
+    classes: str  # comma-separated, in label order
+    input_size: int
+    head: str
+    head_hidden: int
+    head_dropout: float
+    unfreeze_blocks: int
+    trainable_fingerprint: str
+    head_sha256: str  # sha256 of the head's canonical safetensors bytes
+
+
+@dataclass(frozen=True)
+class ModelReceipt(_Record):
+    """A site's answer to a delivered model: the sha256 of what it verified and kept."""
+
+    head_sha256: str

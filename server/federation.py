@@ -2,8 +2,10 @@
 
 Orchestration only: set up the model and the run spec (``setup``), build the strategy
 and the round plan (plain or SecAgg+ fit step, DP wrapper), run the round loop
-(``workflow``) with its observers (``recorder``, and any the caller adds), and write
-the report. Both the ServerApp and ``fedhead demo`` call ``run_federation``.
+(``workflow``) with its observers (``recorder``, ``persistence``'s checkpoints, and
+any the caller adds), deliver the final model (``delivery``) and write the report. A
+run with ``resume-from`` continues from a checkpoint. Both the ServerApp and
+``fedhead demo`` call ``run_federation``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,25 @@ from fedhead.common.model import count_params
 from fedhead.common.package import package_from_run
 from fedhead.common.protocol import RunSpec
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
+from fedhead.server.aggregation import Arrays
+from fedhead.server.delivery import ModelDelivery, describe_model
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.evaluation import server_evaluator
+from fedhead.server.persistence import (
+    CHECKPOINTS,
+    STATUS_FILE,
+    Checkpoint,
+    Checkpointer,
+    CheckpointError,
+    CheckpointStore,
+    FinalModel,
+    RunStatus,
+    check_resume,
+    config_changes,
+    load_resume,
+    model_identity,
+    resumed_from,
+)
 from fedhead.server.recorder import RoundCallback, RunRecorder
 from fedhead.server.report import RunReport
 from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
@@ -64,12 +83,50 @@ def _run(
     out_dir: Path | None,
     observers: Sequence[RunObserver],
 ) -> RunReport:
+    out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
+    resume = load_resume(cfg, out)  # refuses a used out-dir before anything is written
+    status = RunStatus(
+        out / STATUS_FILE,
+        run_id=context.run_id,
+        out_dir=str(out),
+        num_rounds=cfg.num_server_rounds,
+        rounds_done=resume.round if resume else 0,
+        resumed_from=resumed_from(resume),
+    )
+    status.update()
+    try:
+        return _federate(grid, context, cfg, on_round, out, observers, resume, status)
+    except BaseException as err:
+        status.failed(err)
+        raise
+
+
+def _federate(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    on_round: RoundCallback | None,
+    out: Path,
+    observers: Sequence[RunObserver],
+    resume: Checkpoint | None,
+    status: RunStatus,
+) -> RunReport:
     t_start = time.perf_counter()
     sm = build_server_model(cfg)
     spec = run_spec(cfg, sm)
+    names = sm.trainable.names
+    identity = model_identity(cfg, sm.sha256, sm.trainable.fingerprint())
+    initial = sm.trainable.get(sm.model)
+    if resume is not None:
+        check_resume(resume, identity, names)
+        if changes := config_changes(resume, cfg):
+            log.warning(
+                "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
+            )
+        initial = resume.arrays
     strategy = FedHeadStrategy(
         trainable=sm.trainable,
-        initial=sm.trainable.get(sm.model),
+        initial=initial,
         settings=fit_settings(cfg, sm.trainable),
         num_rounds=cfg.num_server_rounds,
         min_sites=cfg.min_sites,
@@ -81,41 +138,89 @@ def _run(
         server_evaluate=server_evaluator(cfg, sm),
     )
     report = _new_report(context.run_id, cfg, sm, spec)
+    if resume is not None:
+        earlier = resume.results
+        report.initial_eval = next((r for r in earlier if r.round == 0), None)
+        report.rounds = [r for r in earlier if r.round > 0]
+        report.resumed_from = resumed_from(resume)
     recorder = RunRecorder(cfg, sm, report, on_round)
+    ledgers: list[PrivacyLedger] = []
+
+    def planner(outcome: PrepareOutcome) -> RoundPlan:
+        plan = plan_rounds(cfg, strategy, outcome, report)
+        if plan.privacy is not None:
+            ledgers.append(plan.privacy)
+            if resume is not None:
+                plan.privacy.replay(resume.privacy_events)
+        elif resume is not None and resume.privacy_events:
+            raise CheckpointError(
+                "resume-from: the checkpoint's rounds used differential privacy but this run "
+                "has dp-noise-multiplier=0; resume with the run's original settings"
+            )
+        return plan
+
+    checkpointer = Checkpointer(
+        CheckpointStore(out / CHECKPOINTS, cfg.keep_checkpoints),
+        status,
+        context.run_id,
+        cfg,
+        identity,
+        names,
+        lambda: ledgers[0] if ledgers else None,
+        resume,
+    )
+    finals: list[FinalModel] = []
+
+    def final_step(grid: Grid, nodes: list[int], arrays: Arrays) -> None:
+        description = describe_model(spec, context.run_id, cfg.num_server_rounds, names, arrays)
+        finals.append(FinalModel(names, arrays, description))
+        report.model = description.to_config()
+        log.info("final model: head sha256 %s", description.head_sha256)
+        report.delivery = (
+            ModelDelivery(cfg.round_timeout)
+            .deliver(grid, nodes, description, names, arrays)
+            .report()
+        )
+
     log.info(
         "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
-        "%d rounds",
+        "%d rounds%s",
         context.run_id,
         sm.spec.name,
         sm.sha256[:12],
         sm.trainable.num_params,
         sm.trainable.nbytes,
         cfg.num_server_rounds,
+        f", resuming after round {resume.round} from {resume.path}" if resume else "",
     )
     workflow = FedHeadWorkflow(
         strategy=strategy,
         distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout),
-        plan_rounds=lambda outcome: plan_rounds(cfg, strategy, outcome, report),
+        plan_rounds=planner,
         evaluate_step=PlainEvaluate(cfg.round_timeout),
         num_rounds=cfg.num_server_rounds,
         min_sites=cfg.min_sites,
         join_timeout=cfg.join_timeout,
-        observers=[recorder, *observers],
+        observers=[recorder, checkpointer, *observers],
+        resume_after=resume.round if resume else None,
+        final_step=final_step,
     )
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.num_server_rounds),
         strategy=strategy,
     )
+    if resume is not None:
+        resume.restore_rng()
     workflow(grid, legacy)
     recorder.finish(time.perf_counter() - t_start)
-    out = (out_dir or Path(cfg.out_dir or f"fedhead-runs/run-{context.run_id}")).absolute()
     path = report.write(out)
     log.info("report written to %s", path)
     package = package_from_run(
         cfg, sm.model, report.final_arrays, report.training_summary(), report.final_metrics()
     )
     log.info("model package written to %s", package.write(out / "model", overwrite=True))
+    checkpointer.run_finished(finals[0], path)
     return report
 
 

@@ -33,6 +33,9 @@ class RunReport:
     secure_aggregation: str = "none"  # "secagg+" or "none"
     secure_aggregation_params: dict[str, Any] = field(default_factory=dict)
     differential_privacy: dict[str, Any] | None = None
+    resumed_from: dict[str, Any] | None = None  # round, checkpoint and run id continued
+    model: dict[str, Any] | None = None  # the final head's description (incl. its sha256)
+    delivery: dict[str, Any] | None = None  # which sites verified and kept the final model
     seconds: float = 0.0
     # The global trainable tensors after the last round (TrainableSet order); kept for
     # the model package, never written to report.json.

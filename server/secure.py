@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from flwr.common import FitRes, Parameters, Scalar
@@ -211,14 +211,22 @@ class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         return super().aggregate_fit(server_round, results, failures)
 
 
+PrivacyEvent = tuple[float, int, int]  # (noise multiplier, sampled sites, population)
+
+
 @dataclass
 class PrivacyLedger:
-    """Cumulative (epsilon, delta) of the rounds whose noisy aggregate was released."""
+    """Cumulative (epsilon, delta) of the rounds whose noisy aggregate was released.
+
+    ``released`` lists every accounted round's event, so a resumed run can replay
+    them and go on from the same privacy spent.
+    """
 
     noise_multiplier: float
     delta: float
     sites: int  # population: the sites that joined the run
     sampled: int  # sites per round
+    released: list[PrivacyEvent] = field(default_factory=list)
     _accountant: Any = None
 
     def __post_init__(self) -> None:
@@ -240,10 +248,24 @@ class PrivacyLedger:
 
     def release(self) -> float:
         """Account one released round; returns the cumulative epsilon at ``delta``."""
-        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+        self._compose((self.noise_multiplier, min(self.sampled, self.sites), self.sites))
+        return self.epsilon()
 
-        self._accountant.compose(
-            GaussianPrivacyEvent(self.noise_multiplier, min(self.sampled, self.sites), self.sites)
-        )
+    def replay(self, events: list[PrivacyEvent]) -> float:
+        """Account the rounds an earlier (cut-off) part of this run released."""
+        for event in events:
+            self._compose(event)
+        return self.epsilon()
+
+    def epsilon(self) -> float:
+        if not self.released:
+            return 0.0
         epsilon = float(self._accountant.get_epsilon(self.delta))
         return epsilon if math.isfinite(epsilon) else math.inf
+
+    def _compose(self, event: PrivacyEvent) -> None:
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        noise, sampled, sites = float(event[0]), int(event[1]), int(event[2])
+        self._accountant.compose(GaussianPrivacyEvent(noise, sampled, sites))
+        self.released.append((noise, sampled, sites))

@@ -254,8 +254,18 @@ class RunObserver(Protocol):
         """A round (0: the initial head's evaluation) ended with these global tensors."""
 
 
+# After the last round: (grid, the sites that took part, the final global tensors).
+FinalStep = Callable[[Grid, list[int], Arrays], None]
+
+
 class FedHeadWorkflow:
-    """Wait for sites, prepare them, then run the rounds."""
+    """Wait for sites, prepare them, then run the rounds.
+
+    A resumed run (``resume_after``: the round its checkpoint saved) starts from the
+    strategy's initial tensors, which are then that checkpoint's head, at round
+    ``resume_after + 1``; the initial evaluation is not repeated. ``final_step`` runs
+    once the last round is done (delivering the model to the sites).
+    """
 
     def __init__(
         self,
@@ -267,7 +277,11 @@ class FedHeadWorkflow:
         min_sites: int,
         join_timeout: float,
         observers: Sequence[RunObserver] = (),
+        resume_after: int | None = None,
+        final_step: FinalStep | None = None,
     ) -> None:
+        if resume_after is not None and not 0 <= resume_after < num_rounds:
+            raise ValueError(f"resume_after must be in [0, {num_rounds}), got {resume_after}")
         self.strategy = strategy
         self.distributor = distributor
         self.plan_rounds = plan_rounds
@@ -276,6 +290,8 @@ class FedHeadWorkflow:
         self.min_sites = min_sites
         self.join_timeout = join_timeout
         self.observers = list(observers)
+        self.resume_after = resume_after
+        self.final_step = final_step
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         metered = MeteredGrid(grid)
@@ -323,14 +339,18 @@ class FedHeadWorkflow:
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters(self.strategy.initial), True
         )
-        cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
+        first = 1 if self.resume_after is None else self.resume_after + 1
+        cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: first - 1})
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-        # Round 0: how the initial head does, the baseline the rounds improve on.
-        t0 = time.perf_counter()
-        self.strategy.evaluate(0, _params(context))
-        self.evaluate_step(grid, context)
-        self._finish(0, time.perf_counter() - t0, grid, context, plan)
-        for rnd in range(1, self.num_rounds + 1):
+        if self.resume_after is None:
+            # Round 0: how the initial head does, the baseline the rounds improve on.
+            t0 = time.perf_counter()
+            self.strategy.evaluate(0, _params(context))
+            self.evaluate_step(grid, context)
+            self._finish(0, time.perf_counter() - t0, grid, context, plan)
+        else:
+            log.info("resuming after round %d of %d", self.resume_after, self.num_rounds)
+        for rnd in range(first, self.num_rounds + 1):
             t0 = time.perf_counter()
             cfg[Key.CURRENT_ROUND] = rnd
             for obs in self.observers:
@@ -339,6 +359,8 @@ class FedHeadWorkflow:
             self.strategy.evaluate(rnd, _params(context))
             self.evaluate_step(grid, context)
             self._finish(rnd, time.perf_counter() - t0, grid, context, plan)
+        if self.final_step is not None:
+            self.final_step(grid, sorted(outcome.ready), parameters_to_ndarrays(_params(context)))
 
     def _finish(
         self, rnd: int, seconds: float, grid: MeteredGrid, context: LegacyContext, plan: RoundPlan

@@ -64,6 +64,21 @@ def test_bad_demo_options_are_reported_together(tmp_path: Path) -> None:
     )
 
 
+def test_demo_refuses_an_out_with_checkpoints_unless_resumed(tmp_path: Path) -> None:
+    one_line_error(
+        fedhead("demo", "--resume", "--out", str(tmp_path)),
+        ConfigError.exit_code,
+        "--resume",
+        "holds no checkpoints",
+    )
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "round-0003.safetensors").write_bytes(b"earlier demo")
+    one_line_error(
+        fedhead("demo", "--out", str(tmp_path)), ConfigError.exit_code, "--out", "--resume"
+    )
+    assert (tmp_path / "checkpoints" / "round-0003.safetensors").read_bytes() == b"earlier demo"
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path: Path) -> None:
     env = {"TORCH_HOME": str(tmp_path / "t"), "FEDHEAD_CACHE": str(tmp_path / "c")}
     result = fedhead("demo", "--out", str(tmp_path / "o"), env=env)
@@ -279,3 +294,72 @@ def test_superlink_never_faces_the_sites_itself(tmp_path: Path) -> None:
         ConfigError.exit_code,
         "--certs-dir",
     )
+
+
+def test_superlink_keeps_its_state_on_disk_by_default(tmp_path: Path) -> None:
+    env = {"FEDHEAD_HOME": str(tmp_path / "home")}
+    result = fedhead("superlink", "--insecure", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"--database {tmp_path / 'home' / 'superlink' / 'superlink.db'}" in result.stdout
+    chosen = fedhead("superlink", "--insecure", "--dry-run", "--state-dir", str(tmp_path / "s"))
+    assert f"--database {tmp_path / 's' / 'superlink.db'}" in chosen.stdout
+    memory = fedhead("superlink", "--insecure", "--dry-run", "--database", ":memory:", env=env)
+    assert "--database :memory:" in memory.stdout
+    assert not (tmp_path / "home").exists()  # a dry run creates nothing
+
+
+_FLAKY_CHILD = """
+import pathlib, signal, sys, time
+count = pathlib.Path(sys.argv[1])
+n = int(count.read_text()) + 1 if count.exists() else 1
+count.write_text(str(n))
+if n < 3:
+    sys.exit(1)  # as a SuperNode does when its SuperLink forgot it
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_the_node_supervisor_restarts_a_node_that_exits(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    count = tmp_path / "starts"
+    child = [sys.executable, "-c", _FLAKY_CHILD, str(count)]
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from fedhead.cli.exporter import supervise; "
+            f"sys.exit(supervise({child!r}, ['site'], 'none', restart=True, backoff=(0.1, 1.0)))",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(600):  # polls, not a time bound on the behaviour
+            if count.exists() and count.read_text() == "3":
+                break
+            time.sleep(0.1)
+        assert count.read_text() == "3"
+        assert supervisor.poll() is None  # still supervising the third start
+        supervisor.send_signal(signal.SIGTERM)
+        _, err = supervisor.communicate(timeout=30)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert supervisor.returncode == 0  # the child ended on the forwarded signal
+    lines = [line for line in err.splitlines() if "starting it again" in line]
+    assert len(lines) == 2 and "exited with code 1" in lines[0] and "(attempt 2)" in lines[1]
+
+
+def test_the_supervisor_gives_up_on_a_bad_command_line(tmp_path: Path) -> None:
+    from fedhead.cli.exporter import supervise
+
+    code = supervise(
+        [sys.executable, "-c", "import sys; sys.exit(2)"], ["site"], "none", restart=True
+    )
+    assert code == 2

@@ -222,3 +222,43 @@ def test_augmented_views_are_cached_and_used_in_training(
     monkeypatch.setattr(FedHeadModel, "extract", no_trunk)
     cached, _, _ = again.features("train")
     torch.testing.assert_close(cached, feats)
+
+
+def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
+    tmp_path: Path, server_side, image_folder: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+    import hashlib
+
+    from fedhead.server.delivery import describe_model
+
+    _, sm, spec = server_side
+    site = make_site(tmp_path, spec, image_folder)
+    names, head = sm.trainable.names, sm.trainable.get(sm.model)
+    description = describe_model(spec, RUN_ID, 3, names, head)
+    tensors = dict(zip(names, head, strict=True))
+
+    foreign = dataclasses.replace(description, backbone_sha256="0" * 64)
+    with pytest.raises(ModelMismatchError, match="backbone sha256"):
+        site.keep_model(RUN_ID, foreign, tensors)
+    tampered = {**tensors, names[1]: tensors[names[1]] + 1}
+    with pytest.raises(ModelMismatchError, match="described as"):
+        site.keep_model(RUN_ID, description, tampered)
+    with pytest.raises(ModelMismatchError, match="does not fit"):
+        site.keep_model(RUN_ID, description, {**tensors, names[1]: np.zeros(5, np.float32)})
+    assert not list((tmp_path / "c").glob("models/*"))  # nothing kept from those
+
+    kept = site.keep_model(RUN_ID, description, tensors)
+    assert kept == tmp_path / "c" / "models" / str(RUN_ID)
+    sha = hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest()
+    assert sha == description.head_sha256
+    assert json.loads((kept / "model.json").read_text())["classes"] == "normal,pneumonia"
+    assert site.keep_model(RUN_ID, description, tensors) == kept  # the same model again: fine
+    other = [a * 2 for a in head]
+    with pytest.raises(ModelMismatchError, match="nothing was overwritten"):
+        site.keep_model(
+            RUN_ID,
+            describe_model(spec, RUN_ID, 3, names, other),
+            dict(zip(names, other, strict=True)),
+        )
+    assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha

@@ -132,7 +132,9 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     # only head tensors and scalars left each site
     for i in range(2):
         types = check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
-        assert types == {"query.prepare", "query.weights", "train", "evaluate"}
+        assert types == {"query.prepare", "query.weights", "train", "evaluate", "query.model"}
+    # and both sites verified and kept the final model
+    assert len(report["delivery"]["delivered_to"]) == 2
     assert report["secure_aggregation"] == "secagg+"  # the default
     assert all(
         set(r["secagg_seconds"]) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}

@@ -60,4 +60,4 @@ def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
     )
     ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
     run_federation(grid, ctx, cfg)
-    return read_report(tmp / "out")
+    return read_report(Path(cfg.out_dir))

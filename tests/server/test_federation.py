@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedhead.client.app import app as client_app
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, WeightsError
-from fedhead.common.protocol import MSG_WEIGHTS
+from fedhead.common.protocol import MSG_WEIGHTS, RECORD_MODEL_REPLY
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import CLASSES, nodes, run, write_sites
 
@@ -40,7 +41,7 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
 
     # a second run finds the cached copies: no transfer
     grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
-    report2 = run(grid2, tmp, **{"num-server-rounds": 1})
+    report2 = run(grid2, tmp, **{"num-server-rounds": 1, "out-dir": str(tmp / "out2")})
     assert report2["setup"]["backbone_sent_to"] == []
     assert not any(m.metadata.message_type == MSG_WEIGHTS for m in grid2.sent)
 
@@ -58,6 +59,9 @@ def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> No
             for key, value in rec.items():
                 if name == RECORD_KEY_CONFIGS:  # SecAgg+ keys, shares, masked sums
                     assert secure
+                    continue
+                if name == RECORD_MODEL_REPLY:  # the sha256 of the final model it kept
+                    assert re.fullmatch("[0-9a-f]{64}", value), value
                     continue
                 assert isinstance(value, int | float | str), (key, value)
                 assert not isinstance(value, str) or len(value) < 64, (key, value)
@@ -102,7 +106,7 @@ def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None
     assert report["clients"] == 2
 
     with pytest.raises(FederationError, match="only 2 of 3 site"):
-        run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3})
+        run(LoopbackGrid(client_app, cfgs), tmp, **{"min-sites": 3, "out-dir": str(tmp / "o2")})
 
 
 # SecAgg+ sends four train messages per round: setup, share keys, collect masked

@@ -1,0 +1,236 @@
+"""Real processes going down: the ServerApp killed mid-run and resumed from its
+checkpoint; the SuperLink killed and restarted with its state on disk while the site
+nodes stay up. Everything on 127.0.0.1, every process stopped by PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedhead.server.persistence import CheckpointStore
+from tests.conftest import REPO
+from tests.e2e.procs import (
+    Processes,
+    base_env,
+    flwr,
+    free_port,
+    npz_site,
+    plain_superlink,
+    plain_supernode,
+    processes,
+    wait_for_port,
+    write_flwr_connection,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
+# Plain FedAvg with a fixed seed: the rounds are deterministic, so a resumed run must
+# end with the same head as an uninterrupted one.
+RUN = (
+    "num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 round-timeout=300.0 "
+    "secure-aggregation=false seed=7 local-epochs=2"
+)
+
+
+def _server_cache(tmp: Path, weights: Path) -> Path:
+    cache = tmp / "server-cache"
+    (cache / "weights").mkdir(parents=True)
+    shutil.copy(weights, cache / "weights")
+    return cache
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+    return False
+
+
+def _serverapp_pids(superlink: int) -> list[int]:
+    """The ServerApp processes started under the SuperLink we started."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "flwr-serverapp" in cmdline and _descends_from(int(entry.name), superlink):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _wait(what: str, check, timeout: float = 900.0, procs: Processes | None = None) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            logs = procs.log("superlink")[-3000:] if procs else ""
+            raise AssertionError(f"gave up waiting for {what}\n{logs}")
+        time.sleep(0.2)
+
+
+def _flwr_run(flwr_home: Path, name: str, run_config: str, stream: bool = True) -> str:
+    args = ["run", str(REPO), name, "--run-config", run_config]
+    result = flwr(flwr_home, *([*args, "--stream"] if stream else args))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    port = free_port()
+    flwr_home = tmp_path / "flwr-home"
+    write_flwr_connection(flwr_home, "e2e", port)
+    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start(
+            "superlink",
+            plain_superlink(port),
+            base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+        )
+        wait_for_port(port, proc=link)
+        for i in range(2):
+            data = npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
+            node_config = (
+                f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
+                f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu"'
+            )
+            procs.start(
+                f"site{i}", plain_supernode(port, node_config), base_env(tmp_path / f"h{i}")
+            )
+
+        # 1. submit the run, kill its ServerApp as soon as round 2 is checkpointed
+        _flwr_run(flwr_home, "e2e", f"{RUN} out-dir='{cut}'", stream=False)
+        store = CheckpointStore(cut / "checkpoints")
+        _wait("the round-2 checkpoint", lambda: 2 in store.rounds(), procs=procs)
+        victims = _serverapp_pids(link.pid)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        assert 3 not in store.rounds()  # it really was cut off before round 3 ended
+        assert store.load().round == 2
+        status = subprocess.run(
+            [*FEDHEAD, "runs", "--run", str(cut)], capture_output=True, text=True, timeout=120
+        )
+        assert status.returncode == 6 and "interrupted" in status.stdout, status
+
+        # 2. starting it again without resume-from is refused, nothing is overwritten
+        refused = flwr(
+            flwr_home, "run", str(REPO), "e2e", "--stream", "--run-config", f"{RUN} out-dir='{cut}'"
+        )
+        assert 3 not in store.rounds() and not (cut / "report.json").exists(), refused.stdout
+
+        # 3. resume: rounds 3 only, then the model goes to both sites
+        _flwr_run(flwr_home, "e2e", f"{RUN} out-dir='{cut}' resume-from='{cut}'")
+        # 4. the same run without interruption, for comparison
+        _flwr_run(flwr_home, "e2e", f"{RUN} out-dir='{whole}'")
+        logs = {name: procs.log(name) for name in ("superlink", "site0", "site1")}
+
+    report = json.loads((cut / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3], logs["superlink"][-3000:]
+    assert report["resumed_from"]["round"] == 2
+    resumed = CheckpointStore(cut / "checkpoints").load()
+    uninterrupted = CheckpointStore(whole / "checkpoints").load()
+    assert resumed.round == uninterrupted.round == 3
+    for a, b in zip(resumed.arrays, uninterrupted.arrays, strict=True):
+        assert float(abs(a - b).max()) < 1e-5
+    assert json.loads((cut / "status.json").read_text())["state"] == "finished"
+    assert subprocess.run([*FEDHEAD, "runs", "--run", str(cut)], timeout=120).returncode == 0
+
+    # delivery: both sites verified and kept exactly the server's final head
+    sha = report["model"]["head_sha256"]
+    assert sha == resumed.meta["head_sha256"]
+    assert len(report["delivery"]["delivered_to"]) == 2
+    for i in range(2):
+        kept = tmp_path / f"site{i}" / "cache" / "models" / str(report["run_id"])
+        assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
+        assert json.loads((kept / "model.json").read_text())["head_sha256"] == sha
+        sent = [json.loads(line) for line in (tmp_path / f"site{i}" / "sent.jsonl").open()]
+        assert any(e["message_type"] == "query.model" for e in sent)  # the audit log has it
+        assert sha in logs[f"site{i}"]
+    assert "Traceback" not in logs["site0"] + logs["site1"]
+
+
+def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    port = free_port()
+    flwr_home = tmp_path / "flwr-home"
+    write_flwr_connection(flwr_home, "e2e", port)
+    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    link_cmd = [
+        *FEDHEAD,
+        "superlink",
+        "--insecure",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--metrics-address",
+        "none",
+    ]
+    link_env = base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache))
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start("superlink", link_cmd, link_env)
+        wait_for_port(port, proc=link)
+        nodes = []
+        for i in range(2):
+            data = npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=60, n_val=20)
+            nodes.append(
+                procs.start(
+                    f"site{i}",
+                    [
+                        *FEDHEAD,
+                        "node",
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--data",
+                        str(data),
+                        "--port",
+                        str(free_port()),
+                        "--cache-dir",
+                        str(tmp_path / f"site{i}" / "cache"),
+                        "--device",
+                        "cpu",
+                        "--metrics-address",
+                        "none",
+                    ],
+                    base_env(tmp_path / f"h{i}"),
+                )
+            )
+        one_round = "num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0"
+        _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'before'}'")
+        assert (tmp_path / "state" / "superlink.db").is_file()
+
+        procs.stop("superlink", signal.SIGKILL)  # no clean shutdown
+        link = procs.start("superlink-again", link_cmd, link_env)
+        wait_for_port(port, proc=link)
+        _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'after'}'")
+        assert all(n.poll() is None for n in nodes)  # the site nodes stayed up
+        runs = flwr(flwr_home, "ls", "e2e", "--format", "json")
+        logs = {name: procs.log(name) for name in ("site0", "site1", "superlink-again")}
+
+    report = json.loads((tmp_path / "after" / "report.json").read_text())
+    assert report["clients"] == 2 and len(report["rounds"]) == 1, logs["superlink-again"][-3000:]
+    assert report["rounds"][0]["aggregated"]
+    # the run from before the restart is still known to the SuperLink
+    assert str(json.loads((tmp_path / "before" / "report.json").read_text())["run_id"]) in (
+        runs.stdout
+    ), runs.stdout + runs.stderr

@@ -1,0 +1,103 @@
+"""A run cut off after round 2 and resumed ends where an uninterrupted run ends; every
+site keeps the final model (ServerApp and ClientApps in-process, loopback grid)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from fedhead.client.app import app as client_app
+from fedhead.common.errors import ConfigError
+from fedhead.server.persistence import CheckpointStore
+from tests.loopback import RUN_ID, LoopbackGrid
+from tests.server.conftest import nodes, run, write_sites
+
+pytestmark = pytest.mark.slow
+
+PLAIN = {"num-server-rounds": 3, "secure-aggregation": False, "seed": 3}
+
+
+class Crash(Exception):
+    """The server going down in the middle of a run."""
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_head(offline_world: Path) -> None:
+    tmp = offline_world
+    sites = write_sites(tmp, 2)
+    run(
+        LoopbackGrid(client_app, nodes(tmp, sites)), tmp, **PLAIN, **{"out-dir": str(tmp / "whole")}
+    )
+    whole_head = CheckpointStore(tmp / "whole" / "checkpoints").load()
+    assert whole_head.round == 3
+
+    # the same run, cut off as round 3 starts
+    grid = LoopbackGrid(client_app, nodes(tmp, sites))
+
+    def crash_in_round_3(node: int, msg: Message) -> None:
+        if msg.metadata.group_id == "3":
+            raise Crash("server killed")
+
+    grid.before_delivery = crash_in_round_3
+    out = tmp / "cut"
+    with pytest.raises(Crash):
+        run(grid, tmp, **PLAIN, **{"out-dir": str(out)})
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "server killed" in status["reason"]
+    assert status["rounds_done"] == 2
+    assert not (out / "report.json").exists()
+
+    # starting it again in the same out-dir without resume-from is refused
+    with pytest.raises(ConfigError, match="resume-from"):
+        run(LoopbackGrid(client_app, nodes(tmp, sites)), tmp, **PLAIN, **{"out-dir": str(out)})
+
+    grid = LoopbackGrid(client_app, nodes(tmp, sites))
+    report = run(grid, tmp, **PLAIN, **{"out-dir": str(out), "resume-from": str(out)})
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {m.metadata.group_id for m in trained} == {"3"}  # rounds 1 and 2 were not redone
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["initial_eval"]["round"] == 0
+    assert report["resumed_from"]["round"] == 2
+    assert report["resumed_from"]["checkpoint"].endswith("round-0002.safetensors")
+    resumed_head = CheckpointStore(out / "checkpoints").load()
+    assert resumed_head.round == 3
+    for a, b in zip(resumed_head.arrays, whole_head.arrays, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert report["final_eval_accuracy"] == pytest.approx(
+        json.loads((tmp / "whole" / "report.json").read_text())["final_eval_accuracy"], abs=1e-6
+    )
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+    # delivery: every site verified and kept the server's final head
+    sha = report["model"]["head_sha256"]
+    assert sha == resumed_head.meta["head_sha256"]
+    assert report["delivery"]["delivered_to"] == [100, 101]
+    for i in range(2):
+        kept = tmp / f"node{i}" / "models" / str(RUN_ID)
+        described = json.loads((kept / "model.json").read_text())
+        assert described["head_sha256"] == sha and described["rounds"] == 3
+        assert described["backbone_sha256"] == report["backbone"]["sha256"]
+        assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
+
+
+def test_a_resume_with_another_model_setting_is_refused(offline_world: Path) -> None:
+    tmp = offline_world
+    sites = write_sites(tmp, 2)
+    out = tmp / "out"
+    grid = LoopbackGrid(client_app, nodes(tmp, sites))
+
+    def crash_in_round_2(node: int, msg: Message) -> None:
+        if msg.metadata.group_id == "2":
+            raise Crash("server killed")
+
+    grid.before_delivery = crash_in_round_2
+    with pytest.raises(Crash):
+        run(grid, tmp, **PLAIN)
+    grid = LoopbackGrid(client_app, nodes(tmp, sites))
+    with pytest.raises(ConfigError, match="head='linear' but this run has head='mlp'"):
+        run(grid, tmp, **PLAIN, **{"resume-from": str(out), "head": "mlp"})
+    assert grid.sent == []  # refused before any site heard of it
