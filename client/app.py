@@ -31,12 +31,11 @@ from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
-from fedhead.common.heads import head_sha256
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
     RECORD_MODEL,
+    RECORD_MODEL_FILES,
     RECORD_MODEL_REPLY,
-    RECORD_MODEL_TENSORS,
     RECORD_PREPARE,
     RECORD_RUN,
     RECORD_WEIGHTS,
@@ -110,11 +109,10 @@ def weights(msg: Message, context: Context) -> Message:
 def model(msg: Message, context: Context) -> Message:
     site = _site(context)
     description = ModelDescription.from_mapping(msg.content.config_records[RECORD_MODEL])
-    record = msg.content.array_records[RECORD_MODEL_TENSORS]
-    tensors = {name: array.numpy() for name, array in record.items()}
-    site.keep_model(context.run_id, description, tensors)
-    names = site.trainable.names
-    receipt = ModelReceipt(head_sha256(names, [tensors[n] for n in names]))
+    record = msg.content.array_records[RECORD_MODEL_FILES]
+    files = {name: np.ascontiguousarray(a.numpy()).tobytes() for name, a in record.items()}
+    _, sha = site.keep_model(context.run_id, description, files)
+    receipt = ModelReceipt(sha)
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
 
 

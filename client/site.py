@@ -5,7 +5,6 @@ The Flower ClientApp (``fedhead.client.app``) only translates messages to calls 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from fedhead.common.features import (
     open_cache,
 )
 from fedhead.common.files import atomic_folder, atomic_writer
-from fedhead.common.heads import head_bytes, head_sha256
+from fedhead.common.heads import head_sha256
 from fedhead.common.images import (
     AugmentedImages,
     Augmenter,
@@ -75,8 +74,6 @@ from fedhead.common.weights import (
 log = logging.getLogger(__name__)
 
 # A kept final model: ``<cache-dir>/models/<run-id>/{head.safetensors,model.json}``.
-HEAD_FILE = "head.safetensors"
-MODEL_JSON = "model.json"
 
 
 def check_run_spec(spec: RunSpec) -> None:
@@ -345,62 +342,74 @@ class Site:
         emit(SiteDevice(self.device.kind, self.device.describe(), peak))
 
     def keep_model(
-        self, run_id: int, description: ModelDescription, tensors: Mapping[str, np.ndarray]
-    ) -> Path:
-        """Verify the run's final model and keep it under ``<cache-dir>/models/<run-id>/``.
+        self, run_id: int, description: ModelDescription, files: Mapping[str, bytes]
+    ) -> tuple[Path, str]:
+        """Verify the run's model package and keep it under ``<cache-dir>/models/<run-id>/``
+        (ready for ``fedhead predict --model``); returns where, and the head's sha256.
 
-        It must be the model this site trained: the backbone this site holds (sha256),
-        the same trainable tensors (names and shapes) and a head whose sha256 is the one
-        described. A model already kept for the run is never replaced by another.
+        It must be the model this site trained: a package that reads back whole (format,
+        tensors file checksum), for the backbone this site holds (sha256) and the run's
+        classes, with the same trainable tensors (names and shapes) and a head whose
+        sha256 is the one described. A model already kept for the run is never replaced
+        by another.
         """
+        from fedhead.common.package import MODEL_CARD, MODEL_JSON, TENSORS_FILE, ModelPackage
+
         spec = self.spec
         if description.run_id != run_id:
             raise ModelMismatchError(f"a final model for run {description.run_id} in run {run_id}")
-        if description.backbone_sha256 != spec.weights_sha256:
+        if set(files) != {MODEL_JSON, TENSORS_FILE, MODEL_CARD}:
             raise ModelMismatchError(
-                f"the final model is for backbone sha256 {description.backbone_sha256[:12]}…, "
-                f"this site trained on {spec.weights_sha256[:12]}…"
+                f"the final model holds files {sorted(files)}, expected {MODEL_JSON}, "
+                f"{TENSORS_FILE} and {MODEL_CARD}"
             )
         if self.weights_status() != WEIGHTS_OK:
             raise ModelMismatchError(
                 "this site no longer holds the run's backbone with its sha256",
                 "the final model is of no use without it",
             )
-        if description.trainable_fingerprint != spec.trainable_fingerprint:
-            raise ModelMismatchError("the final model names another trainable set than the run")
         names = self.trainable.names
-        missing = [n for n in names if n not in tensors]
-        if missing or len(tensors) != len(names):
-            raise ModelMismatchError(
-                f"the final model holds tensors {sorted(tensors)[:3]}…, expected {names[:3]}…"
-            )
-        arrays = [tensors[n] for n in names]
-        if problems := self.trainable.problems(arrays):
-            raise ModelMismatchError("the final model does not fit: " + "; ".join(problems[:3]))
-        sha = head_sha256(names, arrays)
-        if sha != description.head_sha256:
-            raise ModelMismatchError(
-                f"the final model's tensors have sha256 {sha[:12]}…, "
-                f"described as {description.head_sha256[:12]}…"
-            )
         dest = self.cache_dir / "models" / str(run_id)
-        try:
-            with atomic_folder(dest) as tmp:
-                with atomic_writer(tmp / HEAD_FILE) as f:
-                    f.write(head_bytes(names, arrays))
-                with atomic_writer(tmp / MODEL_JSON) as f:
-                    f.write((json.dumps(description.to_config(), indent=2) + "\n").encode())
-        except OSError:  # already kept (sites sharing a cache folder): the same model?
-            if not (dest / MODEL_JSON).is_file():
-                raise
-            kept = json.loads((dest / MODEL_JSON).read_text())
-            if kept.get("head_sha256") != sha:
+        if (dest / TENSORS_FILE).is_file():  # already kept (sites sharing a cache folder)
+            kept = ModelPackage.load(dest)
+            sha = head_sha256(names, [kept.tensors[n] for n in names])
+            if sha != description.head_sha256:
                 raise ModelMismatchError(
                     f"{dest} already holds another final model for run {run_id}",
                     "nothing was overwritten; move that folder away to accept this one",
-                ) from None
+                )
+            return dest, sha
+        with atomic_folder(dest) as tmp:
+            for name, data in files.items():
+                with atomic_writer(tmp / name) as f:
+                    f.write(data)
+            pkg = ModelPackage.load(tmp)  # format, checksum of the tensors file
+            problems = []
+            if pkg.backbone.sha256 != spec.weights_sha256:
+                problems.append(
+                    f"backbone sha256 {pkg.backbone.sha256[:12]}…, this site trained on "
+                    f"{spec.weights_sha256[:12]}…"
+                )
+            if list(pkg.classes) != spec.class_names():
+                problems.append(f"classes {', '.join(pkg.classes)}, the run's are {spec.classes}")
+            if pkg.architecture.trainable().fingerprint() != spec.trainable_fingerprint:
+                problems.append("another trainable set than the run's")
+            missing = [n for n in names if n not in pkg.tensors]
+            if missing or len(pkg.tensors) != len(names):
+                problems.append(f"tensors {sorted(pkg.tensors)[:3]}…, expected {names[:3]}…")
+            if problems:
+                raise ModelMismatchError("the final model does not fit: " + "; ".join(problems))
+            arrays = [pkg.tensors[n] for n in names]
+            if more := self.trainable.problems(arrays):
+                raise ModelMismatchError("the final model does not fit: " + "; ".join(more[:3]))
+            sha = head_sha256(names, arrays)
+            if sha != description.head_sha256:
+                raise ModelMismatchError(
+                    f"the final model's tensors have sha256 {sha[:12]}…, "
+                    f"described as {description.head_sha256[:12]}…"
+                )
         log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
-        return dest
+        return dest, sha
 
     def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
         model = self.model()

@@ -42,6 +42,7 @@ from fedhead.common.errors import (
     PackageExistsError,
     PackageFormatError,
 )
+from fedhead.common.heads import head_bytes
 from fedhead.common.images import Preprocessor
 from fedhead.common.model import FedHeadModel, TensorSpec, TrainableSet, weights_ref
 from fedhead.common.weights import WeightsRef
@@ -176,8 +177,6 @@ class ModelPackage:
     def write(self, dest: Path, overwrite: bool = False) -> Path:
         """Write the package folder ``dest`` atomically; refuse an existing one unless
         ``overwrite`` (then the previous package stays whole until the new one is)."""
-        from safetensors.numpy import save
-
         dest = Path(dest)
         if dest.exists() and not overwrite:
             raise PackageExistsError(
@@ -188,13 +187,10 @@ class ModelPackage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
         try:
-            blob = save(
-                {
-                    t.name: np.ascontiguousarray(self.tensors[t.name])
-                    for t in self.architecture.tensors
-                },
-                metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
-            )
+            # the canonical head bytes: the file's sha256 is the model's one identity
+            # (server log, report, checkpoints, the copies the sites keep)
+            names = [t.name for t in self.architecture.tensors]
+            blob = head_bytes(names, [self.tensors[n] for n in names])
             doc = self.to_json(hashlib.sha256(blob).hexdigest())
             _write_synced(tmp / TENSORS_FILE, blob)
             _write_synced(tmp / MODEL_JSON, (json.dumps(doc, indent=2) + "\n").encode())

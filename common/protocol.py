@@ -31,7 +31,7 @@ RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps 
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
 RECORD_WEIGHTS = "fedhead.weights"  # ArrayRecord: the weights file as one uint8 array
 RECORD_MODEL = "fedhead.model"  # ConfigRecord: ModelDescription (server -> node)
-RECORD_MODEL_TENSORS = "fedhead.model.head"  # ArrayRecord: the final head, by tensor name
+RECORD_MODEL_FILES = "fedhead.model.files"  # ArrayRecord: the model package, one uint8 array a file
 RECORD_MODEL_REPLY = "fedhead.model.reply"  # ConfigRecord: ModelReceipt (node -> server)
 
 WEIGHTS_OK = "ok"

@@ -1,26 +1,31 @@
 """Delivering the run's result to the sites that trained it.
 
-After the last round the server sends every site that took part a ``query.model``
-message: the final head's tensors (never the trunk) and a ``ModelDescription``
-(backbone name and sha256, classes, input size, head, run id, rounds, the head's
-sha256). Each site verifies it against the model it trained and keeps it; it
-answers with the sha256 it verified, which must equal the server's.
+After the last round the server writes the run's model package (``model.json``,
+``head.safetensors``, ``MODEL_CARD.md``: never the trunk) and sends every site that took part a
+``query.model`` message with the package's files and a ``ModelDescription`` (backbone
+name and sha256, classes, input size, head, run id, rounds, the head's sha256). Each
+site verifies the package against the model it trained and keeps it, ready for
+``fedhead predict``; it answers with the sha256 it verified, which must equal the
+server's.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedhead.common.heads import head_sha256
+from fedhead.common.package import MODEL_CARD, MODEL_JSON, TENSORS_FILE
 from fedhead.common.protocol import (
     MSG_MODEL,
     RECORD_MODEL,
+    RECORD_MODEL_FILES,
     RECORD_MODEL_REPLY,
-    RECORD_MODEL_TENSORS,
     ModelDescription,
     ModelReceipt,
     RunSpec,
@@ -50,11 +55,16 @@ def describe_model(
     )
 
 
-def model_message_content(
-    description: ModelDescription, names: list[str], arrays: Arrays
-) -> RecordDict:
-    tensors = ArrayRecord({n: Array(a) for n, a in zip(names, arrays, strict=True)})
-    return RecordDict({RECORD_MODEL: description.to_record(), RECORD_MODEL_TENSORS: tensors})
+def model_message_content(description: ModelDescription, package_dir: Path) -> RecordDict:
+    """The description and the package's files (model.json, head.safetensors), each as
+    one uint8 array: the site keeps exactly the package the server wrote."""
+    files = ArrayRecord(
+        {
+            name: Array(np.frombuffer((package_dir / name).read_bytes(), dtype=np.uint8))
+            for name in (MODEL_JSON, TENSORS_FILE, MODEL_CARD)
+        }
+    )
+    return RecordDict({RECORD_MODEL: description.to_record(), RECORD_MODEL_FILES: files})
 
 
 @dataclass
@@ -82,11 +92,10 @@ class ModelDelivery:
         grid: Grid,
         nodes: list[int],
         description: ModelDescription,
-        names: list[str],
-        arrays: Arrays,
+        package_dir: Path,
     ) -> DeliveryOutcome:
         outcome = DeliveryOutcome(description.head_sha256)
-        content = model_message_content(description, names, arrays)
+        content = model_message_content(description, package_dir)
         out = [
             Message(content=content, dst_node_id=n, message_type=MSG_MODEL, group_id="model")
             for n in nodes

@@ -172,14 +172,18 @@ def _federate(
     finals: list[FinalModel] = []
 
     def final_step(grid: Grid, nodes: list[int], arrays: Arrays) -> None:
+        """The run's model: its package beside the report, then a copy to every site."""
         description = describe_model(spec, context.run_id, cfg.num_server_rounds, names, arrays)
         finals.append(FinalModel(names, arrays, description))
         report.model = description.to_config()
-        log.info("final model: head sha256 %s", description.head_sha256)
+        recorder.finish(time.perf_counter() - t_start)  # the final metrics, for the package
+        package = package_from_run(
+            cfg, sm.model, list(arrays), report.training_summary(), report.final_metrics()
+        )
+        package_dir = package.write(out / "model", overwrite=True)
+        log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
         report.delivery = (
-            ModelDelivery(cfg.round_timeout)
-            .deliver(grid, nodes, description, names, arrays)
-            .report()
+            ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir).report()
         )
 
     log.info(
@@ -216,10 +220,6 @@ def _federate(
     recorder.finish(time.perf_counter() - t_start)
     path = report.write(out)
     log.info("report written to %s", path)
-    package = package_from_run(
-        cfg, sm.model, report.final_arrays, report.training_summary(), report.final_metrics()
-    )
-    log.info("model package written to %s", package.write(out / "model", overwrite=True))
     checkpointer.run_finished(finals[0], path)
     return report
 

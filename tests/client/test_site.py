@@ -227,38 +227,48 @@ def test_augmented_views_are_cached_and_used_in_training(
 def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
     tmp_path: Path, server_side, image_folder: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    import dataclasses
     import hashlib
 
+    from fedhead.common.errors import PackageError
+    from fedhead.common.package import ModelPackage, TrainingSummary, package_from_run
     from fedhead.server.delivery import describe_model
 
-    _, sm, spec = server_side
+    cfg, sm, spec = server_side
     site = make_site(tmp_path, spec, image_folder)
     names, head = sm.trainable.names, sm.trainable.get(sm.model)
     description = describe_model(spec, RUN_ID, 3, names, head)
-    tensors = dict(zip(names, head, strict=True))
 
-    foreign = dataclasses.replace(description, backbone_sha256="0" * 64)
+    def files(arrays: list[np.ndarray], tag: str) -> dict[str, bytes]:
+        """The package files a server writes for these final tensors."""
+        summary = TrainingSummary(run_id=RUN_ID, rounds=3, sites=2, examples=40)
+        pkg = package_from_run(cfg, sm.model, arrays, summary, {})
+        folder = pkg.write(tmp_path / f"server-{tag}")
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    good = files(head, "good")
+    foreign = {
+        **good,
+        "model.json": good["model.json"].replace(spec.weights_sha256.encode(), b"0" * 64),
+    }
     with pytest.raises(ModelMismatchError, match="backbone sha256"):
-        site.keep_model(RUN_ID, foreign, tensors)
-    tampered = {**tensors, names[1]: tensors[names[1]] + 1}
+        site.keep_model(RUN_ID, description, foreign)
     with pytest.raises(ModelMismatchError, match="described as"):
-        site.keep_model(RUN_ID, description, tampered)
-    with pytest.raises(ModelMismatchError, match="does not fit"):
-        site.keep_model(RUN_ID, description, {**tensors, names[1]: np.zeros(5, np.float32)})
+        site.keep_model(RUN_ID, description, files([a + 1 for a in head], "tampered"))
+    damaged = bytearray(good["head.safetensors"])
+    damaged[-1] ^= 1
+    with pytest.raises(PackageError):
+        site.keep_model(RUN_ID, description, {**good, "head.safetensors": bytes(damaged)})
+    with pytest.raises(ModelMismatchError, match=r"expected model\.json"):
+        site.keep_model(RUN_ID, description, {"head.safetensors": good["head.safetensors"]})
     assert not list((tmp_path / "c").glob("models/*"))  # nothing kept from those
 
-    kept = site.keep_model(RUN_ID, description, tensors)
+    kept, sha = site.keep_model(RUN_ID, description, good)
     assert kept == tmp_path / "c" / "models" / str(RUN_ID)
-    sha = hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest()
     assert sha == description.head_sha256
-    assert json.loads((kept / "model.json").read_text())["classes"] == "normal,pneumonia"
-    assert site.keep_model(RUN_ID, description, tensors) == kept  # the same model again: fine
+    assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
+    assert list(ModelPackage.load(kept).classes) == ["normal", "pneumonia"]  # a usable package
+    assert site.keep_model(RUN_ID, description, good) == (kept, sha)  # the same again: fine
     other = [a * 2 for a in head]
     with pytest.raises(ModelMismatchError, match="nothing was overwritten"):
-        site.keep_model(
-            RUN_ID,
-            describe_model(spec, RUN_ID, 3, names, other),
-            dict(zip(names, other, strict=True)),
-        )
+        site.keep_model(RUN_ID, describe_model(spec, RUN_ID, 3, names, other), files(other, "o"))
     assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha

@@ -160,7 +160,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     for i in range(2):
         kept = tmp_path / f"site{i}" / "cache" / "models" / str(report["run_id"])
         assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
-        assert json.loads((kept / "model.json").read_text())["head_sha256"] == sha
+        assert json.loads((kept / "model.json").read_text())["tensors_sha256"] == sha
         sent = [json.loads(line) for line in (tmp_path / f"site{i}" / "sent.jsonl").open()]
         assert any(e["message_type"] == "query.model" for e in sent)  # the audit log has it
         assert sha in logs[f"site{i}"]

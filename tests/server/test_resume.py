@@ -79,8 +79,8 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_head(offline_world: Path
     for i in range(2):
         kept = tmp / f"node{i}" / "models" / str(RUN_ID)
         described = json.loads((kept / "model.json").read_text())
-        assert described["head_sha256"] == sha and described["rounds"] == 3
-        assert described["backbone_sha256"] == report["backbone"]["sha256"]
+        assert described["tensors_sha256"] == sha and described["training"]["rounds"] == 3
+        assert described["backbone"]["sha256"] == report["backbone"]["sha256"]
         assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
 
 
