@@ -9,15 +9,26 @@ from fedhead.cli.types import Subparsers
 from fedhead.common.errors import ConfigError
 
 
-def _data_check(args: argparse.Namespace) -> int:
+def parse_classes(text: str, flag: str = "--classes") -> list[str]:
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if len(classes) < 2:
+        raise ConfigError([f"{flag}: needs at least two comma-separated class names"])
+    return classes
+
+
+def check_site_data(
+    path: Path, classes: list[str], val_fraction: float = 0.15, seed: int = 0
+) -> int:
+    """Read and decode every image at ``path``; print counts and unreadable files.
+
+    Returns the number of usable images; DataError when there are none (or the data
+    cannot be read at all). ``fedhead node`` runs the same check before it joins.
+    """
     from fedhead.common.datasets import load_site_data
     from fedhead.common.errors import DataError
     from fedhead.common.images import ImageDecodeError
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if len(classes) < 2:
-        raise ConfigError(["--classes: needs at least two comma-separated class names"])
-    data = load_site_data(Path(args.path).expanduser(), classes, args.val_fraction, args.seed)
+    data = load_site_data(path.expanduser(), classes, val_fraction, seed)
     print(data.summary(classes))
     bad: list[str] = []
     for part in (data.train, data.val):
@@ -34,7 +45,12 @@ def _data_check(args: argparse.Namespace) -> int:
     if len(bad) > 20:
         print(f"  ... and {len(bad) - 20} more")
     if usable == 0:
-        raise DataError(f"no usable images at {args.path}", "fix or replace the image files")
+        raise DataError(f"no usable images at {path}", "fix or replace the image files")
+    return usable
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    check_site_data(Path(args.path), parse_classes(args.classes), args.val_fraction, args.seed)
     return 0
 
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -117,14 +117,47 @@ def prepare_spool(path: Path | None = None) -> Path:
     return path
 
 
+class ChildWatcher(Protocol):
+    """Runs beside a supervised child (``__call__``) and sees each line of its output."""
+
+    def __call__(self, child: subprocess.Popen[bytes]) -> None: ...
+
+    def line(self, text: str) -> None: ...
+
+
+def _relay(child: subprocess.Popen[bytes], watcher: ChildWatcher) -> None:
+    """Copy the child's output to stderr, line by line, showing each to the watcher."""
+    assert child.stdout is not None
+    for raw in child.stdout:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.flush()
+        watcher.line(raw.decode(errors="replace"))
+
+
 def supervise(
-    cmd: list[str], roles: Sequence[str], address: str, env: dict[str, str] | None = None
+    cmd: list[str],
+    roles: Sequence[str],
+    address: str,
+    env: dict[str, str] | None = None,
+    watcher: ChildWatcher | None = None,
 ) -> int:
-    """Run ``cmd`` with an exporter beside it; forward signals; return its exit code."""
+    """Run ``cmd`` with an exporter beside it (none for address ``none``); forward
+    signals; return its exit code."""
     spool = prepare_spool()
     exporter = Exporter(roles, spool)
-    exporter.start(address)
-    child = subprocess.Popen(cmd, env={**(env or os.environ), SPOOL_ENV: str(spool)})
+    if address != "none":
+        exporter.start(address)
+    child = subprocess.Popen(
+        cmd,
+        env={**(env or os.environ), SPOOL_ENV: str(spool)},
+        stdout=subprocess.PIPE if watcher else None,
+        stderr=subprocess.STDOUT if watcher else None,
+    )
+    reader = None
+    if watcher is not None:  # checks beside the child (may stop it); sees its output
+        threading.Thread(target=watcher, args=(child,), name="fedhead-watch", daemon=True).start()
+        reader = threading.Thread(target=_relay, args=(child, watcher), daemon=True)
+        reader.start()
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:
@@ -134,6 +167,8 @@ def supervise(
         signal.signal(sig, forward)
     try:
         code = child.wait()
+        if reader is not None:
+            reader.join(timeout=5)  # the child's helpers may hold its output open longer
     finally:
         exporter.stop()
         for path in spool.glob("*"):

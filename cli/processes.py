@@ -9,9 +9,15 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fedhead.cli import preflight
 from fedhead.cli.types import Subparsers
+
+if TYPE_CHECKING:
+    from fedhead.cli.exporter import ChildWatcher
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
@@ -31,8 +37,15 @@ def _program(name: str) -> str:
     return found
 
 
-def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None) -> int:
-    """Become the Flower process, or supervise it with a metrics exporter beside it."""
+def _exec(
+    cmd: list[str],
+    dry_run: bool,
+    metrics: tuple[str, str] | None = None,
+    on_exit: Callable[[int], int] | None = None,
+    watcher: ChildWatcher | None = None,
+) -> int:
+    """Become the Flower process, or supervise it (with a metrics exporter beside it, and
+    ``on_exit`` to explain its exit code)."""
     role, address = metrics or ("", "none")
     if dry_run:
         print(shlex.join(cmd))
@@ -46,11 +59,12 @@ def _exec(cmd: list[str], dry_run: bool, metrics: tuple[str, str] | None = None)
     path = f"{Path(program).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path}
     sys.stdout.flush()
-    if address == "none":
+    if address == "none" and on_exit is None:
         os.execve(program, [program, *cmd[1:]], env)
     from fedhead.cli.exporter import supervise
 
-    return supervise([program, *cmd[1:]], [role], address, env)
+    code = supervise([program, *cmd[1:]], [role], address, env, watcher)
+    return on_exit(code) if on_exit else code
 
 
 def _exporter(args: argparse.Namespace) -> int:
@@ -93,6 +107,8 @@ def _node(args: argparse.Namespace) -> int:
         config["cache-dir"] = str(Path(args.cache_dir).expanduser().resolve())
     if args.audit_log:
         config["audit-log"] = str(Path(args.audit_log).expanduser().resolve())
+    if args.name:
+        config["site-name"] = args.name
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
     cmd = ["flower-supernode", "--superlink", args.superlink, "--port", str(args.port)]
     cmd += ["--node-config", node_config]
@@ -117,7 +133,26 @@ def _node(args: argparse.Namespace) -> int:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser())]
-    return _exec(cmd, args.dry_run, metrics=("site", args.metrics_address))
+    if not args.dry_run:
+        _node_preflight(args, data)
+    watch = preflight.NodeWatch(args.superlink, args.insecure, bool(args.auth_key))
+    return _exec(
+        cmd,
+        args.dry_run,
+        metrics=("site", args.metrics_address),
+        on_exit=watch.explain,
+        watcher=watch,
+    )
+
+
+def _node_preflight(args: argparse.Namespace, data: Path) -> None:
+    """Refuse to join with unusable data, a TLS mismatch or a taken runtime port."""
+    from fedhead.cli.data import parse_classes
+
+    classes = parse_classes(args.classes) if args.classes else None
+    preflight.check_node_data(data, classes)
+    preflight.ensure_port_free("127.0.0.1", args.port, "the node's runtime (--port)")
+    preflight.probe_tls(args.superlink, args.insecure)
 
 
 def _superlink(args: argparse.Namespace) -> int:
@@ -151,6 +186,8 @@ def _superlink(args: argparse.Namespace) -> int:
             str(files["key"]),
             "--enable-supernode-auth",
         ]
+    if not args.dry_run:
+        preflight.ensure_port_free(args.host, args.port, "the SuperLink's")
     return _exec(cmd, args.dry_run, metrics=("server", args.metrics_address))
 
 
@@ -164,6 +201,18 @@ def add_parser(sub: Subparsers) -> None:
     )
     n.add_argument("--superlink", required=True, help="SuperLink Fleet address HOST:PORT")
     n.add_argument("--data", required=True, help="image folder, .csv manifest or .npz")
+    n.add_argument(
+        "--classes",
+        help="the run's classes, comma-separated: every image is checked before joining, "
+        "as `fedhead data check` does (recommended; without it only that --data is "
+        "readable and not empty)",
+    )
+    n.add_argument(
+        "--name",
+        type=preflight.site_name_arg,
+        help="this site's label in the operator's logs and report (letters, digits, . _ -; "
+        "at most 32); without it the site is known by its node id",
+    )
     n.add_argument(
         "--port",
         type=int,

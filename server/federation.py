@@ -54,7 +54,7 @@ from fedhead.common.weights import (
     find_weights,
 )
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
-from fedhead.server.report import RoundRecord, RunReport, table_row
+from fedhead.server.report import TABLE_HEADER, RoundRecord, RunReport, table_row
 from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
 from fedhead.server.strategy import FedHeadStrategy
 from fedhead.server.workflow import FedHeadWorkflow, MeteredGrid, PlainEvaluate, PlainFit, Step
@@ -192,6 +192,10 @@ def run_federation(
     return report
 
 
+def _fmt_acc(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else "-"
+
+
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -261,7 +265,9 @@ class _Run:
         )
         workflow = FedHeadWorkflow(
             strategy=self.strategy,
-            distributor=BackboneDistributor(self.spec, sm.weights_path, cfg.round_timeout),
+            distributor=BackboneDistributor(
+                self.spec, sm.weights_path, cfg.round_timeout, cfg.site_labels
+            ),
             build_round=self.build_round,
             evaluate_step=PlainEvaluate(cfg.round_timeout),
             num_rounds=cfg.num_server_rounds,
@@ -284,7 +290,13 @@ class _Run:
             report.final_eval_loss = finals[-1].eval_loss
         report.seconds = time.perf_counter() - t_start
         path = report.write(self.out)
-        log.info("report written to %s", path)
+        server_acc = [r.server_eval_accuracy for r in report.rounds]
+        log.info(
+            "final accuracy: federated %s%s; report written to %s (on the SuperLink's host)",
+            _fmt_acc(report.final_eval_accuracy),
+            f", server test set {_fmt_acc(server_acc[-1])}" if server_acc else "",
+            path,
+        )
         return report
 
     def build_round(self, outcome: PrepareOutcome) -> tuple[Step, Strategy]:
@@ -344,6 +356,17 @@ class _Run:
             "bytes_to_clients": sent,
             "bytes_from_clients": received,
             "train_examples": outcome.train_examples,
+            # who took part, by the label each site chose (site-labels=true) or node id
+            "sites": [
+                {
+                    "node_id": node,
+                    "name": outcome.name(node),
+                    "train_examples": reply.train_examples,
+                    "val_examples": reply.val_examples,
+                    "device": reply.device,
+                }
+                for node, reply in sorted(outcome.ready.items())
+            ],
         }
         emit(RunPrepared(self.sm.sha256, len(outcome.ready), self.sm.trainable.num_params))
 
@@ -361,6 +384,7 @@ class _Run:
                 "seconds": seconds,
             }
             log.info("initial head: federated eval accuracy %.4f", st.eval_accuracy)
+            log.info("%s", TABLE_HEADER)
             return
         rejected: dict[str, int] = {}
         for r in st.rejected:

@@ -73,6 +73,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+# The ServerApp logs the finished report as one JSON line after this prefix, so the
+# operator's `fedhead run` (or `fedhead runs --fetch-report`) collects it through the
+# run's log, from wherever the SuperLink runs.
+REPORT_LOG_PREFIX = "fedhead-report-json: "
+
 TABLE_HEADER = (
     f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  "
     f"{'to sites':>10}  {'from sites':>10}  {'seconds':>7}"

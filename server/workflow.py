@@ -279,13 +279,16 @@ class FedHeadWorkflow:
         if self.on_prepared:
             self.on_prepared(outcome)
         if len(outcome.ready) < self.min_sites:
-            reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(outcome.failed.items()))
+            reasons = "; ".join(
+                f"{outcome.name(n)}: {why}" for n, why in sorted(outcome.failed.items())
+            )
             raise FederationError(
                 f"only {len(outcome.ready)} of {len(nodes)} site(s) are ready, "
                 f"{self.min_sites} needed ({reasons or 'no reasons given'})",
                 "fix the problems named and start the run again",
             )
         self.strategy.ready = set(outcome.ready)
+        self.strategy.names = dict(outcome.names)
         fit_step, context.strategy = self.build_round(outcome)
         params = self.strategy.initialize_parameters(context.client_manager)
         assert params is not None
