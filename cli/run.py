@@ -130,13 +130,15 @@ def connection_address(name: str | None) -> tuple[str, str]:
     """(connection name, address) from ``$FLWR_HOME/config.toml``."""
     path = flwr_home() / "config.toml"
     how = (
-        f'add one to {path}:  [superlink.NAME] address = "HOST:8000" plus '
+        f'add it to {path}: [superlink.{name or "NAME"}] address = "HOST:8000" and '
         'root-certificates = "/path/to/ca.crt" (or insecure = true for a test setup)'
     )
     try:
         links = tomllib.loads(path.read_text()).get("superlink", {})
     except FileNotFoundError as err:
-        raise ConfigError([f"connection: {path} does not exist; {how}"]) from err
+        raise ConfigError(
+            [f"connection: {name or 'default'!r} is not set up ({path} does not exist); {how}"]
+        ) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([f"connection: {path} is not valid TOML ({err})"]) from err
     known = sorted(k for k, v in links.items() if isinstance(v, dict))
