@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from fedhead.cli import preflight
 from fedhead.cli.types import Subparsers
+from fedhead.common.errors import ConfigError, SetupError
+from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
 if TYPE_CHECKING:
     from fedhead.cli.exporter import ChildWatcher
-from fedhead.common.errors import ConfigError, SetupError
-from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
 
 
 def _toml_str(value: str) -> str:
@@ -196,8 +196,9 @@ def add_parser(sub: Subparsers) -> None:
     n = sub.add_parser(
         "node",
         help="start this site's Flower SuperNode",
-        description="Starts flower-supernode pointed at this site's data "
-        "(becomes that process). Only head updates and scalar metrics leave.",
+        description="Checks this site's data and its TLS choice against the SuperLink, "
+        "then starts flower-supernode pointed at the data and watches it. Only head "
+        "updates and scalar metrics leave.",
     )
     n.add_argument("--superlink", required=True, help="SuperLink Fleet address HOST:PORT")
     n.add_argument("--data", required=True, help="image folder, .csv manifest or .npz")

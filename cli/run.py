@@ -238,7 +238,11 @@ def wait_finished(connection: str, run_id: str, seconds: float = 60.0) -> RunSta
 
 class LogFilter:
     """Passes a run's streamed log through, keeping the report line and hiding Flower's
-    traceback of a failed ServerApp (the reason is printed once, at the end)."""
+    traceback of a failed ServerApp (the reason is printed once, at the end).
+
+    The log also carries text that sites sent (their error reasons), so of the lines
+    that look like the report only the last one counts (the ServerApp logs the report
+    last), and only with the run's id, from a run that completed (``report_for``)."""
 
     def __init__(self) -> None:
         from fedhead.server.report import REPORT_LOG_PREFIX
@@ -247,11 +251,19 @@ class LogFilter:
         self.report: dict[str, Any] | None = None
         self._in_traceback = False
 
+    def report_for(self, status: RunStatus) -> dict[str, Any] | None:
+        report = self.report
+        if not status.ok or report is None or str(report.get("run_id")) != status.run_id:
+            return None
+        return report
+
     def __call__(self, line: str) -> str | None:
         if self.prefix in line:
+            self.report = None  # only the last such line counts
             # a cut line leaves the report on the SuperLink's host only
             with contextlib.suppress(json.JSONDecodeError):
-                self.report = json.loads(line.split(self.prefix, 1)[1])
+                report = json.loads(line.split(self.prefix, 1)[1])
+                self.report = report if isinstance(report, dict) else None
             return None
         if line.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
@@ -306,7 +318,7 @@ def _summary(status: RunStatus, report: dict[str, Any] | None, saved: Path | Non
     if report is not None:
         rounds = report.get("rounds") or []
         final = report.get("final_eval_accuracy")
-        server = rounds[-1].get("server_eval_accuracy") if rounds else None
+        server = report.get("final_server_eval_accuracy")
         print(
             f"final accuracy: federated {_acc(final)}"
             + (f", server test set {_acc(server)}" if server is not None else "")
@@ -349,8 +361,9 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     status = wait_finished(connection, run_id)
     out = Path(args.out or f"fedhead-runs/run-{run_id}")
-    saved = save_report(keep.report, out) if keep.report is not None else None
-    _summary(status, keep.report, saved)
+    report = keep.report_for(status)
+    saved = save_report(report, out) if report is not None else None
+    _summary(status, report, saved)
     if not status.ok:
         raise FederationError(
             f"run {run_id} {status.status}: {status.details or 'no reason given'}",
@@ -373,12 +386,14 @@ def _runs(args: argparse.Namespace) -> int:
         if not run.finished:
             raise FederationError(f"run {run.run_id} is {run.status}", "fetch its report when done")
         _drain(connection, run.run_id, keep)
-        if keep.report is None:
+        report = keep.report_for(run)
+        if report is None:
             raise FederationError(
-                f"run {run.run_id}'s log holds no report (it failed before writing one?)"
+                f"run {run.run_id} ({run.status}) has no report in its log",
+                "only completed runs have one",
             )
         out = Path(args.out or f"fedhead-runs/run-{run.run_id}")
-        print(f"report: {save_report(keep.report, out)}")
+        print(f"report: {save_report(report, out)}")
     if not runs[0].ok:
         raise FederationError(
             f"run {runs[0].run_id} {runs[0].status}: {runs[0].details or 'no reason given'}"

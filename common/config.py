@@ -214,7 +214,7 @@ class RunConfig(_Config):
         1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)", "differential privacy delta"
     )
     server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
-    out_dir: str = opt("", doc="where report.json goes; default ./fedhead-runs/<run-id>")
+    out_dir: str = opt("", doc="where report.json goes; default ./fedhead-runs/run-<id>")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
     site_labels: bool = opt(
         True, doc="name sites by the label they chose (`fedhead node --name`); false: node ids"

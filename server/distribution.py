@@ -84,7 +84,7 @@ class BackboneDistributor:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
-                log.error("%s cannot take part: %s", outcome.name(node), msg.error.reason)
+                log.error("%s cannot take part: %r", outcome.name(node), msg.error.reason)
                 continue
             reply = PrepareReply.from_mapping(msg.content.config_records[RECORD_PREPARE])
             if self.site_labels:
@@ -128,7 +128,7 @@ class BackboneDistributor:
             if msg.has_error():
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
                 outcome.ready.pop(node, None)
-                log.error("%s refused the backbone: %s", outcome.name(node), msg.error.reason)
+                log.error("%s refused the backbone: %r", outcome.name(node), msg.error.reason)
             else:
                 outcome.weights_sent_to.append(node)
         for node in set(nodes) - answered:

@@ -107,3 +107,32 @@ def test_superlink_on_a_busy_port_exits_7() -> None:
     assert result.returncode == SetupError.exit_code, result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith("fedhead: setup problem: ") and f"127.0.0.1:{port}" in last
+
+
+def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
+    from fedhead.cli.run import LogFilter, RunStatus
+    from fedhead.server.report import REPORT_LOG_PREFIX
+
+    keep = LogFilter()
+    # a site's error text that imitates the report line, then the ServerApp's own
+    fake = '{"run_id": 7, "final_eval_accuracy": 1.0}'
+    lines = [
+        f"12:00:00 ERROR fedhead.server.distribution: node 3 cannot take part: x\n"
+        f"{REPORT_LOG_PREFIX}{fake}",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "ValueError: boom",
+        "12:00:09 INFO fedhead.server.federation: round 1",
+        f'12:00:10 INFO fedhead.server.app: {REPORT_LOG_PREFIX}{{"run_id": 7, "clients": 2}}',
+    ]
+    shown = [s for line in lines for part in line.split("\n") if (s := keep(part)) is not None]
+    assert shown == [
+        "12:00:00 ERROR fedhead.server.distribution: node 3 cannot take part: x",
+        "12:00:09 INFO fedhead.server.federation: round 1",
+    ]
+    assert keep.report_for(RunStatus("7", "finished:completed", "", 1.0)) == {
+        "run_id": 7,
+        "clients": 2,
+    }
+    assert keep.report_for(RunStatus("7", "finished:failed", "", 1.0)) is None
+    assert keep.report_for(RunStatus("8", "finished:completed", "", 1.0)) is None
