@@ -288,13 +288,16 @@ class _Run:
         if finals:
             report.final_eval_accuracy = finals[-1].eval_accuracy
             report.final_eval_loss = finals[-1].eval_loss
+        tested = [r for r in report.rounds if math.isfinite(r.server_eval_accuracy)]
+        if tested:
+            report.final_server_eval_accuracy = tested[-1].server_eval_accuracy
+            report.final_server_eval_loss = tested[-1].server_eval_loss
         report.seconds = time.perf_counter() - t_start
         path = report.write(self.out)
-        server_acc = [r.server_eval_accuracy for r in report.rounds]
         log.info(
             "final accuracy: federated %s%s; report written to %s (on the SuperLink's host)",
             _fmt_acc(report.final_eval_accuracy),
-            f", server test set {_fmt_acc(server_acc[-1])}" if server_acc else "",
+            f", server test set {_fmt_acc(report.final_server_eval_accuracy)}" if tested else "",
             path,
         )
         return report

@@ -42,8 +42,10 @@ class RunReport:
     setup: dict[str, Any] = field(default_factory=dict)
     initial_eval: dict[str, float] = field(default_factory=dict)  # the head before round 1
     rounds: list[RoundRecord] = field(default_factory=list)
-    final_eval_accuracy: float = math.nan
+    final_eval_accuracy: float = math.nan  # federated: the sites' validation data
     final_eval_loss: float = math.nan
+    final_server_eval_accuracy: float = math.nan  # the server's test set, when configured
+    final_server_eval_loss: float = math.nan
     centralized_accuracy: float | None = None
     centralized: dict[str, Any] | None = None
     secure_aggregation: str = "none"  # "secagg+" or "none"
@@ -78,8 +80,9 @@ def _clean(obj: Any) -> Any:
 # run's log, from wherever the SuperLink runs.
 REPORT_LOG_PREFIX = "fedhead-report-json: "
 
+# eval: federated, on the sites' validation data; test: the server's test set (or -)
 TABLE_HEADER = (
-    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  "
+    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'test acc':>8}  "
     f"{'to sites':>10}  {'from sites':>10}  {'seconds':>7}"
 )
 
@@ -99,7 +102,8 @@ def human_bytes(n: float) -> str:
 def table_row(r: RoundRecord) -> str:
     return (
         f"{r.round:>5}  {_fmt(r.train_loss, '.4f'):>10}  {_fmt(r.eval_loss, '.4f'):>9}  "
-        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {human_bytes(r.bytes_to_clients):>10}  "
+        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {_fmt(r.server_eval_accuracy, '.4f'):>8}  "
+        f"{human_bytes(r.bytes_to_clients):>10}  "
         f"{human_bytes(r.bytes_from_clients):>10}  {r.seconds:>7.2f}"
     )
 

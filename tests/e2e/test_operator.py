@@ -29,10 +29,10 @@ FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 def fedhead(
-    env: dict[str, str], *args: str, timeout: float = 300
+    env: dict[str, str], *args: str, timeout: float = 300, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*FEDHEAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+        [*FEDHEAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
     )
 
 
@@ -45,7 +45,16 @@ def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
         link = procs.start("superlink", plain_superlink(port), base_env(tmp_path / "link"))
         wait_for_port(port, proc=link)
         # no site ever joins: the ServerApp gives up after join-timeout
-        result = fedhead(env, "run", "e2e", "--run-config", "join-timeout=2.0 min-sites=2")
+        result = fedhead(
+            env,
+            "run",
+            "e2e",
+            "--app",
+            str(REPO),
+            "--run-config",
+            "join-timeout=2.0 min-sites=2",
+            cwd=tmp_path,
+        )
         assert result.returncode == FederationError.exit_code, result.stdout + result.stderr
         assert "only 0 of the 2 required site(s) connected" in result.stderr.splitlines()[-1]
         assert "Traceback" not in result.stdout + result.stderr
@@ -58,6 +67,9 @@ def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
         assert listed.returncode == 0 and run_id in listed.stdout and "failed" in listed.stdout
         one = fedhead(env, "runs", "e2e", "--run-id", run_id)
         assert one.returncode == FederationError.exit_code, one.stdout + one.stderr
+        fetch = fedhead(env, "runs", "e2e", "--run-id", run_id, "--fetch-report", cwd=tmp_path)
+        assert fetch.returncode == FederationError.exit_code, fetch.stdout + fetch.stderr
+        assert "has no report" in fetch.stderr and not list(tmp_path.glob("**/report.json"))
 
 
 def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_path: Path) -> None:
