@@ -406,16 +406,24 @@ def bench_scale(res: Results, site_counts: list[int], rounds: int) -> None:
 
 def bench_accuracy(res: Results, rounds: int) -> None:
     from fedhead.cli.demo_job import centralized_baseline
+    from fedhead.common import demo_data
+    from fedhead.common.config import RunConfig
+    from fedhead.common.simulation import write_site_npz
 
+    test_file = write_site_npz(Path(tempfile.mkdtemp()) / "test.npz", demo_data.load("test"))
     for label, alpha in (("iid", 1000.0), ("alpha_0.3", 0.3)):
-        overrides = {"input-size": 128, "num-server-rounds": rounds, "dirichlet-alpha": alpha}
+        overrides: dict[str, Any] = {
+            "input-size": 128,
+            "num-server-rounds": rounds,
+            "dirichlet-alpha": alpha,
+            "server-test-data": str(test_file),
+        }
         report = simulate(overrides, 3)
-        from fedhead.common.config import RunConfig
-
         cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", **overrides})
         split = "IID: Dirichlet alpha 1000" if alpha > 100 else "non-IID: Dirichlet alpha 0.3"
-        central = centralized_baseline(cfg, progress=False)["accuracy"]
-        fed = report.final_eval_accuracy
+        shares = demo_data.shares(3, alpha, cfg.seed)
+        central = centralized_baseline(cfg, progress=False, shares=shares)["accuracy"]
+        fed = report.final_server_eval_accuracy
         res.add(
             Figure(
                 f"accuracy_ratio_{label}",

@@ -10,45 +10,75 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedhead.cli.types import Subparsers
 from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fedhead.common.datasets import ReadPolicy
+    from fedhead.common.dicom import ReaderSettings
+
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")  # a folder name, as in `certs`
 
 
-def _data_check(args: argparse.Namespace) -> int:
-    from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
-    from fedhead.common.datasets import ReadPolicy, load_site_data
-    from fedhead.common.dicom import ReaderSettings
-    from fedhead.common.errors import DataError
-    from fedhead.common.images import DecodeLimits, ImageDecodeError
-    from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
-
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+def parse_classes(text: str, flag: str = "--classes") -> list[str]:
+    classes = [c.strip() for c in text.split(",") if c.strip()]
     if len(classes) < 2:
-        raise ConfigError(["--classes: needs at least two comma-separated class names"])
+        raise ConfigError([f"{flag}: needs at least two comma-separated class names"])
+    return classes
+
+
+def read_settings(
+    data_roots: str | None, max_image_pixels: int, dicom_window: int, dicom_frame: int
+) -> tuple[ReadPolicy, ReaderSettings]:
+    """The node's reading options (as `fedhead node` takes them) for a data check."""
+    from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
+    from fedhead.common.datasets import ReadPolicy
+    from fedhead.common.dicom import ReaderSettings
+    from fedhead.common.images import DecodeLimits
+
     try:
-        reader = ReaderSettings(window=args.dicom_window, frame=args.dicom_frame)
+        reader = ReaderSettings(window=dicom_window, frame=dicom_frame)
     except ValueError as err:
         raise ConfigError([f"--dicom-window/--dicom-frame: {err}"]) from err
     node = NodeConfig.from_mapping(
         {
             "data-roots": ",".join(
                 str(Path(r.strip()).expanduser().resolve())
-                for r in (args.data_roots or "").split(",")
+                for r in (data_roots or "").split(",")
                 if r.strip()
             ),
-            "max-image-pixels": args.max_image_pixels,
+            "max-image-pixels": max_image_pixels,
         }
     )
     # checking needs no detail: images are decoded only as far as the largest input needs
     policy = ReadPolicy(
         node.data_root_paths(), DecodeLimits.for_input(MAX_INPUT_SIZE, node.max_image_pixels)
     )
-    path = Path(args.path).expanduser()
-    data = load_site_data(path, classes, args.val_fraction, args.seed, None, policy, reader)
+    return policy, reader
+
+
+def check_site_data(
+    path: Path,
+    classes: list[str],
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    policy: ReadPolicy | None = None,
+    reader: ReaderSettings | None = None,
+) -> int:
+    """Read and decode every image at ``path``; print counts, formats and unreadable files.
+
+    Returns the number of usable images; DataError when there are none (or the data
+    cannot be read at all). ``fedhead node`` runs the same check before it joins.
+    """
+    from fedhead.common.datasets import load_site_data
+    from fedhead.common.errors import DataError
+    from fedhead.common.images import ImageDecodeError
+    from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
+
+    data = load_site_data(path.expanduser(), classes, val_fraction, seed, None, policy, reader)
     print(data.summary(classes))
     bad: list[str] = []
     inventory = Inventory()
@@ -70,7 +100,17 @@ def _data_check(args: argparse.Namespace) -> int:
     if len(bad) > 20:
         print(f"  ... and {len(bad) - 20} more")
     if usable == 0:
-        raise DataError(f"no usable images at {args.path}", "fix or replace the image files")
+        raise DataError(f"no usable images at {path}", "fix or replace the image files")
+    return usable
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    policy, reader = read_settings(
+        args.data_roots, args.max_image_pixels, args.dicom_window, args.dicom_frame
+    )
+    check_site_data(
+        Path(args.path), parse_classes(args.classes), args.val_fraction, args.seed, policy, reader
+    )
     return 0
 
 

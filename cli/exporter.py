@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -139,6 +139,27 @@ def _permanent_exits() -> frozenset[int]:
     )
 
 
+class ChildWatcher(Protocol):
+    """Runs beside a supervised child (``__call__``) and sees each line of its output."""
+
+    def __call__(self, child: subprocess.Popen[bytes]) -> None: ...
+
+    def line(self, text: str) -> None: ...
+
+    def permanent(self) -> bool:
+        """Whether what it saw means a restart cannot help."""
+        ...
+
+
+def _relay(child: subprocess.Popen[bytes], watcher: ChildWatcher) -> None:
+    """Copy the child's output to stderr, line by line, showing each to the watcher."""
+    assert child.stdout is not None
+    for raw in child.stdout:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.flush()
+        watcher.line(raw.decode(errors="replace"))
+
+
 def supervise(
     cmd: list[str],
     roles: Sequence[str],
@@ -147,6 +168,7 @@ def supervise(
     companion: list[str] | None = None,
     restart: bool = False,
     backoff: tuple[float, float] = (2.0, 60.0),
+    watcher: ChildWatcher | None = None,
 ) -> int:
     """Run ``cmd`` with an exporter beside it (unless ``address`` is none); forward
     signals; return its exit code.
@@ -157,6 +179,8 @@ def supervise(
     forgot it) is started again after a growing pause (``backoff``: first and longest,
     in seconds), one line per attempt, until a signal stops the supervisor or the child
     fails in a way a restart cannot fix. The two do not go together.
+    ``watcher``: runs beside each child (it may stop it) and sees each line of its
+    output, which is relayed to stderr; it can tell that a restart cannot help.
     """
     if companion and restart:
         raise ValueError("supervise: a companion process and restarts do not go together")
@@ -166,7 +190,24 @@ def supervise(
         exporter.start(address)
     child_env = {**(env or os.environ), SPOOL_ENV: str(spool)}
     helper = subprocess.Popen(companion) if companion else None
-    child = subprocess.Popen(cmd, env=child_env)
+    readers: list[threading.Thread] = []
+
+    def start_child() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            cmd,
+            env=child_env,
+            stdout=subprocess.PIPE if watcher else None,
+            stderr=subprocess.STDOUT if watcher else None,
+        )
+        if watcher is not None:  # checks beside the child (may stop it); sees its output
+            threading.Thread(
+                target=watcher, args=(proc,), name="fedhead-watch", daemon=True
+            ).start()
+            readers.append(threading.Thread(target=_relay, args=(proc, watcher), daemon=True))
+            readers[-1].start()
+        return proc
+
+    child = start_child()
     stop = threading.Event()  # a signal asked us to stop (it reached the companion too)
     companion_ended_first = threading.Event()
 
@@ -200,7 +241,11 @@ def supervise(
         while True:
             started = time.monotonic()
             code = child.wait()
-            if stop.is_set() or not restart or code == 0 or code in permanent:
+            for reader in readers:
+                reader.join(timeout=5)  # the child's helpers may hold its output open longer
+            readers.clear()
+            given_up = watcher is not None and watcher.permanent()
+            if stop.is_set() or not restart or code == 0 or code in permanent or given_up:
                 break
             if time.monotonic() - started > backoff[1]:  # it ran well for a while
                 delay, attempt = backoff[0], 0
@@ -213,7 +258,7 @@ def supervise(
             )
             if stop.wait(delay):
                 break
-            child = subprocess.Popen(cmd, env=child_env)
+            child = start_child()
             delay = min(delay * 2, backoff[1])
     finally:
         if helper is not None and helper.poll() is None:

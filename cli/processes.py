@@ -9,12 +9,18 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fedhead.cli import preflight
 from fedhead.cli.types import Subparsers
 from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
+
+if TYPE_CHECKING:
+    from fedhead.cli.exporter import ChildWatcher
 
 
 def _toml_str(value: str) -> str:
@@ -39,9 +45,12 @@ def _exec(
     companion: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
     restart: bool = False,
+    on_exit: Callable[[int], int] | None = None,
+    watcher: ChildWatcher | None = None,
 ) -> int:
     """Become the Flower process, or supervise it with a metrics exporter (and a
-    companion process, the proxy in front of a SuperLink; or restarts) beside it."""
+    companion process, the proxy in front of a SuperLink; or restarts; a watcher of its
+    output) beside it; ``on_exit`` explains its exit code."""
     role, address = metrics or ("", "none")
     if dry_run:
         if companion:
@@ -57,11 +66,14 @@ def _exec(
     path = f"{Path(program).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, **(extra_env or {})}
     sys.stdout.flush()
-    if address == "none" and companion is None and not restart:
+    if address == "none" and companion is None and not restart and on_exit is None:
         os.execve(program, [program, *cmd[1:]], env)
     from fedhead.cli.exporter import supervise
 
-    return supervise([program, *cmd[1:]], [role], address, env, companion, restart=restart)
+    code = supervise(
+        [program, *cmd[1:]], [role], address, env, companion, restart=restart, watcher=watcher
+    )
+    return on_exit(code) if on_exit else code
 
 
 def _exporter(args: argparse.Namespace) -> int:
@@ -107,6 +119,8 @@ def _node(args: argparse.Namespace) -> int:
     if args.data_roots:
         roots = [r.strip() for r in args.data_roots.split(",") if r.strip()]
         config["data-roots"] = ",".join(str(Path(r).expanduser().resolve()) for r in roots)
+    if args.name:
+        config["site-name"] = args.name
     node_config = " ".join(f"{k}={_toml_str(v)}" for k, v in config.items())
     for key, number, lowest in (
         ("dicom-window", args.dicom_window, -1),
@@ -167,9 +181,37 @@ def _node(args: argparse.Namespace) -> int:
         cmd += ["--root-certificates", str(Path(args.root_certificates).expanduser())]
     if args.auth_key:
         cmd += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser())]
+    if not args.dry_run:
+        _node_preflight(args, data)
+    watch = preflight.NodeWatch(args.superlink, args.insecure, bool(args.auth_key))
     # Flower's SuperNode exits when its SuperLink forgets it (a restart without a state
-    # database): the supervisor starts it again, so the site stays in the federation.
-    return _exec(cmd, args.dry_run, metrics=("site", args.metrics_address), restart=True)
+    # database): the supervisor starts it again, so the site stays in the federation,
+    # unless the watcher saw a failure a restart cannot fix (TLS mismatch, refused key).
+    return _exec(
+        cmd,
+        args.dry_run,
+        metrics=("site", args.metrics_address),
+        restart=True,
+        on_exit=watch.explain,
+        watcher=watch,
+    )
+
+
+def _node_preflight(args: argparse.Namespace, data: Path) -> None:
+    """Refuse to join with unusable data, a TLS mismatch or a taken runtime port."""
+    from fedhead.cli.data import parse_classes, read_settings
+    from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
+
+    classes = parse_classes(args.classes) if args.classes else None
+    policy, reader = read_settings(
+        args.data_roots,
+        args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
+        args.dicom_window or 0,
+        args.dicom_frame or 0,
+    )
+    preflight.check_node_data(data, classes, policy, reader)
+    preflight.ensure_port_free("127.0.0.1", args.port, "the node's runtime (--port)")
+    preflight.probe_tls(args.superlink, args.insecure)
 
 
 def fedhead_data_dir() -> Path:
@@ -236,6 +278,8 @@ def _superlink(args: argparse.Namespace) -> int:
             "--enable-supernode-auth",
         ]
     metrics = ("server", args.metrics_address)
+    if not args.dry_run:
+        preflight.ensure_port_free(args.host, args.port, "the SuperLink's")
     if not args.public_address:
         return _exec(cmd, args.dry_run, metrics=metrics)
     upstream = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
@@ -267,11 +311,24 @@ def add_parser(sub: Subparsers) -> None:
     n = sub.add_parser(
         "node",
         help="start this site's Flower SuperNode",
-        description="Starts flower-supernode pointed at this site's data "
-        "(becomes that process). Only head updates and scalar metrics leave.",
+        description="Checks this site's data and its TLS choice against the SuperLink, "
+        "then starts flower-supernode pointed at the data and watches it. Only head "
+        "updates and scalar metrics leave.",
     )
     n.add_argument("--superlink", required=True, help="SuperLink Fleet address HOST:PORT")
     n.add_argument("--data", required=True, help="image folder, .csv manifest or .npz")
+    n.add_argument(
+        "--classes",
+        help="the run's classes, comma-separated: every image is checked before joining, "
+        "as `fedhead data check` does (recommended; without it only that --data is "
+        "readable and not empty)",
+    )
+    n.add_argument(
+        "--name",
+        type=preflight.site_name_arg,
+        help="this site's label in the operator's logs and report (letters, digits, . _ -; "
+        "at most 32); without it the site is known by its node id",
+    )
     n.add_argument(
         "--port",
         type=int,

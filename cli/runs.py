@@ -1,4 +1,4 @@
-"""``fedhead runs``: the runs under a runs folder, with their state, for people and scripts.
+"""``fedhead status``: the runs under a runs folder, with their state, for people and scripts.
 
 Each run's out-dir holds ``status.json`` (written by the server as the run goes:
 running, finished or failed with the reason), ``report.json`` once it finished and
@@ -140,11 +140,12 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Subparsers) -> None:
-    """``fedhead runs``."""
+    """``fedhead status``."""
     r = sub.add_parser(
-        "runs",
-        help="list runs and their state (running, finished, failed, interrupted)",
-        description="Lists the runs whose out-dirs are under --runs-dir: state, rounds "
+        "status",
+        help="on the SuperLink's host: runs' state from their out-dirs (checkpoints, status)",
+        description="Lists the runs whose out-dirs are under --runs-dir on this host (the "
+        "SuperLink's): state (running, finished, failed, interrupted), rounds "
         "done, last checkpoint and out-dir. With --run, shows one run and exits "
         f"{FederationError.exit_code} if it failed or was interrupted (0 if it is running "
         "or finished).",

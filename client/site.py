@@ -306,6 +306,7 @@ class Site:
             train_examples=len(data.train),
             val_examples=len(data.val),
             device=self.device.kind,
+            site_name=self.node.site_name,
         )
 
     def train(self, arrays: list[np.ndarray], settings: FitSettings) -> TrainOutcome:

@@ -90,15 +90,18 @@ class _Config(FlatRecord):
                 problems.append(f"{key}: {why} (got {value!r})")
                 continue
             values[f.name] = value
-        if not problems:
-            try:
-                obj = cls(**values)
-            except ConfigError as err:
-                problems.extend(err.problems)
-            else:
-                problems.extend(obj._cross_checks())
-                if not problems:
-                    return obj
+        # Checks across keys run also when single values are bad (those fall back to
+        # their defaults here), so one pass names every problem; keys already named for
+        # a bad value are not named again.
+        try:
+            obj = cls(**values)
+        except ConfigError as err:
+            problems.extend(err.problems)
+        else:
+            named = {p.split(":", 1)[0] for p in problems}
+            problems.extend(p for p in obj._cross_checks() if p.split(":", 1)[0] not in named)
+            if not problems:
+                return obj
         raise ConfigError(problems, cls._source)
 
     def _cross_checks(self) -> list[str]:
@@ -214,6 +217,9 @@ class RunConfig(_Config):
     )
     keep_checkpoints: int = opt(2, positive, "newest round checkpoints kept (and the best one)")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
+    site_labels: bool = opt(
+        True, doc="name sites by the label they chose (`fedhead node --name`); false: node ids"
+    )
     simulation_data: str = opt("", doc="simulation: folder with site-<i> data per node")
     dirichlet_alpha: float = opt(0.5, positive, "simulation: non-IID split of the demo data")
 
@@ -273,6 +279,14 @@ def _roots_check(v: str) -> str | None:
     return None
 
 
+def _site_name_check(v: str) -> str | None:
+    from fedhead.common.protocol import valid_site_name
+
+    if v and not valid_site_name(v):
+        return "letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 32"
+    return None
+
+
 @dataclass(frozen=True)
 class NodeConfig(_Config):
     """One site's SuperNode, as its IT configures it (``--node-config``)."""
@@ -283,6 +297,9 @@ class NodeConfig(_Config):
     cache_dir: str = opt("", doc="weights and feature cache; default ~/.cache/fedhead")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "training device")
     audit_log: str = opt("", doc="JSON-lines file recording every message the site sends")
+    site_name: str = opt(
+        "", _site_name_check, "this site's label in the operator's logs and report"
+    )
     feature_cache_gb: float = opt(5.0, positive, "disk budget of the feature cache")
     dicom_window: int = opt(
         0,

@@ -41,22 +41,24 @@ def load(split: str) -> Split:
 class Share:
     """One simulated hospital's part of the demo data."""
 
-    train: Split  # a Dirichlet(alpha) non-IID share of the train split
-    val: Split  # an IID share of the test split
+    train: Split  # its part of a Dirichlet(alpha) non-IID share of the train split
+    val: Split  # held out from that same share (stratified), as a real site would
 
 
-def shares(num_sites: int, alpha: float, seed: int = 0) -> list[Share]:
-    """Split the demo data over ``num_sites`` simulated hospitals.
+def shares(num_sites: int, alpha: float, seed: int = 0, val_fraction: float = 0.15) -> list[Share]:
+    """Split the bundled training split over ``num_sites`` simulated hospitals, each
+    holding out ``val_fraction`` of its share for validation.
 
-    Validation shares partition the bundled test split, so federated evaluation over
-    all hospitals is exactly the test-split accuracy.
+    The bundled test split is not given to any hospital: it stays untouched for
+    measuring the final accuracy (server-side, ``server-test-data``).
     """
-    from fedhead.common.partition import dirichlet_partition, iid_partition
+    from fedhead.common.datasets import held_out_split
+    from fedhead.common.partition import dirichlet_partition
 
-    train, test = load("train"), load("test")
-    tr = dirichlet_partition(train.labels, num_sites, alpha, seed)
-    te = iid_partition(len(test.labels), num_sites, seed)
-    return [
-        Share(Split(train.images[a], train.labels[a]), Split(test.images[b], test.labels[b]))
-        for a, b in zip(tr, te, strict=True)
-    ]
+    train = load("train")
+    out = []
+    for i, idx in enumerate(dirichlet_partition(train.labels, num_sites, alpha, seed)):
+        images, labels = train.images[idx], train.labels[idx]
+        tr, va = held_out_split(labels, val_fraction, seed * 1_000 + i)
+        out.append(Share(Split(images[tr], labels[tr]), Split(images[va], labels[va])))
+    return out

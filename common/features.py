@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,12 +54,15 @@ def cache_namespace(backbone_sha256: str, preprocess: Preprocessor, unfreeze_blo
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-_OPEN: dict[tuple[str, int], FeatureCache] = {}
+_OPEN: dict[tuple[str, int, int], FeatureCache] = {}
 
 
 def open_cache(path: Path, max_bytes: int = 5 * 1024**3) -> FeatureCache:
-    """The process's one connection to the cache at ``path`` (opened and checked once)."""
-    key = (str(path.resolve()), max_bytes)
+    """The thread's one connection to the cache at ``path`` (opened and checked once).
+
+    Per thread, as SQLite connections may not cross threads: the demo's ServerApp
+    evaluates in the simulation's thread, its centralized baseline in the main one."""
+    key = (str(path.resolve()), max_bytes, threading.get_ident())
     if key not in _OPEN:
         _OPEN[key] = FeatureCache(path, max_bytes)
     return _OPEN[key]

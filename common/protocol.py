@@ -13,6 +13,7 @@ message, verifies both and keeps them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -113,6 +114,15 @@ class PrepareReply(_Record):
     train_examples: int
     val_examples: int
     device: str
+    site_name: str  # the label the site's IT chose (``fedhead node --name``), or ""
+
+
+# A site label: short, printable, no path or markup characters (sites are untrusted).
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def valid_site_name(text: str) -> bool:
+    return SITE_NAME.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,9 @@ def embedded_share(
         LabeledImages(
             ArrayImages(share.train.images, f"demo-train/site-{pid}"), share.train.labels
         ),
-        LabeledImages(ArrayImages(share.val.images, f"demo-test/site-{pid}"), share.val.labels),
+        LabeledImages(ArrayImages(share.val.images, f"demo-val/site-{pid}"), share.val.labels),
         f"embedded demo data, share {pid} of {num_sites}",
-        val_held_out=False,
+        val_held_out=True,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from fedhead.common.errors import FedheadError
 from fedhead.common.logs import setup_logging
 from fedhead.server.federation import run_federation
 from fedhead.server.recorder import RoundCallback
-from fedhead.server.report import RunReport
+from fedhead.server.report import REPORT_LOG_PREFIX, RunReport
 from fedhead.server.workflow import RunObserver
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def make_server_app(
         except FedheadError as err:
             log.error("%s: %s", err.title, err)
             raise
+        # The report travels to the operator in the run's log (`fedhead run` keeps it).
+        log.info("%s%s", REPORT_LOG_PREFIX, json.dumps(report.to_json(), separators=(",", ":")))
         if on_report:
             on_report(report)
 

@@ -26,6 +26,7 @@ from fedhead.common.protocol import (
     WEIGHTS_OK,
     PrepareReply,
     RunSpec,
+    valid_site_name,
 )
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,34 @@ class PrepareOutcome:
     weights_sent_to: list[int] = field(default_factory=list)
     bytes_to_sites: int = 0  # the prepare and backbone messages, both ways
     bytes_from_sites: int = 0
+    names: dict[int, str] = field(default_factory=dict)  # node id -> label for logs, report
 
     @property
     def train_examples(self) -> int:
         return sum(r.train_examples for r in self.ready.values())
 
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
+
+def site_label(node: int, chosen: str, taken: set[str]) -> str:
+    """The label a site is shown by: the name it chose when valid and not taken by an
+    earlier site (then suffixed with its node id), else ``node <id>``."""
+    if not valid_site_name(chosen):
+        if chosen:
+            log.warning("node %d sent an invalid site name; using its node id", node)
+        return f"node {node}"
+    return chosen if chosen not in taken else f"{chosen}#{node}"
+
 
 class BackboneDistributor:
-    def __init__(self, spec: RunSpec, weights_path: Path, timeout: float) -> None:
+    def __init__(
+        self, spec: RunSpec, weights_path: Path, timeout: float, site_labels: bool = True
+    ) -> None:
         self.spec = spec
         self.weights_path = weights_path
         self.timeout = timeout
+        self.site_labels = site_labels  # False: sites are shown by node id only
 
     def _send(
         self, grid: Grid, content: RecordDict, msg_type: str, nodes: list[int]
@@ -68,12 +86,14 @@ class BackboneDistributor:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
-                log.error("site %d cannot take part: %s", node, msg.error.reason)
+                log.error("%s cannot take part: %r", outcome.name(node), msg.error.reason)
                 continue
             reply = PrepareReply.from_mapping(msg.content.config_records[RECORD_PREPARE])
+            if self.site_labels:
+                outcome.names[node] = site_label(node, reply.site_name, set(outcome.names.values()))
             log.info(
-                "site %d: %d training / %d validation images on %s, backbone %s",
-                node,
+                "%s: %d training / %d validation images on %s, backbone %s",
+                outcome.name(node),
                 reply.train_examples,
                 reply.val_examples,
                 reply.device,
@@ -83,12 +103,12 @@ class BackboneDistributor:
                 outcome.ready[node] = reply
             else:
                 if reply.detail:
-                    log.warning("site %d: %s", node, reply.detail)
+                    log.warning("%s: %s", outcome.name(node), reply.detail)
                 needs_weights.append(node)
                 outcome.ready[node] = reply  # provisionally; removed below on failure
         for node in set(nodes) - {m.metadata.src_node_id for m in replies}:
             outcome.failed[node] = f"no reply within {self.timeout:.0f}s"
-            log.error("site %d did not answer the prepare message in time", node)
+            log.error("%s did not answer the prepare message in time", outcome.name(node))
         if needs_weights:
             self._send_weights(grid, needs_weights, outcome)
         return outcome
@@ -110,7 +130,7 @@ class BackboneDistributor:
             if msg.has_error():
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
                 outcome.ready.pop(node, None)
-                log.error("site %d refused the backbone: %s", node, msg.error.reason)
+                log.error("%s refused the backbone: %r", outcome.name(node), msg.error.reason)
             else:
                 outcome.weights_sent_to.append(node)
         for node in set(nodes) - answered:

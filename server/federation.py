@@ -199,7 +199,7 @@ def _federate(
     )
     workflow = FedHeadWorkflow(
         strategy=strategy,
-        distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout),
+        distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout, cfg.site_labels),
         plan_rounds=planner,
         evaluate_step=PlainEvaluate(cfg.round_timeout),
         num_rounds=cfg.num_server_rounds,
@@ -219,9 +219,20 @@ def _federate(
     workflow(grid, legacy)
     recorder.finish(time.perf_counter() - t_start)
     path = report.write(out)
-    log.info("report written to %s", path)
+    log.info(
+        "final accuracy: federated %s%s; report written to %s (on the SuperLink's host)",
+        _fmt_acc(report.final_eval_accuracy),
+        f", server test set {_fmt_acc(report.final_server_eval_accuracy)}"
+        if math.isfinite(report.final_server_eval_accuracy)
+        else "",
+        path,
+    )
     checkpointer.run_finished(finals[0], path)
     return report
+
+
+def _fmt_acc(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else "-"
 
 
 def _new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> RunReport:

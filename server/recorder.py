@@ -14,7 +14,7 @@ from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import RoundStarted, RunPrepared, emit
 from fedhead.server.aggregation import Arrays
 from fedhead.server.distribution import PrepareOutcome
-from fedhead.server.report import RunReport, table_row
+from fedhead.server.report import TABLE_HEADER, RunReport, table_row
 from fedhead.server.setup import ServerModel
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,17 @@ class RunRecorder:
             "bytes_to_sites": outcome.bytes_to_sites,
             "bytes_from_sites": outcome.bytes_from_sites,
             "train_examples": outcome.train_examples,
+            # who took part, by the label each site chose (site-labels=true) or node id
+            "sites": [
+                {
+                    "node_id": node,
+                    "name": outcome.name(node),
+                    "train_examples": reply.train_examples,
+                    "val_examples": reply.val_examples,
+                    "device": reply.device,
+                }
+                for node, reply in sorted(outcome.ready.items())
+            ],
         }
         emit(RunPrepared(self.sm.sha256, len(outcome.ready), self.sm.trainable.num_params))
 
@@ -53,6 +64,7 @@ class RunRecorder:
         if result.round == 0:
             self.report.initial_eval = result
             log.info("initial head: federated eval accuracy %.4f", result.eval_accuracy)
+            log.info("%s", TABLE_HEADER)
             return
         if result.dp_epsilon is not None:
             log.info(
@@ -74,5 +86,9 @@ class RunRecorder:
         if finals:
             report.final_eval_accuracy = finals[-1].eval_accuracy
             report.final_eval_loss = finals[-1].eval_loss
+        tested = [r for r in report.rounds if math.isfinite(r.server_eval_accuracy)]
+        if tested:
+            report.final_server_eval_accuracy = tested[-1].server_eval_accuracy
+            report.final_server_eval_loss = tested[-1].server_eval_loss
         report.seconds = seconds
         return report

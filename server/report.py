@@ -26,8 +26,10 @@ class RunReport:
     setup: dict[str, Any] = field(default_factory=dict)
     initial_eval: RoundResult | None = None  # round 0: the head before training
     rounds: list[RoundResult] = field(default_factory=list)
-    final_eval_accuracy: float = math.nan
+    final_eval_accuracy: float = math.nan  # federated: the sites' validation data
     final_eval_loss: float = math.nan
+    final_server_eval_accuracy: float = math.nan  # the server's test set, when configured
+    final_server_eval_loss: float = math.nan
     centralized_accuracy: float | None = None
     centralized: dict[str, Any] | None = None
     secure_aggregation: str = "none"  # "secagg+" or "none"
@@ -93,8 +95,14 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+# The ServerApp logs the finished report as one JSON line after this prefix, so the
+# operator's `fedhead run` (or `fedhead runs --fetch-report`) collects it through the
+# run's log, from wherever the SuperLink runs.
+REPORT_LOG_PREFIX = "fedhead-report-json: "
+
+# eval: federated, on the sites' validation data; test: the server's test set (or -)
 TABLE_HEADER = (
-    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  "
+    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'test acc':>8}  "
     f"{'to sites':>10}  {'from sites':>10}  {'seconds':>7}"
 )
 
@@ -114,7 +122,8 @@ def human_bytes(n: float) -> str:
 def table_row(r: RoundResult) -> str:
     return (
         f"{r.round:>5}  {_fmt(r.train_loss, '.4f'):>10}  {_fmt(r.eval_loss, '.4f'):>9}  "
-        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {human_bytes(r.bytes_to_sites):>10}  "
+        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {_fmt(r.server_eval_accuracy, '.4f'):>8}  "
+        f"{human_bytes(r.bytes_to_sites):>10}  "
         f"{human_bytes(r.bytes_from_sites):>10}  {r.seconds:>7.2f}"
     )
 

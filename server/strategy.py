@@ -108,6 +108,7 @@ class FedHeadStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.server_evaluate = server_evaluate
         self.ready: set[int] = set()
+        self.names: dict[int, str] = {}  # node id -> the site's label in logs
         self.rounds: dict[int, RoundResult] = {}
 
     def __repr__(self) -> str:
@@ -217,7 +218,8 @@ class FedHeadStrategy(Strategy):
 
     def _reject(self, st: RoundResult, server_round: int, r: Rejection) -> None:
         st.reject(r.node_id, r.reason)
-        who = "the secure aggregate" if r.node_id == 0 else f"update from node {r.node_id}"
+        site = self.names.get(r.node_id, f"node {r.node_id}")
+        who = "the secure aggregate" if r.node_id == 0 else f"update from {site}"
         log.warning("round %d: rejected %s (%s): %s", server_round, who, r.reason, r.detail)
 
     # --- evaluation ----------------------------------------------------------------

@@ -327,13 +327,16 @@ class FedHeadWorkflow:
         for obs in self.observers:
             obs.prepared(outcome)
         if len(outcome.ready) < self.min_sites:
-            reasons = "; ".join(f"node {n}: {why}" for n, why in sorted(outcome.failed.items()))
+            reasons = "; ".join(
+                f"{outcome.name(n)}: {why}" for n, why in sorted(outcome.failed.items())
+            )
             raise FederationError(
                 f"only {len(outcome.ready)} of {len(nodes)} site(s) are ready, "
                 f"{self.min_sites} needed ({reasons or 'no reasons given'})",
                 "fix the problems named and start the run again",
             )
         self.strategy.ready = set(outcome.ready)
+        self.strategy.names = dict(outcome.names)
         plan = self.plan_rounds(outcome)
         context.strategy = plan.strategy
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(

@@ -47,3 +47,15 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one() -> None
     ci = (REPO / ".ci" / "run").read_text()
     setup, run_tests = (part.strip() for part in tests.split("&&"))
     assert setup in ci and run_tests in ci
+
+
+def test_readme_commands_work_without_an_activated_venv() -> None:
+    """Every fedhead/Flower program in README's command blocks is called through .venv/bin
+    (or with .venv/bin put on PATH for Flower's helper programs)."""
+    programs = ("fedhead", "flwr", "flower-superlink", "flower-supernode", "python", "pytest")
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            for word in re.findall(r"(?:^|&&\s*|\|\s*)([\w./$\"-]+)", line.split("#")[0].strip()):
+                name = word.rsplit("/", 1)[-1]
+                if name in programs and not word.startswith(".venv/bin/"):
+                    assert line.strip().startswith('PATH="$PWD/.venv/bin:$PATH" '), line

@@ -46,7 +46,7 @@ def test_runs_lists_states_and_exits_non_zero_for_a_failed_run(tmp_path: Path) -
     _run_dir(root, 14, 1, pid=os.getpid())  # running (this process is alive)
     (root / "empty").mkdir()
 
-    listing = fedhead("runs", "--runs-dir", str(root), "--json")
+    listing = fedhead("status", "--runs-dir", str(root), "--json")
     assert listing.returncode == 0, listing.stderr
     runs = {r["run_id"]: r for r in json.loads(listing.stdout)}
     assert {k: r["state"] for k, r in runs.items()} == {
@@ -59,23 +59,23 @@ def test_runs_lists_states_and_exits_non_zero_for_a_failed_run(tmp_path: Path) -
     assert runs["13"]["last_checkpoint"].endswith("round-0003.safetensors")
     assert "only 1 of the 2" in runs["12"]["reason"]
 
-    table = fedhead("runs", "--runs-dir", str(root))
+    table = fedhead("status", "--runs-dir", str(root))
     assert table.returncode == 0 and "interrupted" in table.stdout and "3/5" in table.stdout
 
-    assert fedhead("runs", "--runs-dir", str(root), "--run", "11").returncode == 0
-    assert fedhead("runs", "--runs-dir", str(root), "--run", "14").returncode == 0
+    assert fedhead("status", "--runs-dir", str(root), "--run", "11").returncode == 0
+    assert fedhead("status", "--runs-dir", str(root), "--run", "14").returncode == 0
     one_line_error(
-        fedhead("runs", "--runs-dir", str(root), "--run", "12"),
+        fedhead("status", "--runs-dir", str(root), "--run", "12"),
         FederationError.exit_code,
         "run 12 failed",
         "only 1 of the 2",
         "resume-from=",
     )
     one_line_error(
-        fedhead("runs", "--run", str(root / "run-13")),  # an out-dir works too
+        fedhead("status", "--run", str(root / "run-13")),  # an out-dir works too
         FederationError.exit_code,
         "run 13 interrupted",
     )
     one_line_error(
-        fedhead("runs", "--runs-dir", str(root), "--run", "99"), ConfigError.exit_code, "99"
+        fedhead("status", "--runs-dir", str(root), "--run", "99"), ConfigError.exit_code, "99"
     )

@@ -126,7 +126,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
         assert 3 not in store.rounds()  # it really was cut off before round 3 ended
         assert store.load().round == 2
         status = subprocess.run(
-            [*FEDHEAD, "runs", "--run", str(cut)], capture_output=True, text=True, timeout=120
+            [*FEDHEAD, "status", "--run", str(cut)], capture_output=True, text=True, timeout=120
         )
         assert status.returncode == 6 and "interrupted" in status.stdout, status
 
@@ -151,7 +151,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     for a, b in zip(resumed.arrays, uninterrupted.arrays, strict=True):
         assert float(abs(a - b).max()) < 1e-5
     assert json.loads((cut / "status.json").read_text())["state"] == "finished"
-    assert subprocess.run([*FEDHEAD, "runs", "--run", str(cut)], timeout=120).returncode == 0
+    assert subprocess.run([*FEDHEAD, "status", "--run", str(cut)], timeout=120).returncode == 0
 
     # delivery: both sites verified and kept exactly the server's final head
     sha = report["model"]["head_sha256"]

@@ -1,0 +1,138 @@
+"""`fedhead run`, `fedhead node` and `fedhead superlink` refuse bad input before Flower
+starts: real processes, no SuperLink needed."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from fedhead.cli.run import parse_overrides
+from fedhead.common.errors import ConfigError, DataError, SetupError
+from tests.cli.test_cli import fedhead, one_line_error
+from tests.conftest import REPO
+
+
+def test_run_names_every_unknown_key_and_bad_value_at_once(tmp_path: Path) -> None:
+    result = fedhead(
+        "run",
+        "nowhere",
+        "--app",
+        str(REPO),
+        "--run-config",
+        "num-server-rouns=3 local-epochs=0 backbone='resnet9000' classes=normal",
+        "--run-config",
+        "seed=abc",
+        env={"FLWR_HOME": str(tmp_path)},
+    )
+    one_line_error(
+        result,
+        ConfigError.exit_code,
+        "num-server-rouns: unknown key (did you mean 'num-server-rounds'?)",
+        "local-epochs: must be > 0",
+        "backbone: unknown backbone 'resnet9000'",
+        "classes: text needs quotes: classes='normal'",
+        "seed: expected int",
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_good_config_names_a_missing_connection(tmp_path: Path) -> None:
+    result = fedhead(
+        "run",
+        "nowhere",
+        "--app",
+        str(REPO),
+        "--run-config",
+        "num-server-rounds=2 classes='cat,dog'",
+        env={"FLWR_HOME": str(tmp_path)},
+    )
+    one_line_error(result, ConfigError.exit_code, "'nowhere'", "config.toml")
+
+
+def test_run_config_pairs_parse_like_flwr() -> None:
+    values, problems, unquoted = parse_overrides(["a=1 b=2.5 c=true d='x y' e=\"z\"", "f=plain"])
+    assert values == {"a": 1, "b": 2.5, "c": True, "d": "x y", "e": "z", "f": "plain"}
+    assert problems == [] and unquoted == {"f"}
+    _, problems, _ = parse_overrides(["a=1 dangling"])
+    assert problems == ["--run-config: 'dangling' is not KEY=VALUE"]
+
+
+def test_node_on_an_empty_folder_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = fedhead(
+        "node",
+        "--superlink",
+        "127.0.0.1:9",
+        "--data",
+        str(tmp_path / "empty"),
+        "--insecure",
+        "--metrics-address",
+        "none",
+    )
+    assert result.returncode == DataError.exit_code, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("fedhead: data problem: ")
+    assert "is empty" in result.stderr
+
+
+def test_node_with_classes_runs_the_full_data_check(tmp_path: Path) -> None:
+    (tmp_path / "site" / "normal").mkdir(parents=True)
+    (tmp_path / "site" / "normal" / "x.png").write_bytes(b"not an image")
+    (tmp_path / "site" / "pneumonia").mkdir()
+    (tmp_path / "site" / "pneumonia" / "y.png").write_bytes(b"nor this")
+    result = fedhead(
+        "node",
+        "--superlink",
+        "127.0.0.1:9",
+        "--data",
+        str(tmp_path / "site"),
+        "--classes",
+        "normal,pneumonia",
+        "--insecure",
+        "--metrics-address",
+        "none",
+    )
+    assert result.returncode == DataError.exit_code, result.stderr
+    assert "0 usable image(s), 2 unreadable" in result.stdout
+    assert "no usable images" in result.stderr
+
+
+def test_superlink_on_a_busy_port_exits_7() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = fedhead(
+            "superlink", "--insecure", "--port", str(port), "--metrics-address", "none"
+        )
+    assert result.returncode == SetupError.exit_code, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("fedhead: setup problem: ") and f"127.0.0.1:{port}" in last
+
+
+def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
+    from fedhead.cli.run import LogFilter, RunStatus
+    from fedhead.server.report import REPORT_LOG_PREFIX
+
+    keep = LogFilter()
+    # a site's error text that imitates the report line, then the ServerApp's own
+    fake = '{"run_id": 7, "final_eval_accuracy": 1.0}'
+    lines = [
+        f"12:00:00 ERROR fedhead.server.distribution: node 3 cannot take part: x\n"
+        f"{REPORT_LOG_PREFIX}{fake}",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "ValueError: boom",
+        "12:00:09 INFO fedhead.server.federation: round 1",
+        f'12:00:10 INFO fedhead.server.app: {REPORT_LOG_PREFIX}{{"run_id": 7, "clients": 2}}',
+    ]
+    shown = [s for line in lines for part in line.split("\n") if (s := keep(part)) is not None]
+    assert shown == [
+        "12:00:00 ERROR fedhead.server.distribution: node 3 cannot take part: x",
+        "12:00:09 INFO fedhead.server.federation: round 1",
+    ]
+    assert keep.report_for(RunStatus("7", "finished:completed", "", 1.0)) == {
+        "run_id": 7,
+        "clients": 2,
+    }
+    assert keep.report_for(RunStatus("7", "finished:failed", "", 1.0)) is None
+    assert keep.report_for(RunStatus("8", "finished:completed", "", 1.0)) is None

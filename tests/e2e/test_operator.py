@@ -1,0 +1,165 @@
+"""The operator's and the site's commands against real SuperLinks on 127.0.0.1: a failed
+run exits non-zero with its reason; a node whose TLS choice does not match the
+SuperLink's, or whose key is not registered, is told what to do and stops."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedhead.common.errors import ConfigError, FederationError, SetupError
+from tests.conftest import REPO
+from tests.e2e.procs import (
+    base_env,
+    free_port,
+    npz_site,
+    plain_superlink,
+    processes,
+    wait_for_port,
+    write_flwr_connection,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
+
+
+def fedhead(
+    env: dict[str, str], *args: str, timeout: float = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDHEAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
+    )
+
+
+def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
+    port = free_port()
+    flwr_home = tmp_path / "flwr-home"
+    write_flwr_connection(flwr_home, "e2e", port)
+    env = base_env(flwr_home)
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start("superlink", plain_superlink(port), base_env(tmp_path / "link"))
+        wait_for_port(port, proc=link)
+        # no site ever joins: the ServerApp gives up after join-timeout
+        result = fedhead(
+            env,
+            "run",
+            "e2e",
+            "--app",
+            str(REPO),
+            "--run-config",
+            "join-timeout=2.0 min-sites=2",
+            cwd=tmp_path,
+        )
+        assert result.returncode == FederationError.exit_code, result.stdout + result.stderr
+        assert "only 0 of the 2 required site(s) connected" in result.stderr.splitlines()[-1]
+        assert "Traceback" not in result.stdout + result.stderr
+        match = re.search(r"run (\d+) started", result.stdout)
+        assert match, result.stdout
+        run_id = match.group(1)
+        assert f"run {run_id}: finished:failed" in result.stdout
+
+        listed = fedhead(env, "runs", "e2e")
+        assert listed.returncode == 0 and run_id in listed.stdout and "failed" in listed.stdout
+        one = fedhead(env, "runs", "e2e", "--run-id", run_id)
+        assert one.returncode == FederationError.exit_code, one.stdout + one.stderr
+        fetch = fedhead(env, "runs", "e2e", "--run-id", run_id, "--fetch-report", cwd=tmp_path)
+        assert fetch.returncode == FederationError.exit_code, fetch.stdout + fetch.stderr
+        assert "has no report" in fetch.stderr and not list(tmp_path.glob("**/report.json"))
+
+
+def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    made = fedhead(
+        base_env(tmp_path / "h"),
+        "certs",
+        "--out",
+        str(certs),
+        "--host",
+        "127.0.0.1",
+        "--site",
+        "stranger",
+    )
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    data = npz_site(tmp_path / "site.npz", 0, 2)
+    with processes(tmp_path / "logs") as procs:
+        link = procs.start(
+            "superlink",
+            [
+                *FEDHEAD,
+                "superlink",
+                "--certs-dir",
+                str(certs),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-address",
+                "none",
+            ],
+            base_env(tmp_path / "link"),
+        )
+        wait_for_port(port, proc=link)
+        node = [
+            "node",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(data),
+            "--metrics-address",
+            "none",
+            "--port",
+        ]
+
+        # a plaintext node against the TLS SuperLink: one line, well within 30 s
+        plain = fedhead(
+            base_env(tmp_path / "n1"), *node, str(free_port()), "--insecure", timeout=30
+        )
+        assert plain.returncode == ConfigError.exit_code, plain.stderr
+        last = plain.stderr.splitlines()[-1]
+        assert "uses TLS" in last and "--root-certificates" in last, last
+
+        # a TLS node whose key the operator never registered
+        stranger = fedhead(
+            base_env(tmp_path / "n2"),
+            *node,
+            str(free_port()),
+            "--root-certificates",
+            str(certs / "ca.crt"),
+            "--auth-key",
+            str(certs / "sites" / "stranger.key"),
+            timeout=120,
+        )
+        assert stranger.returncode == SetupError.exit_code, stranger.stderr
+        last = stranger.stderr.splitlines()[-1]
+        assert "not registered" in last and "flwr supernode register" in last, last
+
+    # and a TLS node against a plaintext SuperLink
+    port = free_port()
+    with processes(tmp_path / "logs2") as procs:
+        link = procs.start("superlink", plain_superlink(port), base_env(tmp_path / "link2"))
+        wait_for_port(port, proc=link)
+        tls = fedhead(
+            base_env(tmp_path / "n3"),
+            "node",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(data),
+            "--metrics-address",
+            "none",
+            "--port",
+            str(free_port()),
+            "--root-certificates",
+            str(certs / "ca.crt"),
+            "--auth-key",
+            str(certs / "sites" / "stranger.key"),
+            timeout=30,
+        )
+        assert tls.returncode == ConfigError.exit_code, tls.stderr
+        assert "does not use TLS" in tls.stderr.splitlines()[-1]

@@ -1,0 +1,88 @@
+"""README's one-machine federation runs exactly as written: from a copy of the
+repository's files, in a fresh shell whose PATH lacks the virtual environment."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e.procs import npz_site
+
+# Three SecAgg+ rounds start some 40 ClientApp processes: minutes on 2 busy cores.
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.timeout(2400)]
+
+README = (REPO / "README.md").read_text()
+
+
+def one_machine_recipe() -> str:
+    section = README[README.index("**A first try on one machine") :]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def fresh_clone(dest: Path) -> Path:
+    """The repository's tracked files, with .venv pointing at the installed environment."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, tracked.split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / ".venv").symlink_to(Path(sys.prefix))
+    return dest
+
+
+def test_the_one_machine_recipe_runs_as_written(tmp_path: Path, mobilenet_weights: Path) -> None:
+    recipe = one_machine_recipe()
+    assert ".venv/bin/fedhead run local-test" in recipe  # the operator's one command
+    clone = fresh_clone(tmp_path / "fedhead")
+    for i in range(2):  # what `fedhead demo` would have written, smaller
+        npz_site(clone / "demo-out" / "sites" / f"site-{i}.npz", i, 2)
+    cache = tmp_path / "cache"
+    (cache / "weights").mkdir(parents=True)
+    shutil.copy(mobilenet_weights, cache / "weights")
+    env = {
+        "PATH": "/usr/bin:/bin",  # no activated virtual environment
+        "HOME": str(tmp_path / "home"),
+        "FEDHEAD_CACHE": str(cache),
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if "PYTHONPATH" in os.environ:  # a development checkout that shadows the install
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    log = tmp_path / "recipe.log"
+    with log.open("w") as out:
+        shell = subprocess.Popen(
+            ["bash", "-c", "set -e\n" + recipe],
+            cwd=clone,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            shell.wait(timeout=2300)
+        finally:  # whatever the recipe left running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGTERM)
+    output = log.read_text(errors="replace")
+    assert shell.returncode == 0, output[-6000:]
+    assert "finished:completed" in output and "final accuracy: federated" in output
+    assert "round  train loss  eval loss  eval acc" in output  # the table's header row
+    reports = list((clone / "fedhead-runs").glob("run-*/report.json"))
+    assert len(reports) == 1, output[-3000:]
+    report = json.loads(reports[0].read_text())
+    assert len(report["rounds"]) == 3 and report["clients"] == 2
+    assert sorted(s["name"] for s in report["setup"]["sites"]) == ["site-0", "site-1"]
+    assert f"report: fedhead-runs/{reports[0].parent.name}/report.json" in output
