@@ -108,8 +108,11 @@ def train(msg: Message, context: Context) -> Message:
         stats.cache_hits,
         stats.cache_misses,
     )
-    # Under DP every site weighs the same, which bounds each site's influence.
-    weight = 1 if settings.uniform_weight else outcome.result.examples
+    # Under DP every site weighs the same, which bounds each site's influence; otherwise
+    # a site counts its examples up to the run's cap (the server refuses more).
+    weight = (
+        1 if settings.uniform_weight else min(outcome.result.examples, settings.max_site_examples)
+    )
     fitres = FitRes(
         status=Status(Code.OK, "ok"),
         parameters=ndarrays_to_parameters(outcome.arrays),

@@ -203,6 +203,9 @@ class RunConfig(_Config):
     max_update_norm: float = opt(
         100.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
     )
+    max_site_examples: int = opt(
+        100_000, positive, "a site's weight counts at most this many examples"
+    )
     dp_noise_multiplier: float = opt(
         0.0, non_negative, "differential privacy: Gaussian noise / clipping norm; 0 = off"
     )

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedhead.common.errors import FederationError
 from fedhead.common.protocol import (
     MSG_PREPARE,
     MSG_WEIGHTS,
@@ -42,6 +43,20 @@ class PrepareOutcome:
     @property
     def train_examples(self) -> int:
         return sum(r.train_examples for r in self.ready.values())
+
+
+def _read_reply(msg: Message) -> PrepareReply | None:
+    """A site's prepare reply, or None when it is not one fedhead's sites send."""
+    record = msg.content.config_records.get(RECORD_PREPARE)
+    if record is None:
+        return None
+    try:
+        reply = PrepareReply.from_mapping(record)
+    except FederationError:
+        return None
+    if reply.train_examples < 0 or reply.val_examples < 0:
+        return None
+    return reply
 
 
 class BackboneDistributor:
@@ -70,7 +85,15 @@ class BackboneDistributor:
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.error("site %d cannot take part: %s", node, msg.error.reason)
                 continue
-            reply = PrepareReply.from_mapping(msg.content.config_records[RECORD_PREPARE])
+            reply = _read_reply(msg)
+            if reply is None:
+                outcome.failed[node] = "malformed prepare reply"
+                log.error(
+                    "site %d cannot take part: its prepare reply is malformed "
+                    "(missing or mistyped fields, or negative counts)",
+                    node,
+                )
+                continue
             log.info(
                 "site %d: %d training / %d validation images on %s, backbone %s",
                 node,
