@@ -4,7 +4,8 @@ Handlers:
 - ``query.prepare``: check data and backbone copy, remember the run spec.
 - ``query.weights``: receive the backbone file from the server, verify, cache.
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
-- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes.
+- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
+  heads the site agrees to evaluate (``client.ledger``).
 
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
 """
@@ -26,6 +27,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
@@ -92,12 +94,20 @@ def weights(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
 
 
+def _ledger(context: Context) -> HeadLedger:
+    return HeadLedger.from_record(context.state.config_records.get(RECORD_LEDGER))
+
+
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = FitSettings.from_mapping(fitins.config)
-    outcome = site.train(parameters_to_ndarrays(fitins.parameters), settings)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    ledger = _ledger(context)
+    ledger.start_training(settings.server_round, head_digest(arrays))
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    outcome = site.train(arrays, settings)
     stats = outcome.extraction
     log.info(
         "round %d: trained on %d examples in %.2fs, loss %.4f (features: %d cached, %d new)",
@@ -124,9 +134,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = _site(context)
     evalins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    result = site.evaluate(parameters_to_ndarrays(evalins.parameters))
+    arrays = parameters_to_ndarrays(evalins.parameters)
+    server_round = evalins.config.get("server_round")
+    if not isinstance(server_round, int) or isinstance(server_round, bool):
+        raise FederationError(
+            "an evaluate message without its round number",
+            "server and sites must run the same fedhead version",
+        )
+    ledger = _ledger(context)
+    ledger.start_evaluation(server_round, head_digest(arrays))
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    result = _site(context).evaluate(arrays)
     evalres = EvaluateRes(
         status=Status(Code.OK, "ok"),
         loss=result.loss,

@@ -309,7 +309,8 @@ class FedHeadStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
-        return [(site, EvaluateIns(parameters, {})) for site in sites]
+        # Sites evaluate one head per round they trained in (round 0: the initial head).
+        return [(site, EvaluateIns(parameters, {"server_round": server_round})) for site in sites]
 
     def aggregate_evaluate(
         self,

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message
+from flwr.common import EvaluateIns, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.app import app as client_app
 from fedhead.common import demo_data
@@ -262,8 +264,6 @@ def test_a_site_reporting_perfect_accuracy_cannot_dominate(
 
 
 def _evaluations(replies: list[Message]) -> list[tuple[int, tuple[int, float]]]:
-    from flwr.compat.common import recorddict_compat as compat
-
     out = []
     for reply in replies:
         if reply.metadata.message_type == "evaluate" and reply.metadata.group_id == "1":
@@ -305,3 +305,21 @@ def test_a_run_where_secagg_halts_in_every_round_fails_and_counts_the_drops(
     for r in report["rounds"]:
         assert not r["aggregated"] and r["secagg_halted"] == "collect_masked_vectors"
         assert (r["sites_selected"], r["sites_replied"], r["sites_dropped"]) == (3, 1, 2), r
+
+
+def test_a_site_refuses_to_evaluate_heads_it_did_not_train_from(offline_world: Path) -> None:
+    """A curious server sends a crafted head to count a site's classes: refused."""
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp, **{"num-server-rounds": 1, "secure-aggregation": False})
+    assert report["rounds"][0]["eval_examples"] > 0  # the honest evaluations were accepted
+    always_first = [np.zeros((2, 1280), np.float32), np.array([10.0, -10.0], np.float32)]
+
+    def probe(server_round: int) -> Message:
+        ins = EvaluateIns(ndarrays_to_parameters(always_first), {"server_round": server_round})
+        content = compat.evaluateins_to_recorddict(ins, True)
+        return Message(content, dst_node_id=100, message_type="evaluate", group_id="probe")
+
+    for server_round in (0, 1, 2):  # before training, again for round 1, a future round
+        (reply,) = grid.send_and_receive([probe(server_round)])
+        assert reply.has_error() and "FederationError" in (reply.error.reason or "")
