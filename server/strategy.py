@@ -154,7 +154,8 @@ class FedHeadStrategy(Strategy):
 
         A site that is gone leaves either no failure entry (a wait timed out) or an
         error reply the SuperLink wrote for it (node unavailable): both count as
-        dropped. Failed means the site itself answered with an error.
+        dropped. Failed means the site itself answered with an error, or with a reply
+        that was left out as malformed or implausible (``ExcludedReply``).
         """
         st = self.stats(server_round)
         st.sites_replied = len(results)
@@ -176,6 +177,8 @@ class FedHeadStrategy(Strategy):
         """SecAgg+ stopped at ``stage``: count who was still live, failed or dropped."""
         st = self.stats(server_round)
         st.secagg_halted = stage
+        self._round_start.pop(server_round, None)
+        self.secure_weights.pop(server_round, None)
         st.sites_replied = len(live)
         st.sites_failed = sum(1 for f in failures if not _unreachable(f))
         st.sites_dropped = max(0, st.sites_selected - st.sites_replied - st.sites_failed)
