@@ -173,15 +173,20 @@ def aggregate_has_weight(
     """Whether a securely aggregated mean was divided by ``total_weight``.
 
     The unmasked sum is an integer vector ``s`` and the mean is
-    ``(2c*s - n*c*Q) / W`` for n sites, clipping range c, quantization range Q and total
-    quantized weight W. So ``(mean*W + n*c*Q) / (2c)`` is a whole number in every
-    coordinate for the true W only: a site that masked another weight than the count it
-    reported in the clear moves W and breaks this.
+    ``(2c*s - n*c*Q) / T`` for n sites, clipping range c, quantization range Q and true
+    total quantized weight T. So ``d = mean*W/(2c)`` is ``(s - n*Q/2) * W/T``: whole in
+    every coordinate for W = T, and for a wrong W only if W is a multiple of T (the
+    sum's unknown honest part leaves no other way). A site that masked a larger weight
+    than it declared breaks wholeness; one that masked a smaller weight, scaling the
+    mean up by m = W/T, leaves every ``d`` divisible by m, which the gcd reveals.
     """
+    whole: list[np.ndarray] = []
     for arr in aggregate:
-        s = arr.astype(np.float64) * total_weight / (2 * clipping_range)
-        s += sites * quantization_range / 2
-        frac = np.abs(s - np.round(s))
-        if arr.size and float(frac.max()) > tolerance:
+        d = arr.astype(np.float64) * total_weight / (2 * clipping_range)
+        d += sites * quantization_range / 2  # exact for whole n*Q/2; the sum's offset
+        if arr.size and float(np.abs(d - np.round(d)).max()) > tolerance:
             return False
-    return True
+        whole.append(np.round(d).astype(np.int64).ravel() - round(sites * quantization_range / 2))
+    flat = np.concatenate(whole) if whole else np.zeros(0, np.int64)
+    nonzero = np.abs(flat[flat != 0])
+    return nonzero.size == 0 or int(np.gcd.reduce(nonzero)) == 1
