@@ -48,6 +48,7 @@ class CertsPlan:
     days: int = 825
     force: bool = False
     app_signer: bool = False
+    renew_server: bool = False  # replace server.crt/key only, signed by the existing CA
     created: list[Path] = field(default_factory=list)
 
     def check(self) -> None:
@@ -66,13 +67,22 @@ class CertsPlan:
             problems.append(
                 "nothing to create: give --host for the SuperLink, --site and/or --app-signer"
             )
+        if self.renew_server and not self.hosts:
+            problems.append("--renew-server: give the SuperLink's --host name(s) again")
         if problems:
             raise ConfigError(problems, "certs options")
-        existing = [p for p in self._targets() if p.exists()]
+        if self.renew_server and not (self.out / "ca.key").exists():
+            raise SetupError(
+                f"--renew-server needs the existing CA in {self.out} (ca.crt and ca.key)",
+                "a new CA would lock out every site; restore the CA files",
+            )
+        renewed = {self.out / "server.crt", self.out / "server.key"} if self.renew_server else set()
+        existing = [p for p in self._targets() if p.exists() and p not in renewed]
         if existing and not self.force:
             raise SetupError(
                 f"refusing to overwrite {', '.join(str(p) for p in existing)}",
-                "pass --force to replace them (sites using them must get the new files)",
+                "--site NAME alone adds a site, --renew-server --host ... replaces only the "
+                "server certificate; --force replaces these files (their users need new ones)",
             )
 
     def _targets(self) -> list[Path]:
@@ -250,11 +260,26 @@ def create(plan: CertsPlan) -> list[Path]:
     return plan.created
 
 
+def certificate_problem(path: Path, warn_days: int = 30) -> tuple[bool, str] | None:
+    """``(expired, line)`` when the certificate at ``path`` has expired or expires within
+    ``warn_days`` days, else None."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    end = cert.not_valid_after_utc
+    renew = "renew it with `fedhead certs --renew-server --host NAME ...` (sites keep ca.crt)"
+    if end <= now:
+        return True, f"the certificate {path} expired on {end:%Y-%m-%d}; {renew}"
+    if end - now <= dt.timedelta(days=warn_days):
+        days = (end - now).days
+        return False, f"the certificate {path} expires in {days} day(s) ({end:%Y-%m-%d}); {renew}"
+    return None
+
+
 def _certs(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
-    written = create(
-        CertsPlan(out, args.host or [], args.site or [], args.days, args.force, args.app_signer)
-    )
+    plan = CertsPlan(out, args.host or [], args.site or [], args.days, args.force, args.app_signer)
+    plan.renew_server = args.renew_server
+    written = create(plan)
     for path in written:
         print(f"wrote {path}")
     if args.host:
@@ -283,7 +308,8 @@ def add_parser(sub: Subparsers) -> None:
         description="Creates (with `cryptography`) a private CA, a TLS certificate for the "
         "SuperLink naming the given hosts, and an EC P-384 key pair per site for node "
         "authentication (OpenSSH format). Private keys are written 0600. Existing files "
-        "are never overwritten without --force; an existing CA is reused.",
+        "are never overwritten without --force; an existing CA is reused. Add a site later "
+        "with --site NAME alone; renew the SuperLink certificate with --renew-server --host.",
     )
     c.add_argument("--out", default="certs", help="folder for the files (default certs)")
     c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
@@ -294,5 +320,10 @@ def add_parser(sub: Subparsers) -> None:
         help="also create the ed25519 key that signs the app, and the sites' trusted-entities.yaml",
     )
     c.add_argument("--days", type=int, default=825, help="server certificate validity (825)")
+    c.add_argument(
+        "--renew-server",
+        action="store_true",
+        help="replace only the SuperLink certificate (same CA: sites need nothing new)",
+    )
     c.add_argument("--force", action="store_true", help="replace existing server/site files")
     c.set_defaults(handler=_certs)

@@ -268,6 +268,13 @@ def _superlink(args: argparse.Namespace) -> int:
                 f"missing certificate file(s): {', '.join(missing)}",
                 "create them with `fedhead certs`",
             )
+        from fedhead.cli.certs import certificate_problem
+
+        if problem := certificate_problem(files["cert"]):
+            expired, line = problem
+            if expired:
+                raise SetupError(line)
+            print(f"warning: {line}", file=sys.stderr)
         cmd += [
             "--ssl-ca-certfile",
             str(files["ca"]),

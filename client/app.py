@@ -5,7 +5,8 @@ Handlers:
 - ``query.weights``: receive the backbone file from the server, verify, cache.
 - ``query.model``: after the last round, the final head: verify it, keep it.
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
-- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes.
+- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
+  heads the site agrees to evaluate (``client.ledger``).
 
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
 """
@@ -27,6 +28,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
@@ -116,12 +118,20 @@ def model(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
 
 
+def _ledger(context: Context) -> HeadLedger:
+    return HeadLedger.from_record(context.state.config_records.get(RECORD_LEDGER))
+
+
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = FitSettings.from_mapping(fitins.config)
-    outcome = site.train(parameters_to_ndarrays(fitins.parameters), settings)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    ledger = _ledger(context)
+    ledger.start_training(settings.server_round, head_digest(arrays))
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    outcome = site.train(arrays, settings)
     stats = outcome.extraction
     log.info(
         "round %d: trained on %d examples in %.2fs, loss %.4f (features: %d cached, %d new)",
@@ -132,8 +142,11 @@ def train(msg: Message, context: Context) -> Message:
         stats.cache_hits,
         stats.cache_misses,
     )
-    # Under DP every site weighs the same, which bounds each site's influence.
-    weight = 1 if settings.uniform_weight else outcome.result.examples
+    # Under DP every site weighs the same, which bounds each site's influence; otherwise
+    # a site counts its examples up to the run's cap (the server refuses more).
+    weight = (
+        1 if settings.uniform_weight else min(outcome.result.examples, settings.max_site_examples)
+    )
     fitres = FitRes(
         status=Status(Code.OK, "ok"),
         parameters=ndarrays_to_parameters(outcome.arrays),
@@ -145,9 +158,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = _site(context)
     evalins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    result = site.evaluate(parameters_to_ndarrays(evalins.parameters))
+    arrays = parameters_to_ndarrays(evalins.parameters)
+    server_round = evalins.config.get("server_round")
+    if not isinstance(server_round, int) or isinstance(server_round, bool):
+        raise FederationError(
+            "an evaluate message without its round number",
+            "server and sites must run the same fedhead version",
+        )
+    ledger = _ledger(context)
+    ledger.start_evaluation(server_round, head_digest(arrays))
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    result = _site(context).evaluate(arrays)
     evalres = EvaluateRes(
         status=Status(Code.OK, "ok"),
         loss=result.loss,

@@ -198,8 +198,13 @@ class RunConfig(_Config):
     )
     secagg_clipping_range: float = opt(8.0, positive, "update values must lie in +-this")
     secagg_quantization_range: int = opt(2**22, positive, "integer levels per value")
+    # Honest head updates on the demo data measured at most 2.4 (Dirichlet alpha 0.5)
+    # and 10.9 (alpha 0.1, sites holding almost one class each): ~3x the worst case.
     max_update_norm: float = opt(
-        100.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
+        30.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
+    )
+    max_site_examples: int = opt(
+        100_000, positive, "a site's weight counts at most this many examples"
     )
     dp_noise_multiplier: float = opt(
         0.0, non_negative, "differential privacy: Gaussian noise / clipping norm; 0 = off"

@@ -142,6 +142,7 @@ class FitSettings(_Record):
     max_update_norm: float  # the site refuses to send a larger update (0 = no bound)
     clipping_range: float  # SecAgg+: every sent value must lie within +-this (0 = no SecAgg+)
     uniform_weight: bool  # DP: every site counts once, whatever its number of examples
+    max_site_examples: int  # a site counts at most this many examples
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# Why the server rejects an update (a bounded set: it is a metrics label).
-REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples")
+# Why the server rejects an update or leaves a site's reply out (a bounded set: it is a
+# metrics label). malformed: unreadable or wrongly shaped reply; weight: more examples
+# claimed than the site may count; range: a SecAgg+ mean no clipped inputs can produce.
+REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples", "malformed", "weight", "range")
 # Flower's SecAgg+ stages, in order (a bounded set: a metrics label).
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
@@ -42,6 +44,7 @@ class RoundResult:
     bytes_to_sites: int = 0
     bytes_from_sites: int = 0
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    secagg_halted: str = ""  # the SecAgg+ stage at which too few sites were left
     dp_epsilon: float | None = None  # cumulative privacy spent (DP runs only) ...
     dp_delta: float = 0.0  # ... at this delta
 

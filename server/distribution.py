@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedhead.common.errors import FederationError
 from fedhead.common.protocol import (
     MSG_PREPARE,
     MSG_WEIGHTS,
@@ -59,6 +60,20 @@ def site_label(node: int, chosen: str, taken: set[str]) -> str:
     return chosen if chosen not in taken else f"{chosen}#{node}"
 
 
+def _read_reply(msg: Message) -> PrepareReply | None:
+    """A site's prepare reply, or None when it is not one fedhead's sites send."""
+    record = msg.content.config_records.get(RECORD_PREPARE)
+    if record is None:
+        return None
+    try:
+        reply = PrepareReply.from_mapping(record)
+    except FederationError:
+        return None
+    if reply.train_examples < 0 or reply.val_examples < 0:
+        return None
+    return reply
+
+
 class BackboneDistributor:
     def __init__(
         self, spec: RunSpec, weights_path: Path, timeout: float, site_labels: bool = True
@@ -88,7 +103,15 @@ class BackboneDistributor:
                 outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
                 log.error("%s cannot take part: %r", outcome.name(node), msg.error.reason)
                 continue
-            reply = PrepareReply.from_mapping(msg.content.config_records[RECORD_PREPARE])
+            reply = _read_reply(msg)
+            if reply is None:
+                outcome.failed[node] = "malformed prepare reply"
+                log.error(
+                    "%s cannot take part: its prepare reply is malformed "
+                    "(missing or mistyped fields, or negative counts)",
+                    outcome.name(node),
+                )
+                continue
             if self.site_labels:
                 outcome.names[node] = site_label(node, reply.site_name, set(outcome.names.values()))
             log.info(

@@ -23,6 +23,7 @@ from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
+from fedhead.common.errors import FederationError
 from fedhead.common.model import count_params
 from fedhead.common.package import package_from_run
 from fedhead.common.protocol import RunSpec
@@ -136,6 +137,7 @@ def _federate(
         secure=cfg.secure_aggregation,
         max_update_norm=cfg.max_update_norm,
         server_evaluate=server_evaluator(cfg, sm),
+        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
     )
     report = _new_report(context.run_id, cfg, sm, spec)
     if resume is not None:
@@ -201,7 +203,7 @@ def _federate(
         strategy=strategy,
         distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout, cfg.site_labels),
         plan_rounds=planner,
-        evaluate_step=PlainEvaluate(cfg.round_timeout),
+        evaluate_step=PlainEvaluate(cfg.round_timeout, strategy),
         num_rounds=cfg.num_server_rounds,
         min_sites=cfg.min_sites,
         join_timeout=cfg.join_timeout,
@@ -227,12 +229,33 @@ def _federate(
         else "",
         path,
     )
+    _require_progress(strategy, cfg.num_server_rounds)
     checkpointer.run_finished(finals[0], path)
     return report
 
 
 def _fmt_acc(v: float) -> str:
     return f"{v:.4f}" if math.isfinite(v) else "-"
+
+
+def _require_progress(strategy: FedHeadStrategy, num_rounds: int) -> None:
+    """A run in which no round produced a global head failed, whatever else it did."""
+    rounds = [strategy.stats(r) for r in range(1, num_rounds + 1)]
+    if not rounds or any(r.aggregated for r in rounds):
+        return
+    why = []
+    for r in rounds:
+        if r.secagg_halted:
+            why.append(f"round {r.round}: secure aggregation halted at {r.secagg_halted}")
+        elif r.rejected_sites:
+            who = ", ".join(f"node {n} ({reason})" for n, reason in r.rejected_sites.items())
+            why.append(f"round {r.round}: left out {who}")
+        else:
+            why.append(f"round {r.round}: {r.sites_replied} of {r.sites_selected} sites replied")
+    raise FederationError(
+        "no round produced a new global head (" + "; ".join(why) + ")",
+        "see the server log for the sites named; the report has every round's counts",
+    )
 
 
 def _new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> RunReport:
@@ -261,6 +284,24 @@ def plan_rounds(
     sized to them; the report notes the secure aggregation and DP settings."""
     ready = len(outcome.ready)
     sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
+    uniform = cfg.dp_noise_multiplier > 0
+    for node, reply in sorted(outcome.ready.items()):
+        if max(reply.train_examples, reply.val_examples) > cfg.max_site_examples:
+            log.warning(
+                "site %d declares %d training / %d validation examples; it counts as %d "
+                "(max-site-examples)",
+                node,
+                reply.train_examples,
+                reply.val_examples,
+                cfg.max_site_examples,
+            )
+    strategy.set_caps(
+        train={
+            n: 1 if uniform else min(r.train_examples, cfg.max_site_examples)
+            for n, r in outcome.ready.items()
+        },
+        val={n: min(r.val_examples, cfg.max_site_examples) for n, r in outcome.ready.items()},
+    )
     legacy: Strategy = strategy
     privacy: PrivacyLedger | None = None
     if cfg.dp_noise_multiplier > 0:
@@ -285,8 +326,8 @@ def plan_rounds(
             "secure aggregation is OFF (secure-aggregation=false): the server sees every "
             "site's head update"
         )
-        return RoundPlan(PlainFit(cfg.round_timeout), legacy, privacy)
-    max_examples = max(r.train_examples for r in outcome.ready.values())
+        return RoundPlan(PlainFit(cfg.round_timeout, strategy), legacy, privacy)
+    max_examples = max(strategy.train_caps.values())
     params = secagg_params(cfg, sampled, max_examples)
     report.secure_aggregation = "secagg+"
     report.secure_aggregation_params = params.report()
@@ -301,4 +342,4 @@ def plan_rounds(
     def stage_done(rnd: int, stage: str, seconds: float) -> None:
         strategy.stats(rnd).secagg_seconds[stage] = seconds
 
-    return RoundPlan(TimedSecAggPlus(params, stage_done), legacy, privacy)
+    return RoundPlan(TimedSecAggPlus(params, strategy, stage_done), legacy, privacy)

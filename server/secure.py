@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from flwr.app import Message, RecordDict
 from flwr.common import FitRes, Parameters, Scalar
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -27,11 +28,20 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import SECAGG_STAGES
-from fedhead.server.strategy import FedHeadStrategy
+from fedhead.server.screening import (
+    ExcludedReply,
+    check_key_shares,
+    check_masked_vector,
+    check_public_keys,
+    check_unmask_shares,
+    quantized_weight,
+)
+from fedhead.server.strategy import FedHeadStrategy, SecureWeight
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +117,72 @@ def secagg_params(cfg: RunConfig, sampled_sites: int, max_examples: int) -> SecA
     )
 
 
-class TimedSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow with each stage timed, and halts logged as errors."""
+ReplyCheck = Callable[[int, RecordDict], None]  # raises ExcludedReply
 
-    def __init__(self, params: SecAggParams, on_stage: StageHook | None = None) -> None:
+
+class _ScreenedGrid(Grid):
+    """A Grid whose replies pass ``check`` before the SecAgg+ workflow reads them.
+
+    A refused reply is withheld, so Flower's workflow handles that site exactly like
+    one that dropped out at this stage (its masks are removed through the other sites'
+    key shares), and the refusal joins the round's failures.
+    """
+
+    def __init__(self, inner: Grid, check: ReplyCheck, failures: list[Exception]) -> None:
+        self.inner, self.check, self.failures = inner, check, failures
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("the SecAgg+ stages only use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("the SecAgg+ stages only use send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        kept = []
+        for msg in self.inner.send_and_receive(messages, timeout=timeout):
+            if not msg.has_error():
+                try:
+                    self.check(msg.metadata.src_node_id, msg.content)
+                except ExcludedReply as err:
+                    log.warning(
+                        "left out the SecAgg+ reply of node %d (%s): %s; its masks are "
+                        "removed as for a site that dropped out",
+                        err.node_id,
+                        err.reason,
+                        err.detail,
+                    )
+                    self.failures.append(err)
+                    continue
+            kept.append(msg)
+        return kept
+
+
+class TimedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with every reply checked before it is used, each
+    stage timed, halts counted in the round's result, and the aggregate's total weight
+    handed to the strategy for checking."""
+
+    def __init__(
+        self, params: SecAggParams, strategy: FedHeadStrategy, on_stage: StageHook | None = None
+    ) -> None:
         super().__init__(
             num_shares=params.num_shares,
             reconstruction_threshold=params.reconstruction_threshold,
@@ -120,6 +192,7 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
             modulus_range=params.modulus_range,
             timeout=params.timeout,
         )
+        self.strategy = strategy
         self.on_stage = on_stage
 
     def _timed(
@@ -129,13 +202,15 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
         grid: Grid,
         context: LegacyContext,
         state: WorkflowState,
+        check: ReplyCheck,
     ) -> bool:
         t0 = time.perf_counter()
-        ok = stage(grid, context, state)
+        ok = stage(_ScreenedGrid(grid, check, state.failures), context, state)
         rnd = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         if self.on_stage:
             self.on_stage(rnd, name, time.perf_counter() - t0)
         if not ok:
+            self.strategy.secure_halted(rnd, name, set(state.active_node_ids), state.failures)
             log.error(
                 "round %d: secure aggregation stopped at stage %s (too few live sites for the "
                 "reconstruction threshold); the global head stays as it was",
@@ -145,10 +220,13 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
         return ok
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._timed(SETUP, super().setup_stage, grid, context, state)
+        return self._timed(SETUP, super().setup_stage, grid, context, state, check_public_keys)
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = self._timed(SHARE_KEYS, super().share_keys_stage, grid, context, state)
+        def check(node: int, content: RecordDict) -> None:
+            check_key_shares(node, content, state.nid_to_neighbours.get(node, set()))
+
+        ok = self._timed(SHARE_KEYS, super().share_keys_stage, grid, context, state, check)
         # Sites that dropped before sharing their keys never entered anyone's masks and
         # left no key shares behind: they are out of the round, not "dead". Flower 1.41
         # keeps them among the sampled sites, so unmasking would ask the others for
@@ -170,10 +248,33 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
     def collect_masked_vectors_stage(
         self, grid: Grid, context: LegacyContext, state: WorkflowState
     ) -> bool:
-        return self._timed(COLLECT, super().collect_masked_vectors_stage, grid, context, state)
+        claims: dict[int, int] = {}
+
+        def check(node: int, content: RecordDict) -> None:
+            cap = self.strategy.train_caps.get(node, 0)
+            trainable = self.strategy.trainable
+            claims[node] = check_masked_vector(node, content, trainable, state.mod_range, cap)
+
+        stage = super().collect_masked_vectors_stage
+        ok = self._timed(COLLECT, stage, grid, context, state, check)
+        rnd = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        summed = [n for n in state.active_node_ids if n in claims]
+        self.strategy.secure_weights[rnd] = SecureWeight(
+            total=sum(
+                quantized_weight(claims[n], self.max_weight, self.quantization_range)
+                for n in summed
+            ),
+            sites=len(summed),
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+        )
+        return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._timed(UNMASK, super().unmask_stage, grid, context, state)
+        def check(node: int, content: RecordDict) -> None:
+            check_unmask_shares(node, content, state.nid_to_neighbours.get(node, set()))
+
+        return self._timed(UNMASK, super().unmask_stage, grid, context, state, check)
 
 
 class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):

@@ -92,4 +92,5 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         max_update_norm=cfg.max_update_norm,
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         uniform_weight=cfg.dp_noise_multiplier > 0,
+        max_site_examples=cfg.max_site_examples,
     )

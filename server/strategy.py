@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from flwr.app import Error
+import numpy as np
+from flwr.app import Error, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -42,10 +44,27 @@ from fedhead.server.aggregation import (
     weighted_mean,
     weighted_metric,
 )
+from fedhead.server.screening import (
+    ExcludedReply,
+    aggregate_has_weight,
+    decode_evaluate,
+    decode_fit,
+)
 
 log = logging.getLogger(__name__)
 
 ServerEvaluate = Callable[[Arrays], tuple[float, float]]  # arrays -> (loss, accuracy)
+
+
+@dataclass(frozen=True)
+class SecureWeight:
+    """What a SecAgg+ round's aggregate must have been divided by: the quantized
+    weights of the sites whose masked vectors were summed, from their reported counts."""
+
+    total: int
+    sites: int
+    clipping_range: float
+    quantization_range: int
 
 
 class _Ready(Criterion):
@@ -86,6 +105,7 @@ class FedHeadStrategy(Strategy):
         secure: bool = False,
         max_update_norm: float = 0.0,
         server_evaluate: ServerEvaluate | None = None,
+        clipping_range: float = 0.0,
     ) -> None:
         super().__init__()
         if trainable.problems(initial):
@@ -107,8 +127,15 @@ class FedHeadStrategy(Strategy):
         self.secure = secure
         self.max_update_norm = max_update_norm
         self.server_evaluate = server_evaluate
+        self.clipping_range = clipping_range  # SecAgg+: no honest mean lies outside it
         self.ready: set[int] = set()
         self.names: dict[int, str] = {}  # node id -> the site's label in logs
+        # What each site may count: its prepare-time example counts, capped by the run's
+        # max-site-examples (1 each under uniform weighting). Sites report their counts
+        # themselves; a claim above these is refused, not believed.
+        self.train_caps: dict[int, int] = {}
+        self.val_caps: dict[int, int] = {}
+        self.secure_weights: dict[int, SecureWeight] = {}
         self.rounds: dict[int, RoundResult] = {}
 
     def __repr__(self) -> str:
@@ -128,13 +155,45 @@ class FedHeadStrategy(Strategy):
 
         A site that is gone leaves either no failure entry (a wait timed out) or an
         error reply the SuperLink wrote for it (node unavailable): both count as
-        dropped. Failed means the site itself answered with an error.
+        dropped. Failed means the site itself answered with an error, or with a reply
+        that was left out as malformed or implausible (``ExcludedReply``).
         """
         st = self.stats(server_round)
         st.sites_replied = len(results)
         st.sites_failed = sum(1 for f in failures if not _unreachable(f))
         st.sites_dropped = max(0, st.sites_selected - st.sites_replied - st.sites_failed)
+        self._note_excluded(server_round, failures)
         return st
+
+    def _note_excluded(self, server_round: int, failures: Sequence[object]) -> None:
+        """Record sites whose replies were left out as malformed or implausible."""
+        st = self.stats(server_round)
+        for f in failures:
+            if isinstance(f, ExcludedReply) and st.rejected_sites.get(str(f.node_id)) != f.reason:
+                st.reject(f.node_id, f.reason)
+
+    def secure_halted(
+        self, server_round: int, stage: str, live: set[int], failures: Sequence[Exception]
+    ) -> None:
+        """SecAgg+ stopped at ``stage``: count who was still live, failed or dropped."""
+        st = self.stats(server_round)
+        st.secagg_halted = stage
+        self._round_start.pop(server_round, None)
+        self.secure_weights.pop(server_round, None)
+        st.sites_replied = len(live)
+        st.sites_failed = sum(1 for f in failures if not _unreachable(f))
+        st.sites_dropped = max(0, st.sites_selected - st.sites_replied - st.sites_failed)
+        self._note_excluded(server_round, failures)
+
+    # --- reading replies -------------------------------------------------------------
+    def set_caps(self, train: dict[int, int], val: dict[int, int]) -> None:
+        self.train_caps, self.val_caps = dict(train), dict(val)
+
+    def decode_fit(self, node_id: int, content: RecordDict) -> FitRes:
+        return decode_fit(node_id, content, self.train_caps.get(node_id, 0), self.trainable)
+
+    def decode_evaluate(self, node_id: int, content: RecordDict) -> EvaluateRes:
+        return decode_evaluate(node_id, content, self.val_caps.get(node_id, 0))
 
     # --- training ------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -206,15 +265,43 @@ class FedHeadStrategy(Strategy):
         st = self.stats(server_round)
         if len(results) < self.min_sites:
             return None
-        aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        raw = parameters_to_ndarrays(results[0][1].parameters)
+        problem = self._secure_problem(server_round, raw)
         aggregate = [
-            a.astype(spec.dtype) for a, spec in zip(aggregate, self.trainable.tensors, strict=False)
+            a.astype(spec.dtype) for a, spec in zip(raw, self.trainable.tensors, strict=False)
         ]
-        problem = check_update(aggregate, self.trainable, self.max_update_norm)
+        if problem is None:
+            problem = check_update(aggregate, self.trainable, self.max_update_norm)
         if problem is not None:
             self._reject(st, server_round, Rejection(0, problem[0], "aggregate: " + problem[1]))
             return None
         return aggregate
+
+    def _secure_problem(self, server_round: int, raw: Arrays) -> tuple[str, str] | None:
+        """What honest sites cannot have produced: a mean outside the clipping range
+        (each site's values are clipped to it) or another total weight than reported."""
+        if self.clipping_range and raw and len(raw) == len(self.trainable.tensors):
+            largest = max(float(np.abs(a).max()) for a in raw if a.size)
+            if not largest <= self.clipping_range * (1 + 1e-6):
+                return (
+                    "range",
+                    f"a mean value of {largest:.4g} lies outside the clipping range "
+                    f"+-{self.clipping_range:g} that every site's values are clipped to",
+                )
+        expected = self.secure_weights.pop(server_round, None)
+        if expected is not None and not aggregate_has_weight(
+            raw,
+            expected.total,
+            expected.sites,
+            expected.clipping_range,
+            expected.quantization_range,
+        ):
+            return (
+                "weight",
+                f"its total weight is not the {expected.total} that the {expected.sites} "
+                "summed sites reported: a site masked another example count than it declared",
+            )
+        return None
 
     def _reject(self, st: RoundResult, server_round: int, r: Rejection) -> None:
         st.reject(r.node_id, r.reason)
@@ -227,7 +314,8 @@ class FedHeadStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
-        return [(site, EvaluateIns(parameters, {})) for site in sites]
+        # Sites evaluate one head per round they trained in (round 0: the initial head).
+        return [(site, EvaluateIns(parameters, {"server_round": server_round})) for site in sites]
 
     def aggregate_evaluate(
         self,
@@ -242,6 +330,7 @@ class FedHeadStrategy(Strategy):
                 server_round,
                 _describe_failure(failure),
             )
+        self._note_excluded(server_round, list(failures))
         counted = [(r.num_examples, r) for _, r in results if r.num_examples > 0]
         if not counted:
             return None, {}

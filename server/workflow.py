@@ -33,6 +33,7 @@ from fedhead.common.errors import FederationError
 from fedhead.common.rounds import RoundResult
 from fedhead.server.aggregation import Arrays
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
+from fedhead.server.screening import ExcludedReply
 from fedhead.server.secure import PrivacyLedger
 from fedhead.server.strategy import FedHeadStrategy
 
@@ -122,12 +123,13 @@ def exchange(
     instructions: list[tuple[ClientProxy, Any]],
     message_type: str,
     encode: Callable[[Any], RecordDict],
-    decode: Callable[[RecordDict], R],
+    decode: Callable[[int, RecordDict], R],
     server_round: int,
     timeout: float,
 ) -> tuple[list[tuple[ClientProxy, R]], list[tuple[ClientProxy, R] | BaseException]]:
     """Send each site its instruction, wait (up to ``timeout``) for the replies, and sort
-    them into results and failures the way Flower's legacy strategies expect."""
+    them into results and failures the way Flower's legacy strategies expect. A reply
+    that ``decode`` refuses (``ExcludedReply``) is that site's failure."""
     proxies = {proxy.node_id: proxy for proxy, _ in instructions}
     out = [
         Message(
@@ -142,11 +144,26 @@ def exchange(
     results: list[tuple[ClientProxy, R]] = []
     failures: list[tuple[ClientProxy, R] | BaseException] = []
     for msg in replies:
+        node = msg.metadata.src_node_id
+        if node not in proxies:
+            continue  # not asked: nothing to count
         if msg.has_error():
             failures.append(Exception(msg.error))  # as Flower's SecAgg+ workflow does
             continue
-        res = decode(msg.content)
-        item = (proxies[msg.metadata.src_node_id], res)
+        try:
+            res = decode(node, msg.content)
+        except ExcludedReply as err:
+            log.warning(
+                "round %d: left out the %s reply of node %d (%s): %s",
+                server_round,
+                message_type,
+                node,
+                err.reason,
+                err.detail,
+            )
+            failures.append(err)
+            continue
+        item = (proxies[node], res)
         (results if res.status.code == Code.OK else failures).append(item)
     if missing := set(proxies) - {m.metadata.src_node_id for m in replies}:
         log.warning(
@@ -159,20 +176,18 @@ def exchange(
     return results, failures
 
 
-_CODECS: dict[str, tuple[Callable[[Any], RecordDict], Callable[[RecordDict], Any]]] = {
-    MessageType.TRAIN: (
-        lambda ins: compat.fitins_to_recorddict(ins, True),
-        lambda rd: compat.recorddict_to_fitres(rd, keep_input=False),
-    ),
-    MessageType.EVALUATE: (
-        lambda ins: compat.evaluateins_to_recorddict(ins, True),
-        compat.recorddict_to_evaluateres,
-    ),
+_ENCODERS: dict[str, Callable[[Any], RecordDict]] = {
+    MessageType.TRAIN: lambda ins: compat.fitins_to_recorddict(ins, True),
+    MessageType.EVALUATE: lambda ins: compat.evaluateins_to_recorddict(ins, True),
 }
 
 
 def _plain_exchange(
-    grid: Grid, ctx: LegacyContext, message_type: str, timeout: float
+    grid: Grid,
+    ctx: LegacyContext,
+    message_type: str,
+    decode: Callable[[int, RecordDict], Any],
+    timeout: float,
 ) -> tuple[int, list[Any], list[Any]] | None:
     """Configure, send and collect one plain (unmasked) step; None if nobody is sampled."""
     rnd = _current_round(ctx)
@@ -184,9 +199,8 @@ def _plain_exchange(
     instructions = configure(rnd, _params(ctx), ctx.client_manager)
     if not instructions:
         return None
-    encode, decode = _CODECS[message_type]
     results, failures = exchange(
-        grid, list(instructions), message_type, encode, decode, rnd, timeout
+        grid, list(instructions), message_type, _ENCODERS[message_type], decode, rnd, timeout
     )
     return rnd, results, failures
 
@@ -196,10 +210,12 @@ class PlainFit:
     """Send FitIns to the sampled sites, collect FitRes (with a timeout), aggregate."""
 
     timeout: float
+    screen: FedHeadStrategy  # reads and checks each reply
 
     def __call__(self, grid: Grid, context: Context) -> None:
         ctx = cast(LegacyContext, context)
-        if (step := _plain_exchange(grid, ctx, MessageType.TRAIN, self.timeout)) is None:
+        step = _plain_exchange(grid, ctx, MessageType.TRAIN, self.screen.decode_fit, self.timeout)
+        if step is None:
             return
         rnd, results, failures = step
         params, metrics = ctx.strategy.aggregate_fit(rnd, results, failures)
@@ -215,10 +231,13 @@ class PlainEvaluate:
     """Federated evaluation on the sites' validation splits (with a timeout)."""
 
     timeout: float
+    screen: FedHeadStrategy  # reads and checks each reply
 
     def __call__(self, grid: Grid, context: Context) -> None:
         ctx = cast(LegacyContext, context)
-        if (step := _plain_exchange(grid, ctx, MessageType.EVALUATE, self.timeout)) is None:
+        decode = self.screen.decode_evaluate
+        step = _plain_exchange(grid, ctx, MessageType.EVALUATE, decode, self.timeout)
+        if step is None:
             return
         rnd, results, failures = step
         loss, metrics = ctx.strategy.aggregate_evaluate(rnd, results, failures)

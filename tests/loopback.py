@@ -34,10 +34,19 @@ def transmit(msg: Message) -> Message:
     return copy
 
 
+AppCallable = Callable[[Message, Context], Message]
+
+
 class LoopbackGrid(Grid):
-    def __init__(self, client_app: ClientApp, node_configs: dict[int, dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: dict[int, dict[str, Any]],
+        node_apps: dict[int, AppCallable] | None = None,
+    ) -> None:
         set_task_identity()
         self.app = client_app
+        self.node_apps = dict(node_apps or {})  # nodes that run another app (an attacker's)
         self.contexts = {
             nid: Context(RUN_ID, nid, node_config=cfg, state=RecordDict(), run_config={})
             for nid, cfg in node_configs.items()
@@ -81,7 +90,8 @@ class LoopbackGrid(Grid):
                 self.before_delivery(node, msg)
             if node in self.dead:
                 continue  # a dead node never answers; the caller's timeout ends the wait
-            reply = self.app(transmit(msg), self.contexts[node])
+            app = self.node_apps.get(node, self.app)
+            reply = app(transmit(msg), self.contexts[node])
             self.replies.append(transmit(reply))  # the caller may consume its copy
             replies.append(transmit(reply))
         return replies

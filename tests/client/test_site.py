@@ -111,7 +111,7 @@ def _train_msg(
 ) -> Message:
     set_task_identity()
     settings = FitSettings(
-        1, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, "fp", max_norm, clipping_range, False
+        1, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, "fp", max_norm, clipping_range, False, 1000
     )
     fitins = FitIns(ndarrays_to_parameters(arrays), settings.to_config())
     content = compat.fitins_to_recorddict(fitins, True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from flwr.common import parameters_to_ndarrays
 from fedhead.client.app import app as client_app
 from fedhead.client.site import Site
 from fedhead.common.config import RunConfig
-from fedhead.common.errors import ConfigError
+from fedhead.common.errors import ConfigError, FederationError
 from fedhead.server.secure import secagg_params
 from fedhead.server.strategy import FedHeadStrategy
 from tests.loopback import LoopbackGrid
@@ -120,9 +121,9 @@ def test_an_update_beyond_the_norm_bound_is_refused_by_the_site(offline_world: P
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
     # an absurdly high learning rate makes honest sites produce huge updates: they
     # refuse to send them (checked before masking), so no round can aggregate
-    report = _run(
-        grid, tmp, **{"learning-rate": 1000.0, "max-update-norm": 1.0, "num-server-rounds": 1}
-    )
+    with pytest.raises(FederationError, match="no round produced a new global head"):
+        _run(grid, tmp, **{"learning-rate": 1000.0, "max-update-norm": 1.0, "num-server-rounds": 1})
+    report = json.loads((tmp / "out" / "report.json").read_text())  # written all the same
     assert not report["rounds"][0]["aggregated"]
     errors = [r for r in grid.replies if r.has_error()]
     assert errors and all("FederationError" in (r.error.reason or "") for r in errors)

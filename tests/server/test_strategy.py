@@ -18,7 +18,9 @@ from fedhead.common.protocol import FitSettings
 from fedhead.server.strategy import FedHeadStrategy
 
 TS = TrainableSet((TensorSpec("head.w", (2, 2), "float32"), TensorSpec("head.b", (2,), "float32")))
-SETTINGS = FitSettings(0, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, TS.fingerprint(), 0.0, 0.0, False)
+SETTINGS = FitSettings(
+    0, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, TS.fingerprint(), 0.0, 0.0, False, 1000
+)
 
 
 class Proxy(ClientProxy):

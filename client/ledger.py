@@ -1,0 +1,93 @@
+"""Which heads a site agrees to evaluate: the server must not probe its data.
+
+Evaluating a head the server chose freely tells the server how that head does on the
+site's validation images; a crafted head ("always class k") reveals how many images of
+class k the site holds. A site therefore evaluates at most one head per round, only for
+a round it has trained in (or round 0, before any training), and keeps the sha256 of the
+head it evaluated: the next round's training must start from that very head, else the
+site stops. The ledger lives in the node's state, which outlives single messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from fedhead.common.errors import FederationError
+
+RECORD_LEDGER = "fedhead.ledger"  # ConfigRecord in the node's state
+NONE = -1
+
+
+def head_digest(arrays: Sequence[np.ndarray]) -> str:
+    """sha256 over the tensors' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for arr in arrays:
+        a = np.ascontiguousarray(arr)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class HeadLedger:
+    trained_round: int = NONE  # the last round this site trained in
+    evaluated_round: int = NONE  # the last round whose head it evaluated
+    evaluated_sha: str = ""  # ... and that head's digest
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord | None) -> HeadLedger:
+        if record is None:
+            return cls()
+        return cls(
+            int(record["trained_round"]),  # type: ignore[arg-type]
+            int(record["evaluated_round"]),  # type: ignore[arg-type]
+            str(record["evaluated_sha"]),
+        )
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "trained_round": self.trained_round,
+                "evaluated_round": self.evaluated_round,
+                "evaluated_sha": self.evaluated_sha,
+            }
+        )
+
+    def start_training(self, server_round: int, digest: str) -> None:
+        """Training in ``server_round`` from the head with ``digest``."""
+        if server_round <= self.trained_round:
+            raise FederationError(
+                f"the server asks for round {server_round} after round {self.trained_round}",
+                "rounds only go forward; check the server",
+            )
+        if self.evaluated_round == server_round - 1 and digest != self.evaluated_sha:
+            raise FederationError(
+                f"the head sent for round {server_round} is not the one this site evaluated "
+                f"for round {self.evaluated_round}; refusing to go on",
+                "the server may be probing this site's data: tell its operator",
+            )
+        self.trained_round = server_round
+
+    def start_evaluation(self, server_round: int, digest: str) -> None:
+        """Evaluating the head with ``digest`` for ``server_round``, if allowed."""
+        if server_round <= self.evaluated_round:
+            raise FederationError(
+                f"round {server_round} was already evaluated on this site",
+                "a site evaluates one head per round",
+            )
+        if server_round == 0 and self.trained_round != NONE:
+            raise FederationError(
+                "an initial-head evaluation after training started",
+                "a site evaluates only heads it trains from",
+            )
+        if server_round > 0 and not 0 < server_round <= self.trained_round:
+            raise FederationError(
+                f"an evaluation for round {server_round}, a round this site did not train in",
+                "a site evaluates only the heads of rounds it took part in",
+            )
+        self.evaluated_round, self.evaluated_sha = server_round, digest

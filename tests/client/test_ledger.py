@@ -1,0 +1,54 @@
+"""A site evaluates only heads it trains from: the server cannot probe its data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhead.client.ledger import HeadLedger, head_digest
+from fedhead.common.errors import FederationError
+
+HEAD = [np.zeros((2, 4), np.float32), np.zeros(2, np.float32)]
+NEXT = [np.ones((2, 4), np.float32), np.zeros(2, np.float32)]
+PROBE = [np.eye(2, 4, dtype=np.float32), np.array([9.0, -9.0], np.float32)]
+
+
+def test_digest_sees_values_shapes_and_dtypes() -> None:
+    assert head_digest(HEAD) == head_digest([a.copy() for a in HEAD])
+    assert head_digest(HEAD) != head_digest(NEXT)
+    assert head_digest(HEAD) != head_digest([a.astype(np.float64) for a in HEAD])
+    assert head_digest(HEAD) != head_digest([HEAD[0].reshape(4, 2), HEAD[1]])
+
+
+def test_an_honest_run_is_accepted_and_survives_the_node_state() -> None:
+    ledger = HeadLedger()
+    ledger.start_evaluation(0, head_digest(HEAD))  # the initial head
+    for rnd, (start, end) in enumerate([(HEAD, NEXT), (NEXT, PROBE)], start=1):
+        ledger = HeadLedger.from_record(ledger.to_record())  # a fresh process per message
+        ledger.start_training(rnd, head_digest(start))
+        ledger.start_evaluation(rnd, head_digest(end))
+
+
+@pytest.mark.parametrize(
+    ("steps", "match"),
+    [
+        ([("eval", 0, HEAD), ("eval", 0, PROBE)], "already evaluated"),
+        ([("train", 1, HEAD), ("eval", 0, PROBE)], "already|after training started"),
+        ([("eval", 1, PROBE)], "did not train in"),
+        ([("train", 1, HEAD), ("eval", 1, NEXT), ("eval", 2, PROBE)], "did not train in"),
+        ([("train", 1, HEAD), ("eval", 1, PROBE), ("train", 2, NEXT)], "not the one this site"),
+        ([("eval", 0, PROBE), ("train", 1, HEAD)], "not the one this site"),
+        ([("train", 2, HEAD), ("train", 1, HEAD)], "rounds only go forward"),
+    ],
+    ids=["twice", "initial-late", "untrained", "ahead", "probe-then-train", "probe-0", "back"],
+)
+def test_a_probing_server_is_refused_or_caught(
+    steps: list[tuple[str, int, list[np.ndarray]]], match: str
+) -> None:
+    ledger = HeadLedger()
+    with pytest.raises(FederationError, match=match):
+        for kind, rnd, head in steps:
+            if kind == "eval":
+                ledger.start_evaluation(rnd, head_digest(head))
+            else:
+                ledger.start_training(rnd, head_digest(head))

@@ -1,0 +1,114 @@
+"""Malicious sites for tests: fedhead's real ClientApp with extra Flower mods of their own.
+
+``malicious_app(outer=..., inner=...)`` registers the real handlers of
+``fedhead.client.app`` on a new ClientApp. ``outer`` mods wrap everything (they rewrite
+the reply that leaves the site, after masking); ``inner`` mods sit just inside Flower's
+SecAgg+ client mod, so what they change is what the site masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+
+from fedhead.client import app as real
+from fedhead.client.mods import (
+    audit_mod,
+    delta_mod,
+    dp_clip_mod,
+    errors_mod,
+    metrics_mod,
+    secagg_mod,
+    update_check_mod,
+)
+from fedhead.common.protocol import RECORD_PREPARE
+
+
+def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  # type: ignore[assignment]
+    app = ClientApp(mods=[*outer, audit_mod, metrics_mod, errors_mod])
+    app.train(mods=[secagg_mod, *inner, update_check_mod, delta_mod, dp_clip_mod])(real.train)
+    app.evaluate()(real.evaluate)
+    app.query("prepare")(real.prepare)
+    app.query("weights")(real.weights)
+    return app
+
+
+def _rewrite(kind: str, change: Callable[[Message], None]) -> Mod:
+    """A mod that lets ``change`` rewrite successful replies to messages of ``kind``."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        if reply.has_error() or msg.metadata.message_type != kind:
+            return reply
+        change(reply)
+        return reply
+
+    return mod
+
+
+def empty_reply(kind: str) -> Mod:
+    """Answer every ``kind`` message with an empty record."""
+
+    def change(reply: Message) -> None:
+        reply.content = RecordDict()
+
+    return _rewrite(kind, change)
+
+
+def prepare_claims(train_examples: int) -> Mod:
+    """Declare ``train_examples`` training images when the run starts."""
+
+    def change(reply: Message) -> None:
+        reply.content.config_records[RECORD_PREPARE]["train_examples"] = train_examples
+
+    return _rewrite("query.prepare", change)
+
+
+def fit_claims(num_examples: int) -> Mod:
+    """Claim ``num_examples`` in every training reply (inner: also what gets masked)."""
+
+    def change(reply: Message) -> None:
+        if "fitres.num_examples" in reply.content.metric_records:  # not in key exchanges
+            reply.content.metric_records["fitres.num_examples"]["num_examples"] = num_examples
+
+    return _rewrite(MessageType.TRAIN, change)
+
+
+def evaluation_claims(accuracy: float, num_examples: int | None = None) -> Mod:
+    """Report ``accuracy`` (and optionally ``num_examples``) whatever the head does."""
+
+    def change(reply: Message) -> None:
+        res = compat.recorddict_to_evaluateres(reply.content)
+        res.metrics["accuracy"] = accuracy
+        if num_examples is not None:
+            res.num_examples = num_examples
+        reply.content = compat.evaluateres_to_recorddict(res)
+
+    return _rewrite(MessageType.EVALUATE, change)
+
+
+def masked_vector(change: Callable[[list[np.ndarray]], list[np.ndarray] | None]) -> Mod:
+    """Rewrite the masked vector a SecAgg+ site sends (None: remove it)."""
+
+    def rewrite(reply: Message) -> None:
+        rec = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if rec is None or Key.MASKED_PARAMETERS not in rec:
+            return
+        arrays = [bytes_to_ndarray(b) for b in rec[Key.MASKED_PARAMETERS]]  # type: ignore[arg-type, union-attr]
+        new = change(arrays)
+        values = dict(rec)
+        if new is None:
+            del values[Key.MASKED_PARAMETERS]
+        else:
+            values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in new]
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+
+    return _rewrite(MessageType.TRAIN, rewrite)
