@@ -57,15 +57,16 @@ def test_health_fails_in_one_line_naming_what_is_down(server: int) -> None:
 def test_demo_split_writes_one_readable_npz_per_site(tmp_path: Path) -> None:
     result = fedhead("data", "demo-split", "--out", str(tmp_path), "--sites", "a,b,c")
     assert result.returncode == 0, result.stderr
-    train_total = 0
+    total = 0
     for site in "abc":
         data = load_site_data(tmp_path / site / "data.npz", list(demo_data.CLASSES), 0.15, 0)
         assert len(data.train) > 0 and len(data.val) > 0
-        train_total += len(data.train)
+        total += len(data.train) + len(data.val)
         with np.load(tmp_path / site / "data.npz") as npz:
             assert list(npz["class_names"]) == list(demo_data.CLASSES)
-    # the sites share the demo train split between them, nothing twice
-    assert train_total == len(demo_data.load("train").labels)
+    # the sites share the demo train split between them (training and validation parts),
+    # nothing twice; the test split stays with nobody
+    assert total == len(demo_data.load("train").labels)
 
 
 def test_demo_split_never_overwrites_and_checks_names(tmp_path: Path) -> None:
