@@ -7,11 +7,17 @@ Handlers:
 - ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes.
 
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
+
+A SuperNode starts one process per message, and most messages of a SecAgg+ round
+(key setup, key sharing, unmasking) need no tensor maths: importing this module
+imports neither torch nor the site's model code; handlers that train or evaluate
+import ``fedhead.client.site`` when they run.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -27,11 +33,13 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
-from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import RECORD_PREPARE, RECORD_RUN, RECORD_WEIGHTS, FitSettings, RunSpec
+
+if TYPE_CHECKING:
+    from fedhead.client.site import Site
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
 
 
 def _site(context: Context, spec: RunSpec | None = None) -> Site:
+    from fedhead.client.site import Site  # torch: only for messages that need a site
+
     key = (context.run_id, context.node_id)
     if spec is None:
         if key in _SITES:
