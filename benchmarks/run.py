@@ -15,6 +15,10 @@
    round, peak memory (PSS of the process tree), and their growth between sizes.
 6. accuracy_ratio_<split>: federated final accuracy divided by the same head trained
    centrally on the pooled data, IID and non-IID (Dirichlet alpha 0.3).
+7. deployment_*: a real SuperLink and 3 SuperNodes on 127.0.0.1 under SecAgg+, seconds
+   per round divided by the same sites in the Simulation Engine and by Flower's floor
+   (a no-op app sending the same messages through the same processes); with the
+   per-stage and per-message costs behind it (benchmarks/deployment.py).
 """
 
 from __future__ import annotations
@@ -436,6 +440,60 @@ def bench_accuracy(res: Results, rounds: int) -> None:
         )
 
 
+def bench_deploy(res: Results, rounds: int, n_train: int, sites: int = 3) -> None:
+    import deployment
+
+    m = deployment.measure(simulate, sites, rounds, n_train)
+    st, c = m["stages"], m["costs"]
+    setup = (
+        f"{sites} sites on {os.cpu_count()} cores ({m['threads']} thread(s) each), SecAgg+, "
+        f"64 px, {n_train} training images per site, mean of rounds 2-{rounds}"
+    )
+    res.add(
+        Figure(
+            "deployment_round_vs_floor",
+            m["fedhead"] / m["floor"],
+            "<= 1.5",
+            f"{setup}: fedhead {m['fedhead']:.2f} s per round, Flower's floor (no-op apps, "
+            f"the same messages, the same SuperLink and SuperNodes) {m['floor']:.2f} s",
+        )
+    )
+    res.add(
+        Figure(
+            "deployment_round_vs_simulated",
+            m["fedhead"] / m["simulated"],
+            "(as low as the design allows)",
+            f"{setup}: real SuperLink and SuperNodes {m['fedhead']:.2f} s per round, "
+            f"the same sites in the Simulation Engine {m['simulated']:.2f} s",
+        )
+    )
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in st.items())
+    res.add(
+        Figure(
+            "deployment_round_seconds",
+            m["fedhead"],
+            "(measured)",
+            f"server's view of a round by stage: {stages}",
+        )
+    )
+    res.add(
+        Figure(
+            "deployment_site_message_seconds",
+            c["process_start"] + c["flower_imports"] + c["fedhead_app_imports"],
+            "(measured)",
+            "what every per-message ClientApp process pays before its handler: process "
+            f"start {c['process_start']:.2f} s, Flower's imports {c['flower_imports']:.2f} s, "
+            f"fedhead's ClientApp imports {c['fedhead_app_imports']:.2f} s (no torch); the "
+            f"train and evaluate messages add torch and the site code "
+            f"{c['torch_site_imports']:.2f} s and the head's build {c['head_build']:.3f} s; "
+            f"train adds torch.optim's first use {c['optimizer_first_use']:.2f} s (it imports "
+            f"torch._dynamo) and training on cached features (optimizer included) "
+            f"{m['train']:.2f} s; the full model build, needed only to extract missing "
+            f"features, would add {c['full_model_build']:.2f} s",
+        )
+    )
+
+
 # --- report ------------------------------------------------------------------------
 NOTES = [
     "## Notes",
@@ -464,6 +522,17 @@ NOTES = [
     "profile of the driver at 500 sites spends most of its time in "
     "`InMemoryGrid.send_and_receive` polling, Ray's result fetching and the in-memory "
     "LinkState's message scans, not in fedhead's code.",
+    "- **Deployment** starts `fedhead superlink --insecure` and three `fedhead node "
+    "--insecure --allow-unsigned-apps --threads N` processes on 127.0.0.1 (N = the cores "
+    "split between the sites); through them run Flower's floor (`benchmarks/floor`: no-op"
+    " apps, no torch, sending the same messages: the four SecAgg+ stages over a head-"
+    "sized vector and an evaluate), fedhead under SecAgg+, and the floor again; the same "
+    "sites then run in the Simulation Engine. A SuperNode starts one ClientApp process "
+    "per message, five per site per round; of those only the train (masked vectors) and "
+    "evaluate messages import torch, and with the features cached no trunk is built. What"
+    " is left above the floor is torch's import in those two messages and torch.optim's "
+    "first use, which imports torch._dynamo. The per-message costs are medians of fresh "
+    "processes timed in the same run.",
     "- **Accuracy** runs the demo's federation (3 sites, the bundled chest X-rays, "
     "MobileNetV2 head at 128 px) and the same head trained centrally with the same "
     "schedule, both evaluated on the bundled test split.",
@@ -508,14 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes)")
     parser.add_argument(
-        "--only", help="comma-separated subset: cache,bytes,throughput,secagg,scale,accuracy"
+        "--only",
+        help="comma-separated subset: cache,bytes,throughput,secagg,scale,accuracy,deploy",
     )
     parser.add_argument("--write", help="markdown file to write (full runs: BENCHMARKS.md)")
     args = parser.parse_args(argv)
     q = args.quick
     res = Results(quick=q, notes=NOTES)
     t0 = time.perf_counter()
-    chosen = set((args.only or "cache,bytes,throughput,secagg,scale,accuracy").split(","))
+    every = "cache,bytes,throughput,secagg,scale,accuracy,deploy"
+    chosen = set((args.only or every).split(","))
     if "cache" in chosen:
         bench_cache(res, [96, 224], {96: 128, 224: 32} if q else {96: 512, 224: 128})
     if "bytes" in chosen:
@@ -528,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_scale(res, [20, 50] if q else [100, 500], 1 if q else 2)
     if "accuracy" in chosen:
         bench_accuracy(res, 5 if q else 10)
+    if "deploy" in chosen:
+        bench_deploy(res, 3 if q else 4, 60 if q else 120)
     seconds = time.perf_counter() - t0
     target = args.write or (None if q else str(REPO / "BENCHMARKS.md"))
     if target:

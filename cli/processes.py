@@ -130,6 +130,10 @@ def _node(args: argparse.Namespace) -> int:
             raise ConfigError([f"--{key}: must be >= {lowest}, got {number}"])
         if number is not None:
             node_config += f" {key}={number}"
+    threads = (os.cpu_count() or 1) if args.threads is None else args.threads
+    if threads < 1:
+        raise ConfigError([f"--threads: must be >= 1, got {threads}"])
+    node_config += f" threads={threads}"
     if args.max_image_pixels is not None:
         if args.max_image_pixels <= 0:
             raise ConfigError([f"--max-image-pixels: must be > 0 (got {args.max_image_pixels})"])
@@ -364,6 +368,12 @@ def add_parser(sub: Subparsers) -> None:
         type=int,
         help="images with more pixels are refused unread and counted as unreadable "
         f"({DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    n.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads this site's training may use (default: every core); nodes "
+        "sharing a machine should split its cores between them",
     )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")

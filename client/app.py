@@ -9,11 +9,17 @@ Handlers:
   heads the site agrees to evaluate (``client.ledger``).
 
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
+
+A SuperNode starts one process per message, and most messages of a SecAgg+ round
+(key setup, key sharing, unmasking) need no tensor maths: importing this module
+imports neither torch nor the site's model code; handlers that train or evaluate
+import ``fedhead.client.site`` when they run.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -30,7 +36,6 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
-from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
 from fedhead.common.logs import setup_logging
@@ -47,6 +52,9 @@ from fedhead.common.protocol import (
     RunSpec,
 )
 
+if TYPE_CHECKING:
+    from fedhead.client.site import Site
+
 log = logging.getLogger(__name__)
 
 # Sites live across messages within one process (the Simulation Engine reuses its
@@ -60,6 +68,8 @@ app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
 
 
 def _site(context: Context, spec: RunSpec | None = None) -> Site:
+    from fedhead.client.site import Site  # torch: only for messages that need a site
+
     key = (context.run_id, context.node_id)
     if spec is None:
         if key in _SITES:

@@ -42,7 +42,7 @@ from fedhead.common.images import (
     LabeledImages,
     SubsetImages,
 )
-from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
+from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_filename
 from fedhead.common.protocol import (
     PROTOCOL_VERSION,
     WEIGHTS_MISMATCH,
@@ -97,12 +97,12 @@ def check_run_spec(spec: RunSpec) -> None:
         problems.append(f"backbone {spec.backbone[:64]!r} is unknown here (known: {known})")
     elif sha_ok:
         backbone = get_spec(spec.backbone)
-        expected = weights_ref(backbone, spec.weights_sha256 if spec.custom_weights else "")
-        if spec.weights_file != expected.filename:
+        expected = weights_filename(backbone, spec.weights_sha256 if spec.custom_weights else "")
+        if spec.weights_file != expected:
             what = "a custom checkpoint of " if spec.custom_weights else ""
             problems.append(
                 f"weights_file {spec.weights_file[:128]!r} is not the file name of "
-                f"{what}{backbone.name} ({expected.filename})"
+                f"{what}{backbone.name} ({expected})"
             )
         if not spec.custom_weights and spec.weights_sha256 != backbone.sha256:
             problems.append(
@@ -140,6 +140,8 @@ class Site:
         self.cache_dir = (
             Path(node.cache_dir).expanduser() if node.cache_dir else fedhead_cache_dir()
         )
+        if node.threads:
+            torch.set_num_threads(node.threads)  # co-located sites share the cores
         self.device: Device = select_device(node.device)
         self.ref = WeightsRef(
             filename=spec.weights_file,
@@ -150,6 +152,7 @@ class Site:
         self._cache: FeatureCache | None = None
         self._data: SiteData | None = None
         self._model: FedHeadModel | None = None
+        self._head: FedHeadModel | None = None
         self._trainable: TrainableSet | None = None
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor, ExtractionStats]] = {}
 
@@ -225,32 +228,50 @@ class Site:
         return HashMemo(self.cache.lookup_hash, self.cache.store_hash)
 
     def model(self) -> FedHeadModel:
+        """The full model: the backbone loaded from its verified file, and the head."""
         if self._model is None:
             path = find_weights(self.ref, default_search_dirs(self.cache_dir))
             model, trainable = _shared_model(self.spec, path, self.device.kind)
-            if trainable.fingerprint() != self.spec.trainable_fingerprint:
-                raise ModelMismatchError(
-                    "this site's model has other trainable tensors than the server's "
-                    f"({len(trainable.tensors)} tensors, {trainable.num_params} parameters)",
-                    "server and site must run the same fedhead version",
-                )
-            self._model, self._trainable = model, trainable
+            self._check(trainable)
+            self._model = model
         return self._model
+
+    def trained_model(self) -> FedHeadModel:
+        """What trains and evaluates: without unfrozen blocks the head alone, since
+        features come from the cache (the trunk is built only to extract missing ones)."""
+        if self.spec.unfreeze_blocks:
+            return self.model()
+        if self._head is None:
+            head = FedHeadModel.for_run(get_spec(self.spec.backbone), None, self.spec)
+            self._check(TrainableSet.of(head))
+            self._head = head
+        return self._head
+
+    def _check(self, trainable: TrainableSet) -> None:
+        if trainable.fingerprint() != self.spec.trainable_fingerprint:
+            raise ModelMismatchError(
+                "this site's model has other trainable tensors than the server's "
+                f"({len(trainable.tensors)} tensors, {trainable.num_params} parameters)",
+                "server and site must run the same fedhead version",
+            )
+        self._trainable = trainable
 
     @property
     def trainable(self) -> TrainableSet:
-        self.model()
+        self.trained_model()
         assert self._trainable is not None
         return self._trainable
 
     def _extractor(self) -> FeatureExtractor:
         spec = get_spec(self.spec.backbone)
+        model = self.trained_model()
         return FeatureExtractor(
-            self.model(),
+            model,
             spec.preprocessor(self.spec.input_size),
             self.device,
             self.spec.weights_sha256,
             self.cache,
+            trunk=None if model.has_trunk else self.model,
         )
 
     def _extract(self, extractor: FeatureExtractor, images: ImageSource, part: str) -> Features:
@@ -312,7 +333,7 @@ class Site:
     def train(self, arrays: list[np.ndarray], settings: FitSettings) -> TrainOutcome:
         if settings.trainable_fingerprint != self.spec.trainable_fingerprint:
             raise ModelMismatchError("round settings name another trainable set than the run")
-        model = self.model()
+        model = self.trained_model()
         self.trainable.set(model, arrays)
         feats, labels, stats = self.features("train")
         if len(labels) == 0:
@@ -413,7 +434,7 @@ class Site:
         return dest, sha
 
     def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
-        model = self.model()
+        model = self.trained_model()
         self.trainable.set(model, arrays)
         feats, labels, _ = self.features("val")
         return evaluate_head(model, feats, labels, self.device)

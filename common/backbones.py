@@ -5,17 +5,22 @@ enum it uses (that enum carries the download URL and file name), the full sha256
 the weights file, where the trunk ends and the original classifier begins, the feature
 width, the default input size and the normalisation. ``trunk_blocks`` cuts the trunk
 into a sequence of blocks so the last K can be unfrozen and the rest cached.
+
+torchvision is imported only where an architecture is built or a download URL is
+needed: a site that trains a head on cached features never imports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-from torchvision import models as tvm
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 from fedhead.common.errors import UnknownBackboneError
 from fedhead.common.images import Preprocessor
@@ -39,6 +44,7 @@ class BackboneSpec:
     name: str
     architecture: str  # torchvision builder, e.g. "mobilenet_v2"
     weights_enum: str  # torchvision Weights member, e.g. "MobileNet_V2_Weights.IMAGENET1K_V1"
+    weights_file: str  # the file name in that member's URL (a test checks they agree)
     sha256: str  # full hex digest of the weights file
     head_module: str  # attribute of the torchvision model holding the ImageNet classifier
     feature_dim: int
@@ -50,15 +56,15 @@ class BackboneSpec:
 
     @property
     def url(self) -> str:
-        return cast(str, tvm.get_weight(self.weights_enum).url)
+        from torchvision import models
 
-    @property
-    def weights_file(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return cast(str, models.get_weight(self.weights_enum).url)
 
     def build(self) -> nn.Module:
         """The torchvision architecture with random weights (load a state dict next)."""
-        return cast(nn.Module, tvm.get_model(self.architecture, weights=None))
+        from torchvision import models
+
+        return cast(nn.Module, models.get_model(self.architecture, weights=None))
 
     def preprocessor(self, input_size: int = 0) -> Preprocessor:
         """The image preprocessing these weights expect (as torchvision's
@@ -113,13 +119,13 @@ def _split_features(model: nn.Module) -> TrunkBlocks:
 
 
 def _split_resnet(model: nn.Module) -> TrunkBlocks:
-    r = cast(tvm.ResNet, model)
+    r = cast("tvm.ResNet", model)
     stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)
     return TrunkBlocks(blocks=[stem, r.layer1, r.layer2, r.layer3, r.layer4], pool=_Flatten2dPool())
 
 
 def _split_vit(model: nn.Module) -> TrunkBlocks:
-    vit = cast(tvm.VisionTransformer, model)
+    vit = cast("tvm.VisionTransformer", model)
     layers = list(cast(nn.Sequential, vit.encoder.layers))
     return TrunkBlocks(blocks=[_VitStem(vit), *layers], pool=_VitPool(vit.encoder.ln))
 
@@ -167,6 +173,7 @@ register(
         name="mobilenet_v2",
         architecture="mobilenet_v2",
         weights_enum="MobileNet_V2_Weights.IMAGENET1K_V1",
+        weights_file="mobilenet_v2-b0353104.pth",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         head_module="classifier",
         feature_dim=1280,
@@ -183,6 +190,7 @@ register(
         name="resnet18",
         architecture="resnet18",
         weights_enum="ResNet18_Weights.IMAGENET1K_V1",
+        weights_file="resnet18-f37072fd.pth",
         sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
         head_module="fc",
         feature_dim=512,
@@ -195,6 +203,7 @@ register(
         name="resnet50",
         architecture="resnet50",
         weights_enum="ResNet50_Weights.IMAGENET1K_V2",
+        weights_file="resnet50-11ad3fa6.pth",
         sha256="11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
         head_module="fc",
         feature_dim=2048,
@@ -207,6 +216,7 @@ register(
         name="efficientnet_b0",
         architecture="efficientnet_b0",
         weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1",
+        weights_file="efficientnet_b0_rwightman-7f5810bc.pth",
         sha256="7f5810bc96def8f7552d5b7e68d53c4786f81167d28291b21c0d90e1fca14934",
         head_module="classifier",
         feature_dim=1280,
@@ -219,6 +229,7 @@ register(
         name="vit_b_16",
         architecture="vit_b_16",
         weights_enum="ViT_B_16_Weights.IMAGENET1K_V1",
+        weights_file="vit_b_16-c867db91.pth",
         sha256="c867db91d3e12c6cbadabb610d73c24a546bf82d8c03a9fea34f43a712ddb0e9",
         head_module="heads",
         feature_dim=768,

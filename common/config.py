@@ -323,6 +323,12 @@ class NodeConfig(_Config):
         positive,
         "images with more pixels are refused unread and counted as unreadable",
     )
+    threads: int = opt(
+        0,
+        non_negative,
+        "CPU threads torch may use for this site's training (0 = torch's default); "
+        "sites sharing a machine each get their share",
+    )
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")
     num_partitions: int = opt(0, doc="simulation only")

@@ -20,7 +20,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +249,7 @@ class FeatureExtractor:
         batch_size: int = 64,
         progress: bool = False,
         workers: int | None = None,
+        trunk: Callable[[], FedHeadModel] | None = None,
     ) -> None:
         self.model = model
         self.preprocess = preprocess
@@ -258,11 +259,25 @@ class FeatureExtractor:
         self.progress = progress
         self.workers = default_workers(device) if workers is None else workers
         self.namespace = cache_namespace(backbone_sha256, preprocess, model.unfreeze_blocks)
-        self.model.frozen.to(device.torch_device)
-        self.model.pool.to(device.torch_device)
         self.channels_last = device.kind == "cuda"
+        self._trunk = trunk
+        if trunk is None:
+            self._place(model)
+
+    def _place(self, model: FedHeadModel) -> None:
+        model.frozen.to(self.device.torch_device)
+        model.pool.to(self.device.torch_device)
         if self.channels_last:
-            self.model.frozen.to(memory_format=torch.channels_last)
+            model.frozen.to(memory_format=torch.channels_last)
+
+    def _trunk_model(self) -> FedHeadModel:
+        """The model that extracts: ``model``, or ``trunk()`` built at the first cache miss
+        (``model`` may then be the head alone: cached features need no trunk)."""
+        if self._trunk is not None:
+            self.model = self._trunk()
+            self._trunk = None
+            self._place(self.model)
+        return self.model
 
     def __call__(self, images: ImageSource) -> Features:
         stats = ExtractionStats(images=len(images))
@@ -344,12 +359,13 @@ class FeatureExtractor:
             mininterval=0.5 if sys.stderr.isatty() else 10.0,
         )
         t0 = time.perf_counter()
+        model = self._trunk_model()
         for positions, batch in self._batches(images, indices, stats):
             x = batch.to(dev, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), self.device.autocast():
-                z = self.model.extract(x)
+                z = model.extract(x)
             # Stored as float16: round fresh features the same way, so a run that
             # extracts and a run that reads the cache train on identical values.
             z_np = z.float().cpu().numpy().astype(np.float16)

@@ -24,11 +24,16 @@ from fedhead.common.errors import ModelMismatchError, WeightsError
 from fedhead.common.weights import WeightsRef
 
 
+def weights_filename(spec: BackboneSpec, custom_sha256: str = "") -> str:
+    """The name of the weights file a run uses (without importing torchvision)."""
+    return f"{spec.name}-custom-{custom_sha256[:16]}.pth" if custom_sha256 else spec.weights_file
+
+
 def weights_ref(spec: BackboneSpec, custom_sha256: str = "") -> WeightsRef:
     """The weights file a run uses: the registered ImageNet file or a custom checkpoint."""
     if custom_sha256:
         return WeightsRef(
-            filename=f"{spec.name}-custom-{custom_sha256[:16]}.pth",
+            filename=weights_filename(spec, custom_sha256),
             sha256=custom_sha256,
             label=f"custom {spec.name} checkpoint",
             install_hint="give the checkpoint's path in backbone-weights",
@@ -109,6 +114,8 @@ class ModelSettings(Protocol):
 class FedHeadModel(nn.Module):
     """``frozen`` blocks (cacheable), ``tuned`` last blocks, frozen ``pool``, trainable ``head``.
 
+    Built without a backbone it holds the head only (no trunk to extract with).
+
     ``extract(x)`` runs the cacheable part: the frozen blocks, plus the pool when no
     block is unfrozen (then it yields the feature vector). ``forward_from_features``
     runs the rest. BatchNorm statistics stay frozen everywhere, also in tuned blocks,
@@ -118,7 +125,7 @@ class FedHeadModel(nn.Module):
     def __init__(
         self,
         spec: BackboneSpec,
-        backbone: nn.Module,
+        backbone: nn.Module | None,
         num_classes: int,
         head: str = "linear",
         hidden: int = 256,
@@ -126,18 +133,25 @@ class FedHeadModel(nn.Module):
         unfreeze_blocks: int = 0,
     ) -> None:
         super().__init__()
-        split = spec.trunk_blocks(backbone)
-        if not 0 <= unfreeze_blocks < len(split.blocks):
-            raise ValueError(
-                f"unfreeze_blocks={unfreeze_blocks}: {spec.name} has "
-                f"{len(split.blocks)} trunk blocks, choose 0..{len(split.blocks) - 1}"
-            )
-        cut = len(split.blocks) - unfreeze_blocks
         self.spec = spec
         self.unfreeze_blocks = unfreeze_blocks
-        self.frozen = nn.Sequential(*split.blocks[:cut])
-        self.tuned = nn.Sequential(*split.blocks[cut:])
-        self.pool = split.pool
+        self.has_trunk = backbone is not None
+        self.pool: nn.Module
+        if backbone is None:  # the head alone, trained on cached features
+            if unfreeze_blocks:
+                raise ValueError("a model without a trunk cannot unfreeze trunk blocks")
+            self.frozen, self.tuned, self.pool = nn.Sequential(), nn.Sequential(), nn.Identity()
+        else:
+            split = spec.trunk_blocks(backbone)
+            if not 0 <= unfreeze_blocks < len(split.blocks):
+                raise ValueError(
+                    f"unfreeze_blocks={unfreeze_blocks}: {spec.name} has "
+                    f"{len(split.blocks)} trunk blocks, choose 0..{len(split.blocks) - 1}"
+                )
+            cut = len(split.blocks) - unfreeze_blocks
+            self.frozen = nn.Sequential(*split.blocks[:cut])
+            self.tuned = nn.Sequential(*split.blocks[cut:])
+            self.pool = split.pool
         self.head = make_head(head, spec.feature_dim, num_classes, hidden, dropout)
         for p in [*self.frozen.parameters(), *self.pool.parameters()]:
             p.requires_grad_(False)
@@ -146,8 +160,15 @@ class FedHeadModel(nn.Module):
         self.train(False)
 
     @classmethod
-    def for_run(cls, spec: BackboneSpec, backbone: nn.Module, run: ModelSettings) -> FedHeadModel:
-        """The run's model; the server and every node build it here, so they agree."""
+    def for_run(
+        cls, spec: BackboneSpec, backbone: nn.Module | None, run: ModelSettings
+    ) -> FedHeadModel:
+        """The run's model; the server and every node build it here, so they agree.
+
+        Without ``backbone`` it is the head alone (runs with no unfrozen block): it
+        trains and evaluates on cached features, and its trainable tensors are the
+        full model's.
+        """
         return cls(
             spec,
             backbone,
@@ -168,6 +189,8 @@ class FedHeadModel(nn.Module):
     @torch.no_grad()
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         """The cacheable part: frozen blocks (and the pool when nothing is unfrozen)."""
+        if not self.has_trunk:
+            raise RuntimeError("this model holds the head only; build it with its backbone")
         z = self.frozen(x)
         return cast(torch.Tensor, self.pool(z)) if self.unfreeze_blocks == 0 else z
 

@@ -363,3 +363,31 @@ def test_the_supervisor_gives_up_on_a_bad_command_line(tmp_path: Path) -> None:
         [sys.executable, "-c", "import sys; sys.exit(2)"], ["site"], "none", restart=True
     )
     assert code == 2
+
+
+def test_node_gives_its_site_a_thread_count(tmp_path: Path) -> None:
+    import os
+    import shlex
+
+    from flwr.common.config import parse_config_args
+
+    from fedhead.common.config import NodeConfig
+
+    def threads(*extra: str) -> int:
+        result = fedhead(
+            *("node", "--superlink", "h:1", "--data", str(tmp_path), "--insecure"),
+            *("--allow-unsigned-apps", "--dry-run", *extra),
+        )
+        assert result.returncode == 0, result.stderr
+        line = next(x for x in result.stdout.splitlines() if x.startswith("flower-supernode"))
+        cmd = shlex.split(line)
+        config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+        return NodeConfig.from_mapping(config).threads
+
+    assert threads() == os.cpu_count()  # by default every core
+    assert threads("--threads", "1") == 1  # co-located sites split the cores
+    result = fedhead(
+        *("node", "--superlink", "h:1", "--data", str(tmp_path), "--insecure"),
+        *("--allow-unsigned-apps", "--dry-run", "--threads", "0"),
+    )
+    assert result.returncode != 0 and "--threads" in result.stderr

@@ -272,3 +272,42 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
     with pytest.raises(ModelMismatchError, match="nothing was overwritten"):
         site.keep_model(RUN_ID, describe_model(spec, RUN_ID, 3, names, other), files(other, "o"))
     assert hashlib.sha256((kept / "head.safetensors").read_bytes()).hexdigest() == sha
+
+
+def test_with_cached_features_a_site_trains_the_head_without_building_the_trunk(
+    tmp_path: Path, server_side, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import fedhead.client.site as site_module
+
+    cfg, sm, spec = server_side
+    settings = fit_settings(cfg, sm.trainable)
+    initial = sm.trainable.get(sm.model)
+    first = make_site(tmp_path, spec, image_folder)
+    with_trunk = first.train(initial, settings)  # extracts and caches the features
+    assert first.evaluate(with_trunk.arrays).examples == len(first.data().val)
+
+    def no_trunk(*_: object) -> None:
+        raise AssertionError("the trunk was built although every feature is cached")
+
+    monkeypatch.setattr(site_module, "_shared_model", no_trunk)
+    again = make_site(tmp_path, spec, image_folder)  # a new message, a new process
+    head_only = again.train(initial, settings)
+    assert head_only.extraction.cache_misses == 0
+    for a, b in zip(head_only.arrays, with_trunk.arrays, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert again.evaluate(head_only.arrays) == first.evaluate(with_trunk.arrays)
+    assert not again.trained_model().has_trunk
+
+
+def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedhead.client.app\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+        "import fedhead.client.site\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -135,6 +135,11 @@ def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def site_threads(sites: int) -> int:
+    """Each of ``sites`` co-located sites gets its share of the cores (``threads``)."""
+    return max(1, (os.cpu_count() or 1) // sites)
+
+
 def plain_superlink(port: int) -> list[str]:
     """Flower's own SuperLink command, without TLS, on 127.0.0.1:``port``."""
     return [

@@ -29,6 +29,7 @@ from tests.e2e.procs import (
     free_port,
     npz_site,
     processes,
+    site_threads,
     wait_for_port,
     write_flwr_connection,
 )
@@ -139,6 +140,7 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
                     "--root-certificates", str(ca),
                     "--auth-key", str(certs / "sites" / f"{site}.key"),
                     "--trusted-entities", str(trusted), "--metrics-address", "none",
+                    "--threads", str(site_threads(len(SITES))),
                 ],
                 base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
             )  # fmt: skip

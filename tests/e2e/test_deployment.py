@@ -25,6 +25,7 @@ from tests.e2e.procs import (
     plain_superlink,
     plain_supernode,
     processes,
+    site_threads,
     wait_for_port,
 )
 
@@ -96,7 +97,8 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
         for i, data in enumerate(sites):
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"node{i}"}" '
-                f'audit-log="{tmp_path / f"audit{i}.jsonl"}" device="cpu"'
+                f'audit-log="{tmp_path / f"audit{i}.jsonl"}" device="cpu" '
+                f"threads={site_threads(len(sites))}"
             )
             procs.start(
                 f"node{i}",

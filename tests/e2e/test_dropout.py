@@ -19,6 +19,7 @@ from tests.e2e.procs import (
     plain_superlink,
     plain_supernode,
     processes,
+    site_threads,
     wait_for_port,
     write_flwr_connection,
 )
@@ -62,7 +63,8 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
             data = npz_site(tmp_path / f"site{i}" / "data.npz", i, SITES, n_train=80, n_val=20)
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
-                f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu"'
+                f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu" '
+                f"threads={site_threads(SITES)}"
             )
             procs.start(
                 f"site{i}",

@@ -31,6 +31,7 @@ from tests.e2e.procs import (
     npz_site,
     poll_until,
     processes,
+    site_threads,
     wait_for_port,
     write_flwr_connection,
 )
@@ -122,6 +123,8 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
                     *FEDHEAD,
                     "node",
                     "--allow-unsigned-apps",
+                    "--threads",
+                    str(site_threads(2)),
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link_port}",

@@ -22,6 +22,7 @@ from tests.e2e.procs import (
     free_port,
     npz_site,
     processes,
+    site_threads,
     wait_for_port,
     write_flwr_connection,
 )
@@ -101,6 +102,8 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
                     *FEDHEAD,
                     "node",
                     "--allow-unsigned-apps",
+                    "--threads",
+                    str(site_threads(2)),
                     "--superlink",
                     f"127.0.0.1:{port}",
                     "--data",

@@ -1,0 +1,89 @@
+"""Flower's floor: fedhead's per-round messages, with nothing done in them.
+
+Each round is Flower's SecAgg+ workflow (setup, share keys, collect masked vectors,
+unmask) over a linear head's tensors (``classes x feature-dim`` and ``classes``) and
+an evaluate exchange, as a fedhead round under SecAgg+ sends; the ClientApp returns
+zeros and imports neither torch nor fedhead. The ServerApp appends one JSON line per
+round (its seconds) to ``out-file``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+
+class _NoOp(NumPyClient):  # type: ignore[misc]
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+        return [np.zeros_like(p) for p in parameters], 1, {}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+        return 0.0, 1, {"accuracy": 0.0}
+
+
+client = ClientApp(client_fn=lambda context: _NoOp().to_client(), mods=[secaggplus_mod])
+
+
+class _TimedFedAvg(FedAvg):  # type: ignore[misc]
+    """FedAvg that notes when a round's fit starts and its evaluation ends."""
+
+    def __init__(self, out_file: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out_file = out_file
+        self.started = 0.0
+
+    def configure_fit(self, server_round: int, *args: Any, **kwargs: Any) -> Any:
+        self.started = time.perf_counter()
+        return super().configure_fit(server_round, *args, **kwargs)
+
+    def aggregate_evaluate(self, server_round: int, *args: Any, **kwargs: Any) -> Any:
+        out = super().aggregate_evaluate(server_round, *args, **kwargs)
+        if self.out_file:
+            line = {"round": server_round, "seconds": time.perf_counter() - self.started}
+            with Path(self.out_file).open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        return out
+
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    sites, classes, dim = int(cfg["sites"]), int(cfg["classes"]), int(cfg["feature-dim"])
+    head = [np.zeros((classes, dim), np.float32), np.zeros(classes, np.float32)]
+    strategy = _TimedFedAvg(
+        str(cfg["out-file"]),
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=sites,
+        min_evaluate_clients=sites,
+        min_available_clients=sites,
+        initial_parameters=ndarrays_to_parameters(head),
+    )
+    rounds = int(cfg["num-server-rounds"])
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+    )
+    # fedhead's defaults for this many sites: every site shares with every other,
+    # a majority reconstructs (fedhead.server.secure.secagg_params).
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=1.0,
+            reconstruction_threshold=max(2, sites // 2 + 1),
+            clipping_range=8.0,
+            quantization_range=4194304,
+        )
+    )
+    workflow(grid, legacy)
