@@ -38,6 +38,7 @@ def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  #
     app.evaluate()(real.evaluate)
     app.query("prepare")(real.prepare)
     app.query("weights")(real.weights)
+    app.query("model")(real.model)
     return app
 
 
