@@ -117,3 +117,43 @@ def test_dicom_decodes_the_same_in_dataloader_workers(
     a, b = plain(FileImages(paths)), pooled(FileImages(paths))
     assert a.ok.tolist() == b.ok.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(a.values, b.values)
+
+
+def test_every_storage_predicts_the_same_through_the_model_package(
+    tmp_path: Path,
+    model: FedHeadModel,
+    xray_arrays: tuple[np.ndarray, np.ndarray],
+    mobilenet_weights: Path,
+) -> None:
+    """`fedhead predict` with a package: the same X-ray as 8-bit PNG, DICOM MONOCHROME2
+    and MONOCHROME1 (12-bit, window tags) and 16-bit PNG gets the same probabilities."""
+    import csv
+
+    from fedhead.cli.main import main
+    from fedhead.common.config import RunConfig
+    from fedhead.common.model import TrainableSet
+    from fedhead.common.package import TrainingSummary, package_from_run
+
+    images, labels = xray_arrays
+    files = write_all(tmp_path / "data", images)
+    pre = Preprocessor(64, SPEC.mean, SPEC.std)
+    feats = FeatureExtractor(model, pre, CPU, SPEC.sha256)(FileImages(files["png8"])).values
+    train_head(model, feats, torch.from_numpy(labels), TrainParams(30, 8, 0.01, "adam"), CPU)
+    cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 64})
+    summary = TrainingSummary(run_id=1, rounds=1, sites=1, examples=len(labels))
+    arrays = TrainableSet.of(model).get(model)
+    package = package_from_run(cfg, model, arrays, summary, {}).write(tmp_path / "model")
+
+    probs: dict[str, np.ndarray] = {}
+    for fmt in FORMATS:
+        out = tmp_path / f"{fmt}.csv"
+        folder = files[fmt][0].parent
+        argv = ["predict", "--model", str(package), "--data", str(folder), "--out", str(out)]
+        assert main([*argv, "--weights", str(mobilenet_weights), "--device", "cpu"]) == 0
+        with out.open() as f:
+            rows = sorted(csv.DictReader(f), key=lambda r: int(Path(r["path"]).stem))
+        assert len(rows) == len(images), fmt  # every file read, none skipped
+        probs[fmt] = np.array([[float(r["p_normal"]), float(r["p_pneumonia"])] for r in rows])
+    assert probs["png8"][:, 1].std() > 0.1  # a trained head, not a constant
+    for fmt in FORMATS[1:]:
+        assert np.abs(probs[fmt] - probs["png8"]).max() < 0.02, fmt
