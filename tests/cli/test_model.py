@@ -343,9 +343,10 @@ def test_predict_on_the_test_split_matches_the_demo_report(
     rows = _rows(preds)
     assert len(rows) == len(test.labels) == 468
     accuracy = float(np.mean([Path(r["path"]).parent.name == r["prediction"] for r in rows]))
-    assert abs(accuracy - report["final_eval_accuracy"]) <= 0.005, (
+    # the demo measures its final accuracy on the untouched test split, server-side
+    assert abs(accuracy - report["final_server_eval_accuracy"]) <= 0.005, (
         accuracy,
-        report["final_eval_accuracy"],
+        report["final_server_eval_accuracy"],
     )
     card = (out / "model" / "MODEL_CARD.md").read_text()
     assert "2 site(s)" in card and f"{report['setup']['train_examples']:,}" in card
