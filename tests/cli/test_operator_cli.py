@@ -66,6 +66,7 @@ def test_node_on_an_empty_folder_is_refused_at_start(tmp_path: Path) -> None:
         "--data",
         str(tmp_path / "empty"),
         "--insecure",
+        "--allow-unsigned-apps",
         "--metrics-address",
         "none",
     )
@@ -88,6 +89,7 @@ def test_node_with_classes_runs_the_full_data_check(tmp_path: Path) -> None:
         "--classes",
         "normal,pneumonia",
         "--insecure",
+        "--allow-unsigned-apps",
         "--metrics-address",
         "none",
     )
