@@ -2,6 +2,7 @@
 # One-shot setup for compose.yaml, run as root in the fedhead image at every `up`.
 # Creates what is missing and never replaces what exists:
 #   /secrets         the operator's copy: CA, SuperLink certificate, one key pair per site,
+#                    the app-signing key and trusted-entities.yaml, the signed app,
 #                    Grafana's admin password (this is SECRETS_DIR on the host)
 #   /kits/<service>  what each service may read, owned by the image's user (uid 10001)
 #   /demo-data       the demo X-rays split over the sites, one <site>/data.npz each
@@ -19,6 +20,12 @@ fi
 for site in $SITES; do
   [ -f "/secrets/sites/$site.key" ] || fedhead certs --out /secrets --site "$site"
 done
+if [ ! -f /secrets/app-signer.key ]; then
+  fedhead certs --out /secrets --app-signer
+fi
+# The app the sites run: the one installed in this image, signed at every `up` so that the
+# SuperLink always serves the app of the image it runs. Sites run only apps signed so.
+fedhead app sign --key /secrets/app-signer.key --app /opt/fedhead --out /secrets/signed-app --force
 if [ ! -f /secrets/grafana-admin-password ]; then
   python3 -c 'import secrets; print(secrets.token_urlsafe(18))' > /secrets/grafana-admin-password
   echo "Grafana's admin password is in SECRETS_DIR/grafana-admin-password"
@@ -35,10 +42,12 @@ give() {  # give DIR MODE FILE...: copy the files into DIR for the service's use
   done
 }
 give /kits/superlink 0600 /secrets/ca.crt /secrets/server.crt /secrets/server.key
+install -d -m 0755 -o "$fedhead_uid" -g "$fedhead_uid" /kits/superlink/signed-app
+give /kits/superlink/signed-app 0644 /secrets/signed-app/app.fab /secrets/signed-app/signature.json
 give /kits/register 0644 /secrets/ca.crt
 for site in $SITES; do
   give /kits/register 0644 "/secrets/sites/$site.pub"
-  give "/kits/$site" 0644 /secrets/ca.crt
+  give "/kits/$site" 0644 /secrets/ca.crt /secrets/trusted-entities.yaml
   install -m 0600 -o "$fedhead_uid" -g "$fedhead_uid" "/secrets/sites/$site.key" "/kits/$site/site.key"
 done
 install -m 0644 /secrets/grafana-admin-password /kits/grafana/grafana-admin-password
@@ -70,4 +79,4 @@ write("sites.json", [{"targets": [address], "labels": {"site": site}} for site, 
 alertmanager = os.environ.get("ALERTMANAGER_ADDRESS", "")
 write("alertmanagers.json", [{"targets": [alertmanager]}] if alertmanager else [])
 PY
-echo "setup: certificates, site kits, demo data and Prometheus targets are ready"
+echo "setup: certificates, the signed app, site kits, demo data and Prometheus targets are ready"

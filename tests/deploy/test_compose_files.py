@@ -82,3 +82,25 @@ def test_each_trial_site_has_its_own_key_volumes_and_ports() -> None:
     assert not any("SECRETS_DIR" in v for v in services["superlink"]["volumes"])
     # and keeps its state on disk
     assert "--database=/var/lib/fedhead/superlink.db" in services["superlink"]["command"]
+
+
+def test_sites_reach_only_the_fleet_api_and_run_only_the_signed_app() -> None:
+    """The SuperLink's own port (Control API) stays on loopback for the register step and
+    the operator; the sites connect to nginx's public address and trust the app signer."""
+    services = _services(COMPOSE / "compose.yaml")
+    link = services["superlink"]["command"]
+    assert "--host=127.0.0.1" in link
+    assert "--public-address=${SUPERLINK_PUBLIC_ADDRESS}" in link
+    assert "--signed-app=/etc/fedhead/certs/signed-app" in link
+    assert services["register"]["environment"]["SUPERLINK_ADDRESS"].startswith("127.0.0.1:")
+    setup = (COMPOSE / "setup.sh").read_text()
+    assert "fedhead certs --out /secrets --app-signer" in setup
+    assert "fedhead app sign" in setup
+    for site in ("site-1", "site-2"):
+        args = services[site]["command"]
+        assert "--superlink=${SITES_SUPERLINK_ADDRESS}" in args
+        assert "--trusted-entities=/etc/fedhead/certs/trusted-entities.yaml" in args
+        assert "--allow-unsigned-apps" not in args
+    (node,) = _services(COMPOSE / "site" / "compose.yaml").values()
+    assert "--trusted-entities=/etc/fedhead/certs/trusted-entities.yaml" in node["command"]
+    assert _env(COMPOSE / "site" / ".env")["SUPERLINK_ADDRESS"].endswith(":9443")

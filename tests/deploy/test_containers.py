@@ -1,8 +1,9 @@
 """The shipped container image and compose stack, for real: the image is built from
 deploy/container/Containerfile on a Debian base made with debootstrap, the stack of
-deploy/compose (setup, a TLS SuperLink with node authentication and its database,
-registration, two sites, Prometheus with the shipped rules) comes up with podman-compose
-on 127.0.0.1 ports, `flwr run` trains through it under SecAgg+, Prometheus scrapes every
+deploy/compose (setup, a TLS SuperLink with node authentication and its database behind
+nginx, registration, two sites that run only the signed app, Prometheus with the shipped
+rules) comes up with podman-compose on 127.0.0.1 ports, `flwr run @fedhead/fedhead` trains
+through it under SecAgg+, Prometheus scrapes every
 exporter, and the SuperLink's state survives `down` and `up`. Grafana's image cannot be
 pulled here; everything else of the stack runs.
 """
@@ -93,8 +94,8 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
     folder = deploy / "compose"
     secrets = tmp_path / "secrets"
     secrets.mkdir()
-    link, link_metrics, site1, site2, site1_metrics, site2_metrics, prom = (
-        free_port() for _ in range(7)
+    link, public, link_metrics, site1, site2, site1_metrics, site2_metrics, prom = (
+        free_port() for _ in range(8)
     )
     _env_file(
         folder / ".env",
@@ -102,7 +103,8 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
             "FEDHEAD_IMAGE": pm.FEDHEAD_IMAGE,
             "PROMETHEUS_IMAGE": pm.PROMETHEUS_IMAGE,
             "SUPERLINK_PORT": str(link),
-            "SUPERLINK_ADDRESS": f"127.0.0.1:{link}",
+            "SUPERLINK_PUBLIC_ADDRESS": f"127.0.0.1:{public}",
+            "SITES_SUPERLINK_ADDRESS": f"127.0.0.1:{public}",
             "SUPERLINK_METRICS_ADDRESS": f"127.0.0.1:{link_metrics}",
             "SITE_1_PORT": str(site1),
             "SITE_1_METRICS_ADDRESS": f"127.0.0.1:{site1_metrics}",
@@ -120,6 +122,9 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
         try:
             stack.up(STACK)
             wait_for_port(link, timeout=180)
+            wait_for_port(public, timeout=60)
+            # the app setup signed, which the sites (--trusted-entities) accept
+            app_id = json.loads((secrets / "signed-app" / "signature.json").read_text())["app_id"]
             write_flwr_connection(flwr_home, "stack", link, root_certificates=secrets / "ca.crt")
             # both sites registered (node authentication) and connected
             _wait(
@@ -129,7 +134,7 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
             run = flwr(
                 flwr_home,
                 "run",
-                str(REPO),
+                app_id,
                 "stack",
                 "--stream",
                 "--run-config",
@@ -187,6 +192,7 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
                 print(f"----- {service}\n{stack.logs(service)[-3000:]}")
             raise
 
+    assert app_id == "@fedhead/fedhead"
     assert report["clients"] == 2
     assert len(report["rounds"]) == 2
     assert all(r["aggregated"] and r["sites_replied"] == 2 for r in report["rounds"])

@@ -112,3 +112,39 @@ def test_site_reads_its_data_read_only_and_caches_on_a_claim() -> None:
     assert volumes["cache"]["persistentVolumeClaim"]["claimName"] in claims
     assert mounts["cache"]["mountPath"] == "/var/cache/fedhead"
     assert "--cache-dir=/var/cache/fedhead" in container["args"]
+
+
+def test_only_the_fleet_api_leaves_the_superlink_pod() -> None:
+    """The SuperLink's own port serves the Control API: loopback in the pod, no Service;
+    the sites' Service reaches nginx's public port, and the signed app is mounted."""
+    pod = _pod("StatefulSet")
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert "--host=127.0.0.1" in args and "--port=8000" in args
+    assert "--public-address=0.0.0.0:9443" in args
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"fleet": 9443, "metrics": 9400}
+    exposed = {
+        (port["port"], ports[port["targetPort"]])
+        for service in _by_kind("Service")
+        if service["spec"]["selector"]["app.kubernetes.io/component"] == "superlink"
+        for port in service["spec"]["ports"]
+    }
+    assert exposed == {(9443, 9443), (9400, 9400)}  # never 8000
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert f"--signed-app={mounts['signed-app']}" in args
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "secret" in volumes["signed-app"]
+
+
+def test_site_runs_only_signed_apps_and_reaches_the_public_port() -> None:
+    pod = _pod("Deployment")
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert "--trusted-entities=/etc/fedhead/certs/trusted-entities.yaml" in args
+    assert "--allow-unsigned-apps" not in args
+    (superlink,) = (a for a in args if a.startswith("--superlink="))
+    assert superlink.endswith(":9443")
+    (policy,) = _by_kind("NetworkPolicy")
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {9443, 53}
