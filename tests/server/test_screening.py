@@ -77,8 +77,17 @@ def test_the_total_weight_of_a_secure_mean_is_recognised(extra: int) -> None:
     """An honest mean passes; one whose masked weight was raised or lowered does not
     (2Q declared in all, so -Q doubles the mean and -1.5Q quadruples it)."""
     rng = np.random.default_rng(0)
-    updates = [(n, [rng.normal(0, 0.05, (2, 3)), rng.normal(0, 0.05, 2)]) for n in (120, 80, 40)]
+    updates = [(n, [rng.normal(0, 0.05, (8, 16)), rng.normal(0, 0.05, 16)]) for n in (120, 80, 40)]
     mean = _secure_mean(updates, max_weight=120, masked_extra=extra)
     declared = sum(quantized_weight(n, 120, Q) for n, _ in updates)
     assert declared == 2 * Q
     assert aggregate_has_weight(mean, declared, 3, C, Q) == (extra == 0)
+
+
+def test_an_honest_mean_with_few_changed_values_is_not_taken_for_a_scaled_one() -> None:
+    """A head whose only change is its biases (a trunk that outputs zeros) sums to a few
+    values that can share a factor by chance: no evidence of a lowered weight."""
+    updates = [(n, [np.zeros((8, 16)), np.array([0.01, -0.01] * 8)]) for n in (120, 120)]
+    mean = _secure_mean(updates, max_weight=120, masked_extra=0)
+    declared = sum(quantized_weight(n, 120, Q) for n, _ in updates)
+    assert aggregate_has_weight(mean, declared, 2, C, Q)
