@@ -113,6 +113,7 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
             str(data),
             "--metrics-address",
             "none",
+            "--allow-unsigned-apps",
             "--port",
         ]
 
@@ -153,6 +154,7 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
             str(data),
             "--metrics-address",
             "none",
+            "--allow-unsigned-apps",
             "--port",
             str(free_port()),
             "--root-certificates",
