@@ -116,6 +116,11 @@ def probe_tls(address: str, insecure: bool, timeout: float = 5.0) -> bool:
     return True
 
 
+# A node refused this soon after it started was refused as it joined (an unregistered
+# key); one that fails later lost a SuperLink it had joined.
+JOIN_SECONDS = 60.0
+
+
 class NodeWatch:
     """Beside a running SuperNode: probes the SuperLink until it answers and stops the
     node on a TLS mismatch (Flower's node would retry for minutes); then explains the
@@ -127,12 +132,16 @@ class NodeWatch:
         self.authenticated = authenticated
         self.problem: ConfigError | None = None
         self.flower_code: int | None = None  # the exit code flower-supernode logged
+        self.started = time.monotonic()  # when the current node process started
+        self.code_after = 0.0  # seconds after its start that it logged its exit code
 
     def line(self, text: str) -> None:
         if match := _EXIT_LINE.search(_ANSI.sub("", text)):
             self.flower_code = int(match.group(1))
+            self.code_after = time.monotonic() - self.started
 
     def __call__(self, child: subprocess.Popen[bytes], every: float = 2.0) -> None:
+        self.started, self.flower_code = time.monotonic(), None  # a new node process
         while child.poll() is None:
             try:
                 if probe_tls(self.superlink, self.insecure):
@@ -144,8 +153,13 @@ class NodeWatch:
             time.sleep(every)
 
     def permanent(self) -> bool:
-        """A TLS mismatch or a refused node key: starting the node again cannot help."""
-        return self.problem is not None or self.flower_code == SUPERNODE_CONNECTION_ERROR
+        """A TLS mismatch, or a node refused as it joined (its key is not registered):
+        starting it again cannot help. A node that ran for a while before it lost its
+        SuperLink (a restart) is started again."""
+        refused_at_start = (
+            self.flower_code == SUPERNODE_CONNECTION_ERROR and self.code_after < JOIN_SECONDS
+        )
+        return self.problem is not None or refused_at_start
 
     def explain(self, code: int) -> int:
         if self.problem is not None:

@@ -127,6 +127,8 @@ def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     env.update(
         FLWR_HOME=str(flwr_home),
+        # fedhead's own state (the SuperLink's database): per test, never the user's
+        FEDHEAD_HOME=str(flwr_home / "fedhead-home"),
         FLWR_DISABLE_UPDATE_CHECK="1",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",

@@ -199,6 +199,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
                         *FEDHEAD,
                         "node",
                         "--insecure",
+                        "--allow-unsigned-apps",
                         "--superlink",
                         f"127.0.0.1:{port}",
                         "--data",
