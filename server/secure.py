@@ -28,11 +28,11 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import SECAGG_STAGES
+from fedhead.server.grids import DelegatingGrid
 from fedhead.server.screening import (
     ExcludedReply,
     check_key_shares,
@@ -120,7 +120,7 @@ def secagg_params(cfg: RunConfig, sampled_sites: int, max_examples: int) -> SecA
 ReplyCheck = Callable[[int, RecordDict], None]  # raises ExcludedReply
 
 
-class _ScreenedGrid(Grid):
+class _ScreenedGrid(DelegatingGrid):
     """A Grid whose replies pass ``check`` before the SecAgg+ workflow reads them.
 
     A refused reply is withheld, so Flower's workflow handles that site exactly like
@@ -129,23 +129,8 @@ class _ScreenedGrid(Grid):
     """
 
     def __init__(self, inner: Grid, check: ReplyCheck, failures: list[Exception]) -> None:
-        self.inner, self.check, self.failures = inner, check, failures
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.inner.get_nodes()
+        super().__init__(inner)
+        self.check, self.failures = check, failures
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("the SecAgg+ stages only use send_and_receive")

@@ -27,12 +27,12 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.run import Run
 
 from fedhead.common.errors import FederationError
 from fedhead.common.rounds import RoundResult
 from fedhead.server.aggregation import Arrays
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
+from fedhead.server.grids import DelegatingGrid
 from fedhead.server.screening import ExcludedReply
 from fedhead.server.secure import PrivacyLedger
 from fedhead.server.strategy import FedHeadStrategy
@@ -47,11 +47,11 @@ def message_bytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(DelegatingGrid):
     """A Grid that counts the bytes of every message sent to and received from sites."""
 
     def __init__(self, inner: Grid) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._mark = (0, 0)
@@ -62,22 +62,6 @@ class MeteredGrid(Grid):
         since = (now[0] - self._mark[0], now[1] - self._mark[1])
         self._mark = now
         return since
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.inner.get_nodes()
 
     def _count_out(self, messages: list[Message]) -> None:
         self.bytes_sent += sum(message_bytes(m) for m in messages)
