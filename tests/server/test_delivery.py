@@ -44,6 +44,16 @@ def server_context(run_id: int) -> Context:
     return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
+def site_listing(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """What `fedhead models --json` shows the site's IT."""
+    from fedhead.cli.main import main
+
+    capsys.readouterr()
+    assert main(["models", "--cache-dir", str(cache_dir), "--json"]) == 0
+    listing: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return listing
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -77,7 +87,7 @@ def check_same_package(server_out: Path, site_cache: Path) -> None:
 
 @pytest.mark.slow
 def test_a_site_offline_at_the_end_gets_the_model_in_the_next_runs_prepare(
-    offline_world: Path,
+    offline_world: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tmp = offline_world
     node_cfgs = nodes(tmp, write_sites(tmp, 2))
@@ -85,6 +95,8 @@ def test_a_site_offline_at_the_end_gets_the_model_in_the_next_runs_prepare(
     # the site knows what it lacks: the run, and the head it trained from as proof
     missing = SiteModels(tmp / "node1").missing()
     assert [r.run_id for r in missing] == [FIRST]
+    listing = site_listing(tmp / "node1", capsys)
+    assert listing["held"] == [] and [m["run_id"] for m in listing["missing"]] == [FIRST]
 
     grid = LoopbackGrid(client_app, node_cfgs, run_id=SECOND)
     cfg = config(tmp, SECOND, **{"num-server-rounds": 1})
@@ -93,6 +105,13 @@ def test_a_site_offline_at_the_end_gets_the_model_in_the_next_runs_prepare(
     assert report["earlier_models"][str(FIRST)]["delivered_to"] == [101]
     check_same_package(first_out, tmp / "node1")
     assert SiteModels(tmp / "node1").missing() == []
+    listing = site_listing(tmp / "node1", capsys)
+    status = json.loads((first_out / "status.json").read_text())
+    assert [(m["run_id"], m["head_sha256"]) for m in listing["held"]] == [
+        (str(FIRST), status["model_sha256"]),
+        (str(SECOND), report["model"]["head_sha256"]),
+    ]
+    assert listing["missing"] == []
     # the first run's out-dir records the later delivery
     lines = (first_out / DELIVERIES_FILE).read_text().splitlines()
     assert [json.loads(line)["delivered_to"] for line in lines] == [[101]]
