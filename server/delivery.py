@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, FedheadError, PackageError
-from fedhead.common.files import append_line
+from fedhead.common.files import append_line, read_json_object
 from fedhead.common.heads import head_sha256
 from fedhead.common.package import MODEL_CARD, MODEL_JSON, TENSORS_FILE, ModelPackage
 from fedhead.common.protocol import (
@@ -158,18 +158,13 @@ class FinishedRun:
     trained_heads: frozenset[str]  # sha256 of the global heads its sites trained from
 
 
-def _read_json(path: Path) -> dict[str, object]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def finished_run(out_dir: Path) -> FinishedRun:
     """The model of the finished run in ``out_dir``, only if its package is the one the
     run recorded (``status.json``'s sha256, the report's model description)."""
-    status, report = _read_json(out_dir / STATUS_FILE), _read_json(out_dir / "report.json")
+    status, report = (
+        read_json_object(out_dir / STATUS_FILE),
+        read_json_object(out_dir / "report.json"),
+    )
     if status.get("state") != "finished" or not status.get("model_sha256"):
         raise PackageError(
             f"{out_dir} holds no finished run with a model (state: {status.get('state', 'none')})",
@@ -201,7 +196,7 @@ def finished_runs(runs_dir: Path) -> dict[int, Path]:
     if not runs_dir.is_dir():
         return found
     for out in sorted(runs_dir.iterdir()):
-        status = _read_json(out / STATUS_FILE) if out.is_dir() else {}
+        status = read_json_object(out / STATUS_FILE) if out.is_dir() else {}
         run_id = status.get("run_id")
         if status.get("state") == "finished" and isinstance(run_id, int):
             found[run_id] = out

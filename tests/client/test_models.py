@@ -14,38 +14,19 @@ from fedhead.common.protocol import (
     MODEL_NOT_TRAINED,
     MODEL_OTHER,
     MODEL_WANTED,
-    PROTOCOL_VERSION,
     ModelOffer,
     ModelRequest,
     RunSpec,
     format_model_requests,
     parse_model_requests,
 )
+from tests.client.test_untrusted_inputs import _spec
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
 
 
 def spec() -> RunSpec:
-    return RunSpec(
-        protocol=PROTOCOL_VERSION,
-        backbone="mobilenet_v2",
-        weights_file="mobilenet_v2-b0353104.pth",
-        weights_sha256="0" * 64,
-        custom_weights=False,
-        classes="normal,pneumonia",
-        input_size=32,
-        head="linear",
-        head_hidden=0,
-        head_dropout=0.0,
-        unfreeze_blocks=0,
-        augment_views=0,
-        augment_flip=False,
-        trainable_fingerprint="f" * 16,
-        val_fraction=0.2,
-        seed=1,
-        simulation_data="",
-        dirichlet_alpha=0.5,
-    )
+    return _spec()
 
 
 def hold_model(shelf: SiteModels, run_id: int) -> None:
