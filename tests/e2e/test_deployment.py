@@ -72,6 +72,16 @@ def make_csv_site(root: Path) -> Path:
     return root / "labels.csv"
 
 
+def _flwr_run(flwr_home: Path, run_config: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
+        env=base_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
     server_cache = tmp_path / "server-cache"
     (server_cache / "weights").mkdir(parents=True)
@@ -109,13 +119,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
             f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 out-dir='{out}'"
         )
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
-            env=base_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        result = _flwr_run(flwr_home, run_config)
         assert result.returncode == 0, result.stdout + result.stderr + procs.log("superlink")
         # node1 lacks the model, as a site offline at the end would (the loopback tests
         # miss the message itself): a delivery-only run sends node1, and only node1, the
@@ -123,13 +127,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
         run_id = json.loads((out / "report.json").read_text())["run_id"]
         shutil.rmtree(tmp_path / "node1" / "models" / str(run_id))
         deliver = f"deliver-from='{out}' min-sites=2 join-timeout=120.0 round-timeout=300.0"
-        delivery = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", deliver],
-            env=base_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        delivery = _flwr_run(flwr_home, deliver)
         logs = {name: procs.log(name) for name in ("superlink", "node0", "node1")}
     assert delivery.returncode == 0, delivery.stdout + delivery.stderr + logs["superlink"][-3000:]
     (entry,) = [json.loads(line) for line in (out / "deliveries.jsonl").read_text().splitlines()]
