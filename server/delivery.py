@@ -309,9 +309,11 @@ def _connected(grid: Grid, min_sites: int, join_timeout: float) -> list[int]:
     return nodes
 
 
-def _answers(grid: Grid, run: FinishedRun, nodes: list[int], timeout: float) -> dict[int, str]:
-    """Offer ``run``'s model to ``nodes``: each one's answer state, or why it has none;
-    the proofs of those that want it go in ``proofs``."""
+def _answers(
+    grid: Grid, run: FinishedRun, nodes: list[int], timeout: float
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Offer ``run``'s model to ``nodes``: the answer of those that do not want it (or
+    why they gave none), and the proof of each that wants it."""
     offer = ModelOffer(run.run_id, run.description.head_sha256).to_record()
     out = [
         Message(
@@ -323,6 +325,7 @@ def _answers(grid: Grid, run: FinishedRun, nodes: list[int], timeout: float) -> 
         for n in nodes
     ]
     states: dict[int, str] = dict.fromkeys(nodes, "no-answer")
+    proofs: dict[int, str] = {}
     for msg in grid.send_and_receive(out, timeout=timeout):
         node = msg.metadata.src_node_id
         if node not in states:
@@ -338,10 +341,11 @@ def _answers(grid: Grid, run: FinishedRun, nodes: list[int], timeout: float) -> 
         if answer.state not in MODEL_ANSWERS:
             states[node] = "malformed"
         elif answer.state == MODEL_WANTED:
-            states[node] = f"{MODEL_WANTED}:{answer.proof[:64]}"
+            proofs[node] = answer.proof
+            del states[node]
         else:
             states[node] = answer.state
-    return states
+    return states, proofs
 
 
 def deliver_only(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, object]:
@@ -355,13 +359,11 @@ def deliver_only(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, obje
         run.out_dir,
     )
     nodes = _connected(grid, cfg.min_sites, cfg.join_timeout)
-    states = _answers(grid, run, nodes, cfg.round_timeout)
-    proofs = {n: s.split(":", 1)[1] for n, s in states.items() if s.startswith(f"{MODEL_WANTED}:")}
-    groups: dict[str, list[int]] = {"already_held": []}  # by answer, the wanting aside
+    states, proofs = _answers(grid, run, nodes, cfg.round_timeout)
+    groups: dict[str, list[int]] = {"already_held": []}  # the sites that did not ask, by answer
     for node, state in states.items():
-        if node not in proofs:
-            key = "already_held" if state == MODEL_HELD else state.replace("-", "_")
-            groups.setdefault(key, []).append(node)
+        key = "already_held" if state == MODEL_HELD else state.replace("-", "_")
+        groups.setdefault(key, []).append(node)
     entry = deliver_earlier(grid, run, proofs, cfg.round_timeout, context.run_id, groups)
     log.info(
         "run %d's model: sent to %d site(s) %s, already held by %d %s; other nodes: %s",
