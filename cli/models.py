@@ -69,6 +69,8 @@ def _models(args: argparse.Namespace) -> int:
     from fedhead.common.weights import fedhead_cache_dir
 
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else fedhead_cache_dir()
+    if args.forget is not None:
+        return _forget(cache_dir, args.forget)
     held, missing = held_models(cache_dir), missing_models(cache_dir)
     if args.json:
         doc = {
@@ -90,8 +92,25 @@ def _models(args: argparse.Namespace) -> int:
             print(f"  run {r.run_id:<20}  trained in rounds {rounds}")
         print(
             "  the node asks the server for them at the next run; or ask the operator to "
-            "send them now (run-config deliver-from=<the run's out-dir>)"
+            "send them now (run-config deliver-from=<the run's out-dir>). A run that "
+            "failed, or was resumed under another run id, has no model: `fedhead models "
+            "--forget RUN_ID` stops asking for it"
         )
+    return 0
+
+
+def _forget(cache_dir: Path, run_id: int) -> int:
+    """Stop asking for a run's model: remove its record (never a model)."""
+    from fedhead.client.models import SiteModels
+    from fedhead.common.errors import ConfigError
+
+    shelf = SiteModels(cache_dir)
+    path = shelf.run_file(run_id)
+    if not path.is_file():
+        raise ConfigError([f"--forget: {cache_dir} holds no record of run {run_id}"], "arguments")
+    path.unlink()
+    kept = " (its model stays in models/)" if shelf.holds_model(run_id) else ""
+    print(f"forgot run {run_id}: this site no longer asks for its model{kept}")
     return 0
 
 
@@ -112,4 +131,11 @@ def add_parser(sub: Subparsers) -> None:
         "(default ~/.cache/fedhead)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--forget",
+        type=int,
+        metavar="RUN_ID",
+        help="remove this site's record of a run, so it no longer asks for that run's "
+        "model (a model already held stays)",
+    )
     p.set_defaults(handler=_models)
