@@ -304,7 +304,9 @@ class NodeConfig(_Config):
     _source = "node configuration"
 
     data_path: str = opt("", doc="the site's data: image folder, .csv manifest or .npz")
-    cache_dir: str = opt("", doc="weights and feature cache; default ~/.cache/fedhead")
+    cache_dir: str = opt(
+        "", doc="weights, feature cache, delivered models and run records; default ~/.cache/fedhead"
+    )
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "training device")
     audit_log: str = opt("", doc="JSON-lines file recording every message the site sends")
     site_name: str = opt(
