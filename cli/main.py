@@ -10,7 +10,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedhead.cli import apps, certs, data, demo, health, model, processes, run, runs, weights
+from fedhead.cli import (
+    apps,
+    certs,
+    data,
+    demo,
+    health,
+    model,
+    models,
+    processes,
+    run,
+    runs,
+    weights,
+)
 from fedhead.common.errors import EXIT_CODES, FedheadError
 
 _EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -29,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedhead {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for module in (demo, model, weights, data, certs, apps, processes, run, runs, health):
+    for module in (demo, model, models, weights, data, certs, apps, processes, run, runs, health):
         module.add_parser(sub)
     return p
 

@@ -346,7 +346,10 @@ def add_parser(sub: Subparsers) -> None:
         default=9094,
         help="local runtime port; each node on one host needs its own (9094)",
     )
-    n.add_argument("--cache-dir", help="weights and feature cache (default ~/.cache/fedhead)")
+    n.add_argument(
+        "--cache-dir",
+        help="weights, feature cache, delivered models and run records (default ~/.cache/fedhead)",
+    )
     n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     n.add_argument("--audit-log", help="JSON-lines record of every message this site sends")
     n.add_argument(

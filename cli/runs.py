@@ -14,10 +14,10 @@ import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from fedhead.cli.types import Subparsers
 from fedhead.common.errors import ConfigError, FederationError
+from fedhead.common.files import read_json_object
 
 DEFAULT_RUNS_DIR = "fedhead-runs"  # where runs without an out-dir go (./fedhead-runs/run-<id>)
 STATUS_FILE, REPORT_FILE, CHECKPOINTS = "status.json", "report.json", "checkpoints"
@@ -33,14 +33,6 @@ class RunInfo:
     last_checkpoint: str
     out_dir: str
     reason: str = ""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _alive(pid: int) -> bool:
@@ -64,7 +56,7 @@ def _last_checkpoint(out: Path) -> str:
 
 def inspect(out: Path) -> RunInfo | None:
     """A run's state from its out-dir; None when the folder holds no run."""
-    status, report = _read_json(out / STATUS_FILE), _read_json(out / REPORT_FILE)
+    status, report = read_json_object(out / STATUS_FILE), read_json_object(out / REPORT_FILE)
     last = _last_checkpoint(out)
     if not status and not report and not last:
         return None

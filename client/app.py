@@ -3,7 +3,9 @@
 Handlers:
 - ``query.prepare``: check data and backbone copy, remember the run spec.
 - ``query.weights``: receive the backbone file from the server, verify, cache.
-- ``query.model``: after the last round, the final head: verify it, keep it.
+- ``query.model``: after the last round, the final head: verify it, keep it. Also an
+  earlier run's model, for a site that missed it (checked against that run's record).
+- ``query.models``: a delivery-only run offers an earlier run's model: held or wanted?
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
 - ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
   heads the site agrees to evaluate (``client.ledger``).
@@ -35,19 +37,24 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
+from fedhead.client.models import SiteModels, site_cache_dir
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
+from fedhead.common.heads import head_sha256
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
     RECORD_MODEL,
+    RECORD_MODEL_ANSWER,
     RECORD_MODEL_FILES,
+    RECORD_MODEL_OFFER,
     RECORD_MODEL_REPLY,
     RECORD_PREPARE,
     RECORD_RUN,
     RECORD_WEIGHTS,
     FitSettings,
     ModelDescription,
+    ModelOffer,
     ModelReceipt,
     RunSpec,
 )
@@ -117,15 +124,49 @@ def weights(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
 
 
+def _earlier_site(context: Context, run_id: int) -> Site:
+    """A site for an earlier run this node trained in, built from its own record of that
+    run (never from what the server says the run was)."""
+    from fedhead.client.site import Site
+
+    node = NodeConfig.from_mapping(context.node_config)
+    record = SiteModels(site_cache_dir(node)).run(run_id)
+    if record is None or not record.proof:
+        raise FederationError(
+            f"the server sent the model of run {run_id}, a run this site did not train in",
+            "nothing was kept; tell the federation's operator",
+        )
+    return Site(node, record.run_spec())
+
+
 @app.query("model")
 def model(msg: Message, context: Context) -> Message:
-    site = _site(context)
     description = ModelDescription.from_mapping(msg.content.config_records[RECORD_MODEL])
+    if description.run_id == context.run_id:
+        site = _site(context)
+    else:  # an earlier run's model, which this site missed when that run ended
+        site = _earlier_site(context, description.run_id)
     record = msg.content.array_records[RECORD_MODEL_FILES]
     files = {name: np.ascontiguousarray(a.numpy()).tobytes() for name, a in record.items()}
-    _, sha = site.keep_model(context.run_id, description, files)
+    _, sha = site.keep_model(description.run_id, description, files)
     receipt = ModelReceipt(sha)
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
+
+
+@app.query("models")
+def models(msg: Message, context: Context) -> Message:
+    """A delivery-only run offers a finished run's model: does this site hold it or
+    want it (with its proof of having trained in that run)?"""
+    offer = ModelOffer.from_mapping(msg.content.config_records[RECORD_MODEL_OFFER])
+    shelf = SiteModels(site_cache_dir(NodeConfig.from_mapping(context.node_config)))
+    answer = shelf.answer(offer)
+    log.info(
+        "run %d's model (sha256 %s…) offered: %s",
+        offer.run_id,
+        offer.head_sha256[:12],
+        answer.state,
+    )
+    return Message(RecordDict({RECORD_MODEL_ANSWER: answer.to_record()}), reply_to=msg)
 
 
 def _ledger(context: Context) -> HeadLedger:
@@ -142,6 +183,11 @@ def train(msg: Message, context: Context) -> Message:
     ledger.start_training(settings.server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     outcome = site.train(arrays, settings)
+    # The run is on record: its spec, and the head trained from (the site's proof, should
+    # it miss the run's model and ask for it later).
+    site.models.trained(
+        context.run_id, site.spec, settings.server_round, head_sha256(site.trainable.names, arrays)
+    )
     stats = outcome.extraction
     log.info(
         "round %d: trained on %d examples in %.2fs, loss %.4f (features: %d cached, %d new)",

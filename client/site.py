@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedhead.client.models import SiteModels, site_cache_dir
 from fedhead.common.backbones import backbone_names, get_spec
 from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
 from fedhead.common.datasets import ReadPolicy, SiteData, load_site_data
@@ -52,6 +53,7 @@ from fedhead.common.protocol import (
     ModelDescription,
     PrepareReply,
     RunSpec,
+    format_model_requests,
 )
 from fedhead.common.simulation import simulated_site_data
 from fedhead.common.telemetry import SiteDevice, SiteFeatures, SiteTrained, emit
@@ -66,7 +68,6 @@ from fedhead.common.training import (
 from fedhead.common.weights import (
     WeightsRef,
     default_search_dirs,
-    fedhead_cache_dir,
     find_weights,
     install_bytes,
 )
@@ -137,9 +138,8 @@ class Site:
         check_run_spec(spec)  # before anything is looked up or written
         self.node = node
         self.spec = spec
-        self.cache_dir = (
-            Path(node.cache_dir).expanduser() if node.cache_dir else fedhead_cache_dir()
-        )
+        self.cache_dir = site_cache_dir(node)
+        self.models = SiteModels(self.cache_dir)
         if node.threads:
             torch.set_num_threads(node.threads)  # co-located sites share the cores
         self.device: Device = select_device(node.device)
@@ -328,6 +328,7 @@ class Site:
             val_examples=len(data.val),
             device=self.device.kind,
             site_name=self.node.site_name,
+            missing_models=format_model_requests(self.models.missing()),
         )
 
     def train(self, arrays: list[np.ndarray], settings: FitSettings) -> TrainOutcome:
@@ -391,7 +392,7 @@ class Site:
                 "the final model is of no use without it",
             )
         names = self.trainable.names
-        dest = self.cache_dir / "models" / str(run_id)
+        dest = self.models.model_dir(run_id)
         if (dest / TENSORS_FILE).is_file():  # already kept (sites sharing a cache folder)
             kept = ModelPackage.load(dest)
             sha = head_sha256(names, [kept.tensors[n] for n in names])
@@ -400,6 +401,7 @@ class Site:
                     f"{dest} already holds another final model for run {run_id}",
                     "nothing was overwritten; move that folder away to accept this one",
                 )
+            self.models.kept(run_id, spec, sha)
             return dest, sha
         with atomic_folder(dest) as tmp:
             for name, data in files.items():
@@ -430,6 +432,7 @@ class Site:
                     f"the final model's tensors have sha256 {sha[:12]}…, "
                     f"described as {description.head_sha256[:12]}…"
                 )
+        self.models.kept(run_id, spec, sha)
         log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
         return dest, sha
 

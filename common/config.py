@@ -220,6 +220,9 @@ class RunConfig(_Config):
     resume_from: str = opt(
         "", doc="continue a cut-off run: its out-dir or checkpoints folder (same model settings)"
     )
+    deliver_from: str = opt(
+        "", doc="no training: send this finished run's model (its out-dir) to sites that lack it"
+    )
     keep_checkpoints: int = opt(2, positive, "newest round checkpoints kept (and the best one)")
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "server-side evaluation device")
     site_labels: bool = opt(
@@ -235,6 +238,8 @@ class RunConfig(_Config):
         problems = []
         if not self.classes:
             problems.append("classes: required (comma-separated class names)")
+        if self.deliver_from and self.resume_from:
+            problems.append("deliver-from: a delivery-only run trains nothing; drop resume-from")
         if self.secagg_threshold > 1 and self.secagg_threshold != int(self.secagg_threshold):
             problems.append("secagg-threshold: a count must be a whole number")
         if 1 < self.secagg_threshold < 2:
@@ -299,7 +304,9 @@ class NodeConfig(_Config):
     _source = "node configuration"
 
     data_path: str = opt("", doc="the site's data: image folder, .csv manifest or .npz")
-    cache_dir: str = opt("", doc="weights and feature cache; default ~/.cache/fedhead")
+    cache_dir: str = opt(
+        "", doc="weights, feature cache, delivered models and run records; default ~/.cache/fedhead"
+    )
     device: str = opt("auto", one_of("auto", "cpu", "cuda"), "training device")
     audit_log: str = opt("", doc="JSON-lines file recording every message the site sends")
     site_name: str = opt(

@@ -9,6 +9,14 @@ evaluation then use Flower's legacy fit/evaluate records (needed for SecAgg+), w
 the per-round settings in ``FitSettings``. After the last round every site that took
 part receives the final head and its ``ModelDescription`` in a ``query.model``
 message, verifies both and keeps them.
+
+A site that missed that message (offline at the end) asks again: its ``PrepareReply``
+in any later run lists up to ``MAX_MODEL_REQUESTS`` earlier runs it trained in but holds
+no model of (``ModelRequest``: the run id and, as proof of having trained, the sha256 of
+a global head it trained from). A delivery-only run (run-config ``deliver-from``) sends
+every node a ``query.models`` message offering one finished run's model
+(``ModelOffer``); the node answers held, wanted (with its proof) or not-trained
+(``ModelAnswer``). Either way the model comes in a ``query.model`` message.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ PROTOCOL_VERSION = 1
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
 MSG_MODEL = "query.model"
+MSG_MODELS = "query.models"
 
 RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps it in state)
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
@@ -34,6 +43,8 @@ RECORD_WEIGHTS = "fedhead.weights"  # ArrayRecord: the weights file as one uint8
 RECORD_MODEL = "fedhead.model"  # ConfigRecord: ModelDescription (server -> node)
 RECORD_MODEL_FILES = "fedhead.model.files"  # ArrayRecord: the model package, one uint8 array a file
 RECORD_MODEL_REPLY = "fedhead.model.reply"  # ConfigRecord: ModelReceipt (node -> server)
+RECORD_MODEL_OFFER = "fedhead.model.offer"  # ConfigRecord: ModelOffer (server -> node)
+RECORD_MODEL_ANSWER = "fedhead.model.answer"  # ConfigRecord: ModelAnswer (node -> server)
 
 WEIGHTS_OK = "ok"
 WEIGHTS_MISSING = "missing"
@@ -115,6 +126,7 @@ class PrepareReply(_Record):
     val_examples: int
     device: str
     site_name: str  # the label the site's IT chose (``fedhead node --name``), or ""
+    missing_models: str  # earlier runs' models this site lacks: format_model_requests()
 
 
 # A site label: short, printable, no path or markup characters (sites are untrusted).
@@ -169,3 +181,67 @@ class ModelReceipt(_Record):
     """A site's answer to a delivered model: the sha256 of what it verified and kept."""
 
     head_sha256: str
+
+
+# How many earlier runs' models a site may ask for in one prepare reply.
+MAX_MODEL_REQUESTS = 8
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"[0-9]{1,20}")
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A site asks for an earlier run's model: the run and the sha256 (``head_sha256``)
+    of a global head it trained from in that run, which only the run's sites saw."""
+
+    run_id: int
+    proof: str
+
+
+def format_model_requests(requests: list[ModelRequest]) -> str:
+    """``run:proof`` pairs, comma-separated (at most ``MAX_MODEL_REQUESTS``)."""
+    return ",".join(f"{r.run_id}:{r.proof}" for r in requests[:MAX_MODEL_REQUESTS])
+
+
+def parse_model_requests(text: str) -> list[ModelRequest]:
+    """A site's ``missing_models``, refused whole (ValueError) unless every entry is a
+    run id and a sha256, with no run twice and at most ``MAX_MODEL_REQUESTS`` entries:
+    sites are untrusted and the text reaches the server's file lookups."""
+    if not text:
+        return []
+    if len(text) > MAX_MODEL_REQUESTS * 86:
+        raise ValueError(f"{len(text)} characters, more than {MAX_MODEL_REQUESTS} requests hold")
+    requests = []
+    for entry in text.split(","):
+        run, _, proof = entry.partition(":")
+        if not _RUN_ID.fullmatch(run) or int(run) >= 2**64 or not _SHA256.fullmatch(proof):
+            raise ValueError(f"entry {entry[:40]!r} is not RUN_ID:SHA256")
+        requests.append(ModelRequest(int(run), proof))
+    if len(requests) > MAX_MODEL_REQUESTS:
+        raise ValueError(f"{len(requests)} requests, at most {MAX_MODEL_REQUESTS} allowed")
+    if len({r.run_id for r in requests}) != len(requests):
+        raise ValueError("a run is named twice")
+    return requests
+
+
+@dataclass(frozen=True)
+class ModelOffer(_Record):
+    """A delivery-only run offers one finished run's model (by run id and head sha256)."""
+
+    run_id: int
+    head_sha256: str
+
+
+MODEL_HELD = "held"  # the site keeps exactly this model
+MODEL_WANTED = "wanted"  # the site trained in the run and lacks its model
+MODEL_NOT_TRAINED = "not-trained"  # the site has no record of training in the run
+MODEL_OTHER = "other"  # the site keeps another model for the run (it will not replace it)
+MODEL_ANSWERS = (MODEL_HELD, MODEL_WANTED, MODEL_NOT_TRAINED, MODEL_OTHER)
+
+
+@dataclass(frozen=True)
+class ModelAnswer(_Record):
+    """A site's answer to a ``ModelOffer``; ``proof`` as in ``ModelRequest`` when wanted."""
+
+    state: str
+    proof: str

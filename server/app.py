@@ -1,4 +1,5 @@
-"""fedhead's Flower ServerApp: reads the run configuration and runs the federation."""
+"""fedhead's Flower ServerApp: reads the run configuration and runs the federation
+(or, with ``deliver-from``, only delivers a finished run's model to sites that lack it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FedheadError
 from fedhead.common.logs import setup_logging
+from fedhead.server.delivery import deliver_only
 from fedhead.server.federation import run_federation
 from fedhead.server.recorder import RoundCallback
 from fedhead.server.report import REPORT_LOG_PREFIX, RunReport
@@ -36,6 +38,9 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             cfg = config or RunConfig.from_mapping(context.run_config)
+            if cfg.deliver_from:
+                deliver_only(grid, context, cfg)
+                return
             report = run_federation(grid, context, cfg, on_round, out_dir, observers)
         except FedheadError as err:
             log.error("%s: %s", err.title, err)

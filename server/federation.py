@@ -3,7 +3,8 @@
 Orchestration only: set up the model and the run spec (``setup``), build the strategy
 and the round plan (plain or SecAgg+ fit step, DP wrapper), run the round loop
 (``workflow``) with its observers (``recorder``, ``persistence``'s checkpoints, and
-any the caller adds), deliver the final model (``delivery``) and write the report. A
+any the caller adds), deliver the final model (``delivery``) and write the report.
+Before the rounds, sites get the earlier runs' models they missed and ask for. A
 run with ``resume-from`` continues from a checkpoint. Both the ServerApp and
 ``fedhead demo`` call ``run_federation``.
 """
@@ -29,7 +30,7 @@ from fedhead.common.package import package_from_run
 from fedhead.common.protocol import RunSpec
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
-from fedhead.server.delivery import ModelDelivery, describe_model
+from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.evaluation import server_evaluator
 from fedhead.server.persistence import (
@@ -188,6 +189,13 @@ def _federate(
             ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir).report()
         )
 
+    missed = EarlierModels(out.parent, context.run_id, cfg.round_timeout)
+
+    def prepared_step(grid: Grid, outcome: PrepareOutcome) -> None:
+        """Earlier runs' models the prepared sites missed, from the runs beside this one."""
+        if wanted := missed.requests(outcome.ready):
+            report.earlier_models = missed.deliver(grid, wanted)
+
     log.info(
         "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
         "%d rounds%s",
@@ -210,6 +218,7 @@ def _federate(
         observers=[recorder, checkpointer, *observers],
         resume_after=resume.round if resume else None,
         final_step=final_step,
+        prepared_step=prepared_step,
     )
     legacy = LegacyContext(
         context=context,

@@ -54,6 +54,7 @@ RNG_NUMPY, RNG_TORCH = "rng/numpy", "rng/torch"
 BEST_METRIC = "eval_accuracy"  # federated evaluation, example-weighted over sites
 CHECKPOINTS = "checkpoints"
 STATUS_FILE = "status.json"
+ROUND_HEADS = "round_heads"  # status.json and checkpoint metadata: round -> head sha256
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
 
 # Run-config keys that shape the model: a checkpoint only resumes a run that agrees on
@@ -404,6 +405,11 @@ class Checkpointer:
         self.names = names
         self.privacy = privacy
         self.results: list[dict[str, Any]] = list(resumed.meta["results"]) if resumed else []
+        # sha256 of the global head after each round: the heads sites trained from, which
+        # a site names to prove it trained in the run when it asks for a missed model.
+        self.round_heads: dict[str, str] = (
+            dict(resumed.meta.get(ROUND_HEADS, {})) if resumed else {}
+        )
         self.meta: dict[str, Any] = {
             "run_id": run_id,
             "config": cfg.to_mapping(),
@@ -421,6 +427,9 @@ class Checkpointer:
 
     def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
         self.results = [r for r in self.results if r["round"] < result.round]
+        self.round_heads = {k: v for k, v in self.round_heads.items() if int(k) < result.round} | {
+            str(result.round): head_sha256(self.names, arrays)
+        }
         self.results.append(dataclasses.asdict(result))
         ledger = self.privacy()
         privacy = None
@@ -434,11 +443,17 @@ class Checkpointer:
             result.round,
             self.names,
             arrays,
-            {**self.meta, "privacy": privacy, "results": self.results},
+            {
+                **self.meta,
+                "privacy": privacy,
+                "results": self.results,
+                ROUND_HEADS: self.round_heads,
+            },
         )
         self.status.update(
             rounds_done=result.round,
             round_running=None,
+            round_heads=self.round_heads,
             last_checkpoint=str(path),
             best_checkpoint=str(self.store.folder / f"round-{best:04d}.safetensors"),
         )

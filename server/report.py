@@ -38,6 +38,7 @@ class RunReport:
     resumed_from: dict[str, Any] | None = None  # round, checkpoint and run id continued
     model: dict[str, Any] | None = None  # the final head's description (incl. its sha256)
     delivery: dict[str, Any] | None = None  # which sites verified and kept the final model
+    earlier_models: dict[str, Any] | None = None  # earlier runs' models sent before the rounds
     seconds: float = 0.0
     # The global trainable tensors after the last round (TrainableSet order); kept for
     # the model package, never written to report.json.

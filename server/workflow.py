@@ -259,6 +259,8 @@ class RunObserver(Protocol):
 
 # After the last round: (grid, the sites that took part, the final global tensors).
 FinalStep = Callable[[Grid, list[int], Arrays], None]
+# Once the sites are prepared, before any round (delivering models they missed earlier).
+PreparedStep = Callable[[Grid, PrepareOutcome], None]
 
 
 class FedHeadWorkflow:
@@ -266,7 +268,8 @@ class FedHeadWorkflow:
 
     A resumed run (``resume_after``: the round its checkpoint saved) starts from the
     strategy's initial tensors, which are then that checkpoint's head, at round
-    ``resume_after + 1``; the initial evaluation is not repeated. ``final_step`` runs
+    ``resume_after + 1``; the initial evaluation is not repeated. ``prepared_step`` runs
+    once the sites are prepared (delivering earlier runs' models they ask for); ``final_step`` runs
     once the last round is done (delivering the model to the sites).
     """
 
@@ -282,6 +285,7 @@ class FedHeadWorkflow:
         observers: Sequence[RunObserver] = (),
         resume_after: int | None = None,
         final_step: FinalStep | None = None,
+        prepared_step: PreparedStep | None = None,
     ) -> None:
         if resume_after is not None and not 0 <= resume_after < num_rounds:
             raise ValueError(f"resume_after must be in [0, {num_rounds}), got {resume_after}")
@@ -295,6 +299,7 @@ class FedHeadWorkflow:
         self.observers = list(observers)
         self.resume_after = resume_after
         self.final_step = final_step
+        self.prepared_step = prepared_step
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         metered = MeteredGrid(grid)
@@ -326,6 +331,8 @@ class FedHeadWorkflow:
     def _run(self, grid: MeteredGrid, context: LegacyContext) -> None:
         nodes = self._wait_for_sites(context)
         outcome = self.distributor.prepare(grid, nodes)
+        if self.prepared_step is not None:
+            self.prepared_step(grid, outcome)  # its traffic counts as setup traffic
         outcome.bytes_to_sites, outcome.bytes_from_sites = grid.take()
         for obs in self.observers:
             obs.prepared(outcome)

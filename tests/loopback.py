@@ -43,12 +43,14 @@ class LoopbackGrid(Grid):
         client_app: ClientApp,
         node_configs: dict[int, dict[str, Any]],
         node_apps: dict[int, AppCallable] | None = None,
+        run_id: int = RUN_ID,
     ) -> None:
         set_task_identity()
+        self.run_id = run_id
         self.app = client_app
         self.node_apps = dict(node_apps or {})  # nodes that run another app (an attacker's)
         self.contexts = {
-            nid: Context(RUN_ID, nid, node_config=cfg, state=RecordDict(), run_config={})
+            nid: Context(run_id, nid, node_config=cfg, state=RecordDict(), run_config={})
             for nid, cfg in node_configs.items()
         }
         self.dead: set[int] = set()
@@ -62,7 +64,7 @@ class LoopbackGrid(Grid):
 
     @property
     def run(self) -> Run:
-        return Run.create_empty(RUN_ID)
+        return Run.create_empty(self.run_id)
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
         raise NotImplementedError

@@ -72,6 +72,16 @@ def make_csv_site(root: Path) -> Path:
     return root / "labels.csv"
 
 
+def _flwr_run(flwr_home: Path, run_config: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
+        env=base_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
     server_cache = tmp_path / "server-cache"
     (server_cache / "weights").mkdir(parents=True)
@@ -109,15 +119,25 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
             f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 out-dir='{out}'"
         )
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
-            env=base_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        result = _flwr_run(flwr_home, run_config)
+        assert result.returncode == 0, result.stdout + result.stderr + procs.log("superlink")
+        # node1 lacks the model, as a site offline at the end would (the loopback tests
+        # miss the message itself): a delivery-only run sends node1, and only node1, the
+        # very package the server wrote
+        run_id = json.loads((out / "report.json").read_text())["run_id"]
+        shutil.rmtree(tmp_path / "node1" / "models" / str(run_id))
+        deliver = f"deliver-from='{out}' min-sites=2 join-timeout=120.0 round-timeout=300.0"
+        delivery = _flwr_run(flwr_home, deliver)
         logs = {name: procs.log(name) for name in ("superlink", "node0", "node1")}
-    assert result.returncode == 0, result.stdout + result.stderr + logs["superlink"][-3000:]
+    assert delivery.returncode == 0, delivery.stdout + delivery.stderr + logs["superlink"][-3000:]
+    (entry,) = [json.loads(line) for line in (out / "deliveries.jsonl").read_text().splitlines()]
+    assert len(entry["delivered_to"]) == 1 and len(entry["already_held"]) == 1, entry
+    for name in ("head.safetensors", "model.json"):
+        server_copy = (out / "model" / name).read_bytes()
+        for i in range(2):
+            assert (
+                tmp_path / f"node{i}" / "models" / str(run_id) / name
+            ).read_bytes() == server_copy
 
     report = json.loads((out / "report.json").read_text())
     assert report["clients"] == 2
@@ -134,7 +154,14 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     # only head tensors and scalars left each site
     for i in range(2):
         types = check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
-        assert types == {"query.prepare", "query.weights", "train", "evaluate", "query.model"}
+        assert types == {
+            "query.prepare",
+            "query.weights",
+            "train",
+            "evaluate",
+            "query.model",
+            "query.models",
+        }
     # and both sites verified and kept the final model
     assert len(report["delivery"]["delivered_to"]) == 2
     assert report["secure_aggregation"] == "secagg+"  # the default

@@ -1,0 +1,206 @@
+"""A site's own record of the runs it trained in and the models it keeps.
+
+Under the site's fedhead data folder (``--cache-dir``):
+
+- ``runs/<run-id>.json``: written when the site trains in a run: the run's ``RunSpec``
+  (what the model must be), the rounds it trained in, and the sha256 of the global
+  head it last trained from (its proof, to the server, of having trained in the run);
+  once the run's model is kept, its head sha256 too.
+- ``models/<run-id>/``: the run's model package (``Site.keep_model``).
+
+A run recorded here without a model is one whose model the site missed (offline when
+the run ended); the site asks for it in every later run's prepare reply, or answers a
+delivery-only run's offer. ``fedhead models`` shows both folders to the site's IT.
+Plain Python, no Flower: the ClientApp calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedhead.common.config import NodeConfig
+from fedhead.common.files import atomic_writer
+from fedhead.common.protocol import (
+    MAX_MODEL_REQUESTS,
+    MODEL_HELD,
+    MODEL_NOT_TRAINED,
+    MODEL_OTHER,
+    MODEL_WANTED,
+    ModelAnswer,
+    ModelOffer,
+    ModelRequest,
+    RunSpec,
+)
+from fedhead.common.weights import fedhead_cache_dir
+
+log = logging.getLogger(__name__)
+
+RUNS, MODELS = "runs", "models"
+HEAD_FILE = "head.safetensors"  # fedhead.common.package.TENSORS_FILE (that module imports torch)
+_RUN_FILE = re.compile(r"^([0-9]{1,20})\.json$")
+
+
+def site_cache_dir(node: NodeConfig) -> Path:
+    """The site's fedhead data folder: ``cache-dir`` from its node config, else the default."""
+    return Path(node.cache_dir).expanduser() if node.cache_dir else fedhead_cache_dir()
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """One run this site trained in, as ``runs/<run-id>.json`` records it."""
+
+    run_id: int
+    spec: dict[str, Any]  # RunSpec.to_dict() of the run
+    rounds: tuple[int, ...]  # the rounds it trained in
+    proof: str  # sha256 (head_sha256) of the global head it last trained from
+    model_sha256: str  # the kept model's head sha256; "" while it has none
+    updated: float
+
+    def run_spec(self) -> RunSpec:
+        return RunSpec.from_mapping(self.spec)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "spec": self.spec,
+            "rounds": list(self.rounds),
+            "proof": self.proof,
+            "model_sha256": self.model_sha256,
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> TrainedRun:
+        return cls(
+            int(doc["run_id"]),
+            dict(doc["spec"]),
+            tuple(int(r) for r in doc["rounds"]),
+            str(doc["proof"]),
+            str(doc.get("model_sha256", "")),
+            float(doc.get("updated", 0.0)),
+        )
+
+
+class SiteModels:
+    """The ``runs/`` and ``models/`` folders of one site's data folder."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    def run_file(self, run_id: int) -> Path:
+        return self.cache_dir / RUNS / f"{run_id}.json"
+
+    def model_dir(self, run_id: int) -> Path:
+        return self.cache_dir / MODELS / str(run_id)
+
+    def holds_model(self, run_id: int) -> bool:
+        return (self.model_dir(run_id) / HEAD_FILE).is_file()
+
+    def held_sha256(self, run_id: int) -> str:
+        """The head sha256 of the model kept for ``run_id`` (from its record, else read
+        from the package), or "" when it holds none or it does not read back."""
+        if not self.holds_model(run_id):
+            return ""
+        run = self.run(run_id)
+        if run is not None and run.model_sha256:
+            return run.model_sha256
+        return package_sha256(self.model_dir(run_id))
+
+    # --- writing ----------------------------------------------------------------------
+    def trained(self, run_id: int, spec: RunSpec, server_round: int, head_sha: str) -> None:
+        """The site trains in ``server_round`` of ``run_id`` from the head ``head_sha``."""
+        old = self.run(run_id)
+        rounds = sorted({*(old.rounds if old else ()), server_round})
+        proof = head_sha if old is None or server_round >= max(old.rounds, default=0) else old.proof
+        self._write(
+            TrainedRun(
+                run_id,
+                spec.to_dict(),
+                tuple(rounds),
+                proof,
+                old.model_sha256 if old else "",
+                time.time(),
+            )
+        )
+
+    def kept(self, run_id: int, spec: RunSpec, model_sha256: str) -> None:
+        """The run's model is kept (its head sha256 recorded beside the run)."""
+        old = self.run(run_id)
+        self._write(
+            TrainedRun(
+                run_id,
+                spec.to_dict(),
+                old.rounds if old else (),
+                old.proof if old else "",
+                model_sha256,
+                time.time(),
+            )
+        )
+
+    def _write(self, run: TrainedRun) -> None:
+        with atomic_writer(self.run_file(run.run_id)) as f:
+            f.write((json.dumps(run.to_json(), indent=2) + "\n").encode())
+
+    # --- reading ----------------------------------------------------------------------
+    def run(self, run_id: int) -> TrainedRun | None:
+        """The record of ``run_id``, or None (none, or not readable: logged)."""
+        path = self.run_file(run_id)
+        if not path.is_file():
+            return None
+        try:
+            return TrainedRun.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring %s: not a readable run record (%s)", path, err)
+            return None
+
+    def runs(self) -> list[TrainedRun]:
+        """Every readable run record, newest first."""
+        folder = self.cache_dir / RUNS
+        if not folder.is_dir():
+            return []
+        found = []
+        for path in folder.iterdir():
+            m = _RUN_FILE.match(path.name)
+            if m and (run := self.run(int(m.group(1)))) is not None:
+                found.append(run)
+        return sorted(found, key=lambda r: (r.updated, r.run_id), reverse=True)
+
+    def missing(self) -> list[ModelRequest]:
+        """Runs trained in without a kept model, newest first, at most
+        ``MAX_MODEL_REQUESTS`` (the ones a site asks the server for)."""
+        return [
+            ModelRequest(r.run_id, r.proof)
+            for r in self.runs()
+            if r.proof and not self.holds_model(r.run_id)
+        ][:MAX_MODEL_REQUESTS]
+
+    def answer(self, offer: ModelOffer) -> ModelAnswer:
+        """What this site says to an offered model: held, wanted, other or not-trained."""
+        if self.holds_model(offer.run_id):
+            same = self.held_sha256(offer.run_id) == offer.head_sha256
+            return ModelAnswer(MODEL_HELD if same else MODEL_OTHER, "")
+        run = self.run(offer.run_id)
+        if run is None or not run.proof:
+            return ModelAnswer(MODEL_NOT_TRAINED, "")
+        return ModelAnswer(MODEL_WANTED, run.proof)
+
+
+def package_sha256(folder: Path) -> str:
+    """The head sha256 of the model package in ``folder`` ("" when it does not read back)."""
+    from fedhead.common.errors import FedheadError
+    from fedhead.common.heads import head_sha256
+    from fedhead.common.package import ModelPackage
+
+    try:
+        pkg = ModelPackage.load(folder)
+    except FedheadError as err:
+        log.warning("%s: %s", folder, err)
+        return ""
+    names = pkg.architecture.trainable().names
+    return head_sha256(names, [pkg.tensors[n] for n in names])
