@@ -131,22 +131,29 @@ class ServerOptimizer:
         meta = {**self.settings.describe(), "steps": self.steps, "slots": sorted(slots)}
         return meta, slots
 
-    def load_state(self, meta: Mapping[str, Any], slots: Mapping[str, Sequence[np.ndarray]]) -> None:
+    def load_state(
+        self, meta: Mapping[str, Any], slots: Mapping[str, Sequence[np.ndarray]]
+    ) -> None:
         """Continue from a saved state (same optimizer; shapes are the caller's check)."""
         if meta.get("name") != self.settings.name:
             raise ValueError(
                 f"the saved state is {meta.get('name')!r}'s, not {self.settings.name!r}'s"
             )
         if set(meta.get("slots", [])) != set(slots):
-            raise ValueError(f"the saved state lists slots {meta.get('slots')}, holds {sorted(slots)}")
+            raise ValueError(
+                f"the saved state lists slots {meta.get('slots')}, holds {sorted(slots)}"
+            )
         self.steps = int(meta["steps"])
         self.m = [np.asarray(a, dtype=np.float64) for a in slots["m"]] if "m" in slots else None
         self.v = [np.asarray(a, dtype=np.float64) for a in slots["v"]] if "v" in slots else None
 
 
 def _second_moment(s: ServerOptimizerSettings, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
+    out: np.ndarray
     if s.name == "fedadam":
-        return s.beta2 * v + (1 - s.beta2) * g2
-    if s.name == "fedyogi":
-        return v - (1 - s.beta2) * g2 * np.sign(v - g2)
-    return v + g2  # fedadagrad
+        out = s.beta2 * v + (1 - s.beta2) * g2
+    elif s.name == "fedyogi":
+        out = v - (1 - s.beta2) * g2 * np.sign(v - g2)
+    else:  # fedadagrad
+        out = v + g2
+    return out

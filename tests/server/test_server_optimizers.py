@@ -65,7 +65,8 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
         for a, b in zip(heads[rnd], expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
         # ... and not the plain FedAvg step
-        assert max(float(np.abs(a - n).max()) for a, n in zip(heads[rnd], noised[rnd])) > 1e-3
+        moved = zip(heads[rnd], noised[rnd], strict=True)
+        assert max(float(np.abs(a - n).max()) for a, n in moved) > 1e-3
         start = heads[rnd]
     saved = store.load(2).meta["server_optimizer"]
     assert saved["name"] == "fedadam" and saved["steps"] == 2 and saved["slots"] == ["m", "v"]
@@ -105,7 +106,8 @@ def test_a_resumed_fedadam_run_ends_where_the_uninterrupted_one_does(offline_wor
     # another server optimizer cannot continue this one's state: refused before any site
     grid = LoopbackGrid(client_app, nodes(tmp, sites))
     with pytest.raises(ConfigError, match="strategy=fedadam but this run has strategy=fedyogi"):
-        run(grid, tmp, **{**plain, "strategy": "fedyogi", "resume-from": str(out), "out-dir": str(out)})
+        other = {**plain, "strategy": "fedyogi", "resume-from": str(out), "out-dir": str(out)}
+        run(grid, tmp, **other)
     assert grid.sent == []
 
     grid = LoopbackGrid(client_app, nodes(tmp, sites))
