@@ -18,14 +18,11 @@ from fedhead.server.persistence import CheckpointStore
 from fedhead.server.secure import DPFixedClipping
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import nodes, run, write_sites
+from tests.server.test_resume import Crash
 
 pytestmark = pytest.mark.slow
 
 ADAM = {"strategy": "fedadam", "server-learning-rate": 0.05}
-
-
-class Crash(Exception):
-    """The server going down in the middle of a run."""
 
 
 def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
@@ -83,6 +80,17 @@ def _initial_head() -> list[np.ndarray]:
     return sm.trainable.get(sm.model)
 
 
+def _crashing_in_round(rnd: int, sites: dict[int, dict[str, object]]) -> LoopbackGrid:
+    grid = LoopbackGrid(client_app, sites)
+
+    def crash(node: int, msg: Message) -> None:
+        if msg.metadata.group_id == str(rnd):
+            raise Crash("server killed")
+
+    grid.before_delivery = crash
+    return grid
+
+
 def test_a_resumed_fedadam_run_ends_where_the_uninterrupted_one_does(offline_world: Path) -> None:
     tmp = offline_world
     sites = write_sites(tmp, 2)
@@ -90,16 +98,9 @@ def test_a_resumed_fedadam_run_ends_where_the_uninterrupted_one_does(offline_wor
     run(LoopbackGrid(client_app, nodes(tmp, sites)), tmp, **plain, **{"out-dir": str(tmp / "w")})
     whole = CheckpointStore(tmp / "w" / "checkpoints").load()
 
-    grid = LoopbackGrid(client_app, nodes(tmp, sites))
-
-    def crash_in_round_3(node: int, msg: Message) -> None:
-        if msg.metadata.group_id == "3":
-            raise Crash("server killed")
-
-    grid.before_delivery = crash_in_round_3
     out = tmp / "cut"
-    with pytest.raises(Crash):
-        run(grid, tmp, **plain, **{"out-dir": str(out)})
+    with pytest.raises(Crash):  # the server goes down as round 3 starts
+        run(_crashing_in_round(3, nodes(tmp, sites)), tmp, **plain, **{"out-dir": str(out)})
     cut = CheckpointStore(out / "checkpoints").load()
     assert cut.round == 2 and cut.meta["server_optimizer"]["steps"] == 2
 
