@@ -26,7 +26,7 @@ ADAM = {"strategy": "fedadam", "server-learning-rate": 0.05}
 
 
 def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
-    offline_world: Path, monkeypatch: pytest.MonkeyPatch
+    offline_world: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The optimizer sees only what SecAgg+ and the DP wrapper hand on: the noised mean."""
     noised: dict[int, list[np.ndarray]] = {}
@@ -48,6 +48,8 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
     )
     assert report["secure_aggregation"] == "secagg+" and report["config"]["strategy"] == "fedadam"
     assert all(r["aggregated"] for r in report["rounds"])
+    header = "strategy fedadam (learning_rate 0.05, beta1 0.9, beta2 0.99, tau 0.001)"
+    assert any(header in r.getMessage() for r in caplog.records)
 
     store = CheckpointStore(tmp / "out" / "checkpoints")
     heads = {r: store.load(r).arrays for r in (1, 2)}
