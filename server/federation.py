@@ -149,6 +149,7 @@ def _federate(
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
     )
     report = _new_report(context.run_id, cfg, sm, spec)
+    report.server_optimizer = opt_settings.describe() if opt_settings else None
     if resume is not None:
         earlier = resume.results
         report.initial_eval = next((r for r in earlier if r.round == 0), None)

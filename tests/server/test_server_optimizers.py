@@ -48,6 +48,13 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
     )
     assert report["secure_aggregation"] == "secagg+" and report["config"]["strategy"] == "fedadam"
     assert all(r["aggregated"] for r in report["rounds"])
+    assert report["server_optimizer"] == {
+        "name": "fedadam",
+        "learning_rate": 0.05,
+        "beta1": 0.9,
+        "beta2": 0.99,
+        "tau": 1e-3,
+    }
     header = "strategy fedadam (learning_rate 0.05, beta1 0.9, beta2 0.99, tau 0.001)"
     assert any(header in r.getMessage() for r in caplog.records)
 
