@@ -21,7 +21,9 @@ neither), it has no Yogi, and its Adagrad has no first moment (β1). Its SGD wit
 momentum (dampening 0) is exactly fedavgm, and its Adagrad (``initial_accumulator_value
 = τ²``, ``eps = τ``) is exactly fedadagrad with β1 = 0: the tests check both against
 it. Flower's FedAdam differs from the paper (bias correction, v starting at 0); its
-FedAdagrad fixes β1 at 0. Defaults otherwise follow Flower's strategies.
+FedAdagrad fixes β1 at 0 (here it takes server-beta1, as in the paper). Defaults
+follow Flower's strategies, except fedavgm's momentum: 0.9 (Hsu et al.), since
+Flower's 0 would make it plain FedAvg.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 after every round, writes ``<out-dir>/checkpoints/round-NNNN.safetensors``: the global
 head plus, in the file's metadata, everything a resumed run needs (round, run config
 and its fingerprint, the model's identity, the privacy ledger's released rounds,
-RNG state, the results so far, a slot for server-optimizer state). Each write is
-atomic (temporary file, fsync, rename): a crash leaves the previous checkpoint
-intact. It keeps the newest ``keep-checkpoints`` and the best (by federated
+RNG state, the results so far, the server optimizer's settings and step count; its
+moments are tensors beside the head). Each write is atomic (temporary file, fsync,
+rename): a crash leaves the previous checkpoint intact. It keeps the newest ``keep-checkpoints`` and the best (by federated
 evaluation accuracy) and writes ``<out-dir>/status.json`` (running, finished or
 failed, with the reason) for ``fedhead runs``.
 
