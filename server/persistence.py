@@ -7,8 +7,9 @@ and its fingerprint, the model's identity, the privacy ledger's released rounds,
 RNG state, the results so far, the server optimizer's settings and step count; its
 moments are tensors beside the head). Each write is atomic (temporary file, fsync,
 rename): a crash leaves the previous checkpoint intact. It keeps the newest
-``keep-checkpoints`` and the best (by federated evaluation accuracy) and writes ``<out-dir>/status.json`` (running, finished or
-failed, with the reason) for ``fedhead runs``.
+``keep-checkpoints`` and the best (by federated evaluation accuracy) and writes
+``<out-dir>/status.json`` (running, finished or failed, with the reason) for
+``fedhead runs``.
 
 ``load_resume`` is the other side: it finds the checkpoint a ``resume-from`` names,
 and refuses one whose model differs from the run's in anything that shapes it.
