@@ -125,6 +125,13 @@ class Checkpoint:
             slot: [self.optimizer[f"{OPTIMIZER_PREFIX}{slot}/{n}"] for n in self.names]
             for slot in meta.get("slots", [])
         }
+        for slot, arrays in slots.items():
+            for name, moment, head in zip(self.names, arrays, self.arrays, strict=True):
+                if moment.shape != head.shape:
+                    raise CheckpointError(
+                        f"resume-from: {self.path.name}: the server optimizer's {slot} of "
+                        f"{name} has shape {moment.shape}, the tensor {head.shape}"
+                    )
         try:
             optimizer.load_state(meta, slots)
         except ValueError as err:
