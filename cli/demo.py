@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers
+from fedhead.common.config import SERVER_STRATEGIES
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS
 
 
@@ -28,6 +29,8 @@ def _demo(args: argparse.Namespace) -> int:
             metrics_address=args.metrics_address,
             verbose=args.verbose,
             resume=args.resume,
+            strategy=args.strategy,
+            proximal_mu=args.proximal_mu,
         )
     )
     return 0
@@ -57,6 +60,19 @@ def add_parser(sub: Subparsers) -> None:
     d.add_argument("--local-epochs", type=int, default=5, help="epochs per round (5)")
     d.add_argument("--learning-rate", type=float, default=0.01, help="first-round rate (0.01)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--strategy",
+        choices=SERVER_STRATEGIES,
+        default="fedavg",
+        help="server optimizer on the aggregated head update (fedavg; the others keep "
+        "momentum or adaptive state on the server, see README)",
+    )
+    d.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=0.0,
+        help="FedProx at the sites: weight of the pull toward the global head (0 = off)",
+    )
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument(
         "--no-secure-aggregation",

@@ -59,6 +59,8 @@ class DemoOptions:
     metrics_address: str = "none"
     verbose: bool = False
     resume: bool = False  # continue the run whose checkpoints are in ``out``
+    strategy: str = "fedavg"  # server optimizer (run-config key strategy)
+    proximal_mu: float = 0.0  # FedProx at the sites (run-config key proximal-mu)
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_mapping(
@@ -79,6 +81,8 @@ class DemoOptions:
                 "join-timeout": 120.0,
                 "secure-aggregation": self.secure_aggregation,
                 "resume-from": str(self.out) if self.resume else "",
+                "strategy": self.strategy,
+                "proximal-mu": self.proximal_mu,
             }
         )
 
@@ -110,6 +114,12 @@ def _write_sites(opts: DemoOptions) -> list[demo_data.Share]:
     for i, share in enumerate(shares):
         write_site_npz(opts.out / "sites" / f"site-{i}.npz", share.train, share.val)
     return shares
+
+
+def _aggregation(cfg: RunConfig) -> str:
+    """How the sites' updates become the global head, in the demo's header."""
+    text = f"strategy {cfg.strategy}"
+    return text + (f" with FedProx mu={cfg.proximal_mu:g}" if cfg.proximal_mu > 0 else "")
 
 
 def _counts(labels: np.ndarray) -> str:
@@ -186,7 +196,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
         f"({sum(p.numel() for p in sm.model.frozen.parameters()):,} parameters), "
         f"{cfg.head} head ({sm.trainable.num_params:,} parameters, "
         f"{human_bytes(sm.trainable.nbytes)}), {cfg.resolved_input_size()} px, "
-        f"{opts.rounds} rounds"
+        f"{opts.rounds} rounds, {_aggregation(cfg)}"
     )
     print(
         f"site data (bundled chest X-rays; Dirichlet alpha={opts.alpha} shares of the train "

@@ -351,6 +351,7 @@ class Site:
             weight_decay=settings.weight_decay,
             tuned_lr_scale=settings.unfreeze_lr_scale,
             seed=round_seed(settings.seed, settings.server_round),
+            proximal_mu=settings.proximal_mu,
         )
         views = self.spec.augment_views > 0
         result = train_head(model, feats, labels, params, self.device, views=views)

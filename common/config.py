@@ -133,6 +133,21 @@ def _sha_check(v: str) -> str | None:
     return None
 
 
+# Server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization"); see
+# fedhead.server.optimizers.
+SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+# The largest FedProx weight (proximal-mu) a run may set and a site accepts: far above
+# useful values (Li et al. 2020 use 0.001 to 1), low enough for the proximal term to
+# stay finite.
+MAX_PROXIMAL_MU = 1000.0
+
+
+def _unit_interval(v: Any) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
 # The largest image side a run may ask for: sites refuse larger ones, which would make
 # them allocate huge tensors (and decode large images at full size).
 MAX_INPUT_SIZE = 1024
@@ -213,6 +228,26 @@ class RunConfig(_Config):
     dp_delta: float = opt(
         1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)", "differential privacy delta"
     )
+    strategy: str = opt(
+        "fedavg",
+        one_of(*SERVER_STRATEGIES),
+        "server optimizer on the aggregated head delta (works under SecAgg+ and DP)",
+    )
+    server_learning_rate: float = opt(
+        0.0,
+        non_negative,
+        "server step size; 0 = the strategy's default (fedavgm 1, fedadam 0.1, fedyogi 0.01, "
+        "fedadagrad 0.1)",
+    )
+    server_momentum: float = opt(0.9, _unit_interval, "fedavgm: server momentum")
+    server_beta1: float = opt(0.9, _unit_interval, "fedadam/fedyogi/fedadagrad: first moment")
+    server_beta2: float = opt(0.99, _unit_interval, "fedadam/fedyogi: second moment decay")
+    server_tau: float = opt(1e-3, positive, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon)")
+    proximal_mu: float = opt(
+        0.0,
+        lambda v: None if 0 <= v <= MAX_PROXIMAL_MU else f"must be in [0, {MAX_PROXIMAL_MU:g}]",
+        "FedProx at sites: weight of (mu/2)*||w - w_global||^2; 0 = off",
+    )
     server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
     out_dir: str = opt(
         "", doc="report.json, status and checkpoints go here; default ./fedhead-runs/run-<id>"
@@ -256,6 +291,11 @@ class RunConfig(_Config):
             and (self.dp_clipping_norm > self.max_update_norm)
         ):
             problems.append("dp-clipping-norm: must not exceed max-update-norm")
+        if self.strategy == "fedavg" and self.server_learning_rate:
+            problems.append(
+                "server-learning-rate: applies to a server optimizer only; set strategy to "
+                "fedavgm, fedadam, fedyogi or fedadagrad (or leave it at 0)"
+            )
         if bool(self.backbone_weights) != bool(self.backbone_sha256):
             problems.append(
                 "backbone-sha256: backbone-weights and backbone-sha256 go together "

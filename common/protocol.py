@@ -21,12 +21,14 @@ every node a ``query.models`` message offering one finished run's model
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Self
 
 from flwr.app import ConfigRecord
 
+from fedhead.common.config import MAX_PROXIMAL_MU
 from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
@@ -155,6 +157,15 @@ class FitSettings(_Record):
     clipping_range: float  # SecAgg+: every sent value must lie within +-this (0 = no SecAgg+)
     uniform_weight: bool  # DP: every site counts once, whatever its number of examples
     max_site_examples: int  # a site counts at most this many examples
+    proximal_mu: float = 0.0  # FedProx: (mu/2)*||w - w_global||^2 in the local loss
+
+    def __post_init__(self) -> None:
+        """Sites are told these by the server: refuse what would break local training."""
+        if not (math.isfinite(self.proximal_mu) and 0 <= self.proximal_mu <= MAX_PROXIMAL_MU):
+            raise FederationError(
+                f"FitSettings: proximal_mu {self.proximal_mu!r} is not in [0, {MAX_PROXIMAL_MU:g}]",
+                "set the run's proximal-mu to a value in that range",
+            )
 
 
 @dataclass(frozen=True)

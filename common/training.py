@@ -24,6 +24,11 @@ class TrainParams:
     weight_decay: float = 0.0
     tuned_lr_scale: float = 0.1
     seed: int = 0
+    proximal_mu: float = 0.0  # FedProx: weight of (mu/2)*||w - w_start||^2; 0 = plain training
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,14 @@ def _autocast(model: FedHeadModel, device: Device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def proximal_term(
+    params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu/2) * ||w - w_global||^2 over the trained tensors (Li et al. 2020)."""
+    total = sum(((p.float() - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    return (mu / 2) * torch.as_tensor(total)
+
+
 def train_head(
     model: FedHeadModel,
     features: torch.Tensor,
@@ -94,6 +107,9 @@ def train_head(
 
     With ``views``, ``features`` has a leading dimension of cached views per example
     (the image and its augmented views): every batch takes one at random per example.
+    With ``params.proximal_mu > 0`` (FedProx) the loss gains (mu/2)*||w - w_start||^2
+    over the trained tensors, which keeps them near the global ones they started from;
+    the reported loss stays the cross-entropy.
     """
     n = int(labels.shape[0])
     if n == 0:
@@ -102,6 +118,8 @@ def train_head(
     _trainable_to(model, device)
     model.train(True)
     opt = _optimizer(model, params)
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    anchor = [p.detach().float().clone() for p in trained] if params.proximal_mu > 0 else []
     scaler = torch.amp.GradScaler(enabled=device.amp_dtype == torch.float16)
     gen = torch.Generator().manual_seed(params.seed)
     x_all = features.to(device.torch_device)
@@ -119,8 +137,11 @@ def train_head(
                 x = x_all[idx]
             with _autocast(model, device):
                 loss = F.cross_entropy(model.forward_from_features(x), y_all[idx])
+            objective = loss
+            if anchor:
+                objective = loss + proximal_term(trained, anchor, params.proximal_mu)
             opt.zero_grad(set_to_none=True)
-            scaled: torch.Tensor = scaler.scale(loss)
+            scaled: torch.Tensor = scaler.scale(objective)
             scaled.backward()  # type: ignore[no-untyped-call]
             scaler.step(opt)
             scaler.update()

@@ -11,6 +11,7 @@ run with ``resume-from`` continues from a checkpoint. Both the ServerApp and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -33,6 +34,8 @@ from fedhead.server.aggregation import Arrays
 from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.evaluation import server_evaluator
+from fedhead.server.fedopt import ServerOptimizerStrategy
+from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.persistence import (
     CHECKPOINTS,
     STATUS_FILE,
@@ -43,6 +46,7 @@ from fedhead.server.persistence import (
     FinalModel,
     RunStatus,
     check_resume,
+    check_strategy,
     config_changes,
     load_resume,
     model_identity,
@@ -119,8 +123,13 @@ def _federate(
     names = sm.trainable.names
     identity = model_identity(cfg, sm.sha256, sm.trainable.fingerprint())
     initial = sm.trainable.get(sm.model)
+    opt_settings = ServerOptimizerSettings.from_run(cfg)
+    optimizer = ServerOptimizer(opt_settings) if opt_settings else None
     if resume is not None:
         check_resume(resume, identity, names)
+        check_strategy(resume, cfg)
+        if optimizer is not None:
+            resume.restore_optimizer(optimizer)
         if changes := config_changes(resume, cfg):
             log.warning(
                 "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
@@ -141,6 +150,7 @@ def _federate(
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
     )
     report = _new_report(context.run_id, cfg, sm, spec)
+    report.server_optimizer = opt_settings.describe() if opt_settings else None
     if resume is not None:
         earlier = resume.results
         report.initial_eval = next((r for r in earlier if r.round == 0), None)
@@ -151,6 +161,10 @@ def _federate(
 
     def planner(outcome: PrepareOutcome) -> RoundPlan:
         plan = plan_rounds(cfg, strategy, outcome, report)
+        if optimizer is not None:  # outside the DP wrapper: see fedhead.server.fedopt
+            plan = dataclasses.replace(
+                plan, strategy=ServerOptimizerStrategy(plan.strategy, optimizer)
+            )
         if plan.privacy is not None:
             ledgers.append(plan.privacy)
             if resume is not None:
@@ -171,6 +185,7 @@ def _federate(
         names,
         lambda: ledgers[0] if ledgers else None,
         resume,
+        optimizer,
     )
     finals: list[FinalModel] = []
 
@@ -198,13 +213,14 @@ def _federate(
 
     log.info(
         "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
-        "%d rounds%s",
+        "%d rounds, strategy %s%s",
         context.run_id,
         sm.spec.name,
         sm.sha256[:12],
         sm.trainable.num_params,
         sm.trainable.nbytes,
         cfg.num_server_rounds,
+        _describe_strategy(cfg, opt_settings),
         f", resuming after round {resume.round} from {resume.path}" if resume else "",
     )
     workflow = FedHeadWorkflow(
@@ -241,6 +257,18 @@ def _federate(
     _require_progress(strategy, cfg.num_server_rounds)
     checkpointer.run_finished(finals[0], path)
     return report
+
+
+def _describe_strategy(cfg: RunConfig, settings: ServerOptimizerSettings | None) -> str:
+    """The log header's words for the aggregation: FedAvg, or the server optimizer with
+    its hyper-parameters, and FedProx where the sites use it."""
+    text = "fedavg"
+    if settings is not None:
+        hyper = ", ".join(f"{k} {v:g}" for k, v in settings.describe().items() if k != "name")
+        text = f"{settings.name} ({hyper})"
+    if cfg.proximal_mu > 0:
+        text += f", FedProx mu {cfg.proximal_mu:g} at the sites"
+    return text
 
 
 def _fmt_acc(v: float) -> str:

@@ -4,11 +4,12 @@
 after every round, writes ``<out-dir>/checkpoints/round-NNNN.safetensors``: the global
 head plus, in the file's metadata, everything a resumed run needs (round, run config
 and its fingerprint, the model's identity, the privacy ledger's released rounds,
-RNG state, the results so far, a slot for server-optimizer state). Each write is
-atomic (temporary file, fsync, rename): a crash leaves the previous checkpoint
-intact. It keeps the newest ``keep-checkpoints`` and the best (by federated
-evaluation accuracy) and writes ``<out-dir>/status.json`` (running, finished or
-failed, with the reason) for ``fedhead runs``.
+RNG state, the results so far, the server optimizer's settings and step count; its
+moments are tensors beside the head). Each write is atomic (temporary file, fsync,
+rename): a crash leaves the previous checkpoint intact. It keeps the newest
+``keep-checkpoints`` and the best (by federated evaluation accuracy) and writes
+``<out-dir>/status.json`` (running, finished or failed, with the reason) for
+``fedhead runs``.
 
 ``load_resume`` is the other side: it finds the checkpoint a ``resume-from`` names,
 and refuses one whose model differs from the run's in anything that shapes it.
@@ -43,6 +44,7 @@ from fedhead.common.protocol import ModelDescription
 from fedhead.common.rounds import RoundResult
 from fedhead.server.aggregation import Arrays
 from fedhead.server.distribution import PrepareOutcome
+from fedhead.server.optimizers import ServerOptimizer
 from fedhead.server.secure import PrivacyEvent, PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ FORMAT = 1
 META_KEY = "fedhead.checkpoint"
 HEAD_PREFIX = "head/"
 RNG_NUMPY, RNG_TORCH = "rng/numpy", "rng/torch"
+OPTIMIZER_PREFIX = "server_optimizer/"  # + "<slot>/<tensor name>": the moments, float64
 BEST_METRIC = "eval_accuracy"  # federated evaluation, example-weighted over sites
 CHECKPOINTS = "checkpoints"
 STATUS_FILE = "status.json"
@@ -95,6 +98,7 @@ class Checkpoint:
     meta: dict[str, Any]
     path: Path
     rng: dict[str, np.ndarray]  # the RNG states too large for the metadata
+    optimizer: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # by tensor key
 
     @property
     def results(self) -> list[RoundResult]:
@@ -104,6 +108,35 @@ class Checkpoint:
     def privacy_events(self) -> list[PrivacyEvent]:
         privacy = self.meta.get("privacy") or {}
         return [(float(e[0]), int(e[1]), int(e[2])) for e in privacy.get("released", [])]
+
+    @property
+    def strategy(self) -> str:
+        """The run's server optimizer (checkpoints from before there was a choice: fedavg)."""
+        return str(self.meta.get("config", {}).get("strategy", "fedavg"))
+
+    def restore_optimizer(self, optimizer: ServerOptimizer) -> None:
+        """Give ``optimizer`` the state it had after this checkpoint's round."""
+        meta = self.meta.get("server_optimizer")
+        if meta is None:
+            raise CheckpointError(
+                f"resume-from: {self.path.name} holds no server-optimizer state for strategy "
+                f"{optimizer.settings.name}"
+            )
+        slots = {
+            slot: [self.optimizer[f"{OPTIMIZER_PREFIX}{slot}/{n}"] for n in self.names]
+            for slot in meta.get("slots", [])
+        }
+        for slot, arrays in slots.items():
+            for name, moment, head in zip(self.names, arrays, self.arrays, strict=True):
+                if moment.shape != head.shape:
+                    raise CheckpointError(
+                        f"resume-from: {self.path.name}: the server optimizer's {slot} of "
+                        f"{name} has shape {moment.shape}, the tensor {head.shape}"
+                    )
+        try:
+            optimizer.load_state(meta, slots)
+        except ValueError as err:
+            raise CheckpointError(f"resume-from: {self.path.name}: {err}") from err
 
     def restore_rng(self) -> None:
         """Put Python's, NumPy's and torch's global RNGs back where they were."""
@@ -162,7 +195,12 @@ class CheckpointStore:
         return dict(sorted(found.items()))
 
     def save(
-        self, rnd: int, names: list[str], arrays: Arrays, meta: dict[str, Any]
+        self,
+        rnd: int,
+        names: list[str],
+        arrays: Arrays,
+        meta: dict[str, Any],
+        extra: dict[str, np.ndarray] | None = None,
     ) -> tuple[Path, int]:
         """Write round ``rnd`` atomically, update the index, prune; returns (path, best round)."""
         rng_meta, rng_tensors = _rng_state()
@@ -177,6 +215,7 @@ class CheckpointStore:
         }
         tensors = {HEAD_PREFIX + n: a for n, a in zip(names, arrays, strict=True)}
         tensors.update(rng_tensors)
+        tensors.update(extra or {})
         blob = head_bytes(list(tensors), list(tensors.values()), {META_KEY: json.dumps(meta)})
         path = self.folder / f"round-{rnd:04d}.safetensors"
         with atomic_writer(path) as f:
@@ -261,7 +300,17 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if head_sha256(names, arrays) != meta["head_sha256"]:
         raise CheckpointError(f"{path}: the head does not match its recorded sha256")
     rng = {k: tensors[k] for k in (RNG_NUMPY, RNG_TORCH)}
-    return Checkpoint(int(meta["round"]), names, arrays, meta, path, rng)
+    optimizer = {k: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
+    meta_opt = meta.get("server_optimizer") or {}
+    missing = [
+        f"{OPTIMIZER_PREFIX}{slot}/{n}"
+        for slot in meta_opt.get("slots", [])
+        for n in names
+        if f"{OPTIMIZER_PREFIX}{slot}/{n}" not in optimizer
+    ]
+    if missing:
+        raise CheckpointError(f"{path}: server-optimizer tensor {missing[0]!r} is missing")
+    return Checkpoint(int(meta["round"]), names, arrays, meta, path, rng, optimizer)
 
 
 def checkpoint_folder(path: Path) -> Path:
@@ -339,6 +388,17 @@ def check_resume(ckpt: Checkpoint, identity: Mapping[str, Any], names: list[str]
         raise CheckpointError("resume-from: the checkpoint holds other tensors than this model")
 
 
+def check_strategy(ckpt: Checkpoint, cfg: RunConfig) -> None:
+    """Refuse to switch server optimizers mid-run: the saved state (or its absence) only
+    fits the strategy that wrote it."""
+    if ckpt.strategy != cfg.strategy:
+        raise CheckpointError(
+            f"resume-from: the checkpoint's rounds ran strategy={ckpt.strategy} but this run "
+            f"has strategy={cfg.strategy}; resume with strategy={ckpt.strategy}, or start a "
+            "new run"
+        )
+
+
 def config_changes(ckpt: Checkpoint, cfg: RunConfig) -> list[str]:
     """Settings (beyond the model's) that differ from the checkpoint's run: allowed,
     but the resumed run then computes something else than the original would have."""
@@ -399,11 +459,13 @@ class Checkpointer:
         names: list[str],
         privacy: Callable[[], PrivacyLedger | None],
         resumed: Checkpoint | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.store = store
         self.status = status
         self.names = names
         self.privacy = privacy
+        self.optimizer = optimizer
         self.results: list[dict[str, Any]] = list(resumed.meta["results"]) if resumed else []
         # sha256 of the global head after each round: the heads sites trained from, which
         # a site names to prove it trained in the run when it asks for a missed model.
@@ -415,7 +477,6 @@ class Checkpointer:
             "config": cfg.to_mapping(),
             "config_fingerprint": config_fingerprint(cfg),
             "model": identity,
-            "server_optimizer": None,  # FedAvg keeps no server-side optimizer state
             "resumed_from": resumed_from(resumed),
         }
 
@@ -439,6 +500,7 @@ class Checkpointer:
                 "delta": ledger.delta,
                 "released": [list(e) for e in ledger.released],
             }
+        opt_meta, opt_tensors = self._optimizer_state()
         path, best = self.store.save(
             result.round,
             self.names,
@@ -446,9 +508,11 @@ class Checkpointer:
             {
                 **self.meta,
                 "privacy": privacy,
+                "server_optimizer": opt_meta,
                 "results": self.results,
                 ROUND_HEADS: self.round_heads,
             },
+            opt_tensors,
         )
         self.status.update(
             rounds_done=result.round,
@@ -457,6 +521,18 @@ class Checkpointer:
             last_checkpoint=str(path),
             best_checkpoint=str(self.store.folder / f"round-{best:04d}.safetensors"),
         )
+
+    def _optimizer_state(self) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
+        """The server optimizer's state after the round (None: FedAvg keeps none)."""
+        if self.optimizer is None:
+            return None, {}
+        meta, slots = self.optimizer.state()
+        tensors = {
+            f"{OPTIMIZER_PREFIX}{slot}/{n}": a
+            for slot, arrays in slots.items()
+            for n, a in zip(self.names, arrays, strict=True)
+        }
+        return meta, tensors
 
     def run_finished(self, final: FinalModel, report_path: Path) -> None:
         """The run ended well: record its final model and its report.

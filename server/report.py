@@ -35,6 +35,9 @@ class RunReport:
     secure_aggregation: str = "none"  # "secagg+" or "none"
     secure_aggregation_params: dict[str, Any] = field(default_factory=dict)
     differential_privacy: dict[str, Any] | None = None
+    # The server optimizer (strategy other than fedavg) with the hyper-parameters it
+    # ran with, its default learning rate resolved; None: FedAvg.
+    server_optimizer: dict[str, Any] | None = None
     resumed_from: dict[str, Any] | None = None  # round, checkpoint and run id continued
     model: dict[str, Any] | None = None  # the final head's description (incl. its sha256)
     delivery: dict[str, Any] | None = None  # which sites verified and kept the final model

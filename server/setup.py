@@ -93,4 +93,5 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         uniform_weight=cfg.dp_noise_multiplier > 0,
         max_site_examples=cfg.max_site_examples,
+        proximal_mu=cfg.proximal_mu,
     )

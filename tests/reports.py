@@ -70,6 +70,7 @@ class ReportJson(TypedDict):
     secure_aggregation: str
     secure_aggregation_params: dict[str, Any]
     differential_privacy: dict[str, Any]
+    server_optimizer: dict[str, Any] | None
     seconds: float
 
 

@@ -64,6 +64,20 @@ def test_bad_demo_options_are_reported_together(tmp_path: Path) -> None:
     )
 
 
+def test_demo_passes_its_strategy_and_refuses_a_bad_proximal_mu(tmp_path: Path) -> None:
+    from fedhead.cli.demo_job import DemoOptions
+
+    cfg = DemoOptions(out=tmp_path, strategy="fedyogi", proximal_mu=0.1).run_config()
+    assert (cfg.strategy, cfg.proximal_mu) == ("fedyogi", 0.1)
+    one_line_error(
+        fedhead("demo", "--proximal-mu", "-1", "--out", str(tmp_path)),
+        ConfigError.exit_code,
+        "proximal-mu: must be in [0, 1000]",
+    )
+    unknown = fedhead("demo", "--strategy", "fedsgd", "--out", str(tmp_path))
+    assert unknown.returncode == 2 and "fedadam" in unknown.stderr
+
+
 def test_demo_refuses_an_out_with_checkpoints_unless_resumed(tmp_path: Path) -> None:
     one_line_error(
         fedhead("demo", "--resume", "--out", str(tmp_path)),

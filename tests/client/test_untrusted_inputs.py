@@ -246,3 +246,17 @@ def test_a_site_counts_images_above_its_pixel_limit_as_unreadable(
 
 def _paths(part: LabeledImages) -> list[str]:
     return [part.images.describe(i) for i in range(len(part))]
+
+
+@pytest.mark.parametrize("mu", [-1.0, float("nan"), float("inf"), 1e6])
+def test_a_site_refuses_a_proximal_mu_it_cannot_train_with(mu: float) -> None:
+    from fedhead.common.errors import FederationError
+    from fedhead.common.model import TensorSpec, TrainableSet
+    from fedhead.common.protocol import FitSettings
+    from fedhead.server.setup import fit_settings
+
+    cfg = RunConfig.from_mapping({"classes": "a,b", "input-size": 64})
+    sent = fit_settings(cfg, TrainableSet((TensorSpec("head.w", (2, 2), "float32"),))).to_config()
+    assert FitSettings.from_mapping(sent).proximal_mu == 0.0
+    with pytest.raises(FederationError, match="proximal_mu"):
+        FitSettings.from_mapping({**sent, "proximal_mu": mu})

@@ -11,7 +11,13 @@ from fedhead.common.backbones import get_spec
 from fedhead.common.device import select_device
 from fedhead.common.model import FedHeadModel, TrainableSet
 from fedhead.common.partition import dirichlet_partition, iid_partition
-from fedhead.common.training import TrainParams, evaluate_head, scheduled_lr, train_head
+from fedhead.common.training import (
+    TrainParams,
+    evaluate_head,
+    proximal_term,
+    scheduled_lr,
+    train_head,
+)
 
 SPEC = get_spec("mobilenet_v2")
 CPU = select_device("cpu")
@@ -89,3 +95,37 @@ def test_partition_errors() -> None:
         dirichlet_partition(np.zeros(15), 2, alpha=1)
     parts = iid_partition(10, 3)
     assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+
+
+def test_proximal_term_is_half_mu_times_the_squared_distance_and_its_gradient_pulls_back() -> None:
+    w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    anchor = torch.tensor([0.0, -1.0, 0.5])
+    term = proximal_term([w], [anchor], mu=0.4)
+    assert float(term.detach()) == pytest.approx(0.2 * (1.0 + 1.0 + 0.0))
+    term.backward()  # type: ignore[no-untyped-call]
+    assert w.grad is not None
+    # d/dw (mu/2)||w - a||^2 = mu (w - a): a gradient step moves w toward the anchor
+    np.testing.assert_allclose(w.grad.numpy(), 0.4 * np.array([1.0, -1.0, 0.0]), rtol=1e-6)
+
+
+def _distance_after_training(model: FedHeadModel, mu: float) -> float:
+    ts = TrainableSet.of(model)
+    start = ts.get(model)
+    x, y = _blobs(128)
+    train_head(model, x, y, TrainParams(5, 16, 0.1, seed=1, proximal_mu=mu), CPU)
+    moved = ts.get(model)
+    ts.set(model, start)
+    return math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(moved, start, strict=True)))
+
+
+def test_fedprox_keeps_the_trained_head_closer_to_the_global_one(model: FedHeadModel) -> None:
+    plain = _distance_after_training(model, 0.0)
+    prox = _distance_after_training(model, 1.0)
+    strong = _distance_after_training(model, 10.0)
+    assert strong < prox < plain
+
+
+def test_train_params_refuse_a_bad_proximal_mu() -> None:
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="proximal_mu"):
+            TrainParams(1, 16, 0.1, proximal_mu=bad)

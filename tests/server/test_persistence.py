@@ -11,13 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
+from fedhead.common.rounds import RoundResult
+from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.persistence import (
+    OPTIMIZER_PREFIX,
+    Checkpointer,
     CheckpointError,
     CheckpointStore,
+    RunStatus,
     check_resume,
+    check_strategy,
     config_changes,
     config_fingerprint,
     load_resume,
@@ -177,3 +185,39 @@ def test_a_replayed_privacy_ledger_goes_on_from_the_same_epsilon() -> None:
     resumed = PrivacyLedger(1.0, 1e-5, sites=3, sampled=3)
     assert resumed.replay(cut.released) == pytest.approx(eps[1])
     assert resumed.release() == pytest.approx(eps[2])
+
+
+def test_server_optimizer_state_is_saved_as_tensors_and_checked_on_reading(
+    tmp_path: Path,
+) -> None:
+    cfg = _cfg(tmp_path, strategy="fedyogi")
+    optimizer = ServerOptimizer(ServerOptimizerSettings("fedyogi", 0.01))
+    optimizer.step([a * 0.1 for a in _arrays(1)])
+    store = CheckpointStore(tmp_path / "ckpt")
+    status = RunStatus(tmp_path / "status.json")
+    keeper = Checkpointer(store, status, 7, cfg, {}, NAMES, lambda: None, None, optimizer)
+    keeper.round_finished(RoundResult(1), _arrays(1))
+    ckpt = store.load()
+    assert ckpt.meta["server_optimizer"]["steps"] == 1 and ckpt.strategy == "fedyogi"
+    assert sorted(ckpt.optimizer) == sorted(
+        f"{OPTIMIZER_PREFIX}{slot}/{n}" for slot in ("m", "v") for n in NAMES
+    )
+    resumed = ServerOptimizer(ServerOptimizerSettings("fedyogi", 0.01))
+    ckpt.restore_optimizer(resumed)
+    for a, b in zip(resumed.v or [], optimizer.v or [], strict=True):
+        np.testing.assert_array_equal(a, b)
+    check_strategy(ckpt, cfg)
+    with pytest.raises(CheckpointError, match="strategy=fedyogi but this run has strategy=fedavg"):
+        check_strategy(ckpt, _cfg(tmp_path))
+    with pytest.raises(CheckpointError, match="saved state is 'fedyogi'"):
+        ckpt.restore_optimizer(ServerOptimizer(ServerOptimizerSettings("fedadam", 0.1)))
+
+    # a checkpoint that lost one of its moment tensors is refused, naming it
+    tensors = load_file(str(ckpt.path))
+    del tensors[f"{OPTIMIZER_PREFIX}v/{NAMES[0]}"]
+    with safe_open(str(ckpt.path), framework="numpy") as f:
+        metadata = f.metadata()
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=metadata)
+    with pytest.raises(CheckpointError, match="server-optimizer tensor 'server_optimizer/v/"):
+        read_checkpoint(damaged)
