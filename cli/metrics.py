@@ -16,7 +16,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from fedhead.common import __version__
-from fedhead.common.rounds import REJECT_REASONS, SECAGG_STAGES, RoundResult
+from fedhead.common.rounds import CLINICAL_METRICS, REJECT_REASONS, SECAGG_STAGES, RoundResult
 from fedhead.common.telemetry import (
     Event,
     RoundStarted,
@@ -159,6 +159,15 @@ class ServerMetrics:
             ["scope"],
             registry=r,
         )
+        self.eval_clinical = Gauge(
+            "fedhead_eval_clinical_ratio",
+            "Clinical metric (0..1) of the global head after the last round, by scope and "
+            "metric: auroc, balanced_accuracy, sensitivity, specificity (two classes) and "
+            "ece (calibration error). Federated: pooled from the sites' count tables; "
+            "AUROC exact up to the 100-bin score histograms.",
+            ["scope", "metric"],
+            registry=r,
+        )
         # Only DP runs create a series: an epsilon of 0 would read as "no privacy spent".
         self.dp_epsilon = Gauge(
             "fedhead_dp_epsilon",
@@ -230,6 +239,10 @@ class ServerMetrics:
             ("federated", e.eval_loss, e.eval_accuracy),
             ("server", e.server_eval_loss, e.server_eval_accuracy),
         ):
+            values = e.eval_metrics if scope == "federated" else e.server_eval_metrics
+            for metric in CLINICAL_METRICS:
+                if _finite(values.get(metric)):
+                    self.eval_clinical.labels(scope, metric).set(values[metric])
             if _finite(loss):
                 self.eval_loss.labels(scope).set(loss)
             if _finite(acc):

@@ -21,7 +21,7 @@ import ``fedhead.client.site`` when they run.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -225,11 +225,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
-    result = _site(context).evaluate(arrays)
+    site = _site(context)
+    result = site.evaluate(arrays)
+    metrics: dict[str, Any] = {"accuracy": result.accuracy}
+    # Clinical metrics: the server pools the site's count tables (never per-image
+    # scores) when the run asks for them and the site's node config allows it.
+    if evalins.config.get("statistics") is True and site.node.evaluation_statistics:
+        metrics.update(site.evaluation_statistics(arrays).to_metrics())
     evalres = EvaluateRes(
         status=Status(Code.OK, "ok"),
         loss=result.loss,
         num_examples=result.examples,
-        metrics={"accuracy": result.accuracy},
+        metrics=metrics,
     )
     return Message(compat.evaluateres_to_recorddict(evalres), reply_to=msg)

@@ -44,6 +44,7 @@ from fedhead.common.images import (
     SubsetImages,
 )
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_filename
+from fedhead.common.pooled import EvalStatistics
 from fedhead.common.protocol import (
     PROTOCOL_VERSION,
     WEIGHTS_MISMATCH,
@@ -62,6 +63,7 @@ from fedhead.common.training import (
     TrainParams,
     TrainResult,
     evaluate_head,
+    head_logits,
     round_seed,
     train_head,
 )
@@ -442,6 +444,16 @@ class Site:
         self.trainable.set(model, arrays)
         feats, labels, _ = self.features("val")
         return evaluate_head(model, feats, labels, self.device)
+
+    def evaluation_statistics(self, arrays: list[np.ndarray]) -> EvalStatistics:
+        """The count tables the server pools into clinical metrics (``common.pooled``):
+        confusion counts and score histograms over the validation split, no per-image
+        score."""
+        model = self.trained_model()
+        self.trainable.set(model, arrays)
+        feats, labels, _ = self.features("val")
+        proba = torch.softmax(head_logits(model, feats, self.device), dim=1)
+        return EvalStatistics.from_predictions(labels.numpy(), proba.cpu().numpy())
 
 
 # One model per process and run configuration. A simulation worker serves many sites

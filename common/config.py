@@ -248,6 +248,10 @@ class RunConfig(_Config):
         lambda v: None if 0 <= v <= MAX_PROXIMAL_MU else f"must be in [0, {MAX_PROXIMAL_MU:g}]",
         "FedProx at sites: weight of (mu/2)*||w - w_global||^2; 0 = off",
     )
+    evaluation_statistics: bool = opt(
+        True,
+        doc="sites send count tables for pooled AUROC, sensitivity, specificity, calibration",
+    )
     server_test_data: str = opt("", doc="server-side test set (folder, .csv or .npz)")
     out_dir: str = opt(
         "", doc="report.json, status and checkpoints go here; default ./fedhead-runs/run-<id>"
@@ -353,6 +357,10 @@ class NodeConfig(_Config):
         "", _site_name_check, "this site's label in the operator's logs and report"
     )
     feature_cache_gb: float = opt(5.0, positive, "disk budget of the feature cache")
+    evaluation_statistics: bool = opt(
+        True,
+        doc="send confusion counts and score histograms for pooled AUROC etc. (SECURITY.md)",
+    )
     dicom_window: int = opt(
         0,
         lambda v: None if v >= -1 else "must be >= -1",

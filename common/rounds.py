@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples", "malformed", "weight", "range")
 # Flower's SecAgg+ stages, in order (a bounded set: a metrics label).
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+# Clinical metrics of an evaluation, pooled over sites or on the server's test set
+# (a bounded set: a metrics label). Sensitivity and specificity: two classes only.
+CLINICAL_METRICS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "ece")
 
 
 @dataclass
@@ -33,8 +36,15 @@ class RoundResult:
     eval_loss: float = math.nan  # federated evaluation, example-weighted over sites
     eval_accuracy: float = math.nan
     eval_examples: int = 0
+    # pooled clinical metrics from the sites' summed statistics (common.pooled): auroc,
+    # balanced_accuracy, ece, and for two classes sensitivity and specificity
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_confusion: list[list[int]] = field(default_factory=list)  # rows: true class
+    eval_statistics_examples: int = 0  # examples behind eval_metrics (sites that sent them)
+    eval_statistics_refused: int = 0  # sites whose statistics failed the checks
     server_eval_loss: float = math.nan  # the server's own test set, when configured
     server_eval_accuracy: float = math.nan
+    server_eval_metrics: dict[str, float] = field(default_factory=dict)  # exact, same names
     sites_selected: int = 0
     sites_replied: int = 0
     sites_failed: int = 0  # answered with an error

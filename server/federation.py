@@ -33,7 +33,7 @@ from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
 from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
-from fedhead.server.evaluation import server_evaluator
+from fedhead.server.evaluation import server_test_set
 from fedhead.server.fedopt import ServerOptimizerStrategy
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.persistence import (
@@ -135,6 +135,7 @@ def _federate(
                 "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
             )
         initial = resume.arrays
+    test_set = server_test_set(cfg, sm)
     strategy = FedHeadStrategy(
         trainable=sm.trainable,
         initial=initial,
@@ -146,8 +147,9 @@ def _federate(
         fraction_evaluate=cfg.fraction_evaluate,
         secure=cfg.secure_aggregation,
         max_update_norm=cfg.max_update_norm,
-        server_evaluate=server_evaluator(cfg, sm),
+        server_evaluate=test_set,
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
+        statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
     )
     report = _new_report(context.run_id, cfg, sm, spec)
     report.server_optimizer = opt_settings.describe() if opt_settings else None
@@ -195,6 +197,8 @@ def _federate(
         finals.append(FinalModel(names, arrays, description))
         report.model = description.to_config()
         recorder.finish(time.perf_counter() - t_start)  # the final metrics, for the package
+        if test_set is not None and (evaluation := test_set.evaluation(list(arrays))):
+            report.server_test_evaluation = evaluation.to_json()
         package = package_from_run(
             cfg, sm.model, list(arrays), report.training_summary(), report.final_metrics()
         )

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedhead.common.files import atomic_writer
 from fedhead.common.package import TrainingSummary
-from fedhead.common.rounds import RoundResult
+from fedhead.common.rounds import CLINICAL_METRICS, RoundResult
 
 
 @dataclass
@@ -30,6 +30,8 @@ class RunReport:
     final_eval_loss: float = math.nan
     final_server_eval_accuracy: float = math.nan  # the server's test set, when configured
     final_server_eval_loss: float = math.nan
+    # the final head on the server's test set: every metric with its bootstrap interval
+    server_test_evaluation: dict[str, Any] | None = None
     centralized_accuracy: float | None = None
     centralized: dict[str, Any] | None = None
     secure_aggregation: str = "none"  # "secagg+" or "none"
@@ -67,6 +69,13 @@ class RunReport:
             ),
             "server_test_accuracy": last([r.server_eval_accuracy for r in self.rounds]),
             "server_test_loss": last([r.server_eval_loss for r in self.rounds]),
+            # pooled from the sites' count tables (AUROC: exact up to the score binning)
+            **{
+                f"federated_eval_{name}": last(
+                    [r.eval_metrics.get(name, math.nan) for r in self.rounds]
+                )
+                for name in CLINICAL_METRICS
+            },
         }
 
     def training_summary(self, class_counts: Sequence[int] | None = None) -> TrainingSummary:
@@ -104,10 +113,11 @@ def _clean(obj: Any) -> Any:
 # run's log, from wherever the SuperLink runs.
 REPORT_LOG_PREFIX = "fedhead-report-json: "
 
-# eval: federated, on the sites' validation data; test: the server's test set (or -)
+# eval: federated, on the sites' validation data (auroc: pooled from the sites' score
+# histograms); test: the server's test set (or -)
 TABLE_HEADER = (
-    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'test acc':>8}  "
-    f"{'to sites':>10}  {'from sites':>10}  {'seconds':>7}"
+    f"{'round':>5}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'auroc':>6}  "
+    f"{'bal acc':>7}  {'test acc':>8}  {'to sites':>10}  {'from sites':>10}  {'seconds':>7}"
 )
 
 
@@ -126,7 +136,10 @@ def human_bytes(n: float) -> str:
 def table_row(r: RoundResult) -> str:
     return (
         f"{r.round:>5}  {_fmt(r.train_loss, '.4f'):>10}  {_fmt(r.eval_loss, '.4f'):>9}  "
-        f"{_fmt(r.eval_accuracy, '.4f'):>8}  {_fmt(r.server_eval_accuracy, '.4f'):>8}  "
+        f"{_fmt(r.eval_accuracy, '.4f'):>8}  "
+        f"{_fmt(r.eval_metrics.get('auroc', math.nan), '.4f'):>6}  "
+        f"{_fmt(r.eval_metrics.get('balanced_accuracy', math.nan), '.4f'):>7}  "
+        f"{_fmt(r.server_eval_accuracy, '.4f'):>8}  "
         f"{human_bytes(r.bytes_to_sites):>10}  "
         f"{human_bytes(r.bytes_from_sites):>10}  {r.seconds:>7.2f}"
     )

@@ -33,6 +33,7 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from fedhead.common.model import TrainableSet
+from fedhead.common.pooled import STAT_KEYS, EvalStatistics, pool
 from fedhead.common.protocol import FitSettings
 from fedhead.common.rounds import RoundResult
 from fedhead.common.training import scheduled_lr
@@ -53,7 +54,8 @@ from fedhead.server.screening import (
 
 log = logging.getLogger(__name__)
 
-ServerEvaluate = Callable[[Arrays], tuple[float, float]]  # arrays -> (loss, accuracy)
+# arrays -> (loss, accuracy, clinical metrics by name: common.evaluation.point_metrics)
+ServerEvaluate = Callable[[Arrays], tuple[float, float, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class FedHeadStrategy(Strategy):
         max_update_norm: float = 0.0,
         server_evaluate: ServerEvaluate | None = None,
         clipping_range: float = 0.0,
+        statistics_classes: int = 0,
     ) -> None:
         super().__init__()
         if trainable.problems(initial):
@@ -128,6 +131,8 @@ class FedHeadStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.server_evaluate = server_evaluate
         self.clipping_range = clipping_range  # SecAgg+: no honest mean lies outside it
+        # > 0: sites send count tables of this many classes for pooled clinical metrics
+        self.statistics_classes = statistics_classes
         self.ready: set[int] = set()
         self.names: dict[int, str] = {}  # node id -> the site's label in logs
         # What each site may count: its prepare-time example counts, capped by the run's
@@ -315,7 +320,11 @@ class FedHeadStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         sites = _sample(client_manager, self.ready, self.fraction_evaluate, 1)
         # Sites evaluate one head per round they trained in (round 0: the initial head).
-        return [(site, EvaluateIns(parameters, {"server_round": server_round})) for site in sites]
+        config: dict[str, Scalar] = {
+            "server_round": server_round,
+            "statistics": self.statistics_classes > 0,
+        }
+        return [(site, EvaluateIns(parameters, config)) for site in sites]
 
     def aggregate_evaluate(
         self,
@@ -339,17 +348,56 @@ class FedHeadStrategy(Strategy):
         st.eval_accuracy = weighted_metric(
             [(n, float(r.metrics.get("accuracy", math.nan))) for n, r in counted]
         )
-        return st.eval_loss, {"accuracy": st.eval_accuracy}
+        self._pool_statistics(st, server_round, [(p.node_id, r) for p, r in results])
+        return st.eval_loss, {"accuracy": st.eval_accuracy, **st.eval_metrics}
+
+    def _pool_statistics(
+        self, st: RoundResult, server_round: int, results: list[tuple[int, EvaluateRes]]
+    ) -> None:
+        """Pooled clinical metrics from the sites' count tables (``common.pooled``).
+
+        A site's tables that fail the checks leave only that site's tables out (its loss
+        and accuracy, already checked, still count); a site that sends none (its node
+        config says no) is simply not in the pooled metrics: ``eval_statistics_examples``
+        says how many examples they cover.
+        """
+        if not self.statistics_classes:
+            return
+        tables = []
+        for node_id, res in results:
+            if not any(key in res.metrics for key in STAT_KEYS):
+                continue
+            try:
+                tables.append(
+                    EvalStatistics.from_metrics(
+                        res.metrics, self.statistics_classes, res.num_examples
+                    )
+                )
+            except ValueError as err:
+                st.eval_statistics_refused += 1
+                log.warning(
+                    "round %d: evaluation statistics of %s left out: %s",
+                    server_round,
+                    self.names.get(node_id, f"node {node_id}"),
+                    err,
+                )
+        pooled = pool(tables)
+        if pooled is None or pooled.examples == 0:
+            return
+        st.eval_statistics_examples = pooled.examples
+        st.eval_metrics = pooled.metrics()
+        st.eval_confusion = pooled.confusion.tolist()
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         if self.server_evaluate is None:
             return None
-        loss, accuracy = self.server_evaluate(parameters_to_ndarrays(parameters))
+        loss, accuracy, metrics = self.server_evaluate(parameters_to_ndarrays(parameters))
         st = self.stats(server_round)
         st.server_eval_loss, st.server_eval_accuracy = loss, accuracy
-        return loss, {"accuracy": accuracy}
+        st.server_eval_metrics = metrics
+        return loss, {"accuracy": accuracy, **metrics}
 
 
 # Flower error codes meaning the node or its reply is gone (not that its app failed).

@@ -39,8 +39,13 @@ class RoundJson(TypedDict):
     eval_loss: float
     eval_accuracy: float
     eval_examples: int
+    eval_metrics: dict[str, float]
+    eval_confusion: list[list[int]]
+    eval_statistics_examples: int
+    eval_statistics_refused: int
     server_eval_loss: float
     server_eval_accuracy: float
+    server_eval_metrics: dict[str, float]
     sites_selected: int
     sites_replied: int
     sites_failed: int
@@ -65,6 +70,7 @@ class ReportJson(TypedDict):
     rounds: list[RoundJson]
     final_eval_accuracy: float
     final_eval_loss: float
+    server_test_evaluation: dict[str, Any] | None
     centralized_accuracy: float
     centralized: dict[str, Any]
     secure_aggregation: str

@@ -110,6 +110,8 @@ def test_server_events_become_metrics() -> None:
             bytes_from_sites=2000,
             eval_loss=0.5,
             eval_accuracy=0.65,
+            eval_metrics={"auroc": 0.9, "sensitivity": 0.8, "specificity": float("nan")},
+            server_eval_metrics={"balanced_accuracy": 0.7},
             dp_epsilon=2.5,
             dp_delta=1e-5,
         )
@@ -133,6 +135,11 @@ def test_server_events_become_metrics() -> None:
     assert v['fedhead_eval_accuracy_ratio{scope="federated"}'] == 0.65
     assert v['fedhead_eval_accuracy_change_ratio{scope="federated"}'] == pytest.approx(-0.05)
     assert v['fedhead_dp_epsilon{delta="1e-05"}'] == 2.5
+    assert v['fedhead_eval_clinical_ratio{metric="auroc",scope="federated"}'] == 0.9
+    assert v['fedhead_eval_clinical_ratio{metric="sensitivity",scope="federated"}'] == 0.8
+    assert v['fedhead_eval_clinical_ratio{metric="balanced_accuracy",scope="server"}'] == 0.7
+    # an undefined metric (NaN) has no series rather than a misleading value
+    assert not any('metric="specificity"' in k for k in v)
     info = next(k for k in v if k.startswith("fedhead_backbone_info"))
     assert 'name="mobilenet_v2"' in info and 'secure_aggregation="secagg+"' in info
 

@@ -211,10 +211,13 @@ def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
 
     Returns the message types seen. SecAgg+ protocol records (public keys, encrypted key
     shares, the masked vector) are allowed, bounded in size; anything else must be a
-    short scalar: no image bytes, paths, per-sample values or label lists.
+    short scalar: no image bytes, paths, per-sample values or label lists. Evaluation
+    replies may carry the pooled-metrics count tables, whose size the class count fixes.
     """
     import json
 
+    from fedhead.common.evaluation import ECE_BINS
+    from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
     from fedhead.common.protocol import parse_model_requests
 
     types = set()
@@ -237,6 +240,12 @@ def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
                             else 8
                         )
                         assert size < 200_000, (key, value)
+                        continue
+                    if key in STAT_KEYS:  # count tables for pooled metrics, fixed size
+                        k = trainable_shapes[-1][0]  # classes: the head's bias
+                        most = 8 * (k * k + 2 * k * SCORE_BINS + 3 * ECE_BINS)
+                        assert entry["message_type"] == "evaluate", entry
+                        assert value["type"] == "bytes" and value["len"] <= most, (key, value)
                         continue
                     assert isinstance(value, int | float | str), (rec_name, key, value)
                     if key == "missing_models":  # earlier runs' ids and sha256 digests

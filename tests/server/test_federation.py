@@ -6,13 +6,17 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedhead.client.app import app as client_app
+from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, WeightsError
+from fedhead.common.evaluation import ECE_BINS
+from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
 from fedhead.common.protocol import MSG_WEIGHTS, RECORD_MODEL_REPLY
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import CLASSES, nodes, run, write_sites
@@ -32,6 +36,21 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
     acc = [r["eval_accuracy"] for r in rounds]
     assert acc[-1] > 0.6 and acc[-1] >= acc[0]
     assert report["final_eval_accuracy"] == acc[-1]
+    for r in rounds:  # clinical metrics pooled from both sites' count tables
+        confusion = np.array(r["eval_confusion"])
+        assert confusion.sum() == r["eval_examples"] == r["eval_statistics_examples"]
+        assert np.trace(confusion) / confusion.sum() == pytest.approx(r["eval_accuracy"])
+        assert set(r["eval_metrics"]) == {
+            "auroc",
+            "balanced_accuracy",
+            "sensitivity",
+            "specificity",
+            "ece",
+        }
+        assert 0.5 < r["eval_metrics"]["auroc"] <= 1.0
+        sens = confusion[1, 1] / confusion[1].sum()
+        assert r["eval_metrics"]["sensitivity"] == pytest.approx(sens)
+        assert r["eval_statistics_refused"] == 0
     backbone = report["backbone"]
     assert backbone["head_params"] == 1280 * 2 + 2 and backbone["head_bytes"] == 4 * 2562
     assert backbone["trunk_params"] == 2_223_872
@@ -47,7 +66,8 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
 
 
 def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> None:
-    """Sites send trainable tensors (masked under SecAgg+) and scalars, nothing else."""
+    """Sites send trainable tensors (masked under SecAgg+), scalars and the fixed-size
+    count tables of pooled metrics, nothing else."""
     for reply in replies:
         content = reply.content
         for name, rec in content.array_records.items():
@@ -62,6 +82,11 @@ def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> No
                     continue
                 if name == RECORD_MODEL_REPLY:  # the sha256 of the final model it kept
                     assert re.fullmatch("[0-9a-f]{64}", value), value
+                    continue
+                if key in STAT_KEYS:  # pooled-metrics count tables: size fixed by 2 classes
+                    assert name == "evaluateres.metrics", name
+                    most = 8 * (2 * 2 + 2 * 2 * SCORE_BINS + 3 * ECE_BINS)
+                    assert isinstance(value, bytes) and len(value) <= most, key
                     continue
                 assert isinstance(value, int | float | str), (key, value)
                 assert not isinstance(value, str) or len(value) < 64, (key, value)
@@ -188,7 +213,6 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     site on the sites' validation images, it scores the federated evaluation exactly."""
     import json
 
-    import numpy as np
     from flwr.app import Context, RecordDict
 
     from fedhead.common.device import select_device
@@ -240,3 +264,29 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     y = np.concatenate(labels)
     accuracy = float(np.mean(preds.predicted == y))
     assert accuracy == pytest.approx(report.final_eval_accuracy, abs=1e-9)
+
+
+def test_clinical_statistics_follow_the_run_and_each_sites_choice(offline_world: Path) -> None:
+    tmp = offline_world
+    sites = nodes(tmp, write_sites(tmp, 2))
+    sites[101]["evaluation-statistics"] = False  # this site shares loss and accuracy only
+    test = demo_data.load("test")
+    pick = np.concatenate([np.flatnonzero(test.labels == c)[:30] for c in (0, 1)])
+    np.savez(tmp / "test.npz", images=test.images[pick], labels=test.labels[pick])
+    server_test = {"num-server-rounds": 1, "server-test-data": str(tmp / "test.npz")}
+    report = run(LoopbackGrid(client_app, sites), tmp, **server_test)
+    (r,) = report["rounds"]
+    assert 0 < r["eval_statistics_examples"] < r["eval_examples"]  # site 100's tables only
+    assert np.array(r["eval_confusion"]).sum() == r["eval_statistics_examples"]
+    # the server's own test set: exact metrics each round, intervals for the final head
+    final = report["server_test_evaluation"]
+    assert final is not None and final["examples"] == 60
+    auroc = final["metrics"]["auroc"]
+    assert auroc["value"] == pytest.approx(r["server_eval_metrics"]["auroc"])
+    assert auroc["ci95"][0] <= auroc["value"] <= auroc["ci95"][1]
+    assert sum(map(sum, final["confusion_matrix"]["counts"])) == 60
+
+    off = {"num-server-rounds": 1, "evaluation-statistics": False, "out-dir": str(tmp / "o2")}
+    report = run(LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2))), tmp, **off)
+    (r,) = report["rounds"]
+    assert r["eval_metrics"] == {} and r["eval_confusion"] == [] and r["eval_examples"] > 0

@@ -139,8 +139,9 @@ def test_evaluation_is_example_weighted() -> None:
 
 def test_server_side_evaluation_is_used_when_given() -> None:
     seen = []
-    s = strategy(server_evaluate=lambda arrays: (seen.append(arrays) or 0.3, 0.9))
-    assert s.evaluate(1, ndarrays_to_parameters(zeros())) == (0.3, {"accuracy": 0.9})
+    s = strategy(server_evaluate=lambda arrays: (seen.append(arrays) or 0.3, 0.9, {"auroc": 0.8}))
+    assert s.evaluate(1, ndarrays_to_parameters(zeros())) == (0.3, {"accuracy": 0.9, "auroc": 0.8})
+    assert s.stats(1).server_eval_metrics == {"auroc": 0.8}
     assert strategy().evaluate(1, ndarrays_to_parameters(zeros())) is None
 
 
@@ -157,3 +158,37 @@ def test_gone_sites_count_as_dropped_and_erroring_sites_as_failed() -> None:
     s.aggregate_fit(1, [(Proxy("1"), fitres(0.1, 5)), (Proxy("2"), fitres(0.1, 5))], failures)
     st = s.stats(1)
     assert (st.sites_selected, st.sites_replied, st.sites_failed, st.sites_dropped) == (4, 2, 1, 1)
+
+
+def test_sites_count_tables_are_pooled_and_a_bad_one_is_left_out() -> None:
+    from fedhead.common.pooled import KEY_CONFUSION, EvalStatistics
+
+    rng = np.random.default_rng(0)
+
+    def reply(n: int) -> EvaluateRes:
+        y = rng.integers(0, 2, n)
+        p1 = np.clip(0.5 + (y - 0.5) * 0.6 + rng.normal(0, 0.2, n), 0, 1)
+        stats = EvalStatistics.from_predictions(y, np.stack([1 - p1, p1], axis=1))
+        acc = float(np.trace(stats.confusion) / n)
+        return EvaluateRes(Status(Code.OK, ""), 0.5, n, {"accuracy": acc, **stats.to_metrics()})
+
+    good, other, bad = reply(30), reply(50), reply(20)
+    bad.metrics[KEY_CONFUSION] = [20, 0, 0, 5]  # counts 25 examples, claims 20
+    s = strategy(statistics_classes=2)
+    res = [(Proxy("1"), good), (Proxy("2"), other), (Proxy("3"), bad)]
+    _, metrics = s.aggregate_evaluate(1, res, [])
+    st = s.stats(1)
+    assert st.eval_examples == 100  # the bad site's loss and accuracy still count
+    assert st.eval_statistics_examples == 80 and st.eval_statistics_refused == 1
+    assert np.array(st.eval_confusion).sum() == 80
+    assert metrics["auroc"] == st.eval_metrics["auroc"] > 0.5
+    s.ready = {1, 2}
+    asks = s.configure_evaluate(1, ndarrays_to_parameters(zeros()), manager(2))
+    assert [ins.config["statistics"] for _, ins in asks] == [True, True]
+    # without statistics_classes the server asks for none and pools none
+    plain = strategy()
+    plain.ready = {1, 2}
+    asks = plain.configure_evaluate(1, ndarrays_to_parameters(zeros()), manager(2))
+    assert [ins.config["statistics"] for _, ins in asks] == [False, False]
+    plain.aggregate_evaluate(1, res, [])
+    assert plain.stats(1).eval_metrics == {}
