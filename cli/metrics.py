@@ -27,6 +27,7 @@ from fedhead.common.telemetry import (
     SiteFeatures,
     SiteMessage,
     SiteRefusedUpdate,
+    SitesOutcome,
     SiteTrained,
 )
 
@@ -76,6 +77,14 @@ class ServerMetrics:
         )
         self.run_sites = Gauge(
             "fedhead_run_sites", "Sites that joined the current or last run.", registry=r
+        )
+        self.sites_outcome = Gauge(
+            "fedhead_sites_outcome",
+            "Sites of the last run by per-site outcome (local-baseline / personalize-epochs): "
+            "reported, negative_transfer (federated accuracy below local-only beyond the "
+            "paired 95% interval), failed (no valid outcome).",
+            ["state"],
+            registry=r,
         )
         self.round_current = Gauge(
             "fedhead_round_current",
@@ -204,6 +213,10 @@ class ServerMetrics:
             self.round_current.set(event.round)
         elif isinstance(event, RoundResult):
             self._round(event)
+        elif isinstance(event, SitesOutcome):
+            self.sites_outcome.labels("reported").set(event.reported)
+            self.sites_outcome.labels("negative_transfer").set(event.negative_transfer)
+            self.sites_outcome.labels("failed").set(event.failed)
 
     def _round(self, e: RoundResult) -> None:
         self.round_last.set(e.round)

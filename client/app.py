@@ -4,6 +4,8 @@ Handlers:
 - ``query.prepare``: check data and backbone copy, remember the run spec.
 - ``query.weights``: receive the backbone file from the server, verify, cache.
 - ``query.model``: after the last round, the final head: verify it, keep it.
+- ``query.outcome``: after delivery, when asked: local-only / federated / personalized
+  metrics on the site's validation split (``client.outcome``); scalars only.
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
 - ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
   heads the site agrees to evaluate (``client.ledger``).
@@ -43,12 +45,17 @@ from fedhead.common.protocol import (
     RECORD_MODEL,
     RECORD_MODEL_FILES,
     RECORD_MODEL_REPLY,
+    RECORD_OUTCOME,
+    RECORD_OUTCOME_FIT,
+    RECORD_OUTCOME_HEAD,
+    RECORD_OUTCOME_REPLY,
     RECORD_PREPARE,
     RECORD_RUN,
     RECORD_WEIGHTS,
     FitSettings,
     ModelDescription,
     ModelReceipt,
+    OutcomeRequest,
     RunSpec,
 )
 
@@ -126,6 +133,19 @@ def model(msg: Message, context: Context) -> Message:
     _, sha = site.keep_model(context.run_id, description, files)
     receipt = ModelReceipt(sha)
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
+
+
+@app.query("outcome")
+def outcome(msg: Message, context: Context) -> Message:
+    from fedhead.client.outcome import site_outcome  # torch: only when asked
+
+    request = OutcomeRequest.from_mapping(msg.content.config_records[RECORD_OUTCOME])
+    settings = FitSettings.from_mapping(msg.content.config_records[RECORD_OUTCOME_FIT])
+    record = msg.content.array_records[RECORD_OUTCOME_HEAD]
+    initial = [np.ascontiguousarray(record[k].numpy()) for k in sorted(record, key=int)]
+    result = site_outcome(_site(context), context.run_id, request, settings, initial)
+    reply = RecordDict({RECORD_OUTCOME_REPLY: ConfigRecord(result.to_record())})
+    return Message(reply, reply_to=msg)
 
 
 def _ledger(context: Context) -> HeadLedger:

@@ -8,7 +8,9 @@ node that lacks the backbone then receives the weights file's bytes in a
 evaluation then use Flower's legacy fit/evaluate records (needed for SecAgg+), with
 the per-round settings in ``FitSettings``. After the last round every site that took
 part receives the final head and its ``ModelDescription`` in a ``query.model``
-message, verifies both and keeps them.
+message, verifies both and keeps them. Then, when the run asks for it, each site that
+kept it gets a ``query.outcome`` message (``OutcomeRequest``, the round settings and the
+initial head) and answers with its per-site outcome (``fedhead.common.outcome``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ PROTOCOL_VERSION = 1
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
 MSG_MODEL = "query.model"
+MSG_OUTCOME = "query.outcome"
 
 RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps it in state)
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
@@ -34,6 +37,10 @@ RECORD_WEIGHTS = "fedhead.weights"  # ArrayRecord: the weights file as one uint8
 RECORD_MODEL = "fedhead.model"  # ConfigRecord: ModelDescription (server -> node)
 RECORD_MODEL_FILES = "fedhead.model.files"  # ArrayRecord: the model package, one uint8 array a file
 RECORD_MODEL_REPLY = "fedhead.model.reply"  # ConfigRecord: ModelReceipt (node -> server)
+RECORD_OUTCOME = "fedhead.outcome"  # ConfigRecord: OutcomeRequest (server -> node)
+RECORD_OUTCOME_FIT = "fedhead.outcome.fit"  # ConfigRecord: the run's FitSettings (round 1)
+RECORD_OUTCOME_HEAD = "fedhead.outcome.head"  # ArrayRecord: the run's initial head
+RECORD_OUTCOME_REPLY = "fedhead.outcome.reply"  # ConfigRecord: SiteOutcome (node -> server)
 
 WEIGHTS_OK = "ok"
 WEIGHTS_MISSING = "missing"
@@ -169,3 +176,20 @@ class ModelReceipt(_Record):
     """A site's answer to a delivered model: the sha256 of what it verified and kept."""
 
     head_sha256: str
+
+
+@dataclass(frozen=True)
+class OutcomeRequest(_Record):
+    """What the server asks of each site after delivery: evaluate the delivered head
+    (``head_sha256``) and, as asked, train a local-only head with the run's budget
+    (``rounds`` x the settings' local epochs, the learning rate on ``lr_schedule``) and
+    a personalized head (``personalize_epochs`` at ``personalize_lr_scale`` x the rate)."""
+
+    run_id: int
+    head_sha256: str
+    rounds: int
+    lr_schedule: str
+    local_baseline: bool
+    personalize_epochs: int
+    personalize_lr_scale: float
+    resamples: int  # bootstrap resamples for every interval

@@ -70,6 +70,8 @@ class ReportJson(TypedDict):
     secure_aggregation: str
     secure_aggregation_params: dict[str, Any]
     differential_privacy: dict[str, Any]
+    sites: list[dict[str, Any]]
+    sites_failed: dict[str, str]
     seconds: float
 
 

@@ -1,0 +1,70 @@
+"""Per-site outcome (query.outcome): local-only vs federated vs personalized heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhead.client.app import app as client_app
+from fedhead.common import demo_data
+from fedhead.common.package import ModelPackage
+from fedhead.common.simulation import write_site_npz
+from tests.conftest import write_share_npz
+from tests.loopback import LoopbackGrid
+from tests.server.conftest import nodes, run
+
+
+def _permute_labels(path: Path) -> Path:
+    """The same images with the two classes swapped: a site whose task contradicts the
+    others', where federation must hurt (negative transfer)."""
+    with np.load(path) as z:
+        train = demo_data.Split(z["images"], 1 - z["labels"])
+        val = demo_data.Split(z["val_images"], 1 - z["val_labels"])
+    return write_site_npz(path, train, val)
+
+
+@pytest.mark.slow
+def test_a_site_with_permuted_labels_is_flagged_negative_transfer(offline_world: Path) -> None:
+    tmp = offline_world
+    # near-IID shares: the two honest sites agree and outweigh the small permuted one
+    # (FedAvg weighs by examples), so only the permuted site is hurt
+    shares = demo_data.shares(3, alpha=100.0, seed=3)
+    sizes = [120, 120, 30]
+    sites = [
+        write_share_npz(tmp / f"site-{i}.npz", s, n, 60, seed=i)
+        for i, (s, n) in enumerate(zip(shares, sizes, strict=True))
+    ]
+    _permute_labels(sites[2])
+    configs = nodes(tmp, sites)
+    for i, node in enumerate(sorted(configs)):
+        configs[node]["site-name"] = f"hospital-{i}"
+    grid = LoopbackGrid(client_app, configs)
+    report = run(
+        grid,
+        tmp,
+        **{
+            "num-server-rounds": 3,
+            "local-epochs": 3,
+            "local-baseline": True,
+            "personalize-epochs": 3,
+            "secure-aggregation": False,
+        },
+    )
+    by_site = {s["site"]: s for s in report["sites"]}
+    assert sorted(by_site) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert report["sites_failed"] == {}
+    bad = by_site["hospital-2"]
+    assert bad["negative_transfer"] is True
+    assert bad["gain"]["ci95"][1] < 0
+    assert bad["local_only"]["accuracy"] > bad["federated"]["accuracy"]
+    for name in ("hospital-0", "hospital-1"):
+        assert by_site[name]["negative_transfer"] is False, by_site[name]
+    # the mismatched site gains most from personalizing; a kept head is a usable package
+    assert bad["personalized"] is not None
+    for i, name in enumerate(sorted(by_site)):
+        kept = tmp / f"node{i}" / "models" / "4242" / "personalized"
+        assert kept.is_dir() == by_site[name]["personalized_kept"]
+        if kept.is_dir():
+            assert ModelPackage.load(kept).classes == tuple(demo_data.CLASSES)
