@@ -4,7 +4,8 @@ personalized heads on its own validation split. See ``fedhead.common.outcome``.
 The site evaluates only the head it was delivered and kept (``Site.keep_model``), and
 trains the local-only head from the run's initial head, which it trained from in
 round 1 anyway. A personalized head that beats the federated one on the validation
-split is written as a model package to ``<cache>/models/<run-id>/personalized/``, for
+split is written as a model package to ``<cache>/models/<run-id>/personalized/``
+(``personalized-<site name>/`` for a named site: sites may share a cache folder), for
 ``fedhead predict --model``; it never leaves the site.
 """
 
@@ -149,7 +150,8 @@ def site_outcome(
             personal.accuracy == fed.accuracy and personal.loss < fed.loss
         )
         if better:
-            path = _keep_personalized(kept_dir, kept, mine, names)
+            folder = f"{PERSONALIZED}-{site.label}" if site.label else PERSONALIZED
+            path = _keep_personalized(kept_dir / folder, kept, mine, names)
             log.info("personalized head beats the federated one; kept at %s", path)
         else:
             log.info("personalized head does not beat the federated one; not kept")
@@ -161,7 +163,7 @@ def site_outcome(
 
 
 def _keep_personalized(
-    kept_dir: Path, kept: ModelPackage, arrays: list[np.ndarray], names: list[str]
+    dest: Path, kept: ModelPackage, arrays: list[np.ndarray], names: list[str]
 ) -> Path:
     """The delivered package with the personalized head, beside it (replacing an earlier
     personalization of the same run, which only this site wrote)."""
@@ -169,5 +171,5 @@ def _keep_personalized(
 
     tensors = dict(zip(names, (np.ascontiguousarray(a) for a in arrays), strict=True))
     pkg = replace(kept, tensors=tensors, metrics={})
-    written: Path = pkg.write(kept_dir / PERSONALIZED, overwrite=True)
+    written: Path = pkg.write(dest, overwrite=True)
     return written

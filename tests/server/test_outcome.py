@@ -64,7 +64,7 @@ def test_a_site_with_permuted_labels_is_flagged_negative_transfer(offline_world:
     # the mismatched site gains most from personalizing; a kept head is a usable package
     assert bad["personalized"] is not None
     for i, name in enumerate(sorted(by_site)):
-        kept = tmp / f"node{i}" / "models" / "4242" / "personalized"
+        kept = tmp / f"node{i}" / "models" / "4242" / f"personalized-{name}"
         assert kept.is_dir() == by_site[name]["personalized_kept"]
         if kept.is_dir():
             assert ModelPackage.load(kept).classes == tuple(demo_data.CLASSES)
