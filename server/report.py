@@ -251,10 +251,10 @@ def plot_sites(report: RunReport, path: Path) -> Path:
         ylim=(0, 1.05),
         title="Accuracy per site, on its own validation split",
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(shown), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_writer(path) as f:
-        fig.savefig(f, format="png", dpi=100)
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
