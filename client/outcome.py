@@ -11,6 +11,7 @@ split is written as a model package to ``<cache>/models/<run-id>/personalized/``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -131,9 +132,12 @@ def site_outcome(
         from fedhead.common.evaluation import paired_difference
 
         gain, lo, hi = paired_difference(y, fed_proba, local_proba, request.resamples, seed=seed)
+        balanced = paired_difference(
+            y, fed_proba, local_proba, request.resamples, seed=seed, metric="balanced_accuracy"
+        )
         outcome = SiteOutcome(
             outcome.examples, outcome.federated, metrics(local_proba, local_loss), None, False,
-            gain, lo, hi,
+            gain, lo, hi, *balanced,
         )  # fmt: skip
         log.info(
             "run %d outcome: federated accuracy %.4f, local-only %.4f, gain %+.4f [%+.4f, %+.4f]",
@@ -155,10 +159,7 @@ def site_outcome(
             log.info("personalized head beats the federated one; kept at %s", path)
         else:
             log.info("personalized head does not beat the federated one; not kept")
-        outcome = SiteOutcome(
-            outcome.examples, fed, outcome.local, personal, better,
-            outcome.gain, outcome.gain_lo, outcome.gain_hi,
-        )  # fmt: skip
+        outcome = dataclasses.replace(outcome, personalized=personal, personalized_kept=better)
     return outcome
 
 

@@ -95,6 +95,12 @@ class SiteOutcome:
     gain: float = math.nan  # accuracy, federated - local-only
     gain_lo: float = math.nan  # paired bootstrap interval of the gain
     gain_hi: float = math.nan
+    # balanced accuracy, federated - local-only: on a skewed site a local-only head that
+    # predicts the site's majority class has a high accuracy and a balanced accuracy of
+    # 1 / classes; this gain shows it
+    balanced_gain: float = math.nan
+    balanced_gain_lo: float = math.nan
+    balanced_gain_hi: float = math.nan
 
     @property
     def negative_transfer(self) -> bool:
@@ -109,6 +115,9 @@ class SiteOutcome:
             "gain": self.gain,
             "gain_lo": self.gain_lo,
             "gain_hi": self.gain_hi,
+            "balanced_gain": self.balanced_gain,
+            "balanced_gain_lo": self.balanced_gain_lo,
+            "balanced_gain_hi": self.balanced_gain_hi,
         }
         for head in HEADS:
             metrics: HeadMetrics | None = getattr(self, head)
@@ -143,18 +152,22 @@ class SiteOutcome:
         kept = get("personalized_kept", bool)
         if kept and heads["personalized"] is None:
             raise _bad("a personalized head kept without its metrics")
-        gain, lo, hi = get("gain", float), get("gain_lo", float), get("gain_hi", float)
-        if heads["local"] is None:
-            if not all(math.isnan(x) for x in (gain, lo, hi)):
-                raise _bad("a gain without a local-only head")
-        else:
-            if not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in (gain, lo, hi)):
-                raise _bad("the gain or its interval is not a finite number in [-1, 1]")
-            if not lo <= gain <= hi:
-                raise _bad(f"the gain {gain:.4g} lies outside its interval")
+        gains = []
+        for name in ("gain", "balanced_gain"):
+            gain, lo, hi = get(name, float), get(f"{name}_lo", float), get(f"{name}_hi", float)
+            what = name.replace("_", " ")
+            if heads["local"] is None:
+                if not all(math.isnan(x) for x in (gain, lo, hi)):
+                    raise _bad(f"a {what} without a local-only head")
+            else:
+                if not all(math.isfinite(x) and -1.0 <= x <= 1.0 for x in (gain, lo, hi)):
+                    raise _bad(f"the {what} or its interval is not a finite number in [-1, 1]")
+                if not lo <= gain <= hi:
+                    raise _bad(f"the {what} {gain:.4g} lies outside its interval")
+            gains += [gain, lo, hi]
         federated = heads["federated"]
         assert federated is not None
-        return cls(examples, federated, heads["local"], heads["personalized"], kept, gain, lo, hi)
+        return cls(examples, federated, heads["local"], heads["personalized"], kept, *gains)
 
     def to_report(self, site: str) -> dict[str, Any]:
         """The site's entry in report.json's ``sites`` list."""
@@ -167,7 +180,12 @@ class SiteOutcome:
             "personalized_kept": self.personalized_kept,
             "gain": None
             if self.local is None
-            else {"accuracy": self.gain, "ci95": [self.gain_lo, self.gain_hi]},
+            else {
+                "accuracy": self.gain,
+                "ci95": [self.gain_lo, self.gain_hi],
+                "balanced_accuracy": self.balanced_gain,
+                "balanced_ci95": [self.balanced_gain_lo, self.balanced_gain_hi],
+            },
             "negative_transfer": self.negative_transfer,
         }
 

@@ -174,7 +174,7 @@ def plot(report: RunReport, path: Path) -> Path:
 
 SITES_HEADER = (
     f"{'site':<20}  {'local-only':>10}  {'federated':>9}  {'personal.':>9}  "
-    f"{'gain':>7}  {'gain 95% CI':>17}  flag"
+    f"{'gain':>7}  {'gain 95% CI':>17}  {'bal. gain':>9}  flag"
 )
 
 
@@ -186,7 +186,8 @@ def _acc(head: dict[str, Any] | None) -> float:
 
 def sites_table(report: RunReport) -> list[str]:
     """The per-site outcome as console lines: validation accuracy of each head, the gain
-    federated - local-only with its paired interval, and the negative-transfer flag
+    federated - local-only with its paired interval, the same gain in balanced accuracy,
+    and the negative-transfer flag
     (a personalized head that did not beat the federated one is shown in brackets)."""
     lines = [SITES_HEADER]
     for s in report.sites or []:
@@ -200,6 +201,7 @@ def sites_table(report: RunReport) -> list[str]:
             f"{s['site'][:20]:<20}  {_fmt(_acc(s.get('local_only')), '.4f'):>10}  "
             f"{_fmt(_acc(s.get('federated')), '.4f'):>9}  {personal:>9}  "
             f"{_fmt(_num(gain.get('accuracy')), '+.4f'):>7}  {ci:>17}  "
+            f"{_fmt(_num(gain.get('balanced_accuracy')), '+.4f'):>9}  "
             f"{'NEGATIVE TRANSFER' if s.get('negative_transfer') else ''}"
         )
     for site, why in sorted(report.sites_failed.items()):

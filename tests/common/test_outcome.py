@@ -20,11 +20,13 @@ def _head(acc: float) -> HeadMetrics:
 def _outcome(gain: tuple[float, float, float] | None) -> SiteOutcome:
     if gain is None:
         return SiteOutcome(50, _head(0.8))
-    return SiteOutcome(50, _head(0.8), _head(0.8 - gain[0]), None, False, *gain)
+    return SiteOutcome(50, _head(0.8), _head(0.8 - gain[0]), None, False, *gain, *gain)
 
 
 def test_an_outcome_goes_over_the_wire_and_back_unchanged() -> None:
-    sent = SiteOutcome(50, _head(0.8), _head(0.7), _head(0.85), True, 0.1, 0.02, 0.18)
+    sent = SiteOutcome(
+        50, _head(0.8), _head(0.7), _head(0.85), True, 0.1, 0.02, 0.18, -0.05, -0.2, 0.1
+    )
     assert SiteOutcome.from_mapping(sent.to_record(), 50) == sent
     fed_only = _outcome(None)
     back = SiteOutcome.from_mapping(fed_only.to_record(), 50)
@@ -47,7 +49,7 @@ def test_negative_transfer_needs_the_whole_interval_below_zero(
     assert outcome.negative_transfer is flagged
     entry = outcome.to_report("hospital-a")
     assert entry["negative_transfer"] is flagged and entry["site"] == "hospital-a"
-    assert entry["gain"] == {"accuracy": gain[0], "ci95": [gain[1], gain[2]]}
+    assert entry["gain"]["accuracy"] == gain[0] and entry["gain"]["ci95"] == [gain[1], gain[2]]
 
 
 def test_without_a_local_baseline_there_is_no_flag() -> None:
@@ -56,7 +58,9 @@ def test_without_a_local_baseline_there_is_no_flag() -> None:
 
 
 def _tampered(**changes: Any) -> dict[str, Any]:
-    record = SiteOutcome(50, _head(0.8), _head(0.7), _head(0.85), True, 0.1, 0.02, 0.18)
+    record = SiteOutcome(
+        50, _head(0.8), _head(0.7), _head(0.85), True, 0.1, 0.02, 0.18, -0.05, -0.2, 0.1
+    )
     return record.to_record() | changes
 
 
@@ -72,6 +76,8 @@ def _tampered(**changes: Any) -> dict[str, Any]:
         ({"gain": 2.0, "gain_hi": 2.0}, "gain"),
         ({"gain": 0.5}, "outside its interval"),
         ({"gain_lo": math.nan}, "gain"),
+        ({"balanced_gain": 0.5}, "balanced gain"),
+        ({"balanced_gain_hi": math.inf}, "balanced gain"),
         ({"examples": 0}, "validation examples"),
         ({"examples": 51}, "validation examples"),
         ({"examples": True}, "examples"),
@@ -117,3 +123,16 @@ def test_the_paired_difference_interval_holds_the_difference() -> None:
     assert diff == pytest.approx(accuracy)
     assert 0 < lo <= diff <= hi
     assert paired_difference(y, good, good, resamples=50) == (0.0, 0.0, 0.0)
+
+
+def test_balanced_accuracy_sees_through_a_majority_class_head() -> None:
+    y = np.array([1] * 90 + [0] * 10)
+    majority = np.eye(2)[np.ones(100, dtype=int)]  # always class 1: accuracy 0.9
+    ranks = np.eye(2)[np.r_[np.ones(70, dtype=int), np.zeros(30, dtype=int)]]
+    acc, _, _ = paired_difference(y, ranks, majority, resamples=200)
+    balanced, lo, hi = paired_difference(
+        y, ranks, majority, resamples=200, metric="balanced_accuracy"
+    )
+    assert acc == pytest.approx(0.8 - 0.9)  # worse by accuracy
+    assert balanced == pytest.approx((70 / 90 + 1.0) / 2 - 0.5)  # better balanced
+    assert 0 < lo <= balanced <= hi
