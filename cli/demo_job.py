@@ -256,7 +256,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
             "\nper site, validation accuracy on the site's own split (gain: federated minus "
             "local-only, paired bootstrap 95% interval):"
         )
-        print("\n".join(sites_table(report)))
+        print("\n".join(sites_table(report.sites, report.sites_failed)))
         flagged = [s["site"] for s in report.sites if s["negative_transfer"]]
         if flagged:
             print(f"negative transfer at {', '.join(flagged)}: alone they trained a better head")

@@ -184,13 +184,13 @@ def _acc(head: dict[str, Any] | None) -> float:
     return float(head["accuracy"])
 
 
-def sites_table(report: RunReport) -> list[str]:
+def sites_table(sites: Sequence[dict[str, Any]], failed: dict[str, str]) -> list[str]:
     """The per-site outcome as console lines: validation accuracy of each head, the gain
     federated - local-only with its paired interval, the same gain in balanced accuracy,
     and the negative-transfer flag
     (a personalized head that did not beat the federated one is shown in brackets)."""
     lines = [SITES_HEADER]
-    for s in report.sites or []:
+    for s in sites:
         gain = s.get("gain") or {}
         lo, hi = gain.get("ci95") or [None, None]
         personal = _fmt(_acc(s.get("personalized")), ".4f")
@@ -204,7 +204,7 @@ def sites_table(report: RunReport) -> list[str]:
             f"{_fmt(_num(gain.get('balanced_accuracy')), '+.4f'):>9}  "
             f"{'NEGATIVE TRANSFER' if s.get('negative_transfer') else ''}"
         )
-    for site, why in sorted(report.sites_failed.items()):
+    for site, why in sorted(failed.items()):
         lines.append(f"{site[:20]:<20}  no outcome: {why}")
     return lines
 

@@ -68,3 +68,32 @@ def test_a_site_with_permuted_labels_is_flagged_negative_transfer(offline_world:
         assert kept.is_dir() == by_site[name]["personalized_kept"]
         if kept.is_dir():
             assert ModelPackage.load(kept).classes == tuple(demo_data.CLASSES)
+
+
+def _entry(site: str, local: float, fed: float, kept: bool) -> dict[str, object]:
+    from fedhead.common.outcome import HeadMetrics, SiteOutcome
+
+    def head(a: float) -> HeadMetrics:
+        return HeadMetrics(a, a - 0.05, a + 0.05, a, a - 0.1, a + 0.1, 0.9, 0.8, 0.95, 0.4)
+
+    d = fed - local
+    outcome = SiteOutcome(
+        40, head(fed), head(local), head(fed + 0.01), kept, d, d - 0.05, d + 0.05, d, d - 0.1, d
+    )
+    return outcome.to_report(site)
+
+
+def test_the_sites_table_and_plot_show_every_site_and_the_flag(tmp_path: Path) -> None:
+    from fedhead.server.report import RunReport, plot_sites, sites_table
+
+    sites = [_entry("hospital-a", 0.80, 0.90, True), _entry("hospital-b", 0.90, 0.60, False)]
+    lines = sites_table(sites, {"hospital-c": "no reply within 60s"})
+    assert lines[0].split()[:4] == ["site", "local-only", "federated", "personal."]
+    assert lines[1].startswith("hospital-a") and "NEGATIVE TRANSFER" not in lines[1]
+    assert "+0.1000" in lines[1] and "0.9100" in lines[1]
+    assert lines[2].startswith("hospital-b") and lines[2].endswith("NEGATIVE TRANSFER")
+    assert "(0.6100)" in lines[2]  # a personalized head not kept is shown in brackets
+    assert lines[3] == f"{'hospital-c':<20}  no outcome: no reply within 60s"
+    report = RunReport(run_id=1, backbone={}, clients=2, input_size=64, config={}, sites=sites)
+    png = plot_sites(report, tmp_path / "sites.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
