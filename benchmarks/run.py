@@ -18,7 +18,8 @@
 8. transfer_gain_<split>: per-site gain of the federated head over a local-only head
    trained with the same budget, each on the site's own validation split (accuracy
    difference, federated - local-only), averaged over 3 sites: IID and Dirichlet
-   alpha 0.3 and 0.1; with the sites flagged for negative transfer.
+   alpha 0.3 and 0.1; with the sites flagged for negative transfer; and the same gain
+   in balanced accuracy (transfer_gain_balanced_<split>).
 7. deployment_*: a real SuperLink and 3 SuperNodes on 127.0.0.1 under SecAgg+, seconds
    per round divided by the same sites in the Simulation Engine and by Flower's floor
    (a no-op app sending the same messages through the same processes); with the
@@ -458,6 +459,7 @@ def bench_gain(res: Results, rounds: int, px: int) -> None:
         if len(sites) != 3:
             raise RuntimeError(f"{label}: {len(sites)} of 3 sites reported ({report.sites_failed})")
         gains = [s["gain"]["accuracy"] for s in sites]
+        balanced = [s["gain"]["balanced_accuracy"] for s in sites]
         flagged = [s["site"] for s in sites if s["negative_transfer"]]
         each = ", ".join(
             f"{s['site']} {s['local_only']['accuracy']:.3f} -> {s['federated']['accuracy']:.3f}"
@@ -472,6 +474,19 @@ def bench_gain(res: Results, rounds: int, px: int) -> None:
                 f"3 simulated sites ({split}), {rounds} rounds, {px} px; validation accuracy "
                 f"local-only -> federated per site: {each}; negative transfer at "
                 f"{', '.join(flagged) or 'no site'} (an accuracy difference, not a ratio)",
+            )
+        )
+        each = ", ".join(
+            f"{s['site']} {s['local_only']['balanced_accuracy']:.3f} -> "
+            f"{s['federated']['balanced_accuracy']:.3f}"
+            for s in sorted(sites, key=lambda s: str(s["site"]))
+        )
+        res.add(
+            Figure(
+                f"transfer_gain_balanced_{label}",
+                statistics.mean(balanced),
+                "(measured)",
+                f"the same runs, balanced accuracy local-only -> federated per site: {each}",
             )
         )
 

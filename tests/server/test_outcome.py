@@ -97,3 +97,44 @@ def test_the_sites_table_and_plot_show_every_site_and_the_flag(tmp_path: Path) -
     report = RunReport(run_id=1, backbone={}, clients=2, input_size=64, config={}, sites=sites)
     png = plot_sites(report, tmp_path / "sites.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sites_that_time_out_or_send_implausible_outcomes_are_named(offline_world: Path) -> None:
+    from flwr.app import ConfigRecord, Context, Message
+
+    from fedhead.common.protocol import MSG_OUTCOME, RECORD_OUTCOME_REPLY
+
+    tmp = offline_world
+    shares = demo_data.shares(3, alpha=100.0, seed=3)
+    sites = [
+        write_share_npz(tmp / f"site-{i}.npz", s, 60, 30, seed=i) for i, s in enumerate(shares)
+    ]
+    configs = nodes(tmp, sites)
+    for i, node in enumerate(sorted(configs)):
+        configs[node]["site-name"] = f"hospital-{i}"
+
+    def boastful(msg: Message, context: Context) -> Message:
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == MSG_OUTCOME and not reply.has_error():
+            record = dict(reply.content.config_records[RECORD_OUTCOME_REPLY])
+            record["federated.accuracy"] = 1.5  # beyond [0, 1]
+            reply.content.config_records[RECORD_OUTCOME_REPLY] = ConfigRecord(record)
+        return reply
+
+    grid = LoopbackGrid(client_app, configs, node_apps={101: boastful})
+
+    def silent_at_outcome(node: int, msg: Message) -> None:
+        if node == 100 and msg.metadata.message_type == MSG_OUTCOME:
+            grid.dead.add(node)
+
+    grid.before_delivery = silent_at_outcome
+    report = run(
+        grid, tmp, **{"num-server-rounds": 1, "local-baseline": True, "secure-aggregation": False}
+    )
+    assert [s["site"] for s in report["sites"]] == ["hospital-2"]
+    assert report["sites_failed"]["hospital-0"].startswith("no reply within")
+    assert (
+        "federated accuracy or its interval lies outside [0, 1]"
+        in (report["sites_failed"]["hospital-1"])
+    )
