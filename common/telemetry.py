@@ -74,7 +74,7 @@ class SitesOutcome:
 class SiteMessage:
     """One message handled by the site's ClientApp."""
 
-    kind: str  # prepare, weights, train, evaluate
+    kind: str  # prepare, weights, train, evaluate, model, outcome
     ok: bool
     seconds: float
 
