@@ -259,7 +259,11 @@ def run_demo(opts: DemoOptions) -> RunReport:
         print("\n".join(sites_table(report.sites, report.sites_failed)))
         flagged = [s["site"] for s in report.sites if s["negative_transfer"]]
         if flagged:
-            print(f"negative transfer at {', '.join(flagged)}: alone they trained a better head")
+            print(
+                f"negative transfer at {', '.join(flagged)}: alone, they trained a head more "
+                "accurate on their own validation split (read the balanced-accuracy gain too: "
+                "a skewed site's local head may just predict its majority class)"
+            )
     print(
         f"report: {out / 'report.json'}   plot: {png}"
         + (f"   per-site plot: {sites_png}" if sites_png else "")
