@@ -143,7 +143,9 @@ def outcome(msg: Message, context: Context) -> Message:
     settings = FitSettings.from_mapping(msg.content.config_records[RECORD_OUTCOME_FIT])
     record = msg.content.array_records[RECORD_OUTCOME_HEAD]
     initial = [np.ascontiguousarray(record[k].numpy()) for k in sorted(record, key=int)]
-    result = site_outcome(_site(context), context.run_id, request, settings, initial)
+    # the local-only baseline starts only from the head this site trained from in round 1
+    trusted = _ledger(context).is_initial_head(head_digest(initial))
+    result = site_outcome(_site(context), context.run_id, request, settings, initial, trusted)
     reply = RecordDict({RECORD_OUTCOME_REPLY: ConfigRecord(result.to_record())})
     return Message(reply, reply_to=msg)
 

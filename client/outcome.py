@@ -2,11 +2,13 @@
 personalized heads on its own validation split. See ``fedhead.common.outcome``.
 
 The site evaluates only the head it was delivered and kept (``Site.keep_model``), and
-trains the local-only head from the run's initial head, which it trained from in
-round 1 anyway. A personalized head that beats the federated one on the validation
-split is written as a model package to ``<cache>/models/<run-id>/personalized/``
-(``personalized-<site name>/`` for a named site: sites may share a cache folder), for
-``fedhead predict --model``; it never leaves the site.
+trains the local-only head only from the run's initial head, the one it trained from
+in round 1 (its ledger holds that head's digest; a site that did not train in round 1,
+e.g. in a resumed run, sends no local-only metrics). A personalized head that beats the
+federated one on the validation split is written as a model package to
+``<cache>/models/<run-id>/personalized/`` (``personalized-<site name>/`` for a named
+site: sites may share a cache folder), for ``fedhead predict --model``; it never leaves
+the site.
 """
 
 from __future__ import annotations
@@ -68,7 +70,11 @@ def site_outcome(
     request: OutcomeRequest,
     settings: FitSettings,
     initial: list[np.ndarray],
+    initial_trusted: bool = False,
 ) -> SiteOutcome:
+    """The outcome the request asks for. The local-only head is trained only when
+    ``initial_trusted``: the initial head sent is the one this site trained from in
+    round 1 (``HeadLedger.is_initial_head``); otherwise it is left out, with a warning."""
     check_request(request, settings, run_id)
     kept_dir = site.cache_dir / "models" / str(run_id)
     names = site.trainable.names
@@ -122,7 +128,13 @@ def site_outcome(
 
     fed_proba, fed_loss = probabilities(final)
     outcome = SiteOutcome(examples=len(y), federated=metrics(fed_proba, fed_loss))
-    if request.local_baseline:
+    if request.local_baseline and not initial_trusted:
+        log.warning(
+            "run %d: no local-only baseline: the initial head sent is not the one this site "
+            "trained from in round 1 (or it did not train in round 1)",
+            run_id,
+        )
+    if request.local_baseline and initial_trusted:
         # the federation's budget and schedule: a fresh optimizer each "round", as sites do
         local = [a.copy() for a in initial]
         for rnd in range(1, request.rounds + 1):
