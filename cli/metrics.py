@@ -27,6 +27,7 @@ from fedhead.common.telemetry import (
     SiteFeatures,
     SiteMessage,
     SiteRefusedUpdate,
+    SitesOutcome,
     SiteTrained,
 )
 
@@ -42,7 +43,7 @@ SITE_TRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 SITE_MESSAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 SITE_STATES = ("selected", "replied", "failed", "dropped")
-SITE_MESSAGE_KINDS = ("prepare", "weights", "train", "evaluate", "model")
+SITE_MESSAGE_KINDS = ("prepare", "weights", "train", "evaluate", "model", "outcome")
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
 SCOPES = ("federated", "server")
 
@@ -76,6 +77,14 @@ class ServerMetrics:
         )
         self.run_sites = Gauge(
             "fedhead_run_sites", "Sites that joined the current or last run.", registry=r
+        )
+        self.sites_outcome = Gauge(
+            "fedhead_sites_outcome",
+            "Sites of the last run by per-site outcome (local-baseline / personalize-epochs): "
+            "reported, negative_transfer (federated accuracy below local-only beyond the "
+            "paired 95% interval), failed (no valid outcome).",
+            ["state"],
+            registry=r,
         )
         self.round_current = Gauge(
             "fedhead_round_current",
@@ -213,6 +222,10 @@ class ServerMetrics:
             self.round_current.set(event.round)
         elif isinstance(event, RoundResult):
             self._round(event)
+        elif isinstance(event, SitesOutcome):
+            self.sites_outcome.labels("reported").set(event.reported)
+            self.sites_outcome.labels("negative_transfer").set(event.negative_transfer)
+            self.sites_outcome.labels("failed").set(event.failed)
 
     def _round(self, e: RoundResult) -> None:
         self.round_last.set(e.round)

@@ -332,6 +332,12 @@ def _summary(status: RunStatus, report: dict[str, Any] | None, saved: Path | Non
             + (f", server test set {_acc(server)}" if server is not None else "")
             + f" ({len(rounds)} rounds, {report.get('clients')} sites)"
         )
+        sites = report.get("sites")
+        if isinstance(sites, list):
+            from fedhead.server.report import sites_table
+
+            print("per site, validation accuracy on the site's own split (report.json: sites):")
+            print("\n".join(sites_table(sites, report.get("sites_failed") or {})))
     if saved is not None and report is not None:
         print(f"report: {saved} (collected from the run's log)")
         where = report.get("config", {}).get("out-dir") or f"fedhead-runs/run-{status.run_id}"

@@ -6,6 +6,8 @@ Handlers:
 - ``query.model``: after the last round, the final head: verify it, keep it. Also an
   earlier run's model, for a site that missed it (checked against that run's record).
 - ``query.models``: a delivery-only run offers an earlier run's model: held or wanted?
+- ``query.outcome``: after delivery, when asked: local-only / federated / personalized
+  metrics on the site's validation split (``client.outcome``); scalars only.
 - ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
 - ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
   heads the site agrees to evaluate (``client.ledger``).
@@ -49,6 +51,10 @@ from fedhead.common.protocol import (
     RECORD_MODEL_FILES,
     RECORD_MODEL_OFFER,
     RECORD_MODEL_REPLY,
+    RECORD_OUTCOME,
+    RECORD_OUTCOME_FIT,
+    RECORD_OUTCOME_HEAD,
+    RECORD_OUTCOME_REPLY,
     RECORD_PREPARE,
     RECORD_RUN,
     RECORD_WEIGHTS,
@@ -56,6 +62,7 @@ from fedhead.common.protocol import (
     ModelDescription,
     ModelOffer,
     ModelReceipt,
+    OutcomeRequest,
     RunSpec,
 )
 
@@ -167,6 +174,21 @@ def models(msg: Message, context: Context) -> Message:
         answer.state,
     )
     return Message(RecordDict({RECORD_MODEL_ANSWER: answer.to_record()}), reply_to=msg)
+
+
+@app.query("outcome")
+def outcome(msg: Message, context: Context) -> Message:
+    from fedhead.client.outcome import site_outcome  # torch: only when asked
+
+    request = OutcomeRequest.from_mapping(msg.content.config_records[RECORD_OUTCOME])
+    settings = FitSettings.from_mapping(msg.content.config_records[RECORD_OUTCOME_FIT])
+    record = msg.content.array_records[RECORD_OUTCOME_HEAD]
+    initial = [np.ascontiguousarray(record[k].numpy()) for k in sorted(record, key=int)]
+    # the local-only baseline starts only from the head this site trained from in round 1
+    trusted = _ledger(context).is_initial_head(head_digest(initial))
+    result = site_outcome(_site(context), context.run_id, request, settings, initial, trusted)
+    reply = RecordDict({RECORD_OUTCOME_REPLY: ConfigRecord(result.to_record())})
+    return Message(reply, reply_to=msg)
 
 
 def _ledger(context: Context) -> HeadLedger:

@@ -5,7 +5,10 @@ site's validation images; a crafted head ("always class k") reveals how many ima
 class k the site holds. A site therefore evaluates at most one head per round, only for
 a round it has trained in (or round 0, before any training), and keeps the sha256 of the
 head it evaluated: the next round's training must start from that very head, else the
-site stops. The ledger lives in the node's state, which outlives single messages.
+site stops. It also keeps the head the site first trained from and in which round: after
+the run, a local-only baseline (``query.outcome``) starts only from the run's initial
+head, the one the site trained from in round 1, never from one the server picks then.
+The ledger lives in the node's state, which outlives single messages.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class HeadLedger:
     trained_round: int = NONE  # the last round this site trained in
     evaluated_round: int = NONE  # the last round whose head it evaluated
     evaluated_sha: str = ""  # ... and that head's digest
+    first_round: int = NONE  # the first round this site trained in
+    first_sha: str = ""  # ... and the digest of the head it trained from then
 
     @classmethod
     def from_record(cls, record: ConfigRecord | None) -> HeadLedger:
@@ -47,6 +52,8 @@ class HeadLedger:
             int(record["trained_round"]),  # type: ignore[arg-type]
             int(record["evaluated_round"]),  # type: ignore[arg-type]
             str(record["evaluated_sha"]),
+            int(record.get("first_round", NONE)),  # type: ignore[arg-type]
+            str(record.get("first_sha", "")),
         )
 
     def to_record(self) -> ConfigRecord:
@@ -55,6 +62,8 @@ class HeadLedger:
                 "trained_round": self.trained_round,
                 "evaluated_round": self.evaluated_round,
                 "evaluated_sha": self.evaluated_sha,
+                "first_round": self.first_round,
+                "first_sha": self.first_sha,
             }
         )
 
@@ -72,6 +81,12 @@ class HeadLedger:
                 "the server may be probing this site's data: tell its operator",
             )
         self.trained_round = server_round
+        if self.first_round == NONE:
+            self.first_round, self.first_sha = server_round, digest
+
+    def is_initial_head(self, digest: str) -> bool:
+        """Whether ``digest`` is the head this site trained from in round 1."""
+        return self.first_round == 1 and digest == self.first_sha
 
     def start_evaluation(self, server_round: int, digest: str) -> None:
         """Evaluating the head with ``digest`` for ``server_round``, if allowed."""

@@ -329,9 +329,17 @@ class Site:
             train_examples=len(data.train),
             val_examples=len(data.val),
             device=self.device.kind,
-            site_name=self.node.site_name,
+            site_name=self.label,
             missing_models=format_model_requests(self.models.missing()),
         )
+
+    @property
+    def label(self) -> str:
+        """The site's chosen name; a simulated node without one is named after its data
+        (``site-<i>``); else empty."""
+        if self.node.site_name or not self.node.simulated:
+            return self.node.site_name
+        return f"site-{self.node.partition_id}"
 
     def train(self, arrays: list[np.ndarray], settings: FitSettings) -> TrainOutcome:
         if settings.trainable_fingerprint != self.spec.trainable_fingerprint:
@@ -381,7 +389,6 @@ class Site:
         """
         from fedhead.common.package import MODEL_CARD, MODEL_JSON, TENSORS_FILE, ModelPackage
 
-        spec = self.spec
         if description.run_id != run_id:
             raise ModelMismatchError(f"a final model for run {description.run_id} in run {run_id}")
         if set(files) != {MODEL_JSON, TENSORS_FILE, MODEL_CARD}:
@@ -396,7 +403,8 @@ class Site:
             )
         names = self.trainable.names
         dest = self.models.model_dir(run_id)
-        if (dest / TENSORS_FILE).is_file():  # already kept (sites sharing a cache folder)
+
+        def already_kept() -> tuple[Path, str]:  # sites sharing a cache folder
             kept = ModelPackage.load(dest)
             sha = head_sha256(names, [kept.tensors[n] for n in names])
             if sha != description.head_sha256:
@@ -404,8 +412,29 @@ class Site:
                     f"{dest} already holds another final model for run {run_id}",
                     "nothing was overwritten; move that folder away to accept this one",
                 )
-            self.models.kept(run_id, spec, sha)
+            self.models.kept(run_id, self.spec, sha)
             return dest, sha
+
+        if (dest / TENSORS_FILE).is_file():
+            return already_kept()
+        try:
+            return self._write_model(dest, description, files, names)
+        except OSError:
+            if (dest / TENSORS_FILE).is_file():  # another site of this cache won the race
+                return already_kept()
+            raise
+
+    def _write_model(
+        self,
+        dest: Path,
+        description: ModelDescription,
+        files: Mapping[str, bytes],
+        names: list[str],
+    ) -> tuple[Path, str]:
+        from fedhead.common.package import ModelPackage
+
+        spec = self.spec
+        run_id = description.run_id
         with atomic_folder(dest) as tmp:
             for name, data in files.items():
                 with atomic_writer(tmp / name) as f:

@@ -267,6 +267,17 @@ class RunConfig(_Config):
     site_labels: bool = opt(
         True, doc="name sites by the label they chose (`fedhead node --name`); false: node ids"
     )
+    local_baseline: bool = opt(
+        False, doc="sites also train a local-only head with the run's budget (per-site gain)"
+    )
+    personalize_epochs: int = opt(
+        0, non_negative, "sites fine-tune the final head on their data; kept if better"
+    )
+    personalize_lr_scale: float = opt(
+        0.1,
+        lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+        "personalization learning rate / learning-rate",
+    )
     simulation_data: str = opt("", doc="simulation: folder with site-<i> data per node")
     dirichlet_alpha: float = opt(0.5, positive, "simulation: non-IID split of the demo data")
 

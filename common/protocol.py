@@ -8,7 +8,9 @@ node that lacks the backbone then receives the weights file's bytes in a
 evaluation then use Flower's legacy fit/evaluate records (needed for SecAgg+), with
 the per-round settings in ``FitSettings``. After the last round every site that took
 part receives the final head and its ``ModelDescription`` in a ``query.model``
-message, verifies both and keeps them.
+message, verifies both and keeps them. Then, when the run asks for it, each site that
+kept it gets a ``query.outcome`` message (``OutcomeRequest``, the round settings and the
+initial head) and answers with its per-site outcome (``fedhead.common.outcome``).
 
 A site that missed that message (offline at the end) asks again: its ``PrepareReply``
 in any later run lists up to ``MAX_MODEL_REQUESTS`` earlier runs it trained in but holds
@@ -38,6 +40,7 @@ MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
 MSG_MODEL = "query.model"
 MSG_MODELS = "query.models"
+MSG_OUTCOME = "query.outcome"
 
 RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps it in state)
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
@@ -47,6 +50,10 @@ RECORD_MODEL_FILES = "fedhead.model.files"  # ArrayRecord: the model package, on
 RECORD_MODEL_REPLY = "fedhead.model.reply"  # ConfigRecord: ModelReceipt (node -> server)
 RECORD_MODEL_OFFER = "fedhead.model.offer"  # ConfigRecord: ModelOffer (server -> node)
 RECORD_MODEL_ANSWER = "fedhead.model.answer"  # ConfigRecord: ModelAnswer (node -> server)
+RECORD_OUTCOME = "fedhead.outcome"  # ConfigRecord: OutcomeRequest (server -> node)
+RECORD_OUTCOME_FIT = "fedhead.outcome.fit"  # ConfigRecord: the run's FitSettings (round 1)
+RECORD_OUTCOME_HEAD = "fedhead.outcome.head"  # ArrayRecord: the run's initial head
+RECORD_OUTCOME_REPLY = "fedhead.outcome.reply"  # ConfigRecord: SiteOutcome (node -> server)
 
 WEIGHTS_OK = "ok"
 WEIGHTS_MISSING = "missing"
@@ -256,3 +263,20 @@ class ModelAnswer(_Record):
 
     state: str
     proof: str
+
+
+@dataclass(frozen=True)
+class OutcomeRequest(_Record):
+    """What the server asks of each site after delivery: evaluate the delivered head
+    (``head_sha256``) and, as asked, train a local-only head with the run's budget
+    (``rounds`` x the settings' local epochs, the learning rate on ``lr_schedule``) and
+    a personalized head (``personalize_epochs`` at ``personalize_lr_scale`` x the rate)."""
+
+    run_id: int
+    head_sha256: str
+    rounds: int
+    lr_schedule: str
+    local_baseline: bool
+    personalize_epochs: int
+    personalize_lr_scale: float
+    resamples: int  # bootstrap resamples for every interval

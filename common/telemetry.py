@@ -60,12 +60,21 @@ class RoundStarted:
     round: int
 
 
+@dataclass(frozen=True)
+class SitesOutcome:
+    """The per-site outcome of the last run (``query.outcome``), as counts only."""
+
+    reported: int  # sites that sent a valid outcome
+    negative_transfer: int  # of which federated < local-only beyond the interval
+    failed: int  # sites asked that sent none (error, timeout, invalid values)
+
+
 # --- site events ------------------------------------------------------------------
 @dataclass(frozen=True)
 class SiteMessage:
     """One message handled by the site's ClientApp."""
 
-    kind: str  # prepare, weights, train, evaluate
+    kind: str  # prepare, weights, train, evaluate, model, outcome
     ok: bool
     seconds: float
 
@@ -106,6 +115,7 @@ Event = (
     | RunFinished
     | RoundStarted
     | RoundResult
+    | SitesOutcome
     | SiteMessage
     | SiteTrained
     | SiteFeatures
@@ -120,6 +130,7 @@ EVENTS: dict[str, type[Event]] = {
         RunFinished,
         RoundStarted,
         RoundResult,
+        SitesOutcome,
         SiteMessage,
         SiteTrained,
         SiteFeatures,
@@ -128,7 +139,7 @@ EVENTS: dict[str, type[Event]] = {
     )
 }
 SERVER_EVENTS = frozenset(
-    {"RunStarted", "RunPrepared", "RunFinished", "RoundStarted", "RoundResult"}
+    {"RunStarted", "RunPrepared", "RunFinished", "RoundStarted", "RoundResult", "SitesOutcome"}
 )
 
 

@@ -28,7 +28,7 @@ from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError
 from fedhead.common.model import count_params
 from fedhead.common.package import package_from_run
-from fedhead.common.protocol import RunSpec
+from fedhead.common.protocol import OutcomeRequest, RunSpec
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
 from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
@@ -36,6 +36,7 @@ from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.evaluation import server_test_set
 from fedhead.server.fedopt import ServerOptimizerStrategy
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
+from fedhead.server.outcome import OutcomeQuery, outcome_content
 from fedhead.server.persistence import (
     CHECKPOINTS,
     STATUS_FILE,
@@ -60,6 +61,8 @@ from fedhead.server.strategy import FedHeadStrategy
 from fedhead.server.workflow import FedHeadWorkflow, PlainEvaluate, PlainFit, RoundPlan, RunObserver
 
 log = logging.getLogger(__name__)
+
+OUTCOME_RESAMPLES = 1000  # bootstrap resamples behind every per-site interval
 
 
 def run_federation(
@@ -125,6 +128,7 @@ def _federate(
     initial = sm.trainable.get(sm.model)
     opt_settings = ServerOptimizerSettings.from_run(cfg)
     optimizer = ServerOptimizer(opt_settings) if opt_settings else None
+    start = initial  # the run's first head, also the local-only baseline's (even on resume)
     if resume is not None:
         check_resume(resume, identity, names)
         check_strategy(resume, cfg)
@@ -161,7 +165,10 @@ def _federate(
     recorder = RunRecorder(cfg, sm, report, on_round)
     ledgers: list[PrivacyLedger] = []
 
+    prepared: list[PrepareOutcome] = []
+
     def planner(outcome: PrepareOutcome) -> RoundPlan:
+        prepared.append(outcome)
         plan = plan_rounds(cfg, strategy, outcome, report)
         if optimizer is not None:  # outside the DP wrapper: see fedhead.server.fedopt
             plan = dataclasses.replace(
@@ -204,8 +211,36 @@ def _federate(
         )
         package_dir = package.write(out / "model", overwrite=True)
         log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
-        report.delivery = (
-            ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir).report()
+        delivery = ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir)
+        report.delivery = delivery.report()
+        if cfg.local_baseline or cfg.personalize_epochs:
+            ask_outcome(grid, sorted(delivery.delivered_to), nodes, description.head_sha256)
+
+    def ask_outcome(grid: Grid, nodes: list[int], all_nodes: list[int], head_sha256: str) -> None:
+        """Each site that kept the final model: what the federation did for it."""
+        request = OutcomeRequest(
+            run_id=context.run_id,
+            head_sha256=head_sha256,
+            rounds=cfg.num_server_rounds,
+            lr_schedule=cfg.lr_schedule,
+            local_baseline=cfg.local_baseline,
+            personalize_epochs=cfg.personalize_epochs,
+            personalize_lr_scale=cfg.personalize_lr_scale,
+            resamples=OUTCOME_RESAMPLES,
+        )
+        content = outcome_content(request, fit_settings(cfg, sm.trainable), start)
+        # the local-only head costs a site the whole run's training again
+        timeout = cfg.round_timeout * (1 + (cfg.num_server_rounds if cfg.local_baseline else 1))
+        name = prepared[0].name if prepared else (lambda n: f"node {n}")
+        results = OutcomeQuery(timeout, strategy.val_caps).ask(grid, nodes, content, name)
+        report.sites, report.sites_failed = results.sites, results.failed
+        for node in sorted(set(all_nodes) - set(nodes)):
+            report.sites_failed.setdefault(name(node), "did not keep the final model")
+        log.info(
+            "per-site outcome from %d of %d site(s); negative transfer at %d",
+            len(results.sites),
+            len(nodes),
+            len(results.negative_transfer),
         )
 
     missed = EarlierModels(out.parent, context.run_id, cfg.round_timeout)

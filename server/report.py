@@ -44,6 +44,9 @@ class RunReport:
     model: dict[str, Any] | None = None  # the final head's description (incl. its sha256)
     delivery: dict[str, Any] | None = None  # which sites verified and kept the final model
     earlier_models: dict[str, Any] | None = None  # earlier runs' models sent before the rounds
+    # per-site outcome (query.outcome): local-only / federated / personalized, the gain
+    sites: list[dict[str, Any]] | None = None
+    sites_failed: dict[str, str] = field(default_factory=dict)  # site label -> why
     seconds: float = 0.0
     # The global trainable tensors after the last round (TrainableSet order); kept for
     # the model package, never written to report.json.
@@ -182,5 +185,95 @@ def plot(report: RunReport, path: Path) -> Path:
     fig.tight_layout()
     with atomic_writer(path) as f:
         fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+SITES_HEADER = (
+    f"{'site':<20}  {'local-only':>10}  {'federated':>9}  {'personal.':>9}  "
+    f"{'gain':>7}  {'gain 95% CI':>17}  {'bal. gain':>9}  flag"
+)
+
+
+def _acc(head: dict[str, Any] | None) -> float:
+    if head is None or head.get("accuracy") is None:
+        return math.nan
+    return float(head["accuracy"])
+
+
+def sites_table(sites: Sequence[dict[str, Any]], failed: dict[str, str]) -> list[str]:
+    """The per-site outcome as console lines: validation accuracy of each head, the gain
+    federated - local-only with its paired interval, the same gain in balanced accuracy,
+    and the negative-transfer flag
+    (a personalized head that did not beat the federated one is shown in brackets)."""
+    lines = [SITES_HEADER]
+    for s in sites:
+        gain = s.get("gain") or {}
+        lo, hi = gain.get("ci95") or [None, None]
+        personal = _fmt(_acc(s.get("personalized")), ".4f")
+        if s.get("personalized") is not None and not s.get("personalized_kept"):
+            personal = f"({personal})"
+        ci = f"[{_fmt(_num(lo), '+.3f')}, {_fmt(_num(hi), '+.3f')}]" if gain else "-"
+        lines.append(
+            f"{s['site'][:20]:<20}  {_fmt(_acc(s.get('local_only')), '.4f'):>10}  "
+            f"{_fmt(_acc(s.get('federated')), '.4f'):>9}  {personal:>9}  "
+            f"{_fmt(_num(gain.get('accuracy')), '+.4f'):>7}  {ci:>17}  "
+            f"{_fmt(_num(gain.get('balanced_accuracy')), '+.4f'):>9}  "
+            f"{'NEGATIVE TRANSFER' if s.get('negative_transfer') else ''}"
+        )
+    for site, why in sorted(failed.items()):
+        lines.append(f"{site[:20]:<20}  no outcome: {why}")
+    return lines
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def plot_sites(report: RunReport, path: Path) -> Path:
+    """Per-site validation accuracy of the local-only, federated and personalized heads
+    as grouped bars, with each head's 95% interval; negative-transfer sites marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = report.sites or []
+    heads = [
+        ("local_only", "local-only"),
+        ("federated", "federated"),
+        ("personalized", "personalized"),
+    ]
+    shown = [(k, label) for k, label in heads if any(s.get(k) for s in sites)]
+    width = 0.8 / max(len(shown), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sites) + 2), 4))
+    x = np.arange(len(sites))
+    for i, (key, label) in enumerate(shown):
+        acc = [_acc(s.get(key)) for s in sites]
+        err = [
+            [
+                a - _num((s.get(key) or {}).get("accuracy_lo"))
+                for a, s in zip(acc, sites, strict=True)
+            ],
+            [
+                _num((s.get(key) or {}).get("accuracy_hi")) - a
+                for a, s in zip(acc, sites, strict=True)
+            ],
+        ]
+        ax.bar(x + (i - (len(shown) - 1) / 2) * width, acc, width, yerr=err, capsize=3, label=label)
+    names = [
+        s["site"] + ("\n(negative transfer)" if s.get("negative_transfer") else "") for s in sites
+    ]
+    ax.set_xticks(x, names)
+    ax.set(
+        ylabel="validation accuracy",
+        ylim=(0, 1.05),
+        title="Accuracy per site, on its own validation split",
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(shown), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

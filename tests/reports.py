@@ -77,6 +77,8 @@ class ReportJson(TypedDict):
     secure_aggregation_params: dict[str, Any]
     differential_privacy: dict[str, Any]
     server_optimizer: dict[str, Any] | None
+    sites: list[dict[str, Any]]
+    sites_failed: dict[str, str]
     seconds: float
 
 

@@ -70,3 +70,12 @@ def test_demo_meets_the_bar_and_writes_its_contract(
     # the per-round table went to the terminal
     assert "round  train loss  eval loss  eval acc" in result.stdout
     assert "centralized upper bound" in result.stdout
+    # the per-site outcome is on by default in the demo: every site, by its label
+    assert sorted(s["site"] for s in report["sites"]) == ["site-0", "site-1", "site-2"]
+    for s in report["sites"]:
+        assert s["local_only"]["accuracy"] is not None and s["federated"]["accuracy"] is not None
+        lo, hi = s["gain"]["ci95"]
+        assert lo <= s["gain"]["accuracy"] <= hi
+        assert s["negative_transfer"] == (hi < 0)
+    assert (out / "sites.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "local-only  federated  personal." in result.stdout

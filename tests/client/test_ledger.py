@@ -52,3 +52,23 @@ def test_a_probing_server_is_refused_or_caught(
                 ledger.start_evaluation(rnd, head_digest(head))
             else:
                 ledger.start_training(rnd, head_digest(head))
+
+
+def test_the_ledger_remembers_the_head_round_1_trained_from() -> None:
+    from flwr.app import ConfigRecord
+
+    ledger = HeadLedger()
+    assert not ledger.is_initial_head("a")
+    ledger.start_evaluation(0, "a")
+    ledger.start_training(1, "a")
+    ledger.start_evaluation(1, "b")
+    ledger.start_training(2, "b")
+    back = HeadLedger.from_record(ledger.to_record())
+    assert back.is_initial_head("a") and not back.is_initial_head("b")
+    # a site whose first round was not round 1 (not sampled, a resumed run) has none
+    late = HeadLedger()
+    late.start_training(3, "c")
+    assert not late.is_initial_head("c")
+    # a ledger written before this field existed reads back without one
+    old = ConfigRecord({"trained_round": 2, "evaluated_round": 1, "evaluated_sha": "b"})
+    assert not HeadLedger.from_record(old).is_initial_head("a")

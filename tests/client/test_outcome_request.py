@@ -1,0 +1,65 @@
+"""A site refuses an outcome request that asks the impossible or names another run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedhead.client.outcome import check_request
+from fedhead.common.errors import RunSpecError
+from fedhead.common.protocol import FitSettings, OutcomeRequest
+
+REQUEST = OutcomeRequest(
+    run_id=7,
+    head_sha256="0" * 64,
+    rounds=10,
+    lr_schedule="cosine",
+    local_baseline=True,
+    personalize_epochs=3,
+    personalize_lr_scale=0.1,
+    resamples=1000,
+)
+SETTINGS = FitSettings(
+    server_round=0,
+    local_epochs=5,
+    batch_size=64,
+    learning_rate=0.01,
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=0.0,
+    unfreeze_lr_scale=0.1,
+    seed=0,
+    trainable_fingerprint="x",
+    max_update_norm=30.0,
+    clipping_range=0.0,
+    uniform_weight=False,
+    max_site_examples=100_000,
+)
+
+
+def test_an_honest_request_passes() -> None:
+    check_request(REQUEST, SETTINGS, 7)
+
+
+@pytest.mark.parametrize(
+    ("request_changes", "settings_changes", "message"),
+    [
+        ({"run_id": 8}, {}, "names run 8"),
+        ({"rounds": 10**6}, {}, "rounds"),
+        ({"personalize_epochs": 10**6}, {}, "personalize_epochs"),
+        ({"personalize_lr_scale": 5.0}, {}, "personalize_lr_scale"),
+        ({"resamples": 10**9}, {}, "resamples"),
+        ({"lr_schedule": "warp"}, {}, "lr_schedule"),
+        ({}, {"local_epochs": 10**6}, "local epochs"),
+        ({}, {"learning_rate": float("nan")}, "learning rate"),
+    ],
+)
+def test_a_request_beyond_bounds_is_refused(
+    request_changes: dict[str, object], settings_changes: dict[str, object], message: str
+) -> None:
+    request = dataclasses.replace(REQUEST, **request_changes)  # type: ignore[arg-type]
+    settings = dataclasses.replace(SETTINGS, **settings_changes)  # type: ignore[arg-type]
+    with pytest.raises(RunSpecError, match="outcome request is refused") as err:
+        check_request(request, settings, 7)
+    assert message in str(err.value)
