@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
+
+
+def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fedhead ARGS`` run to its end, its output captured."""
+    return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
 
 
 def free_port() -> int:

@@ -17,17 +17,7 @@ import pytest
 
 from fedhead.common import demo_data
 from tests.conftest import REPO, write_png
-from tests.e2e.procs import (
-    BIN,
-    base_env,
-    check_audit,
-    free_port,
-    plain_superlink,
-    plain_supernode,
-    processes,
-    site_threads,
-    wait_for_port,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -78,7 +68,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     shutil.copy(mobilenet_weights, server_cache / "weights")
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
-    link_port = free_port()
+    link_port = e2e.free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
@@ -87,31 +77,41 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     empty_torch = str(tmp_path / "empty-torch-home")
     out = tmp_path / "run-out"
 
-    with processes(tmp_path / "logs") as procs:
+    with e2e.processes(tmp_path / "logs") as procs:
         link = procs.start(
             "superlink",
-            plain_superlink(link_port),
-            base_env(flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch),
+            e2e.plain_superlink(link_port),
+            e2e.base_env(
+                flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
+            ),
         )
-        wait_for_port(link_port, proc=link)
+        e2e.wait_for_port(link_port, proc=link)
         for i, data in enumerate(sites):
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"node{i}"}" '
                 f'audit-log="{tmp_path / f"audit{i}.jsonl"}" device="cpu" '
-                f"threads={site_threads(len(sites))}"
+                f"threads={e2e.site_threads(len(sites))}"
             )
             procs.start(
                 f"node{i}",
-                plain_supernode(link_port, node_config),
-                base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
+                e2e.plain_supernode(link_port, node_config),
+                e2e.base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
             )
         run_config = (
             f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 out-dir='{out}'"
         )
         result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
-            env=base_env(flwr_home),
+            [
+                str(e2e.BIN / "flwr"),
+                "run",
+                str(REPO),
+                "e2e",
+                "--stream",
+                "--run-config",
+                run_config,
+            ],
+            env=e2e.base_env(flwr_home),
             capture_output=True,
             text=True,
             timeout=900,
@@ -133,7 +133,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     assert all(r["aggregated"] and r["sites_replied"] == 2 for r in report["rounds"])
     # only head tensors and scalars left each site
     for i in range(2):
-        types = check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
+        types = e2e.check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
         assert types == {"query.prepare", "query.weights", "train", "evaluate", "query.model"}
     # and both sites verified and kept the final model
     assert len(report["delivery"]["delivered_to"]) == 2
