@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,14 @@ class Processes:
         self.procs[name] = proc
         return proc
 
+    def start_listening(
+        self, name: str, cmd: Sequence[str], env: dict[str, str], port: int
+    ) -> subprocess.Popen[bytes]:
+        """Start a server and wait until it listens on ``port`` (fail if it exits first)."""
+        proc = self.start(name, cmd, env)
+        wait_for_port(port, proc=proc)
+        return proc
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
@@ -127,6 +136,14 @@ def processes(logs: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+def server_cache(tmp: Path, weights: Path) -> Path:
+    """A SuperLink's fedhead cache under ``tmp`` holding the backbone ``weights`` file."""
+    cache = tmp / "server-cache"
+    (cache / "weights").mkdir(parents=True)
+    shutil.copy(weights, cache / "weights")
+    return cache
 
 
 def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:

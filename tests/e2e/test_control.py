@@ -75,9 +75,7 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
     operator, stranger = tmp_path / "operator-home", tmp_path / "stranger-home"
     e2e.write_flwr_connection(operator, "federation", link_port, root_certificates=ca)
     e2e.write_flwr_connection(stranger, "federation", public_port, root_certificates=ca)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    (server_cache / "weights" / mobilenet_weights.name).write_bytes(mobilenet_weights.read_bytes())
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     empty_torch = str(tmp_path / "empty-torch")
 
     with e2e.processes(tmp_path / "logs") as procs:

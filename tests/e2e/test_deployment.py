@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -63,9 +62,7 @@ def make_csv_site(root: Path) -> Path:
 
 
 def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     link_port = e2e.free_port()
@@ -78,14 +75,14 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     out = tmp_path / "run-out"
 
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             e2e.plain_superlink(link_port),
             e2e.base_env(
                 flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
             ),
+            link_port,
         )
-        e2e.wait_for_port(link_port, proc=link)
         for i, data in enumerate(sites):
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"node{i}"}" '

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -35,19 +34,17 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
     port = e2e.free_port()
     flwr_home = tmp_path / "flwr-home"
     e2e.write_flwr_connection(flwr_home, "five", port)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     out = tmp_path / "out"
     victim_audit = tmp_path / f"site{VICTIM}" / "sent.jsonl"
 
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             e2e.plain_superlink(port),
             e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            port,
         )
-        e2e.wait_for_port(port, proc=link)
         for i in range(SITES):
             data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, SITES, n_train=80, n_val=20)
             node_config = (

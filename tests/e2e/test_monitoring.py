@@ -56,9 +56,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
     link_port, link_metrics, site_metrics, prom_port = (e2e.free_port() for _ in range(4))
     flwr_home = tmp_path / "flwr-home"
     e2e.write_flwr_connection(flwr_home, "watched", link_port)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     val = demo_data.load("val")
     server_test = tmp_path / "server-test.npz"
     np.savez(server_test, images=val.images[:60], labels=val.labels[:60])
@@ -86,7 +84,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
             ],
             e2e.base_env(tmp_path / "prom-home"),
         )
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             [
                 *e2e.FEDHEAD,
@@ -100,8 +98,8 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
                 f"127.0.0.1:{link_metrics}",
             ],
             e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            link_port,
         )
-        e2e.wait_for_port(link_port, proc=link)
         e2e.wait_for_port(link_metrics)
         e2e.wait_for_port(prom_port)
         for i, metrics_port in enumerate((site_metrics, taken_port)):

@@ -31,8 +31,9 @@ def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
     e2e.write_flwr_connection(flwr_home, "e2e", port)
     env = e2e.base_env(flwr_home)
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start("superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link"))
-        e2e.wait_for_port(port, proc=link)
+        procs.start_listening(
+            "superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link"), port
+        )
         # no site ever joins: the ServerApp gives up after join-timeout
         result = fedhead(
             env,
@@ -77,7 +78,7 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
     port = e2e.free_port()
     data = e2e.npz_site(tmp_path / "site.npz", 0, 2)
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             [
                 *e2e.FEDHEAD,
@@ -92,8 +93,8 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
                 "none",
             ],
             e2e.base_env(tmp_path / "link"),
+            port,
         )
-        e2e.wait_for_port(port, proc=link)
         node = [
             "node",
             "--superlink",
@@ -132,8 +133,9 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
     # and a TLS node against a plaintext SuperLink
     port = e2e.free_port()
     with e2e.processes(tmp_path / "logs2") as procs:
-        link = procs.start("superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link2"))
-        e2e.wait_for_port(port, proc=link)
+        procs.start_listening(
+            "superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link2"), port
+        )
         tls = fedhead(
             e2e.base_env(tmp_path / "n3"),
             "node",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -28,13 +27,6 @@ RUN = (
     "num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 round-timeout=300.0 "
     "secure-aggregation=false seed=7 local-epochs=2"
 )
-
-
-def _server_cache(tmp: Path, weights: Path) -> Path:
-    cache = tmp / "server-cache"
-    (cache / "weights").mkdir(parents=True)
-    shutil.copy(weights, cache / "weights")
-    return cache
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
@@ -83,16 +75,16 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     port = e2e.free_port()
     flwr_home = tmp_path / "flwr-home"
     e2e.write_flwr_connection(flwr_home, "e2e", port)
-    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     cut, whole = tmp_path / "cut", tmp_path / "whole"
 
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start(
+        link = procs.start_listening(
             "superlink",
             e2e.plain_superlink(port),
             e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            port,
         )
-        e2e.wait_for_port(port, proc=link)
         for i in range(2):
             data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
             node_config = (
@@ -160,7 +152,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
     port = e2e.free_port()
     flwr_home = tmp_path / "flwr-home"
     e2e.write_flwr_connection(flwr_home, "e2e", port)
-    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     link_cmd = [
         *e2e.FEDHEAD,
         "superlink",
@@ -174,8 +166,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
     ]
     link_env = e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache))
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start("superlink", link_cmd, link_env)
-        e2e.wait_for_port(port, proc=link)
+        procs.start_listening("superlink", link_cmd, link_env, port)
         nodes = []
         for i in range(2):
             data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=60, n_val=20)
@@ -208,8 +199,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
         assert (tmp_path / "state" / "superlink.db").is_file()
 
         procs.stop("superlink", signal.SIGKILL)  # no clean shutdown
-        link = procs.start("superlink-again", link_cmd, link_env)
-        e2e.wait_for_port(port, proc=link)
+        procs.start_listening("superlink-again", link_cmd, link_env, port)
         _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'after'}'")
         assert all(n.poll() is None for n in nodes)  # the site nodes stayed up
         runs = e2e.flwr(flwr_home, "ls", "e2e", "--format", "json")

@@ -41,14 +41,12 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     port = e2e.free_port()
     flwr_home = tmp_path / "flwr-home"
     e2e.write_flwr_connection(flwr_home, "secure", port, root_certificates=certs / "ca.crt")
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    (server_cache / "weights" / mobilenet_weights.name).write_bytes(mobilenet_weights.read_bytes())
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     empty_torch = str(tmp_path / "empty-torch")
     out = tmp_path / "out"
 
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             [
                 *e2e.FEDHEAD,
@@ -63,8 +61,8 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
             e2e.base_env(
                 tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
             ),
+            port,
         )
-        e2e.wait_for_port(port, proc=link)
         for site in ("hospital-a", "hospital-b"):
             reg = e2e.flwr(
                 flwr_home,
