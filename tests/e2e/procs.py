@@ -165,6 +165,21 @@ def site_threads(sites: int) -> int:
     return max(1, (os.cpu_count() or 1) // sites)
 
 
+def tls_superlink(certs: Path, port: int, *args: str) -> list[str]:
+    """``fedhead superlink`` with the TLS files in ``certs``, on 127.0.0.1:``port``."""
+    return [
+        *FEDHEAD,
+        "superlink",
+        "--certs-dir",
+        str(certs),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+
+
 def plain_superlink(port: int) -> list[str]:
     """Flower's own SuperLink command, without TLS, on 127.0.0.1:``port``."""
     return [
@@ -204,6 +219,14 @@ def write_flwr_connection(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
         f'address = "127.0.0.1:{port}"\n{security}\n'
     )
+
+
+def new_connection(tmp: Path, name: str, root_certificates: Path | None = None) -> tuple[int, Path]:
+    """A free port for the test's SuperLink, and a Flower home (``tmp``/flwr-home) whose
+    default connection ``name`` points at it."""
+    port, flwr_home = free_port(), tmp / "flwr-home"
+    write_flwr_connection(flwr_home, name, port, root_certificates)
+    return port, flwr_home
 
 
 def flwr(flwr_home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -31,9 +31,7 @@ def _train_messages_sent(audit: Path, server_round: int) -> int:
 def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = e2e.free_port()
-    flwr_home = tmp_path / "flwr-home"
-    e2e.write_flwr_connection(flwr_home, "five", port)
+    port, flwr_home = e2e.new_connection(tmp_path, "five")
     server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     out = tmp_path / "out"
     victim_audit = tmp_path / f"site{VICTIM}" / "sent.jsonl"

@@ -26,9 +26,7 @@ def fedhead(
 
 
 def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
-    port = e2e.free_port()
-    flwr_home = tmp_path / "flwr-home"
-    e2e.write_flwr_connection(flwr_home, "e2e", port)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
     env = e2e.base_env(flwr_home)
     with e2e.processes(tmp_path / "logs") as procs:
         procs.start_listening(
@@ -77,40 +75,36 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
     assert made.returncode == 0, made.stderr
     port = e2e.free_port()
     data = e2e.npz_site(tmp_path / "site.npz", 0, 2)
-    with e2e.processes(tmp_path / "logs") as procs:
-        procs.start_listening(
-            "superlink",
-            [
-                *e2e.FEDHEAD,
-                "superlink",
-                "--certs-dir",
-                str(certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-address",
-                "none",
-            ],
-            e2e.base_env(tmp_path / "link"),
-            port,
-        )
-        node = [
+
+    def node(link_port: int) -> list[str]:
+        """``fedhead node`` on ``data`` against the SuperLink on ``link_port``."""
+        return [
             "node",
             "--superlink",
-            f"127.0.0.1:{port}",
+            f"127.0.0.1:{link_port}",
             "--data",
             str(data),
             "--metrics-address",
             "none",
             "--allow-unsigned-apps",
             "--port",
+            str(e2e.free_port()),
         ]
 
-        # a plaintext node against the TLS SuperLink: one line, well within 30 s
-        plain = fedhead(
-            e2e.base_env(tmp_path / "n1"), *node, str(e2e.free_port()), "--insecure", timeout=30
+    # TLS with the federation's CA, and a key the operator never registered
+    ca, stranger_key = str(certs / "ca.crt"), str(certs / "sites" / "stranger.key")
+    stranger_tls = ("--root-certificates", ca, "--auth-key", stranger_key)
+
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
+            "superlink",
+            e2e.tls_superlink(certs, port, "--metrics-address", "none"),
+            e2e.base_env(tmp_path / "link"),
+            port,
         )
+
+        # a plaintext node against the TLS SuperLink: one line, well within 30 s
+        plain = fedhead(e2e.base_env(tmp_path / "n1"), *node(port), "--insecure", timeout=30)
         assert plain.returncode == ConfigError.exit_code, plain.stderr
         last = plain.stderr.splitlines()[-1]
         assert "uses TLS" in last and "--root-certificates" in last, last
@@ -118,12 +112,8 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
         # a TLS node whose key the operator never registered
         stranger = fedhead(
             e2e.base_env(tmp_path / "n2"),
-            *node,
-            str(e2e.free_port()),
-            "--root-certificates",
-            str(certs / "ca.crt"),
-            "--auth-key",
-            str(certs / "sites" / "stranger.key"),
+            *node(port),
+            *stranger_tls,
             timeout=120,
         )
         assert stranger.returncode == SetupError.exit_code, stranger.stderr
@@ -138,20 +128,8 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
         )
         tls = fedhead(
             e2e.base_env(tmp_path / "n3"),
-            "node",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--data",
-            str(data),
-            "--metrics-address",
-            "none",
-            "--allow-unsigned-apps",
-            "--port",
-            str(e2e.free_port()),
-            "--root-certificates",
-            str(certs / "ca.crt"),
-            "--auth-key",
-            str(certs / "sites" / "stranger.key"),
+            *node(port),
+            *stranger_tls,
             timeout=30,
         )
         assert tls.returncode == ConfigError.exit_code, tls.stderr

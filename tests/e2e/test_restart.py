@@ -72,9 +72,7 @@ def _flwr_run(flwr_home: Path, name: str, run_config: str, stream: bool = True) 
 def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = e2e.free_port()
-    flwr_home = tmp_path / "flwr-home"
-    e2e.write_flwr_connection(flwr_home, "e2e", port)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
     server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     cut, whole = tmp_path / "cut", tmp_path / "whole"
 
@@ -149,9 +147,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
 def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = e2e.free_port()
-    flwr_home = tmp_path / "flwr-home"
-    e2e.write_flwr_connection(flwr_home, "e2e", port)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
     server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     link_cmd = [
         *e2e.FEDHEAD,

@@ -38,9 +38,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     assert (certs / "sites" / "hospital-a.key").stat().st_mode & 0o777 == 0o600
     assert e2e.fedhead("certs", "--out", str(other), "--host", "127.0.0.1").returncode == 0
 
-    port = e2e.free_port()
-    flwr_home = tmp_path / "flwr-home"
-    e2e.write_flwr_connection(flwr_home, "secure", port, root_certificates=certs / "ca.crt")
+    port, flwr_home = e2e.new_connection(tmp_path, "secure", root_certificates=certs / "ca.crt")
     server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     empty_torch = str(tmp_path / "empty-torch")
     out = tmp_path / "out"
@@ -48,16 +46,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     with e2e.processes(tmp_path / "logs") as procs:
         procs.start_listening(
             "superlink",
-            [
-                *e2e.FEDHEAD,
-                "superlink",
-                "--certs-dir",
-                str(certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            e2e.tls_superlink(certs, port),
             e2e.base_env(
                 tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
             ),
