@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -98,20 +97,8 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
             f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 out-dir='{out}'"
         )
-        result = subprocess.run(
-            [
-                str(e2e.BIN / "flwr"),
-                "run",
-                str(REPO),
-                "e2e",
-                "--stream",
-                "--run-config",
-                run_config,
-            ],
-            env=e2e.base_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=900,
+        result = e2e.flwr(
+            flwr_home, "run", str(REPO), "e2e", "--stream", "--run-config", run_config
         )
         logs = {name: procs.log(name) for name in ("superlink", "node0", "node1")}
     assert result.returncode == 0, result.stdout + result.stderr + logs["superlink"][-3000:]
