@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command, add_group
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.files import atomic_writer
 
@@ -126,6 +126,10 @@ def sign(app: Path, key: ed25519.Ed25519PrivateKey, out: Path, force: bool = Fal
 
 
 def _sign(args: argparse.Namespace) -> int:
+    """Builds the Flower App (Flower's FAB builder) and signs its SHA-256 with an ed25519 key
+    from `fedhead certs --app-signer`. Sites whose --trusted-entities list that key run it;
+    they refuse unsigned apps. Keep the key off the SuperLink's machine.
+    """
     out = Path(args.out).expanduser()
     key = load_signing_key(Path(args.key).expanduser())
     sig = sign(Path(args.app).expanduser().resolve(), key, out, args.force)
@@ -139,18 +143,16 @@ def _sign(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead app sign``."""
-    a = sub.add_parser("app", help="sign the Flower App that sites will run")
-    app_sub = a.add_subparsers(dest="app_command", required=True, metavar="COMMAND")
-    s = app_sub.add_parser(
+    app_sub = add_group(
+        sub, "app", help="sign the Flower App that sites will run", metavar="COMMAND"
+    )
+    s = add_command(
+        app_sub,
         "sign",
+        _sign,
         help="build the app into a FAB and sign it with the operator's ed25519 key",
-        description="Builds the Flower App (Flower's FAB builder) and signs its SHA-256 "
-        "with an ed25519 key from `fedhead certs --app-signer`. Sites whose "
-        "--trusted-entities list that key run it; they refuse unsigned apps. Keep the "
-        "key off the SuperLink's machine.",
     )
     s.add_argument("--key", required=True, help="ed25519 private key (OpenSSH format)")
     s.add_argument("--app", default=".", help="the Flower App's folder (default .)")
     s.add_argument("--out", default="signed-app", help="folder for app.fab and signature.json")
     s.add_argument("--force", action="store_true", help="replace an earlier signed app")
-    s.set_defaults(handler=_sign)

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.files import atomic_writer
 
@@ -276,6 +276,12 @@ def certificate_problem(path: Path, warn_days: int = 30) -> tuple[bool, str] | N
 
 
 def _certs(args: argparse.Namespace) -> int:
+    """Creates (with `cryptography`) a private CA, a TLS certificate for the SuperLink naming
+    the given hosts, and an EC P-384 key pair per site for node authentication (OpenSSH
+    format). Private keys are written 0600. Existing files are never overwritten without
+    --force; an existing CA is reused. Add a site later with --site NAME alone; renew the
+    SuperLink certificate with --renew-server --host.
+    """
     out = Path(args.out).expanduser()
     plan = CertsPlan(out, args.host or [], args.site or [], args.days, args.force, args.app_signer)
     plan.renew_server = args.renew_server
@@ -302,14 +308,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead certs``."""
-    c = sub.add_parser(
-        "certs",
-        help="create the federation's CA, SuperLink certificate and site keys",
-        description="Creates (with `cryptography`) a private CA, a TLS certificate for the "
-        "SuperLink naming the given hosts, and an EC P-384 key pair per site for node "
-        "authentication (OpenSSH format). Private keys are written 0600. Existing files "
-        "are never overwritten without --force; an existing CA is reused. Add a site later "
-        "with --site NAME alone; renew the SuperLink certificate with --renew-server --host.",
+    c = add_command(
+        sub, "certs", _certs, help="create the federation's CA, SuperLink certificate and site keys"
     )
     c.add_argument("--out", default="certs", help="folder for the files (default certs)")
     c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
@@ -326,4 +326,3 @@ def add_parser(sub: Subparsers) -> None:
         help="replace only the SuperLink certificate (same CA: sites need nothing new)",
     )
     c.add_argument("--force", action="store_true", help="replace existing server/site files")
-    c.set_defaults(handler=_certs)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command, add_group
 from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError
 
@@ -105,6 +105,10 @@ def check_site_data(
 
 
 def _data_check(args: argparse.Namespace) -> int:
+    """Formats: folder of class folders (or train/ and val/ with class folders), CSV manifest
+    with path,label[,split], .npz with images/labels[/val_images/val_labels/class_names].
+    Images: PNG/JPEG/TIFF (8 or 16 bit) and grayscale DICOM.
+    """
     policy, reader = read_settings(
         args.data_roots, args.max_image_pixels, args.dicom_window, args.dicom_frame
     )
@@ -115,6 +119,10 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _demo_split(args: argparse.Namespace) -> int:
+    """Splits the embedded demo data (PneumoniaMNIST) over the given sites, non-IID
+    (Dirichlet), and writes OUT/<site>/data.npz for each: the data a trial site's `fedhead
+    node --data` reads. Existing files are never overwritten.
+    """
     import numpy as np
 
     from fedhead.common import demo_data
@@ -157,15 +165,12 @@ def _demo_split(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead data check`` and ``fedhead data demo-split``."""
-    dc = sub.add_parser("data", help="check a site's data before joining a federation")
-    dsub = dc.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    dk = dsub.add_parser(
+    dsub = add_group(sub, "data", help="check a site's data before joining a federation")
+    dk = add_command(
+        dsub,
         "check",
+        _data_check,
         help="read and decode every image; count per class, format, bit depth and size",
-        description="Formats: folder of class folders (or train/ and val/ "
-        "with class folders), CSV manifest with path,label[,split], "
-        ".npz with images/labels[/val_images/val_labels/class_names]. Images: "
-        "PNG/JPEG/TIFF (8 or 16 bit) and grayscale DICOM.",
     )
     dk.add_argument("path", help="image folder, .csv manifest or .npz file")
     dk.add_argument("--classes", required=True, help="the run's classes, comma-separated")
@@ -195,16 +200,13 @@ def add_parser(sub: Subparsers) -> None:
         default=DEFAULT_MAX_IMAGE_PIXELS,
         help=f"as the node's max-image-pixels ({DEFAULT_MAX_IMAGE_PIXELS})",
     )
-    dk.set_defaults(handler=_data_check)
-    ds = dsub.add_parser(
+    ds = add_command(
+        dsub,
         "demo-split",
+        _demo_split,
         help="write the embedded demo X-rays as one .npz per site (for a trial federation)",
-        description="Splits the embedded demo data (PneumoniaMNIST) over the given sites, "
-        "non-IID (Dirichlet), and writes OUT/<site>/data.npz for each: the data a trial "
-        "site's `fedhead node --data` reads. Existing files are never overwritten.",
     )
     ds.add_argument("--out", required=True, help="folder to write <site>/data.npz into")
     ds.add_argument("--sites", default="site-1,site-2", help="site names, comma-separated")
     ds.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (1.0)")
     ds.add_argument("--seed", type=int, default=0)
-    ds.set_defaults(handler=_demo_split)

@@ -9,7 +9,7 @@ import ssl
 import urllib.error
 import urllib.request
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.errors import ConfigError, FederationError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS
 
@@ -36,6 +36,10 @@ def probe(url: str, context: ssl.SSLContext | None, timeout: float) -> str | Non
 
 
 def _health(args: argparse.Namespace) -> int:
+    """Fetches each URL (default: the URLs in $FEDHEAD_HEALTH_URL, else the default metrics
+    exporters of `fedhead superlink` and `fedhead node`) and exits 0 when they answer with
+    2xx. Useful URLs: the exporter's /metrics, the SuperLink's and the SuperNode's /health.
+    """
     urls = args.url or os.environ.get(URL_ENV, "").split()
     problems = [
         f"{u!r} is not an http:// or https:// URL"
@@ -63,15 +67,12 @@ def _health(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead health``."""
-    h = sub.add_parser(
+    h = add_command(
+        sub,
         "health",
+        _health,
         help="exit 0 if this machine's SuperLink or SuperNode answers (container health check)",
-        description="Fetches each URL (default: the URLs in $FEDHEAD_HEALTH_URL, else the "
-        "default metrics exporters of `fedhead superlink` and `fedhead node`) and exits 0 "
-        "when they answer with 2xx. Useful URLs: the exporter's /metrics, the SuperLink's "
-        "and the SuperNode's /health.",
     )
     h.add_argument("url", nargs="*", help=f"URL(s) that must answer (default ${URL_ENV})")
     h.add_argument("--ca", help=f"CA certificate for https URLs (default ${CA_ENV})")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds per URL (5)")
-    h.set_defaults(handler=_health)

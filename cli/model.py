@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 
 if TYPE_CHECKING:
     from fedhead.common.dicom import ReaderSettings
@@ -92,6 +92,13 @@ def _side_file(out: Path) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Predict with a run's model package, preprocessing images exactly as the sites did in
+    training. --data: an image file, a folder (searched recursively, class folders
+    included), a .csv with a 'path' column, or an .npz with an 'images' array. Writes a CSV
+    with columns path, prediction and one p_<class> per class. Images that cannot be read
+    get no row: they are counted, named on stderr and all listed in <out>.unreadable.csv
+    beside --out.
+    """
     from fedhead.common.datasets import read_images
     from fedhead.common.device import select_device
     from fedhead.common.files import atomic_writer
@@ -123,6 +130,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's model package on labelled data: accuracy, balanced accuracy, per-class
+    precision and recall, AUROC (one-vs-rest for more than two classes), sensitivity and
+    specificity (two classes), expected calibration error (15 bins), each with a 95%
+    percentile bootstrap interval, and the confusion matrix. --data: class folders, a .csv
+    with path and label columns, or an .npz with images and labels (its test split when it
+    names one). Prints a table and writes the metrics as JSON.
+    """
     from fedhead.common.datasets import load_test_set
     from fedhead.common.device import select_device
     from fedhead.common.errors import ConfigError
@@ -176,6 +190,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Write trunk, head and preprocessing (channel handling, resize and centre crop,
+    normalisation) as one file. Input: a uint8 tensor N x C x H x W with values 0..255, C =
+    --channels (1 grayscale, 3 RGB), H x W = --height x --width (default: the model's input
+    size; other sizes are resized inside the model as in training); any batch size N.
+    Output: N x classes probabilities, in the package's class order. The file is checked
+    against the package on sample images and only kept when the largest difference is at
+    most 1e-4. ONNX needs the export extra: pip install 'fedhead[export]'. TorchScript is
+    deprecated by PyTorch but still loads with torch.jit.load.
+    """
     from fedhead.common.errors import ConfigError
     from fedhead.common.export import TOLERANCE, export_model
 
@@ -261,34 +284,16 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead predict``, ``fedhead evaluate``, ``fedhead export``."""
-    pr = sub.add_parser(
-        "predict",
-        help="predict classes for images with a model package",
-        description="Predict with a run's model package, preprocessing images exactly "
-        "as the sites did in training. --data: an image file, a folder (searched "
-        "recursively, class folders included), a .csv with a 'path' column, or an .npz "
-        "with an 'images' array. Writes a CSV with columns path, prediction and one "
-        "p_<class> per class. Images that cannot be read get no row: they are counted, "
-        "named on stderr and all listed in <out>.unreadable.csv beside --out.",
+    pr = add_command(
+        sub, "predict", _predict, help="predict classes for images with a model package"
     )
     _common(pr)
     pr.add_argument("--data", required=True, help="image file, folder, .csv or .npz")
     pr.add_argument("--out", required=True, help="predictions CSV to write")
     _dicom(pr)
     _device(pr)
-    pr.set_defaults(handler=_predict)
 
-    ev = sub.add_parser(
-        "evaluate",
-        help="measure a model package on labelled images",
-        description="Evaluate a run's model package on labelled data: accuracy, balanced "
-        "accuracy, per-class precision and recall, AUROC (one-vs-rest for more than two "
-        "classes), sensitivity and specificity (two classes), expected calibration error "
-        "(15 bins), each with a 95% percentile bootstrap interval, and the confusion "
-        "matrix. --data: class folders, a .csv with path and label columns, or an .npz "
-        "with images and labels (its test split when it names one). Prints a table and "
-        "writes the metrics as JSON.",
-    )
+    ev = add_command(sub, "evaluate", _evaluate, help="measure a model package on labelled images")
     _common(ev)
     ev.add_argument("--data", required=True, help="labelled folder, .csv or .npz")
     ev.add_argument("--out", required=True, help="metrics JSON to write")
@@ -300,20 +305,9 @@ def add_parser(sub: Subparsers) -> None:
         help="two classes: the class sensitivity refers to (default: the second class)",
     )
     _device(ev)
-    ev.set_defaults(handler=_evaluate)
 
-    ex = sub.add_parser(
-        "export",
-        help="export a model package as one ONNX or TorchScript file",
-        description="Write trunk, head and preprocessing (channel handling, resize and "
-        "centre crop, normalisation) as one file. Input: a uint8 tensor N x C x H x W with "
-        "values 0..255, C = --channels (1 grayscale, 3 RGB), H x W = --height x --width "
-        "(default: the model's input size; other sizes are resized inside the model as "
-        "in training); any batch size N. Output: N x classes probabilities, in the "
-        "package's class order. The file is checked against the package on sample images "
-        "and only kept when the largest difference is at most 1e-4. ONNX needs the "
-        "export extra: pip install 'fedhead[export]'. TorchScript is deprecated by "
-        "PyTorch but still loads with torch.jit.load.",
+    ex = add_command(
+        sub, "export", _export, help="export a model package as one ONNX or TorchScript file"
     )
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     ex.add_argument("--out", required=True, help="file to write (.onnx or .pt)")
@@ -322,4 +316,3 @@ def add_parser(sub: Subparsers) -> None:
     ex.add_argument("--height", type=int, default=0, help="input height (model's input size)")
     ex.add_argument("--width", type=int, default=0, help="input width (model's input size)")
     ex.add_argument("--samples", type=int, default=8, help="sample images for the check (8)")
-    ex.set_defaults(handler=_export)

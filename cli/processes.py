@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedhead.cli import preflight
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.errors import ConfigError, SetupError
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS, DEFAULT_SITE_ADDRESS, SPOOL_ENV
@@ -108,6 +108,10 @@ def _tls_args(args: argparse.Namespace, role: str) -> list[str]:
 
 
 def _node(args: argparse.Namespace) -> int:
+    """Checks this site's data and its TLS choice against the SuperLink, then starts
+    flower-supernode pointed at the data and watches it. Only head updates and scalar
+    metrics leave.
+    """
     data = Path(args.data).expanduser().resolve()
     if not data.exists():
         raise ConfigError([f"--data: {data} does not exist (image folder, .csv or .npz)"])
@@ -235,6 +239,11 @@ def _state_dir(given: str | None, create: bool) -> Path:
 
 
 def _superlink(args: argparse.Namespace) -> int:
+    """Starts flower-superlink with runtime dependency installation disabled. TLS is required
+    unless --insecure is given. Its port also serves the Control API, so it listens on
+    loopback only; --public-address starts nginx for the sites, forwarding only the Fleet
+    API, and --signed-app offers the app signed with `fedhead app sign` to the SuperLink.
+    """
     from fedhead.cli import proxy
 
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
@@ -317,15 +326,19 @@ def _superlink(args: argparse.Namespace) -> int:
         shutil.rmtree(fleet_proxy.run_dir, ignore_errors=True)
 
 
+def _serving_options(p: argparse.ArgumentParser, metrics: str, default_address: str) -> None:
+    """--metrics-address and --dry-run, shared by the commands that start a Flower process."""
+    p.add_argument(
+        "--metrics-address",
+        default=default_address,
+        help=f"serve {metrics} ({default_address}; none to switch off)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not start")
+
+
 def add_parser(sub: Subparsers) -> None:
     """``fedhead node``, ``fedhead superlink`` and ``fedhead exporter``."""
-    n = sub.add_parser(
-        "node",
-        help="start this site's Flower SuperNode",
-        description="Checks this site's data and its TLS choice against the SuperLink, "
-        "then starts flower-supernode pointed at the data and watches it. Only head "
-        "updates and scalar metrics leave.",
-    )
+    n = add_command(sub, "node", _node, help="start this site's Flower SuperNode")
     n.add_argument("--superlink", required=True, help="SuperLink Fleet address HOST:PORT")
     n.add_argument("--data", required=True, help="image folder, .csv manifest or .npz")
     n.add_argument(
@@ -390,24 +403,11 @@ def add_parser(sub: Subparsers) -> None:
         action="store_true",
         help="run any app the SuperLink sends (whoever can start runs there runs code here)",
     )
-    n.add_argument(
-        "--metrics-address",
-        default=DEFAULT_SITE_ADDRESS,
-        help="serve this site's Prometheus metrics here, on the site's own network "
-        f"({DEFAULT_SITE_ADDRESS}; none to switch off)",
+    _serving_options(
+        n, "this site's Prometheus metrics here, on the site's own network", DEFAULT_SITE_ADDRESS
     )
-    n.add_argument("--dry-run", action="store_true", help="print the command, do not start")
-    n.set_defaults(handler=_node)
 
-    s = sub.add_parser(
-        "superlink",
-        help="start the operator's Flower SuperLink",
-        description="Starts flower-superlink with runtime dependency installation "
-        "disabled. TLS is required unless --insecure is given. Its port also serves the "
-        "Control API, so it listens on loopback only; --public-address starts nginx "
-        "for the sites, forwarding only the Fleet API, and --signed-app offers the "
-        "app signed with `fedhead app sign` to the SuperLink.",
-    )
+    s = add_command(sub, "superlink", _superlink, help="start the operator's Flower SuperLink")
     s.add_argument(
         "--host",
         default="127.0.0.1",
@@ -436,17 +436,14 @@ def add_parser(sub: Subparsers) -> None:
         help="the state database file instead (:memory: keeps nothing across a restart)",
     )
     s.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
-    s.add_argument(
-        "--metrics-address",
-        default=DEFAULT_SERVER_ADDRESS,
-        help="serve the federation's Prometheus metrics here, across runs "
-        f"({DEFAULT_SERVER_ADDRESS}; none to switch off)",
+    _serving_options(
+        s, "the federation's Prometheus metrics here, across runs", DEFAULT_SERVER_ADDRESS
     )
-    s.add_argument("--dry-run", action="store_true", help="print the command, do not start")
-    s.set_defaults(handler=_superlink)
 
-    e = sub.add_parser(
+    e = add_command(
+        sub,
         "exporter",
+        _exporter,
         help="serve metrics for a SuperLink or SuperNode started the Flower way",
         description=f"Reads the statistics events that fedhead's ServerApp or ClientApp "
         f"write to the spool folder named by {SPOOL_ENV} (set it for flower-superlink "
@@ -455,4 +452,3 @@ def add_parser(sub: Subparsers) -> None:
     e.add_argument("--role", choices=["server", "site"], required=True)
     e.add_argument("--spool", required=True, help=f"the folder {SPOOL_ENV} points to")
     e.add_argument("--address", default=None, help="HOST:PORT (default: the role's port)")
-    e.set_defaults(handler=_exporter)

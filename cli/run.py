@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.errors import ConfigError, FederationError, SetupError
 
 # flwr's --run-config syntax: space-separated key=value pairs, values TOML
@@ -350,6 +350,11 @@ def _acc(v: Any) -> str:
 
 # --- commands ----------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
+    """Checks the run configuration, starts the run on the SuperLink of a Flower connection
+    ($FLWR_HOME/config.toml, default ~/.flwr), streams its log and exits with its outcome
+    (non-zero when the run fails). The report the ServerApp writes on the SuperLink's host
+    is also collected from the run's log into --out.
+    """
     app = Path(args.app).expanduser().resolve()
     config = check_run_config(app, args.run_config)
     connection, address = connection_address(args.connection)
@@ -387,6 +392,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    """Lists runs (flwr ls). With --run-id: that run only, exiting non-zero when it failed;
+    --fetch-report collects its report from the run's log.
+    """
     connection, _ = connection_address(args.connection)
     runs = list_runs(connection, args.run_id)
     print(f"{'run id':>20}  {'status':<20}  {'seconds':>8}  details")
@@ -430,14 +438,7 @@ def _drain(connection: str, run_id: str, keep: LogFilter) -> None:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead run`` and ``fedhead runs``."""
-    r = sub.add_parser(
-        "run",
-        help="start a federated run, watch it, collect its report",
-        description="Checks the run configuration, starts the run on the SuperLink of a "
-        "Flower connection ($FLWR_HOME/config.toml, default ~/.flwr), streams its log and "
-        "exits with its outcome (non-zero when the run fails). The report the ServerApp "
-        "writes on the SuperLink's host is also collected from the run's log into --out.",
-    )
+    r = add_command(sub, "run", _run, help="start a federated run, watch it, collect its report")
     r.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
     r.add_argument(
         "--run-config",
@@ -462,16 +463,9 @@ def add_parser(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="wait this long for the SuperLink to accept connections (30)",
     )
-    r.set_defaults(handler=_run)
 
-    s = sub.add_parser(
-        "runs",
-        help="list the runs of a connection with their status",
-        description="Lists runs (flwr ls). With --run-id: that run only, exiting non-zero "
-        "when it failed; --fetch-report collects its report from the run's log.",
-    )
+    s = add_command(sub, "runs", _runs, help="list the runs of a connection with their status")
     s.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
     s.add_argument("--run-id", help="one run")
     s.add_argument("--fetch-report", action="store_true", help="collect the run's report.json")
     s.add_argument("--out", help="where the report goes here (fedhead-runs/run-<id>)")
-    s.set_defaults(handler=_runs)

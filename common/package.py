@@ -42,6 +42,7 @@ from fedhead.common.errors import (
     PackageExistsError,
     PackageFormatError,
 )
+from fedhead.common.files import fsync_dir
 from fedhead.common.heads import head_bytes
 from fedhead.common.images import Preprocessor
 from fedhead.common.model import FedHeadModel, TensorSpec, TrainableSet, weights_ref
@@ -196,12 +197,12 @@ class ModelPackage:
             _write_synced(tmp / MODEL_JSON, (json.dumps(doc, indent=2) + "\n").encode())
             _write_synced(tmp / MODEL_CARD, model_card(self).encode())
             os.chmod(tmp, 0o755)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _swap_into_place(tmp, dest, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
 
     def check_tensors(self) -> None:
@@ -466,14 +467,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.chmod(path, 0o644)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:

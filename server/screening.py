@@ -101,12 +101,20 @@ def check_public_keys(node_id: int, content: RecordDict) -> None:
             raise ExcludedReply(node_id, "malformed", f"public key {key!r} missing")
 
 
+def _shares_of_neighbours(
+    node_id: int, content: RecordDict, neighbours: set[int], nodes_key: str, shares_key: str
+) -> bool:
+    """One share (bytes) per node id in ``nodes_key``, and neighbours' ids only."""
+    rec = _secagg_record(node_id, content)
+    nodes = _list_of(node_id, rec, nodes_key, int)
+    shares = _list_of(node_id, rec, shares_key, bytes)
+    return len(nodes) == len(shares) and set(nodes) <= neighbours
+
+
 def check_key_shares(node_id: int, content: RecordDict, neighbours: set[int]) -> None:
     """SecAgg+ share keys: one encrypted share per neighbour."""
-    rec = _secagg_record(node_id, content)
-    dst = _list_of(node_id, rec, Key.DESTINATION_LIST, int)
-    ctxt = _list_of(node_id, rec, Key.CIPHERTEXT_LIST, bytes)
-    if len(dst) != len(ctxt) or not set(dst) <= neighbours:
+    keys = (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST)
+    if not _shares_of_neighbours(node_id, content, neighbours, *keys):
         raise ExcludedReply(node_id, "malformed", "key shares for nodes that are not neighbours")
 
 
@@ -150,10 +158,8 @@ def check_masked_vector(
 
 def check_unmask_shares(node_id: int, content: RecordDict, neighbours: set[int]) -> None:
     """SecAgg+ unmask: key shares of neighbours only."""
-    rec = _secagg_record(node_id, content)
-    owners = _list_of(node_id, rec, Key.NODE_ID_LIST, int)
-    shares = _list_of(node_id, rec, Key.SHARE_LIST, bytes)
-    if len(owners) != len(shares) or not set(owners) <= neighbours:
+    keys = (Key.NODE_ID_LIST, Key.SHARE_LIST)
+    if not _shares_of_neighbours(node_id, content, neighbours, *keys):
         raise ExcludedReply(node_id, "malformed", "key shares of nodes that are not neighbours")
 
 

@@ -16,14 +16,16 @@ from tests.e2e.procs import descendant_commands, poll_until
 FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
-def fedhead(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def fedhead(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     import os
 
     return subprocess.run(
         [*FEDHEAD, *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -46,22 +48,34 @@ def test_help_lists_commands_and_exit_codes() -> None:
         assert word in result.stdout
 
 
-def test_unknown_backbone_in_demo(tmp_path: Path) -> None:
-    one_line_error(
-        fedhead("demo", "--backbone", "resnet9000", "--out", str(tmp_path)),
-        UnknownBackboneError.exit_code,
-        "unknown backbone 'resnet9000'",
-        "mobilenet_v2",
-    )
-
-
-def test_bad_demo_options_are_reported_together(tmp_path: Path) -> None:
-    one_line_error(
-        fedhead("demo", "--rounds", "0", "--clients", "1", "--out", str(tmp_path)),
-        ConfigError.exit_code,
-        "--rounds",
-        "--clients",
-    )
+@pytest.mark.parametrize(
+    ("args", "code", "needles"),
+    [
+        pytest.param(
+            ["demo", "--backbone", "resnet9000", "--out"],
+            UnknownBackboneError.exit_code,
+            ["unknown backbone 'resnet9000'", "mobilenet_v2"],
+            id="unknown-backbone-in-demo",
+        ),
+        pytest.param(
+            ["demo", "--rounds", "0", "--clients", "1", "--out"],
+            ConfigError.exit_code,
+            ["--rounds", "--clients"],  # reported together
+            id="bad-demo-options",
+        ),
+        pytest.param(
+            ["weights", "install", "resnet18", "--dest"],
+            WeightsError.exit_code,
+            ["--file", "--download"],
+            id="weights-install-without-a-source",
+        ),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    tmp_path: Path, args: list[str], code: int, needles: list[str]
+) -> None:
+    """``args`` end with the option naming a folder; the test's own folder goes there."""
+    one_line_error(fedhead(*args, str(tmp_path)), code, *needles)
 
 
 def test_demo_passes_its_strategy_and_refuses_a_bad_proximal_mu(tmp_path: Path) -> None:
@@ -117,15 +131,6 @@ def test_weights_install_verifies_and_refuses_a_wrong_file(
     )
     one_line_error(bad, WeightsError.exit_code, "sha256")
     assert not (tmp_path / "d2" / "mobilenet_v2-b0353104.pth").exists()
-
-
-def test_weights_install_without_a_source(tmp_path: Path) -> None:
-    one_line_error(
-        fedhead("weights", "install", "resnet18", "--dest", str(tmp_path)),
-        WeightsError.exit_code,
-        "--file",
-        "--download",
-    )
 
 
 def test_weights_list_shows_every_backbone() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,10 +33,9 @@ from fedhead.common.errors import (
 from fedhead.common.images import ArrayImages
 from fedhead.common.inference import load_site_model, predict
 from fedhead.common.package import MODEL_JSON
+from tests.cli.test_cli import fedhead
 from tests.conftest import write_png
 from tests.packages import make_package
-
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 @pytest.fixture(scope="module")
@@ -188,20 +186,14 @@ def test_refusals_are_one_line_with_their_exit_code(
     doc = json.loads((bad / MODEL_JSON).read_text())
     doc["format_version"] = 99
     (bad / MODEL_JSON).write_text(json.dumps(doc))
-    result = subprocess.run(
-        [
-            *FEDHEAD,
-            "predict",
-            "--model",
-            str(bad),
-            "--data",
-            str(image_folder),
-            "--out",
-            str(tmp_path / "p.csv"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = fedhead(
+        "predict",
+        "--model",
+        str(bad),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(tmp_path / "p.csv"),
     )
     assert result.returncode == PackageError.exit_code, result.stderr
     (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -296,23 +288,18 @@ def test_predict_on_the_test_split_matches_the_demo_report(
     """A short demo's package, used at a site on the bundled test split written out as
     PNG class folders, scores what the demo's federated evaluation reported."""
     out = tmp_path / "demo"
-    demo = subprocess.run(
-        [
-            *FEDHEAD,
-            "demo",
-            "--rounds",
-            "2",
-            "--clients",
-            "2",
-            "--out",
-            str(out),
-            "--metrics-address",
-            "none",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
+    demo = fedhead(
+        "demo",
+        "--rounds",
+        "2",
+        "--clients",
+        "2",
+        "--out",
+        str(out),
+        "--metrics-address",
+        "none",
+        "--device",
+        "cpu",
         timeout=1800,
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -322,21 +309,16 @@ def test_predict_on_the_test_split_matches_the_demo_report(
     for i, (img, lab) in enumerate(zip(test.images, test.labels, strict=True)):
         write_png(folder / demo_data.CLASSES[lab] / f"{i:04d}.png", img)
     preds = tmp_path / "preds.csv"
-    result = subprocess.run(
-        [
-            *FEDHEAD,
-            "predict",
-            "--model",
-            str(out / "model"),
-            "--data",
-            str(folder),
-            "--out",
-            str(preds),
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
+    result = fedhead(
+        "predict",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(folder),
+        "--out",
+        str(preds),
+        "--device",
+        "cpu",
         timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,6 +4,7 @@ starts: real processes, no SuperLink needed."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 from fedhead.cli.run import parse_overrides
@@ -12,17 +13,35 @@ from tests.cli.test_cli import fedhead, one_line_error
 from tests.conftest import REPO
 
 
+def run_nowhere(flwr_home: Path, *run_configs: str) -> subprocess.CompletedProcess[str]:
+    """``fedhead run`` on a connection that ``flwr_home`` does not have."""
+    overrides = [arg for config in run_configs for arg in ("--run-config", config)]
+    return fedhead(
+        "run", "nowhere", "--app", str(REPO), *overrides, env={"FLWR_HOME": str(flwr_home)}
+    )
+
+
+def node_without_a_superlink(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fedhead node`` on ``data`` pointed at a port where no SuperLink listens."""
+    return fedhead(
+        "node",
+        "--superlink",
+        "127.0.0.1:9",
+        "--data",
+        str(data),
+        *args,
+        "--insecure",
+        "--allow-unsigned-apps",
+        "--metrics-address",
+        "none",
+    )
+
+
 def test_run_names_every_unknown_key_and_bad_value_at_once(tmp_path: Path) -> None:
-    result = fedhead(
-        "run",
-        "nowhere",
-        "--app",
-        str(REPO),
-        "--run-config",
+    result = run_nowhere(
+        tmp_path,
         "num-server-rouns=3 local-epochs=0 backbone='resnet9000' classes=normal",
-        "--run-config",
         "seed=abc",
-        env={"FLWR_HOME": str(tmp_path)},
     )
     one_line_error(
         result,
@@ -37,15 +56,7 @@ def test_run_names_every_unknown_key_and_bad_value_at_once(tmp_path: Path) -> No
 
 
 def test_run_with_a_good_config_names_a_missing_connection(tmp_path: Path) -> None:
-    result = fedhead(
-        "run",
-        "nowhere",
-        "--app",
-        str(REPO),
-        "--run-config",
-        "num-server-rounds=2 classes='cat,dog'",
-        env={"FLWR_HOME": str(tmp_path)},
-    )
+    result = run_nowhere(tmp_path, "num-server-rounds=2 classes='cat,dog'")
     one_line_error(result, ConfigError.exit_code, "'nowhere'", "config.toml")
 
 
@@ -59,17 +70,7 @@ def test_run_config_pairs_parse_like_flwr() -> None:
 
 def test_node_on_an_empty_folder_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = fedhead(
-        "node",
-        "--superlink",
-        "127.0.0.1:9",
-        "--data",
-        str(tmp_path / "empty"),
-        "--insecure",
-        "--allow-unsigned-apps",
-        "--metrics-address",
-        "none",
-    )
+    result = node_without_a_superlink(tmp_path / "empty")
     assert result.returncode == DataError.exit_code, result.stderr
     assert result.stderr.splitlines()[-1].startswith("fedhead: data problem: ")
     assert "is empty" in result.stderr
@@ -80,19 +81,7 @@ def test_node_with_classes_runs_the_full_data_check(tmp_path: Path) -> None:
     (tmp_path / "site" / "normal" / "x.png").write_bytes(b"not an image")
     (tmp_path / "site" / "pneumonia").mkdir()
     (tmp_path / "site" / "pneumonia" / "y.png").write_bytes(b"nor this")
-    result = fedhead(
-        "node",
-        "--superlink",
-        "127.0.0.1:9",
-        "--data",
-        str(tmp_path / "site"),
-        "--classes",
-        "normal,pneumonia",
-        "--insecure",
-        "--allow-unsigned-apps",
-        "--metrics-address",
-        "none",
-    )
+    result = node_without_a_superlink(tmp_path / "site", "--classes", "normal,pneumonia")
     assert result.returncode == DataError.exit_code, result.stderr
     assert "0 usable image(s), 2 unreadable" in result.stdout
     assert "no usable images" in result.stderr

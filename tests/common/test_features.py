@@ -17,6 +17,13 @@ from tests.conftest import write_png
 SPEC = get_spec("mobilenet_v2")
 
 
+def png_files(folder: Path, images: np.ndarray) -> list[Path]:
+    """Each image as ``folder``/<index>.png, in order."""
+    for i, image in enumerate(images):
+        write_png(folder / f"{i}.png", image)
+    return [folder / f"{i}.png" for i in range(len(images))]
+
+
 def test_cache_roundtrip_and_namespaces(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "f.sqlite")
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -119,10 +126,7 @@ def test_changed_image_is_recomputed(
 def test_unreadable_images_are_skipped_and_counted(
     tmp_path: Path, model: FedHeadModel, xray_arrays: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    paths = []
-    for i in range(4):
-        write_png(tmp_path / f"{i}.png", xray_arrays[0][i])
-        paths.append(tmp_path / f"{i}.png")
+    paths = png_files(tmp_path, xray_arrays[0][:4])
     (tmp_path / "1.png").write_bytes(b"broken")
     paths.append(tmp_path / "missing.png")
     ex = FeatureExtractor(
@@ -138,10 +142,7 @@ def test_dataloader_workers_give_the_same_features_and_skip_the_same_images(
     tmp_path: Path, model: FedHeadModel, xray_arrays: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """The CUDA path decodes in DataLoader workers; on CPU it is tested with workers=2."""
-    paths = []
-    for i in range(10):
-        write_png(tmp_path / f"{i}.png", xray_arrays[0][i])
-        paths.append(tmp_path / f"{i}.png")
+    paths = png_files(tmp_path, xray_arrays[0][:10])
     (tmp_path / "3.png").write_bytes(b"broken")
     pre = Preprocessor(64, SPEC.mean, SPEC.std)
     plain = FeatureExtractor(model, pre, select_device("cpu"), SPEC.sha256, workers=0, batch_size=4)

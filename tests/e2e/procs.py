@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
+FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
+
+
+def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fedhead ARGS`` run to its end, its output captured."""
+    return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
 
 
 def free_port() -> int:
@@ -95,6 +102,14 @@ class Processes:
         self.procs[name] = proc
         return proc
 
+    def start_listening(
+        self, name: str, cmd: Sequence[str], env: dict[str, str], port: int
+    ) -> subprocess.Popen[bytes]:
+        """Start a server and wait until it listens on ``port`` (fail if it exits first)."""
+        proc = self.start(name, cmd, env)
+        wait_for_port(port, proc=proc)
+        return proc
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
@@ -123,6 +138,14 @@ def processes(logs: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+def server_cache(tmp: Path, weights: Path) -> Path:
+    """A SuperLink's fedhead cache under ``tmp`` holding the backbone ``weights`` file."""
+    cache = tmp / "server-cache"
+    (cache / "weights").mkdir(parents=True)
+    shutil.copy(weights, cache / "weights")
+    return cache
+
+
 def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     env.update(
@@ -140,6 +163,21 @@ def base_env(flwr_home: Path, **extra: str) -> dict[str, str]:
 def site_threads(sites: int) -> int:
     """Each of ``sites`` co-located sites gets its share of the cores (``threads``)."""
     return max(1, (os.cpu_count() or 1) // sites)
+
+
+def tls_superlink(certs: Path, port: int, *args: str) -> list[str]:
+    """``fedhead superlink`` with the TLS files in ``certs``, on 127.0.0.1:``port``."""
+    return [
+        *FEDHEAD,
+        "superlink",
+        "--certs-dir",
+        str(certs),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 def plain_superlink(port: int) -> list[str]:
@@ -181,6 +219,14 @@ def write_flwr_connection(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
         f'address = "127.0.0.1:{port}"\n{security}\n'
     )
+
+
+def new_connection(tmp: Path, name: str, root_certificates: Path | None = None) -> tuple[int, Path]:
+    """A free port for the test's SuperLink, and a Flower home (``tmp``/flwr-home) whose
+    default connection ``name`` points at it."""
+    port, flwr_home = free_port(), tmp / "flwr-home"
+    write_flwr_connection(flwr_home, name, port, root_certificates)
+    return port, flwr_home
 
 
 def flwr(flwr_home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

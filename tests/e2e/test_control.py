@@ -15,34 +15,18 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import (
-    base_env,
-    check_audit,
-    flwr,
-    free_port,
-    npz_site,
-    processes,
-    site_threads,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b", "hospital-c")  # c trusts another signing key
-
-
-def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
 
 
 def refused(result: subprocess.CompletedProcess[str]) -> bool:
@@ -72,58 +56,58 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
 ) -> None:
     certs, other = tmp_path / "certs", tmp_path / "other-signer"
     site_args = [a for site in (*SITES, "stranger") for a in ("--site", site)]
-    made = fedhead("certs", "--out", str(certs), "--host", "127.0.0.1", *site_args, "--app-signer")
+    made = e2e.fedhead(
+        "certs", "--out", str(certs), "--host", "127.0.0.1", *site_args, "--app-signer"
+    )
     assert made.returncode == 0, made.stderr
     assert (certs / "app-signer.key").stat().st_mode & 0o777 == 0o600
-    assert fedhead("certs", "--out", str(other), "--app-signer").returncode == 0
+    assert e2e.fedhead("certs", "--out", str(other), "--app-signer").returncode == 0
     signed = tmp_path / "signed-app"
-    sign = fedhead(
+    sign = e2e.fedhead(
         "app", "sign", "--key", str(certs / "app-signer.key"), "--app", str(REPO), "--out",
         str(signed),
     )  # fmt: skip
     assert sign.returncode == 0, sign.stderr
     app_id = json.loads((signed / "signature.json").read_text())["app_id"]
 
-    link_port, public_port = free_port(), free_port()
+    link_port, public_port = e2e.free_port(), e2e.free_port()
     ca = certs / "ca.crt"
     operator, stranger = tmp_path / "operator-home", tmp_path / "stranger-home"
-    write_flwr_connection(operator, "federation", link_port, root_certificates=ca)
-    write_flwr_connection(stranger, "federation", public_port, root_certificates=ca)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    (server_cache / "weights" / mobilenet_weights.name).write_bytes(mobilenet_weights.read_bytes())
+    e2e.write_flwr_connection(operator, "federation", link_port, root_certificates=ca)
+    e2e.write_flwr_connection(stranger, "federation", public_port, root_certificates=ca)
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     empty_torch = str(tmp_path / "empty-torch")
 
-    with processes(tmp_path / "logs") as procs:
+    with e2e.processes(tmp_path / "logs") as procs:
         link = procs.start(
             "superlink",
             [
-                *FEDHEAD, "superlink", "--certs-dir", str(certs), "--port", str(link_port),
+                *e2e.FEDHEAD, "superlink", "--certs-dir", str(certs), "--port", str(link_port),
                 "--public-address", f"127.0.0.1:{public_port}", "--signed-app", str(signed),
                 "--metrics-address", "none",
             ],
-            base_env(
+            e2e.base_env(
                 tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
             ),
         )  # fmt: skip
-        wait_for_port(link_port, proc=link)
-        wait_for_port(public_port, proc=link)
+        e2e.wait_for_port(link_port, proc=link)
+        e2e.wait_for_port(public_port, proc=link)
 
         # A stranger with ca.crt, through the address the sites use.
         public = f"https://127.0.0.1:{public_port}"
-        stranger_ls = flwr(stranger, "supernode", "ls", "federation", timeout=120)
-        stranger_register = flwr(
+        stranger_ls = e2e.flwr(stranger, "supernode", "ls", "federation", timeout=120)
+        stranger_register = e2e.flwr(
             stranger, "supernode", "register", str(certs / "sites" / "stranger.pub"),
             "federation", timeout=120,
         )  # fmt: skip
-        stranger_run = flwr(stranger, "run", str(REPO), "federation", timeout=120)
-        stranger_runs = flwr(stranger, "ls", "federation", timeout=120)
+        stranger_run = e2e.flwr(stranger, "run", str(REPO), "federation", timeout=120)
+        stranger_runs = e2e.flwr(stranger, "ls", "federation", timeout=120)
         runtime = http_status(f"{public}/v1/runtime/pull-messages", ca)
         health = http_status(f"{public}/health", ca)
         fleet = http_status(f"{public}/v1/fleet/get-run", ca)  # reaches the SuperLink
 
         for site in SITES:
-            reg = flwr(
+            reg = e2e.flwr(
                 operator, "supernode", "register", str(certs / "sites" / f"{site}.pub"),
                 "federation", timeout=120,
             )  # fmt: skip
@@ -133,33 +117,33 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
             procs.start(
                 site,
                 [
-                    *FEDHEAD, "node", "--superlink", f"127.0.0.1:{public_port}",
-                    "--data", str(npz_site(tmp_path / site / "data.npz", i, 3)),
-                    "--port", str(free_port()), "--cache-dir", str(tmp_path / site / "cache"),
+                    *e2e.FEDHEAD, "node", "--superlink", f"127.0.0.1:{public_port}",
+                    "--data", str(e2e.npz_site(tmp_path / site / "data.npz", i, 3)),
+                    "--port", str(e2e.free_port()), "--cache-dir", str(tmp_path / site / "cache"),
                     "--audit-log", str(tmp_path / site / "sent.jsonl"),
                     "--root-certificates", str(ca),
                     "--auth-key", str(certs / "sites" / f"{site}.key"),
                     "--trusted-entities", str(trusted), "--metrics-address", "none",
-                    "--threads", str(site_threads(len(SITES))),
+                    "--threads", str(e2e.site_threads(len(SITES))),
                 ],
-                base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
+                e2e.base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
             )  # fmt: skip
 
-        signed_run = flwr(
+        signed_run = e2e.flwr(
             operator, "run", app_id, "federation", "--stream", "--run-config",
             f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=180.0 "
             f"round-timeout=300.0 out-dir='{tmp_path / 'signed-out'}'",
         )  # fmt: skip
         sent_before = {site: sent(tmp_path, site) for site in SITES}
-        unsigned_run = flwr(
+        unsigned_run = e2e.flwr(
             operator, "run", str(REPO), "federation", "--stream", "--run-config",
             f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=60.0 "
             f"out-dir='{tmp_path / 'unsigned-out'}'",
         )  # fmt: skip
-        runs = flwr(operator, "ls", "federation", "--format", "json", timeout=120)
+        runs = e2e.flwr(operator, "ls", "federation", "--format", "json", timeout=120)
         run_ids = [r["run-id"] for r in json.loads(runs.stdout)["runs"]]
-        stranger_stop = flwr(stranger, "stop", str(run_ids[0]), "federation", timeout=120)
-        nodes = flwr(operator, "supernode", "ls", "federation", "--format", "json", timeout=120)
+        stranger_stop = e2e.flwr(stranger, "stop", str(run_ids[0]), "federation", timeout=120)
+        nodes = e2e.flwr(operator, "supernode", "ls", "federation", "--format", "json", timeout=120)
         logs = {name: procs.log(name) for name in ("superlink", *SITES)}
 
     assert refused(stranger_ls), stranger_ls.stdout + stranger_ls.stderr
@@ -177,7 +161,7 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
     report = json.loads((tmp_path / "signed-out" / "report.json").read_text())
     assert report["clients"] == 2 and report["rounds"][0]["aggregated"], report
     for site in ("hospital-a", "hospital-b"):
-        assert check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
+        assert e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
     # ... and not on the one that trusts another key: no app code ran there.
     assert "FAB verification failed" in logs["hospital-c"]
     assert not (tmp_path / "hospital-c" / "sent.jsonl").exists()

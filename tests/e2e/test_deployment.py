@@ -17,17 +17,7 @@ import pytest
 
 from fedhead.common import demo_data
 from tests.conftest import REPO, write_png
-from tests.e2e.procs import (
-    BIN,
-    base_env,
-    check_audit,
-    free_port,
-    plain_superlink,
-    plain_supernode,
-    processes,
-    site_threads,
-    wait_for_port,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -73,22 +63,14 @@ def make_csv_site(root: Path) -> Path:
 
 
 def _flwr_run(flwr_home: Path, run_config: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "flwr"), "run", str(REPO), "e2e", "--stream", "--run-config", run_config],
-        env=base_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return e2e.flwr(flwr_home, "run", str(REPO), "e2e", "--stream", "--run-config", run_config)
 
 
 def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights: Path) -> None:
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
-    link_port = free_port()
+    link_port = e2e.free_port()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
@@ -97,23 +79,25 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     empty_torch = str(tmp_path / "empty-torch-home")
     out = tmp_path / "run-out"
 
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start(
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
             "superlink",
-            plain_superlink(link_port),
-            base_env(flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch),
+            e2e.plain_superlink(link_port),
+            e2e.base_env(
+                flwr_home / "link", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
+            ),
+            link_port,
         )
-        wait_for_port(link_port, proc=link)
         for i, data in enumerate(sites):
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"node{i}"}" '
                 f'audit-log="{tmp_path / f"audit{i}.jsonl"}" device="cpu" '
-                f"threads={site_threads(len(sites))}"
+                f"threads={e2e.site_threads(len(sites))}"
             )
             procs.start(
                 f"node{i}",
-                plain_supernode(link_port, node_config),
-                base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
+                e2e.plain_supernode(link_port, node_config),
+                e2e.base_env(flwr_home / f"node{i}", TORCH_HOME=empty_torch),
             )
         run_config = (
             f"num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
@@ -153,7 +137,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
     assert all(r["aggregated"] and r["sites_replied"] == 2 for r in report["rounds"])
     # only head tensors and scalars left each site
     for i in range(2):
-        types = check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
+        types = e2e.check_audit(tmp_path / f"audit{i}.jsonl", TRAINABLE_SHAPES)
         assert types == {
             "query.prepare",
             "query.weights",

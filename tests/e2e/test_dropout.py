@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -11,18 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.procs import (
-    BIN,
-    base_env,
-    free_port,
-    npz_site,
-    plain_superlink,
-    plain_supernode,
-    processes,
-    site_threads,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -43,37 +31,33 @@ def _train_messages_sent(audit: Path, server_round: int) -> int:
 def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = free_port()
-    flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "five", port)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    port, flwr_home = e2e.new_connection(tmp_path, "five")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     out = tmp_path / "out"
     victim_audit = tmp_path / f"site{VICTIM}" / "sent.jsonl"
 
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start(
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
             "superlink",
-            plain_superlink(port),
-            base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            e2e.plain_superlink(port),
+            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            port,
         )
-        wait_for_port(port, proc=link)
         for i in range(SITES):
-            data = npz_site(tmp_path / f"site{i}" / "data.npz", i, SITES, n_train=80, n_val=20)
+            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, SITES, n_train=80, n_val=20)
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
                 f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu" '
-                f"threads={site_threads(SITES)}"
+                f"threads={e2e.site_threads(SITES)}"
             )
             procs.start(
                 f"site{i}",
-                plain_supernode(port, node_config),
-                base_env(tmp_path / f"site{i}-home"),
+                e2e.plain_supernode(port, node_config),
+                e2e.base_env(tmp_path / f"site{i}-home"),
             )
         run = subprocess.Popen(
             [
-                str(BIN / "flwr"),
+                str(e2e.BIN / "flwr"),
                 "run",
                 str(REPO),
                 "five",
@@ -82,7 +66,7 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
                 f"num-server-rounds=2 input-size=64 min-sites=4 join-timeout=120.0 "
                 f"round-timeout=45.0 secagg-threshold=3 fraction-evaluate=0.2 out-dir='{out}'",
             ],
-            env=base_env(flwr_home),
+            env=e2e.base_env(flwr_home),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -24,21 +23,10 @@ import yaml
 
 from fedhead.common import demo_data
 from tests.conftest import REPO
-from tests.e2e.procs import (
-    base_env,
-    flwr,
-    free_port,
-    npz_site,
-    poll_until,
-    processes,
-    site_threads,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 MONITORING = REPO / "deploy" / "monitoring"
 
 
@@ -65,12 +53,10 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: bash deploy/install.sh --dev installs it")
-    link_port, link_metrics, site_metrics, prom_port = (free_port() for _ in range(4))
+    link_port, link_metrics, site_metrics, prom_port = (e2e.free_port() for _ in range(4))
     flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "watched", link_port)
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, server_cache / "weights")
+    e2e.write_flwr_connection(flwr_home, "watched", link_port)
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     val = demo_data.load("val")
     server_test = tmp_path / "server-test.npz"
     np.savez(server_test, images=val.images[:60], labels=val.labels[:60])
@@ -84,7 +70,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
     jobs["fedhead-site"]["static_configs"][0]["targets"] = [f"127.0.0.1:{site_metrics}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
 
-    with processes(tmp_path / "logs") as procs, socket.socket() as taken:
+    with e2e.processes(tmp_path / "logs") as procs, socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
@@ -96,12 +82,12 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{prom_port}",
             ],
-            base_env(tmp_path / "prom-home"),
+            e2e.base_env(tmp_path / "prom-home"),
         )
-        link = procs.start(
+        procs.start_listening(
             "superlink",
             [
-                *FEDHEAD,
+                *e2e.FEDHEAD,
                 "superlink",
                 "--insecure",
                 "--host",
@@ -111,36 +97,36 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
                 "--metrics-address",
                 f"127.0.0.1:{link_metrics}",
             ],
-            base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            link_port,
         )
-        wait_for_port(link_port, proc=link)
-        wait_for_port(link_metrics)
-        wait_for_port(prom_port)
+        e2e.wait_for_port(link_metrics)
+        e2e.wait_for_port(prom_port)
         for i, metrics_port in enumerate((site_metrics, taken_port)):
             procs.start(
                 f"site{i}",
                 [
-                    *FEDHEAD,
+                    *e2e.FEDHEAD,
                     "node",
                     "--allow-unsigned-apps",
                     "--threads",
-                    str(site_threads(2)),
+                    str(e2e.site_threads(2)),
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link_port}",
                     "--data",
-                    str(npz_site(tmp_path / f"site{i}" / "data.npz", i, 2)),
+                    str(e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2)),
                     "--port",
-                    str(free_port()),
+                    str(e2e.free_port()),
                     "--cache-dir",
                     str(tmp_path / f"site{i}"),
                     "--metrics-address",
                     f"127.0.0.1:{metrics_port}",
                 ],
-                base_env(tmp_path / f"site{i}-home"),
+                e2e.base_env(tmp_path / f"site{i}-home"),
             )
         started = time.time()
-        run = flwr(
+        run = e2e.flwr(
             flwr_home,
             "run",
             str(REPO),
@@ -153,7 +139,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
         )
         assert run.returncode == 0, run.stdout + run.stderr + procs.log("superlink")[-3000:]
         # Prometheus has scraped the end of the run (the last round and the run's end)
-        poll_until(
+        e2e.poll_until(
             lambda: bool(
                 query(
                     prom_port, "fedhead_round_last_completed == 2 and fedhead_round_current == 0"

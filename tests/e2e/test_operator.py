@@ -6,44 +6,32 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedhead.common.errors import ConfigError, FederationError, SetupError
 from tests.conftest import REPO
-from tests.e2e.procs import (
-    base_env,
-    free_port,
-    npz_site,
-    plain_superlink,
-    processes,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
-
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
 def fedhead(
     env: dict[str, str], *args: str, timeout: float = 300, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*FEDHEAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
+        [*e2e.FEDHEAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
     )
 
 
 def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
-    port = free_port()
-    flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "e2e", port)
-    env = base_env(flwr_home)
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start("superlink", plain_superlink(port), base_env(tmp_path / "link"))
-        wait_for_port(port, proc=link)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
+    env = e2e.base_env(flwr_home)
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
+            "superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link"), port
+        )
         # no site ever joins: the ServerApp gives up after join-timeout
         result = fedhead(
             env,
@@ -75,7 +63,7 @@ def test_a_failed_run_exits_non_zero_with_its_reason(tmp_path: Path) -> None:
 def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     made = fedhead(
-        base_env(tmp_path / "h"),
+        e2e.base_env(tmp_path / "h"),
         "certs",
         "--out",
         str(certs),
@@ -85,55 +73,47 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
         "stranger",
     )
     assert made.returncode == 0, made.stderr
-    port = free_port()
-    data = npz_site(tmp_path / "site.npz", 0, 2)
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start(
-            "superlink",
-            [
-                *FEDHEAD,
-                "superlink",
-                "--certs-dir",
-                str(certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-address",
-                "none",
-            ],
-            base_env(tmp_path / "link"),
-        )
-        wait_for_port(port, proc=link)
-        node = [
+    port = e2e.free_port()
+    data = e2e.npz_site(tmp_path / "site.npz", 0, 2)
+
+    def node(link_port: int) -> list[str]:
+        """``fedhead node`` on ``data`` against the SuperLink on ``link_port``."""
+        return [
             "node",
             "--superlink",
-            f"127.0.0.1:{port}",
+            f"127.0.0.1:{link_port}",
             "--data",
             str(data),
             "--metrics-address",
             "none",
             "--allow-unsigned-apps",
             "--port",
+            str(e2e.free_port()),
         ]
 
-        # a plaintext node against the TLS SuperLink: one line, well within 30 s
-        plain = fedhead(
-            base_env(tmp_path / "n1"), *node, str(free_port()), "--insecure", timeout=30
+    # TLS with the federation's CA, and a key the operator never registered
+    ca, stranger_key = str(certs / "ca.crt"), str(certs / "sites" / "stranger.key")
+    stranger_tls = ("--root-certificates", ca, "--auth-key", stranger_key)
+
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
+            "superlink",
+            e2e.tls_superlink(certs, port, "--metrics-address", "none"),
+            e2e.base_env(tmp_path / "link"),
+            port,
         )
+
+        # a plaintext node against the TLS SuperLink: one line, well within 30 s
+        plain = fedhead(e2e.base_env(tmp_path / "n1"), *node(port), "--insecure", timeout=30)
         assert plain.returncode == ConfigError.exit_code, plain.stderr
         last = plain.stderr.splitlines()[-1]
         assert "uses TLS" in last and "--root-certificates" in last, last
 
         # a TLS node whose key the operator never registered
         stranger = fedhead(
-            base_env(tmp_path / "n2"),
-            *node,
-            str(free_port()),
-            "--root-certificates",
-            str(certs / "ca.crt"),
-            "--auth-key",
-            str(certs / "sites" / "stranger.key"),
+            e2e.base_env(tmp_path / "n2"),
+            *node(port),
+            *stranger_tls,
             timeout=120,
         )
         assert stranger.returncode == SetupError.exit_code, stranger.stderr
@@ -141,26 +121,15 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
         assert "not registered" in last and "flwr supernode register" in last, last
 
     # and a TLS node against a plaintext SuperLink
-    port = free_port()
-    with processes(tmp_path / "logs2") as procs:
-        link = procs.start("superlink", plain_superlink(port), base_env(tmp_path / "link2"))
-        wait_for_port(port, proc=link)
+    port = e2e.free_port()
+    with e2e.processes(tmp_path / "logs2") as procs:
+        procs.start_listening(
+            "superlink", e2e.plain_superlink(port), e2e.base_env(tmp_path / "link2"), port
+        )
         tls = fedhead(
-            base_env(tmp_path / "n3"),
-            "node",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--data",
-            str(data),
-            "--metrics-address",
-            "none",
-            "--allow-unsigned-apps",
-            "--port",
-            str(free_port()),
-            "--root-certificates",
-            str(certs / "ca.crt"),
-            "--auth-key",
-            str(certs / "sites" / "stranger.key"),
+            e2e.base_env(tmp_path / "n3"),
+            *node(port),
+            *stranger_tls,
             timeout=30,
         )
         assert tls.returncode == ConfigError.exit_code, tls.stderr

@@ -8,10 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,35 +17,16 @@ import pytest
 
 from fedhead.server.persistence import CheckpointStore
 from tests.conftest import REPO
-from tests.e2e.procs import (
-    Processes,
-    base_env,
-    flwr,
-    free_port,
-    npz_site,
-    plain_superlink,
-    plain_supernode,
-    processes,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 # Plain FedAvg with a fixed seed: the rounds are deterministic, so a resumed run must
 # end with the same head as an uninterrupted one.
 RUN = (
     "num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 round-timeout=300.0 "
     "secure-aggregation=false seed=7 local-epochs=2"
 )
-
-
-def _server_cache(tmp: Path, weights: Path) -> Path:
-    cache = tmp / "server-cache"
-    (cache / "weights").mkdir(parents=True)
-    shutil.copy(weights, cache / "weights")
-    return cache
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
@@ -74,7 +53,7 @@ def _serverapp_pids(superlink: int) -> list[int]:
     return pids
 
 
-def _wait(what: str, check, timeout: float = 900.0, procs: Processes | None = None) -> None:  # type: ignore[no-untyped-def]
+def _wait(what: str, check, timeout: float = 900.0, procs: e2e.Processes | None = None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -85,7 +64,7 @@ def _wait(what: str, check, timeout: float = 900.0, procs: Processes | None = No
 
 def _flwr_run(flwr_home: Path, name: str, run_config: str, stream: bool = True) -> str:
     args = ["run", str(REPO), name, "--run-config", run_config]
-    result = flwr(flwr_home, *([*args, "--stream"] if stream else args))
+    result = e2e.flwr(flwr_home, *([*args, "--stream"] if stream else args))
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -93,27 +72,25 @@ def _flwr_run(flwr_home: Path, name: str, run_config: str, stream: bool = True) 
 def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = free_port()
-    flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "e2e", port)
-    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     cut, whole = tmp_path / "cut", tmp_path / "whole"
 
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start(
+    with e2e.processes(tmp_path / "logs") as procs:
+        link = procs.start_listening(
             "superlink",
-            plain_superlink(port),
-            base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            e2e.plain_superlink(port),
+            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            port,
         )
-        wait_for_port(port, proc=link)
         for i in range(2):
-            data = npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
+            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
             node_config = (
                 f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
                 f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu"'
             )
             procs.start(
-                f"site{i}", plain_supernode(port, node_config), base_env(tmp_path / f"h{i}")
+                f"site{i}", e2e.plain_supernode(port, node_config), e2e.base_env(tmp_path / f"h{i}")
             )
 
         # 1. submit the run, kill its ServerApp as soon as round 2 is checkpointed
@@ -126,12 +103,12 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
         assert 3 not in store.rounds()  # it really was cut off before round 3 ended
         assert store.load().round == 2
         status = subprocess.run(
-            [*FEDHEAD, "status", "--run", str(cut)], capture_output=True, text=True, timeout=120
+            [*e2e.FEDHEAD, "status", "--run", str(cut)], capture_output=True, text=True, timeout=120
         )
         assert status.returncode == 6 and "interrupted" in status.stdout, status
 
         # 2. starting it again without resume-from is refused, nothing is overwritten
-        refused = flwr(
+        refused = e2e.flwr(
             flwr_home, "run", str(REPO), "e2e", "--stream", "--run-config", f"{RUN} out-dir='{cut}'"
         )
         assert 3 not in store.rounds() and not (cut / "report.json").exists(), refused.stdout
@@ -151,7 +128,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     for a, b in zip(resumed.arrays, uninterrupted.arrays, strict=True):
         assert float(abs(a - b).max()) < 1e-5
     assert json.loads((cut / "status.json").read_text())["state"] == "finished"
-    assert subprocess.run([*FEDHEAD, "status", "--run", str(cut)], timeout=120).returncode == 0
+    assert subprocess.run([*e2e.FEDHEAD, "status", "--run", str(cut)], timeout=120).returncode == 0
 
     # delivery: both sites verified and kept exactly the server's final head
     sha = report["model"]["head_sha256"]
@@ -170,12 +147,10 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
 def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
     tmp_path: Path, mobilenet_weights: Path
 ) -> None:
-    port = free_port()
-    flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "e2e", port)
-    server_cache = _server_cache(tmp_path, mobilenet_weights)
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     link_cmd = [
-        *FEDHEAD,
+        *e2e.FEDHEAD,
         "superlink",
         "--insecure",
         "--port",
@@ -185,18 +160,17 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
         "--metrics-address",
         "none",
     ]
-    link_env = base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache))
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start("superlink", link_cmd, link_env)
-        wait_for_port(port, proc=link)
+    link_env = e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache))
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening("superlink", link_cmd, link_env, port)
         nodes = []
         for i in range(2):
-            data = npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=60, n_val=20)
+            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=60, n_val=20)
             nodes.append(
                 procs.start(
                     f"site{i}",
                     [
-                        *FEDHEAD,
+                        *e2e.FEDHEAD,
                         "node",
                         "--insecure",
                         "--allow-unsigned-apps",
@@ -205,7 +179,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
                         "--data",
                         str(data),
                         "--port",
-                        str(free_port()),
+                        str(e2e.free_port()),
                         "--cache-dir",
                         str(tmp_path / f"site{i}" / "cache"),
                         "--device",
@@ -213,7 +187,7 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
                         "--metrics-address",
                         "none",
                     ],
-                    base_env(tmp_path / f"h{i}"),
+                    e2e.base_env(tmp_path / f"h{i}"),
                 )
             )
         one_round = "num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0"
@@ -221,11 +195,10 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
         assert (tmp_path / "state" / "superlink.db").is_file()
 
         procs.stop("superlink", signal.SIGKILL)  # no clean shutdown
-        link = procs.start("superlink-again", link_cmd, link_env)
-        wait_for_port(port, proc=link)
+        procs.start_listening("superlink-again", link_cmd, link_env, port)
         _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'after'}'")
         assert all(n.poll() is None for n in nodes)  # the site nodes stayed up
-        runs = flwr(flwr_home, "ls", "e2e", "--format", "json")
+        runs = e2e.flwr(flwr_home, "ls", "e2e", "--format", "json")
         logs = {name: procs.log(name) for name in ("site0", "site1", "superlink-again")}
 
     report = json.loads((tmp_path / "after" / "report.json").read_text())

@@ -8,37 +8,18 @@ the wrong CA, a node with no CA and a plaintext node are all refused.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import (
-    BIN,
-    base_env,
-    check_audit,
-    flwr,
-    free_port,
-    npz_site,
-    processes,
-    site_threads,
-    wait_for_port,
-    write_flwr_connection,
-)
+from tests.e2e import procs as e2e
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
-
-FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
-
-
-def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> None:
     certs, other = tmp_path / "certs", tmp_path / "other-federation"
-    made = fedhead(
+    made = e2e.fedhead(
         "certs",
         "--out",
         str(certs),
@@ -55,37 +36,24 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     )
     assert made.returncode == 0, made.stderr
     assert (certs / "sites" / "hospital-a.key").stat().st_mode & 0o777 == 0o600
-    assert fedhead("certs", "--out", str(other), "--host", "127.0.0.1").returncode == 0
+    assert e2e.fedhead("certs", "--out", str(other), "--host", "127.0.0.1").returncode == 0
 
-    port = free_port()
-    flwr_home = tmp_path / "flwr-home"
-    write_flwr_connection(flwr_home, "secure", port, root_certificates=certs / "ca.crt")
-    server_cache = tmp_path / "server-cache"
-    (server_cache / "weights").mkdir(parents=True)
-    (server_cache / "weights" / mobilenet_weights.name).write_bytes(mobilenet_weights.read_bytes())
+    port, flwr_home = e2e.new_connection(tmp_path, "secure", root_certificates=certs / "ca.crt")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
     empty_torch = str(tmp_path / "empty-torch")
     out = tmp_path / "out"
 
-    with processes(tmp_path / "logs") as procs:
-        link = procs.start(
+    with e2e.processes(tmp_path / "logs") as procs:
+        procs.start_listening(
             "superlink",
-            [
-                *FEDHEAD,
-                "superlink",
-                "--certs-dir",
-                str(certs),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            base_env(
+            e2e.tls_superlink(certs, port),
+            e2e.base_env(
                 tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache), TORCH_HOME=empty_torch
             ),
+            port,
         )
-        wait_for_port(port, proc=link)
         for site in ("hospital-a", "hospital-b"):
-            reg = flwr(
+            reg = e2e.flwr(
                 flwr_home,
                 "supernode",
                 "register",
@@ -99,17 +67,17 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
             procs.start(
                 site,
                 [
-                    *FEDHEAD,
+                    *e2e.FEDHEAD,
                     "node",
                     "--allow-unsigned-apps",
                     "--threads",
-                    str(site_threads(2)),
+                    str(e2e.site_threads(2)),
                     "--superlink",
                     f"127.0.0.1:{port}",
                     "--data",
-                    str(npz_site(tmp_path / site / "data.npz", i, 2)),
+                    str(e2e.npz_site(tmp_path / site / "data.npz", i, 2)),
                     "--port",
-                    str(free_port()),
+                    str(e2e.free_port()),
                     "--cache-dir",
                     str(tmp_path / site / "cache"),
                     "--audit-log",
@@ -119,24 +87,24 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
                     "--auth-key",
                     str(certs / "sites" / f"{site}.key"),
                 ],
-                base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
+                e2e.base_env(tmp_path / f"{site}-home", TORCH_HOME=empty_torch),
             )
 
         def refused(name: str, *extra: str) -> str:
             """Start a node that must not get in; return its output once it gives up."""
             cmd = [
-                str(BIN / "flower-supernode"),
+                str(e2e.BIN / "flower-supernode"),
                 "--superlink",
                 f"127.0.0.1:{port}",
                 "--port",
-                str(free_port()),
+                str(e2e.free_port()),
                 "--max-retries",
                 "2",
                 "--node-config",
                 f'data-path="{tmp_path / "hospital-b" / "data.npz"}"',
                 *extra,
             ]
-            proc = procs.start(name, cmd, base_env(tmp_path / f"{name}-home"))
+            proc = procs.start(name, cmd, e2e.base_env(tmp_path / f"{name}-home"))
             proc.wait(timeout=120)
             assert proc.returncode != 0, name
             return procs.log(name)
@@ -159,7 +127,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
         no_ca = refused("no-ca", "--auth-supernode-private-key", key)
         plaintext = refused("plaintext", "--insecure")
 
-        run = flwr(
+        run = e2e.flwr(
             flwr_home,
             "run",
             str(Path(__file__).resolve().parents[2]),
@@ -169,7 +137,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
             f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 out-dir='{out}'",
         )
-        nodes = flwr(flwr_home, "supernode", "ls", "secure", "--format", "json", timeout=120)
+        nodes = e2e.flwr(flwr_home, "supernode", "ls", "secure", "--format", "json", timeout=120)
         link_log = procs.log("superlink")
     assert run.returncode == 0, run.stdout + run.stderr + link_log[-3000:]
 
@@ -185,5 +153,5 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     assert report["clients"] == 2 and report["secure_aggregation"] == "secagg+"
     assert report["rounds"][0]["aggregated"]
     for site in ("hospital-a", "hospital-b"):
-        assert check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
+        assert e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
     assert "WITHOUT TLS" not in link_log

@@ -44,9 +44,9 @@ def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, obj
     }
 
 
-def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
-    """One federation over the loopback grid; returns report.json."""
-    cfg = RunConfig.from_mapping(
+def loopback_config(tmp: Path, **overrides: object) -> RunConfig:
+    """A small run (64 px, 3 rounds, 2 sites, short timeouts) writing to ``tmp``/out."""
+    return RunConfig.from_mapping(
         {
             "classes": CLASSES,
             "input-size": 64,
@@ -58,6 +58,15 @@ def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
             **overrides,
         }
     )
-    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    run_federation(grid, ctx, cfg)
+
+
+def server_context() -> Context:
+    """The ServerApp's context, as Flower would give it for run 4242."""
+    return Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+
+
+def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:
+    """One federation over the loopback grid; returns report.json."""
+    cfg = loopback_config(tmp, **overrides)
+    run_federation(grid, server_context(), cfg)
     return read_report(Path(cfg.out_dir))

@@ -11,6 +11,7 @@ alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,14 @@ def _attacked(
     return run(grid, tmp, **_settings(tmp, secure, rounds, **overrides)), grid
 
 
+def _assert_honest_accuracy(
+    tmp: Path, report: dict[str, Any], secure: bool, tolerance: float = TOLERANCE
+) -> None:
+    """The attacked run ends within ``tolerance`` of the honest sites' own accuracy."""
+    honest = _honest_accuracy(tmp, secure)
+    assert abs(report["rounds"][-1]["server_eval_accuracy"] - honest) <= tolerance
+
+
 def _honest_accuracy(tmp: Path, secure: bool, rounds: int = 2) -> float:
     """Server-side test accuracy of the same run with the two honest sites only."""
     if (secure, rounds) not in _honest:
@@ -97,8 +106,7 @@ def test_an_empty_train_reply_is_that_sites_failure(
         assert r["rejected_sites"] == {str(ATTACKER): "malformed"}
         assert r["updates_rejected"] == {"malformed": 1}
     assert _named(caplog, "malformed")
-    honest = _honest_accuracy(tmp, secure)
-    assert abs(report["rounds"][-1]["server_eval_accuracy"] - honest) <= TOLERANCE
+    _assert_honest_accuracy(tmp, report, secure)
 
 
 def test_a_malformed_prepare_reply_leaves_the_site_out(
@@ -182,8 +190,7 @@ def test_a_site_claiming_more_examples_than_it_has_is_left_out(
         assert r["aggregated"] and r["rejected_sites"] == {str(ATTACKER): "weight"}, r
         assert r["sites_failed"] == 1
     assert _named(caplog, "weight", "1000000000")
-    honest = _honest_accuracy(tmp, secure)
-    assert abs(report["rounds"][-1]["server_eval_accuracy"] - honest) <= TOLERANCE
+    _assert_honest_accuracy(tmp, report, secure)
 
 
 def test_an_inflated_prepare_count_is_capped(
@@ -197,8 +204,18 @@ def test_an_inflated_prepare_count_is_capped(
     assert all(r["aggregated"] and not r["rejected_sites"] for r in report["rounds"])
     assert any(f"site {ATTACKER} declares 1000000000" in r.getMessage() for r in caplog.records)
     # the site still trains on its real data and counts at most 1000: a fair share here
-    honest = _honest_accuracy(tmp, True)
-    assert abs(report["rounds"][-1]["server_eval_accuracy"] - honest) <= 2 * TOLERANCE
+    _assert_honest_accuracy(tmp, report, True, 2 * TOLERANCE)
+
+
+def _refused_masked_vector(
+    tmp: Path, tamper: Callable[[list[np.ndarray]], list[np.ndarray]]
+) -> dict[str, Any]:
+    """Run with the attacker's masked vector changed by ``tamper``: no round can aggregate.
+    Returns the report written before the run failed."""
+    app = adv.malicious_app(outer=[adv.masked_vector(tamper)])
+    with pytest.raises(FederationError, match="no round produced"):
+        _attacked(tmp, app, secure=True)
+    return _report_after_failure(tmp)
 
 
 def test_a_masked_weight_other_than_the_declared_count_is_refused(
@@ -211,10 +228,7 @@ def test_a_masked_weight_other_than_the_declared_count_is_refused(
         parts[0] = (parts[0] + 50 * QUANTIZATION) % 2**32
         return parts
 
-    app = adv.malicious_app(outer=[adv.masked_vector(inflate_weight)])
-    with pytest.raises(FederationError, match="no round produced"):
-        _attacked(tmp, app, secure=True)
-    report = _report_after_failure(tmp)
+    report = _refused_masked_vector(tmp, inflate_weight)
     for r in report["rounds"]:
         assert not r["aggregated"] and r["rejected_sites"] == {"0": "weight"}
     assert any("total weight" in r.getMessage() for r in caplog.records)
@@ -229,10 +243,7 @@ def test_raw_integers_added_to_the_masked_vector_are_refused(
     def add_bias(parts: list[np.ndarray]) -> list[np.ndarray]:
         return [parts[0], *((p + 10 * QUANTIZATION) % 2**32 for p in parts[1:])]
 
-    app = adv.malicious_app(outer=[adv.masked_vector(add_bias)])
-    with pytest.raises(FederationError, match="no round produced"):
-        _attacked(tmp, app, secure=True)
-    report = _report_after_failure(tmp)
+    report = _refused_masked_vector(tmp, add_bias)
     for r in report["rounds"]:
         assert not r["aggregated"] and r["rejected_sites"] == {"0": "range"}
     assert any("outside the clipping range" in r.getMessage() for r in caplog.records)

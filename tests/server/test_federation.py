@@ -19,7 +19,7 @@ from fedhead.common.evaluation import ECE_BINS
 from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
 from fedhead.common.protocol import MSG_WEIGHTS, RECORD_MODEL_REPLY
 from tests.loopback import LoopbackGrid
-from tests.server.conftest import CLASSES, nodes, run, write_sites
+from tests.server.conftest import CLASSES, loopback_config, nodes, run, server_context, write_sites
 
 
 def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) -> None:
@@ -213,8 +213,6 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     site on the sites' validation images, it scores the federated evaluation exactly."""
     import json
 
-    from flwr.app import Context, RecordDict
-
     from fedhead.common.device import select_device
     from fedhead.common.images import ArrayImages
     from fedhead.common.inference import load_site_model, predict
@@ -223,19 +221,8 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
 
     tmp = offline_world
     sites = write_sites(tmp, 2)
-    cfg = RunConfig.from_mapping(
-        {
-            "classes": CLASSES,
-            "input-size": 64,
-            "num-server-rounds": 2,
-            "min-sites": 2,
-            "round-timeout": 30.0,
-            "join-timeout": 5.0,
-            "out-dir": str(tmp / "out"),
-        }
-    )
-    ctx = Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    report = run_federation(LoopbackGrid(client_app, nodes(tmp, sites)), ctx, cfg)
+    cfg = loopback_config(tmp, **{"num-server-rounds": 2})
+    report = run_federation(LoopbackGrid(client_app, nodes(tmp, sites)), server_context(), cfg)
     assert "final_arrays" not in json.loads((tmp / "out" / "report.json").read_text())
     sm = build_server_model(cfg)
     assert not sm.trainable.problems(report.final_arrays)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.common.model import TensorSpec, TrainableSet
 from fedhead.server.screening import (
     ExcludedReply,
     aggregate_has_weight,
+    check_key_shares,
+    check_unmask_shares,
     decode_evaluate,
     decode_fit,
     quantized_weight,
@@ -91,3 +97,25 @@ def test_an_honest_mean_with_few_changed_values_is_not_taken_for_a_scaled_one() 
     mean = _secure_mean(updates, max_weight=120, masked_extra=0)
     declared = sum(quantized_weight(n, 120, Q) for n, _ in updates)
     assert aggregate_has_weight(mean, declared, 2, C, Q)
+
+
+@pytest.mark.parametrize(
+    ("check", "nodes_key", "shares_key"),
+    [
+        (check_key_shares, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST),
+        (check_unmask_shares, Key.NODE_ID_LIST, Key.SHARE_LIST),
+    ],
+    ids=["share-keys", "unmask"],
+)
+def test_key_shares_pair_up_and_name_neighbours_only(
+    check: Callable[[int, RecordDict, set[int]], None], nodes_key: str, shares_key: str
+) -> None:
+    def reply(nodes: list[int], shares: list[bytes]) -> RecordDict:
+        record = ConfigRecord({nodes_key: nodes, shares_key: shares})
+        return RecordDict({RECORD_KEY_CONFIGS: record})
+
+    check(7, reply([2, 3], [b"a", b"b"]), {2, 3, 4})  # accepted
+    for content in (reply([2, 9], [b"a", b"b"]), reply([2, 3], [b"a"]), RecordDict()):
+        with pytest.raises(ExcludedReply) as err:
+            check(7, content, {2, 3, 4})
+        assert err.value.reason == "malformed"
