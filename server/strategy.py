@@ -45,6 +45,14 @@ from fedhead.server.aggregation import (
     weighted_mean,
     weighted_metric,
 )
+from fedhead.server.replies import (
+    EvaluateAggregate,
+    EvaluateFailures,
+    EvaluateResults,
+    FitAggregate,
+    FitFailures,
+    FitResults,
+)
 from fedhead.server.screening import (
     ExcludedReply,
     aggregate_has_weight,
@@ -139,10 +147,7 @@ class FedHeadStrategy(Strategy):
         return self.rounds.setdefault(server_round, RoundResult(server_round))
 
     def count_replies(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        self, server_round: int, results: FitResults, failures: FitFailures
     ) -> RoundResult:
         """Record who replied, failed or dropped in a training round.
 
@@ -206,11 +211,8 @@ class FedHeadStrategy(Strategy):
         return [(site, FitIns(parameters, config)) for site in sites]
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> FitAggregate:
         st = self.count_replies(server_round, results, failures)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
@@ -233,9 +235,7 @@ class FedHeadStrategy(Strategy):
         st.aggregated = True
         return ndarrays_to_parameters(new_global), {"train-loss": st.train_loss}
 
-    def _plain_delta(
-        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
-    ) -> Arrays | None:
+    def _plain_delta(self, server_round: int, results: FitResults) -> Arrays | None:
         st = self.stats(server_round)
         valid: list[tuple[int, Arrays]] = []
         for proxy, res in results:
@@ -251,9 +251,7 @@ class FedHeadStrategy(Strategy):
             return None
         return weighted_mean(valid)
 
-    def _secure_delta(
-        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
-    ) -> Arrays | None:
+    def _secure_delta(self, server_round: int, results: FitResults) -> Arrays | None:
         """Under SecAgg+ every result carries the same, already averaged, delta."""
         st = self.stats(server_round)
         if len(results) < self.min_sites:
@@ -315,11 +313,8 @@ class FedHeadStrategy(Strategy):
         return [(site, EvaluateIns(parameters, config)) for site in sites]
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
+        self, server_round: int, results: EvaluateResults, failures: EvaluateFailures
+    ) -> EvaluateAggregate:
         st = self.stats(server_round)
         for failure in failures:
             log.warning(
