@@ -21,9 +21,7 @@ import logging
 import numpy as np
 from flwr.common import (
     EvaluateIns,
-    EvaluateRes,
     FitIns,
-    FitRes,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
@@ -35,6 +33,14 @@ from flwr.server.strategy import Strategy
 
 from fedhead.server.aggregation import Arrays
 from fedhead.server.optimizers import ServerOptimizer
+from fedhead.server.replies import (
+    EvaluateAggregate,
+    EvaluateFailures,
+    EvaluateResults,
+    FitAggregate,
+    FitFailures,
+    FitResults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +67,8 @@ class ServerOptimizerStrategy(Strategy):
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> FitAggregate:
         params, metrics = self.inner.aggregate_fit(server_round, results, failures)
         start, self._start = self._start, None
         if params is None or start is None or start[0] != server_round:
@@ -85,11 +88,8 @@ class ServerOptimizerStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
+        self, server_round: int, results: EvaluateResults, failures: EvaluateFailures
+    ) -> EvaluateAggregate:
         return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(

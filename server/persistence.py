@@ -38,7 +38,7 @@ from safetensors import safe_open
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
-from fedhead.common.files import atomic_writer
+from fedhead.common.files import atomic_writer, json_safe
 from fedhead.common.heads import head_bytes, head_sha256
 from fedhead.common.protocol import ModelDescription
 from fedhead.common.rounds import RoundResult
@@ -249,7 +249,7 @@ class CheckpointStore:
             },
         }
         with atomic_writer(self.folder / "index.json") as f:
-            f.write((json.dumps(_clean(index), indent=2) + "\n").encode())
+            f.write((json.dumps(json_safe(index), indent=2) + "\n").encode())
 
     def _prune(self, last: int, best: int) -> None:
         rounds = self.rounds()
@@ -429,7 +429,7 @@ class RunStatus:
     def update(self, **fields: Any) -> None:
         self.fields.update(fields, updated=time.time())
         with atomic_writer(self.path) as f:
-            f.write((json.dumps(_clean(self.fields), indent=2) + "\n").encode())
+            f.write((json.dumps(json_safe(self.fields), indent=2) + "\n").encode())
 
     def failed(self, err: BaseException) -> None:
         """The run stopped with ``err``: the reason is its one-line message."""
@@ -553,13 +553,3 @@ def resumed_from(ckpt: Checkpoint | None) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     return {"round": ckpt.round, "checkpoint": str(ckpt.path), "run_id": ckpt.meta["run_id"]}
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhead.common.files import atomic_writer
+from fedhead.common.files import atomic_writer, json_safe
 from fedhead.common.package import TrainingSummary
 from fedhead.common.rounds import CLINICAL_METRICS, RoundResult
 
@@ -53,7 +53,7 @@ class RunReport:
     final_arrays: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        cleaned: dict[str, Any] = _clean(asdict(replace(self, final_arrays=[])))
+        cleaned: dict[str, Any] = json_safe(asdict(replace(self, final_arrays=[])))
         del cleaned["final_arrays"]
         return cleaned
 
@@ -98,17 +98,6 @@ class RunReport:
         with atomic_writer(path) as f:
             f.write((json.dumps(self.to_json(), indent=2) + "\n").encode())
         return path
-
-
-def _clean(obj: Any) -> Any:
-    """NaN is not JSON: write null instead."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 # The ServerApp logs the finished report as one JSON line after this prefix, so the

@@ -20,8 +20,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from flwr.app import Message, RecordDict
-from flwr.common import FitRes, Parameters, Scalar
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -33,6 +31,7 @@ from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import SECAGG_STAGES
 from fedhead.server.grids import DelegatingGrid
+from fedhead.server.replies import FitAggregate, FitFailures, FitResults
 from fedhead.server.screening import (
     ExcludedReply,
     check_key_shares,
@@ -280,11 +279,8 @@ class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         self.inner = inner
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> FitAggregate:
         if failures:
             self.inner.count_replies(server_round, results, failures)
             log.error(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Error, RecordDict
@@ -44,6 +44,14 @@ from fedhead.server.aggregation import (
     check_update,
     weighted_mean,
     weighted_metric,
+)
+from fedhead.server.replies import (
+    EvaluateAggregate,
+    EvaluateFailures,
+    EvaluateResults,
+    FitAggregate,
+    FitFailures,
+    FitResults,
 )
 from fedhead.server.screening import (
     ExcludedReply,
@@ -91,57 +99,45 @@ def _sample(cm: ClientManager, ready: set[int], fraction: float, minimum: int) -
     return cm.sample(num, min_num_clients=0, criterion=_Ready(ready))
 
 
+@dataclass(eq=False, repr=False)
 class FedHeadStrategy(Strategy):
     """Sampling, checking and FedAvg of head deltas; federated and server evaluation."""
 
-    def __init__(
-        self,
-        trainable: TrainableSet,
-        initial: Arrays,
-        settings: FitSettings,
-        num_rounds: int,
-        min_sites: int,
-        lr_schedule: str = "cosine",
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        secure: bool = False,
-        max_update_norm: float = 0.0,
-        server_evaluate: ServerEvaluate | None = None,
-        clipping_range: float = 0.0,
-        statistics_classes: int = 0,
-    ) -> None:
+    trainable: TrainableSet
+    initial: Arrays
+    settings: FitSettings
+    num_rounds: int
+    min_sites: int
+    lr_schedule: str = "cosine"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    secure: bool = False
+    max_update_norm: float = 0.0
+    server_evaluate: ServerEvaluate | None = None
+    clipping_range: float = 0.0  # SecAgg+: no honest mean lies outside it
+    # > 0: sites send count tables of this many classes for pooled clinical metrics
+    statistics_classes: int = 0
+    # The global tensors each round started from. The workflow owns the current
+    # global tensors and passes them in: a wrapper (DP noise) may have changed
+    # what this strategy returned, so it keeps no copy of its own.
+    _round_start: dict[int, Arrays] = field(init=False, default_factory=dict)
+    ready: set[int] = field(init=False, default_factory=set)
+    names: dict[int, str] = field(init=False, default_factory=dict)  # node id -> log label
+    # What each site may count: its prepare-time example counts, capped by the run's
+    # max-site-examples (1 each under uniform weighting). Sites report their counts
+    # themselves; a claim above these is refused, not believed.
+    train_caps: dict[int, int] = field(init=False, default_factory=dict)
+    val_caps: dict[int, int] = field(init=False, default_factory=dict)
+    secure_weights: dict[int, SecureWeight] = field(init=False, default_factory=dict)
+    rounds: dict[int, RoundResult] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
         super().__init__()
-        if trainable.problems(initial):
+        if self.trainable.problems(self.initial):
             raise ValueError("initial tensors do not match the trainable set")
-        if min_sites < 1:
-            raise ValueError(f"min_sites must be >= 1, got {min_sites}")
-        self.trainable = trainable
-        self.initial: Arrays = [a.copy() for a in initial]
-        # The global tensors each round started from. The workflow owns the current
-        # global tensors and passes them in: a wrapper (DP noise) may have changed
-        # what this strategy returned, so it keeps no copy of its own.
-        self._round_start: dict[int, Arrays] = {}
-        self.settings = settings
-        self.num_rounds = num_rounds
-        self.lr_schedule = lr_schedule
-        self.min_sites = min_sites
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
-        self.secure = secure
-        self.max_update_norm = max_update_norm
-        self.server_evaluate = server_evaluate
-        self.clipping_range = clipping_range  # SecAgg+: no honest mean lies outside it
-        # > 0: sites send count tables of this many classes for pooled clinical metrics
-        self.statistics_classes = statistics_classes
-        self.ready: set[int] = set()
-        self.names: dict[int, str] = {}  # node id -> the site's label in logs
-        # What each site may count: its prepare-time example counts, capped by the run's
-        # max-site-examples (1 each under uniform weighting). Sites report their counts
-        # themselves; a claim above these is refused, not believed.
-        self.train_caps: dict[int, int] = {}
-        self.val_caps: dict[int, int] = {}
-        self.secure_weights: dict[int, SecureWeight] = {}
-        self.rounds: dict[int, RoundResult] = {}
+        if self.min_sites < 1:
+            raise ValueError(f"min_sites must be >= 1, got {self.min_sites}")
+        self.initial = [a.copy() for a in self.initial]
 
     def __repr__(self) -> str:
         return f"FedHeadStrategy(secure={self.secure}, min_sites={self.min_sites})"
@@ -151,10 +147,7 @@ class FedHeadStrategy(Strategy):
         return self.rounds.setdefault(server_round, RoundResult(server_round))
 
     def count_replies(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        self, server_round: int, results: FitResults, failures: FitFailures
     ) -> RoundResult:
         """Record who replied, failed or dropped in a training round.
 
@@ -218,11 +211,8 @@ class FedHeadStrategy(Strategy):
         return [(site, FitIns(parameters, config)) for site in sites]
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self, server_round: int, results: FitResults, failures: FitFailures
+    ) -> FitAggregate:
         st = self.count_replies(server_round, results, failures)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
@@ -245,9 +235,7 @@ class FedHeadStrategy(Strategy):
         st.aggregated = True
         return ndarrays_to_parameters(new_global), {"train-loss": st.train_loss}
 
-    def _plain_delta(
-        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
-    ) -> Arrays | None:
+    def _plain_delta(self, server_round: int, results: FitResults) -> Arrays | None:
         st = self.stats(server_round)
         valid: list[tuple[int, Arrays]] = []
         for proxy, res in results:
@@ -263,9 +251,7 @@ class FedHeadStrategy(Strategy):
             return None
         return weighted_mean(valid)
 
-    def _secure_delta(
-        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
-    ) -> Arrays | None:
+    def _secure_delta(self, server_round: int, results: FitResults) -> Arrays | None:
         """Under SecAgg+ every result carries the same, already averaged, delta."""
         st = self.stats(server_round)
         if len(results) < self.min_sites:
@@ -327,11 +313,8 @@ class FedHeadStrategy(Strategy):
         return [(site, EvaluateIns(parameters, config)) for site in sites]
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
+        self, server_round: int, results: EvaluateResults, failures: EvaluateFailures
+    ) -> EvaluateAggregate:
         st = self.stats(server_round)
         for failure in failures:
             log.warning(

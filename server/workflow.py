@@ -263,6 +263,7 @@ FinalStep = Callable[[Grid, list[int], Arrays], None]
 PreparedStep = Callable[[Grid, PrepareOutcome], None]
 
 
+@dataclass(eq=False, repr=False)
 class FedHeadWorkflow:
     """Wait for sites, prepare them, then run the rounds.
 
@@ -273,33 +274,23 @@ class FedHeadWorkflow:
     once the last round is done (delivering the model to the sites).
     """
 
-    def __init__(
-        self,
-        strategy: FedHeadStrategy,
-        distributor: BackboneDistributor,
-        plan_rounds: RoundPlanner,
-        evaluate_step: Step,
-        num_rounds: int,
-        min_sites: int,
-        join_timeout: float,
-        observers: Sequence[RunObserver] = (),
-        resume_after: int | None = None,
-        final_step: FinalStep | None = None,
-        prepared_step: PreparedStep | None = None,
-    ) -> None:
-        if resume_after is not None and not 0 <= resume_after < num_rounds:
-            raise ValueError(f"resume_after must be in [0, {num_rounds}), got {resume_after}")
-        self.strategy = strategy
-        self.distributor = distributor
-        self.plan_rounds = plan_rounds
-        self.evaluate_step = evaluate_step
-        self.num_rounds = num_rounds
-        self.min_sites = min_sites
-        self.join_timeout = join_timeout
-        self.observers = list(observers)
-        self.resume_after = resume_after
-        self.final_step = final_step
-        self.prepared_step = prepared_step
+    strategy: FedHeadStrategy
+    distributor: BackboneDistributor
+    plan_rounds: RoundPlanner
+    evaluate_step: Step
+    num_rounds: int
+    min_sites: int
+    join_timeout: float
+    observers: Sequence[RunObserver] = ()
+    resume_after: int | None = None
+    final_step: FinalStep | None = None
+    prepared_step: PreparedStep | None = None
+
+    def __post_init__(self) -> None:
+        n, after = self.num_rounds, self.resume_after
+        if after is not None and not 0 <= after < n:
+            raise ValueError(f"resume_after must be in [0, {n}), got {after}")
+        self.observers = list(self.observers)
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         metered = MeteredGrid(grid)
