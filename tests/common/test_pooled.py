@@ -15,15 +15,7 @@ from fedhead.common.pooled import (
     EvalStatistics,
     pool,
 )
-
-
-def predictions(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k))
-    logits[np.arange(n), y] += 1.0  # informative but imperfect scores
-    proba = np.exp(logits)
-    return y, proba / proba.sum(axis=1, keepdims=True)
+from tests.common.test_evaluation import _predictions as predictions
 
 
 @pytest.mark.parametrize("k", [2, 3])
