@@ -8,9 +8,12 @@ Handlers:
 - ``query.models``: a delivery-only run offers an earlier run's model: held or wanted?
 - ``query.outcome``: after delivery, when asked: local-only / federated / personalized
   metrics on the site's validation split (``client.outcome``); scalars only.
-- ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format).
-- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes, only for
-  heads the site agrees to evaluate (``client.ledger``).
+- ``train``: legacy FitIns -> local training -> FitRes (SecAgg+-compatible format); when
+  asked, the head sent (the last round's global head) is evaluated first and the
+  evaluation travels in the FitRes metrics, which saves a message per round.
+- ``evaluate``: legacy EvaluateIns -> validation loss/accuracy -> EvaluateRes (the final
+  head, or every round's when the train messages do not evaluate), only for heads the
+  site agrees to evaluate (``client.ledger``).
 
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
 
@@ -46,6 +49,9 @@ from fedhead.common.errors import FederationError
 from fedhead.common.heads import head_sha256
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
+    FIT_EVAL_ACCURACY,
+    FIT_EVAL_EXAMPLES,
+    FIT_EVAL_LOSS,
     RECORD_MODEL,
     RECORD_MODEL_ANSWER,
     RECORD_MODEL_FILES,
@@ -202,8 +208,23 @@ def train(msg: Message, context: Context) -> Message:
     settings = FitSettings.from_mapping(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)
     ledger = _ledger(context)
-    ledger.start_training(settings.server_round, head_digest(arrays))
+    digest = head_digest(arrays)
+    evaluates = ledger.start_training(settings.server_round, digest, settings.evaluate)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    metrics: dict[str, Any] = {}
+    if evaluates:  # the head sent is the previous round's global head: one message less
+        loss, examples, evaluated = _evaluation(site, arrays, settings.statistics)
+        metrics = {
+            FIT_EVAL_LOSS: loss,
+            FIT_EVAL_EXAMPLES: examples,
+            **{FIT_EVAL_ACCURACY if k == "accuracy" else k: v for k, v in evaluated.items()},
+        }
+    elif settings.evaluate:
+        log.warning(
+            "round %d: not evaluating the head of round %d, a round this site missed",
+            settings.server_round,
+            settings.server_round - 1,
+        )
     outcome = site.train(arrays, settings)
     # The run is on record: its spec, and the head trained from (the site's proof, should
     # it miss the run's model and ask for it later).
@@ -229,9 +250,22 @@ def train(msg: Message, context: Context) -> Message:
         status=Status(Code.OK, "ok"),
         parameters=ndarrays_to_parameters(outcome.arrays),
         num_examples=weight,
-        metrics={"train-loss": outcome.result.loss},
+        metrics={"train-loss": outcome.result.loss, **metrics},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _evaluation(
+    site: Site, arrays: list[np.ndarray], statistics: bool
+) -> tuple[float, int, dict[str, Any]]:
+    """Loss, example count and metrics of ``arrays`` on the site's validation split: the
+    accuracy, and when the run asks and the site's node config allows it, the count
+    tables the server pools into clinical metrics (never per-image scores)."""
+    result = site.evaluate(arrays)
+    metrics: dict[str, Any] = {"accuracy": result.accuracy}
+    if statistics and site.node.evaluation_statistics:
+        metrics.update(site.evaluation_statistics(arrays).to_metrics())
+    return result.loss, result.examples, metrics
 
 
 @app.evaluate()
@@ -247,17 +281,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
-    site = _site(context)
-    result = site.evaluate(arrays)
-    metrics: dict[str, Any] = {"accuracy": result.accuracy}
-    # Clinical metrics: the server pools the site's count tables (never per-image
-    # scores) when the run asks for them and the site's node config allows it.
-    if evalins.config.get("statistics") is True and site.node.evaluation_statistics:
-        metrics.update(site.evaluation_statistics(arrays).to_metrics())
+    loss, examples, metrics = _evaluation(
+        _site(context), arrays, evalins.config.get("statistics") is True
+    )
     evalres = EvaluateRes(
-        status=Status(Code.OK, "ok"),
-        loss=result.loss,
-        num_examples=result.examples,
-        metrics=metrics,
+        status=Status(Code.OK, "ok"), loss=loss, num_examples=examples, metrics=metrics
     )
     return Message(compat.evaluateres_to_recorddict(evalres), reply_to=msg)

@@ -67,8 +67,10 @@ class HeadLedger:
             }
         )
 
-    def start_training(self, server_round: int, digest: str) -> None:
-        """Training in ``server_round`` from the head with ``digest``."""
+    def start_training(self, server_round: int, digest: str, evaluate: bool = False) -> bool:
+        """Training in ``server_round`` from the head with ``digest``; with ``evaluate``,
+        evaluating that head first, for round ``server_round - 1``, if the rules allow it
+        (not for a round this site missed). Returns whether it may evaluate it."""
         if server_round <= self.trained_round:
             raise FederationError(
                 f"the server asks for round {server_round} after round {self.trained_round}",
@@ -80,9 +82,13 @@ class HeadLedger:
                 f"for round {self.evaluated_round}; refusing to go on",
                 "the server may be probing this site's data: tell its operator",
             )
+        evaluates = evaluate and self._refusal(server_round - 1) is None
+        if evaluates:
+            self.evaluated_round, self.evaluated_sha = server_round - 1, digest
         self.trained_round = server_round
         if self.first_round == NONE:
             self.first_round, self.first_sha = server_round, digest
+        return evaluates
 
     def is_initial_head(self, digest: str) -> bool:
         """Whether ``digest`` is the head this site trained from in round 1."""
@@ -90,19 +96,25 @@ class HeadLedger:
 
     def start_evaluation(self, server_round: int, digest: str) -> None:
         """Evaluating the head with ``digest`` for ``server_round``, if allowed."""
+        if (refusal := self._refusal(server_round)) is not None:
+            raise refusal
+        self.evaluated_round, self.evaluated_sha = server_round, digest
+
+    def _refusal(self, server_round: int) -> FederationError | None:
+        """Why this site may not evaluate a head for ``server_round`` (None: it may)."""
         if server_round <= self.evaluated_round:
-            raise FederationError(
+            return FederationError(
                 f"round {server_round} was already evaluated on this site",
                 "a site evaluates one head per round",
             )
         if server_round == 0 and self.trained_round != NONE:
-            raise FederationError(
+            return FederationError(
                 "an initial-head evaluation after training started",
                 "a site evaluates only heads it trains from",
             )
         if server_round > 0 and not 0 < server_round <= self.trained_round:
-            raise FederationError(
+            return FederationError(
                 f"an evaluation for round {server_round}, a round this site did not train in",
                 "a site evaluates only the heads of rounds it took part in",
             )
-        self.evaluated_round, self.evaluated_sha = server_round, digest
+        return None

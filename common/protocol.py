@@ -34,7 +34,8 @@ from fedhead.common.config import MAX_PROXIMAL_MU
 from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
-PROTOCOL_VERSION = 1
+# 2: a train message may ask the site to evaluate the head it trains from (FitSettings.evaluate)
+PROTOCOL_VERSION = 2
 
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
@@ -54,6 +55,11 @@ RECORD_OUTCOME = "fedhead.outcome"  # ConfigRecord: OutcomeRequest (server -> no
 RECORD_OUTCOME_FIT = "fedhead.outcome.fit"  # ConfigRecord: the run's FitSettings (round 1)
 RECORD_OUTCOME_HEAD = "fedhead.outcome.head"  # ArrayRecord: the run's initial head
 RECORD_OUTCOME_REPLY = "fedhead.outcome.reply"  # ConfigRecord: SiteOutcome (node -> server)
+
+# Metrics of a train reply that evaluated the head it was sent (FitSettings.evaluate).
+FIT_EVAL_LOSS = "eval-loss"
+FIT_EVAL_ACCURACY = "eval-accuracy"
+FIT_EVAL_EXAMPLES = "eval-examples"
 
 WEIGHTS_OK = "ok"
 WEIGHTS_MISSING = "missing"
@@ -165,6 +171,11 @@ class FitSettings(_Record):
     uniform_weight: bool  # DP: every site counts once, whatever its number of examples
     max_site_examples: int  # a site counts at most this many examples
     proximal_mu: float = 0.0  # FedProx: (mu/2)*||w - w_global||^2 in the local loss
+    # Evaluate the head sent (the previous round's global head) on the validation split
+    # before training from it, and return that evaluation with the update (FIT_EVAL_*);
+    # with ``statistics``, the count tables for pooled clinical metrics too.
+    evaluate: bool = False
+    statistics: bool = False
 
     def __post_init__(self) -> None:
         """Sites are told these by the server: refuse what would break local training."""

@@ -16,6 +16,7 @@ from fedhead.common.errors import FedheadError
 from fedhead.common.logs import setup_logging
 from fedhead.server.delivery import deliver_only
 from fedhead.server.federation import run_federation
+from fedhead.server.grids import PromptGrid
 from fedhead.server.recorder import RoundCallback
 from fedhead.server.report import REPORT_LOG_PREFIX, RunReport
 from fedhead.server.workflow import RunObserver
@@ -36,6 +37,7 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        grid = PromptGrid(grid)  # replies are read as they arrive, not up to 3 s later
         try:
             cfg = config or RunConfig.from_mapping(context.run_config)
             if cfg.deliver_from:

@@ -154,6 +154,7 @@ def _federate(
         server_evaluate=test_set,
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
+        evaluate_in_train_from=_evaluate_in_train_from(cfg, resume),
     )
     report = _new_report(context.run_id, cfg, sm, spec)
     report.server_optimizer = opt_settings.describe() if opt_settings else None
@@ -419,3 +420,13 @@ def plan_rounds(
         strategy.stats(rnd).secagg_seconds[stage] = seconds
 
     return RoundPlan(TimedSecAggPlus(params, strategy, stage_done), legacy, privacy)
+
+
+def _evaluate_in_train_from(cfg: RunConfig, resume: Checkpoint | None) -> int | None:
+    """The first round whose train messages also evaluate the head they carry (the
+    previous round's): when every site trains every round, a round's federated
+    evaluation needs no message of its own. A resumed run's first round does not: its
+    checkpoint holds that evaluation already."""
+    if cfg.fraction_train < 1.0:
+        return None  # sites that sit a round out are evaluated by an evaluate step
+    return 1 if resume is None else resume.round + 2

@@ -158,7 +158,10 @@ def _round_result(d: Mapping[str, Any]) -> RoundResult:
     return RoundResult(**values)
 
 
-def _rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+RngState = tuple[dict[str, Any], dict[str, np.ndarray]]  # (JSON part, tensor part)
+
+
+def _rng_state() -> RngState:
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     meta = {
@@ -201,9 +204,11 @@ class CheckpointStore:
         arrays: Arrays,
         meta: dict[str, Any],
         extra: dict[str, np.ndarray] | None = None,
+        rng: RngState | None = None,
     ) -> tuple[Path, int]:
-        """Write round ``rnd`` atomically, update the index, prune; returns (path, best round)."""
-        rng_meta, rng_tensors = _rng_state()
+        """Write round ``rnd`` atomically, update the index, prune; returns (path, best
+        round). ``rng``: the random states to restore on resuming (default: now's)."""
+        rng_meta, rng_tensors = rng or _rng_state()
         meta = {
             **meta,
             "format": FORMAT,
@@ -446,6 +451,17 @@ class FinalModel:
     description: ModelDescription
 
 
+@dataclass(frozen=True)
+class _Saved:
+    """What a round's checkpoint holds besides the run's results."""
+
+    round: int
+    arrays: Arrays
+    meta: dict[str, Any]
+    extra: dict[str, np.ndarray]
+    rng: RngState
+
+
 class Checkpointer:
     """A RunObserver that saves a checkpoint after every round and keeps status.json."""
 
@@ -472,6 +488,8 @@ class Checkpointer:
         self.round_heads: dict[str, str] = (
             dict(resumed.meta.get(ROUND_HEADS, {})) if resumed else {}
         )
+        self.running = 0  # the round in progress (status.json's round_running)
+        self._last: _Saved | None = None  # the newest checkpoint's content
         self.meta: dict[str, Any] = {
             "run_id": run_id,
             "config": cfg.to_mapping(),
@@ -484,9 +502,13 @@ class Checkpointer:
         self.status.update(sites=len(outcome.ready))
 
     def round_started(self, server_round: int) -> None:
+        self.running = server_round
         self.status.update(round_running=server_round)
 
-    def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+    def round_trained(self, result: RoundResult, arrays: Arrays) -> None:
+        """Save the round's head at once, with the optimizer, privacy and random states
+        of this moment; its evaluation, when it comes later, is added to the same
+        checkpoint (``round_finished``)."""
         self.results = [r for r in self.results if r["round"] < result.round]
         self.round_heads = {k: v for k, v in self.round_heads.items() if int(k) < result.round} | {
             str(result.round): head_sha256(self.names, arrays)
@@ -501,22 +523,30 @@ class Checkpointer:
                 "released": [list(e) for e in ledger.released],
             }
         opt_meta, opt_tensors = self._optimizer_state()
+        meta = {**self.meta, "privacy": privacy, "server_optimizer": opt_meta}
+        self._last = _Saved(
+            result.round, [a.copy() for a in arrays], meta, opt_tensors, _rng_state()
+        )
+        self._save(self._last)
+
+    def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+        """The round is complete: its checkpoint gets the round's final result."""
+        complete = dataclasses.asdict(result)
+        last = self._last
+        if last is None or last.round != result.round or self.results[-1] == complete:
+            return
+        self.results[-1] = complete
+        self._save(last)
+
+    def _save(self, saved: _Saved) -> None:
+        meta = {**saved.meta, "results": self.results, ROUND_HEADS: self.round_heads}
         path, best = self.store.save(
-            result.round,
-            self.names,
-            arrays,
-            {
-                **self.meta,
-                "privacy": privacy,
-                "server_optimizer": opt_meta,
-                "results": self.results,
-                ROUND_HEADS: self.round_heads,
-            },
-            opt_tensors,
+            saved.round, self.names, saved.arrays, meta, saved.extra, saved.rng
         )
         self.status.update(
-            rounds_done=result.round,
-            round_running=None,
+            rounds_done=saved.round,
+            # a round completes once its evaluation is in: maybe during the next one
+            round_running=self.running if self.running > saved.round else None,
             round_heads=self.round_heads,
             last_checkpoint=str(path),
             best_checkpoint=str(self.store.folder / f"round-{best:04d}.safetensors"),

@@ -59,6 +59,9 @@ class RunRecorder:
     def round_started(self, server_round: int) -> None:
         emit(RoundStarted(server_round))
 
+    def round_trained(self, result: RoundResult, arrays: Arrays) -> None:
+        pass  # the report records complete rounds only
+
     def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
         self.report.final_arrays = [a.copy() for a in arrays]
         if result.round == 0:

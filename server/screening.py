@@ -20,6 +20,7 @@ from flwr.common import EvaluateRes, FitRes, bytes_to_ndarray, parameters_to_nda
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedhead.common.model import TrainableSet
+from fedhead.common.protocol import FIT_EVAL_ACCURACY, FIT_EVAL_EXAMPLES, FIT_EVAL_LOSS
 
 
 class ExcludedReply(Exception):
@@ -68,6 +69,28 @@ def decode_fit(node_id: int, content: RecordDict, cap: int, trainable: Trainable
 def decode_evaluate(node_id: int, content: RecordDict, cap: int) -> EvaluateRes:
     """An evaluation reply: a finite loss, an accuracy in [0, 1], a believable count."""
     res: EvaluateRes = _decode(node_id, "evaluate", compat.recorddict_to_evaluateres, content)
+    return _checked_evaluation(node_id, res, cap)
+
+
+def evaluation_in_fit(node_id: int, res: FitRes, cap: int) -> EvaluateRes | None:
+    """The evaluation a training reply carries of the head it was sent (None: none),
+    as an evaluation reply, with the same checks."""
+    metrics = dict(res.metrics)
+    keys = (FIT_EVAL_LOSS, FIT_EVAL_ACCURACY, FIT_EVAL_EXAMPLES)
+    if not any(k in metrics for k in keys):
+        return None
+    loss, accuracy, examples = (metrics.pop(k, None) for k in keys)
+    metrics.pop("train-loss", None)
+    evaluation = EvaluateRes(
+        res.status,
+        loss,  # type: ignore[arg-type]  # checked next
+        examples,  # type: ignore[arg-type]
+        {**metrics, "accuracy": accuracy},  # type: ignore[dict-item]
+    )
+    return _checked_evaluation(node_id, evaluation, cap)
+
+
+def _checked_evaluation(node_id: int, res: EvaluateRes, cap: int) -> EvaluateRes:
     accuracy = res.metrics.get("accuracy")
     if not isinstance(res.loss, float | int) or not math.isfinite(res.loss) or res.loss < 0:
         raise ExcludedReply(node_id, "malformed", f"evaluation loss {res.loss!r}")

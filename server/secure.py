@@ -283,6 +283,7 @@ class DPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
     ) -> FitAggregate:
         if failures:
             self.inner.count_replies(server_round, results, failures)
+            self.inner.evaluations_in_fit(server_round, results)  # they still count
             log.error(
                 "round %d: %d site(s) failed; with differential privacy the round is skipped "
                 "(noise is calibrated to %d sites)",

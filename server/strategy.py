@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ from fedhead.server.screening import (
     aggregate_has_weight,
     decode_evaluate,
     decode_fit,
+    evaluation_in_fit,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,10 @@ class FedHeadStrategy(Strategy):
     clipping_range: float = 0.0  # SecAgg+: no honest mean lies outside it
     # > 0: sites send count tables of this many classes for pooled clinical metrics
     statistics_classes: int = 0
+    # From this round on, a train message asks the site to evaluate the head it is sent
+    # (the previous round's global head) first: that evaluation is the previous round's
+    # federated evaluation, without a message of its own. None: never.
+    evaluate_in_train_from: int | None = None
     # The global tensors each round started from. The workflow owns the current
     # global tensors and passes them in: a wrapper (DP noise) may have changed
     # what this strategy returned, so it keeps no copy of its own.
@@ -208,7 +214,34 @@ class FedHeadStrategy(Strategy):
         config = {**self.settings.to_config(), "server_round": server_round, "learning_rate": lr}
         if sites:
             self._round_start[server_round] = parameters_to_ndarrays(parameters)
-        return [(site, FitIns(parameters, config)) for site in sites]
+        evaluators = self._evaluators(server_round, sites)
+        return [
+            (
+                site,
+                FitIns(
+                    parameters,
+                    {
+                        **config,
+                        "evaluate": site.node_id in evaluators,
+                        "statistics": site.node_id in evaluators and self.statistics_classes > 0,
+                    },
+                ),
+            )
+            for site in sites
+        ]
+
+    def evaluates_in_train(self, server_round: int) -> bool:
+        """Whether round ``server_round``'s train messages evaluate the head they carry."""
+        start = self.evaluate_in_train_from
+        return start is not None and server_round >= start
+
+    def _evaluators(self, server_round: int, sites: list[ClientProxy]) -> set[int]:
+        """The training sites that evaluate the head they are sent: a ``fraction_evaluate``
+        sample of them, as a separate evaluate step would take."""
+        if not sites or not self.evaluates_in_train(server_round):
+            return set()
+        num = max(1, math.ceil(self.fraction_evaluate * len(sites)))
+        return {site.node_id for site in random.sample(sites, min(num, len(sites)))}
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: FitFailures
@@ -216,6 +249,7 @@ class FedHeadStrategy(Strategy):
         st = self.count_replies(server_round, results, failures)
         for failure in failures:
             log.warning("round %d: a site failed: %s", server_round, _describe_failure(failure))
+        self.evaluations_in_fit(server_round, results)
         st.train_loss = weighted_metric(
             [(r.num_examples, float(r.metrics.get("train-loss", math.nan))) for _, r in results]
         )
@@ -301,6 +335,28 @@ class FedHeadStrategy(Strategy):
         log.warning("round %d: rejected %s (%s): %s", server_round, who, r.reason, r.detail)
 
     # --- evaluation ----------------------------------------------------------------
+    def evaluations_in_fit(self, server_round: int, results: FitResults) -> None:
+        """The previous round's federated evaluation, from this round's training replies
+        (each evaluated the head it was sent, the one it trained from), when this round's
+        train messages asked for it. A site whose evaluation fails the checks is left out
+        of the evaluation, not out of training."""
+        if not self.evaluates_in_train(server_round):
+            return
+        evaluations: EvaluateResults = []
+        refused: EvaluateFailures = []
+        for proxy, res in results:
+            try:
+                evaluation = evaluation_in_fit(
+                    proxy.node_id, res, self.val_caps.get(proxy.node_id, 0)
+                )
+            except ExcludedReply as err:
+                refused.append(err)
+                continue
+            if evaluation is not None:
+                evaluations.append((proxy, evaluation))
+        if evaluations or refused:
+            self.aggregate_evaluate(server_round - 1, evaluations, refused)
+
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:

@@ -253,8 +253,12 @@ class RunObserver(Protocol):
     def round_started(self, server_round: int) -> None:
         """A training round begins."""
 
+    def round_trained(self, result: RoundResult, arrays: Arrays) -> None:
+        """A round's training is done (round 0: none): these are the global tensors after
+        it; its federated evaluation may still be to come (``result`` fills in later)."""
+
     def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
-        """A round (0: the initial head's evaluation) ended with these global tensors."""
+        """A round (0: the initial head's evaluation) is complete, its evaluation in."""
 
 
 # After the last round: (grid, the sites that took part, the final global tensors).
@@ -346,12 +350,16 @@ class FedHeadWorkflow:
         first = 1 if self.resume_after is None else self.resume_after + 1
         cfg = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: first - 1})
         context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        # A round is complete once its head's federated evaluation is in. When the next
+        # round's train messages carry that evaluation (``strategy.evaluates_in_train``),
+        # the round waits, "pending", until that training is done; the last round's
+        # head is always evaluated by an evaluate step of its own.
+        pending: _Closed | None = None
         if self.resume_after is None:
             # Round 0: how the initial head does, the baseline the rounds improve on.
             t0 = time.perf_counter()
             self.strategy.evaluate(0, _params(context))
-            self.evaluate_step(grid, context)
-            self._finish(0, time.perf_counter() - t0, grid, context, plan)
+            pending = self._evaluate(0, t0, grid, context, plan)
         else:
             log.info("resuming after round %d of %d", self.resume_after, self.num_rounds)
         for rnd in range(first, self.num_rounds + 1):
@@ -360,22 +368,49 @@ class FedHeadWorkflow:
             for obs in self.observers:
                 obs.round_started(rnd)
             plan.fit_step(grid, context)
+            if pending is not None:  # its evaluation came with this round's training
+                self._publish(pending)
             self.strategy.evaluate(rnd, _params(context))
-            self.evaluate_step(grid, context)
-            self._finish(rnd, time.perf_counter() - t0, grid, context, plan)
+            pending = self._evaluate(rnd, t0, grid, context, plan)
         if self.final_step is not None:
             self.final_step(grid, sorted(outcome.ready), parameters_to_ndarrays(_params(context)))
 
-    def _finish(
+    def _evaluate(
+        self, rnd: int, t0: float, grid: MeteredGrid, context: LegacyContext, plan: RoundPlan
+    ) -> _Closed | None:
+        """Round ``rnd``'s federated evaluation: now, with an evaluate step (then the
+        round is published), or with the next round's training (then it is returned,
+        pending)."""
+        if rnd < self.num_rounds and self.strategy.evaluates_in_train(rnd + 1):
+            return self._close(rnd, time.perf_counter() - t0, grid, context, plan)
+        self.evaluate_step(grid, context)
+        self._publish(self._close(rnd, time.perf_counter() - t0, grid, context, plan))
+        return None
+
+    def _close(
         self, rnd: int, seconds: float, grid: MeteredGrid, context: LegacyContext, plan: RoundPlan
-    ) -> None:
-        """Complete the round's result (time, traffic, privacy) and tell the observers."""
+    ) -> _Closed:
+        """The round's own figures (time, traffic, privacy) and its global tensors."""
         result = self.strategy.stats(rnd)
         result.seconds = seconds
         result.bytes_to_sites, result.bytes_from_sites = grid.take()
         if plan.privacy is not None and result.aggregated:
             result.dp_epsilon = plan.privacy.release()
             result.dp_delta = plan.privacy.delta
-        arrays = parameters_to_ndarrays(_params(context))
+        closed = _Closed(result, parameters_to_ndarrays(_params(context)))
         for obs in self.observers:
-            obs.round_finished(result, arrays)
+            obs.round_trained(closed.result, closed.arrays)
+        return closed
+
+    def _publish(self, closed: _Closed) -> None:
+        """Tell the observers: the round is complete."""
+        for obs in self.observers:
+            obs.round_finished(closed.result, closed.arrays)
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """A round whose training is done: its result and the global tensors after it."""
+
+    result: RoundResult
+    arrays: Arrays

@@ -124,7 +124,10 @@ def test_the_sha256_and_the_custom_flag_must_agree_with_the_registry(
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"protocol": 2}, r"protocol 2 \(this site speaks 1\)"),
+        (
+            {"protocol": PROTOCOL_VERSION + 1},
+            rf"protocol {PROTOCOL_VERSION + 1} \(this site speaks {PROTOCOL_VERSION}\)",
+        ),
         ({"backbone": "../resnet"}, r"backbone '../resnet' is unknown here \(known: "),
         ({"input_size": 0}, r"input_size 0 is not in 1..1024"),
         ({"input_size": 100_000}, r"input_size 100000 is not in 1..1024"),

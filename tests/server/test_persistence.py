@@ -20,6 +20,7 @@ from fedhead.common.rounds import RoundResult
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.persistence import (
     OPTIMIZER_PREFIX,
+    RNG_NUMPY,
     Checkpointer,
     CheckpointError,
     CheckpointStore,
@@ -196,7 +197,7 @@ def test_server_optimizer_state_is_saved_as_tensors_and_checked_on_reading(
     store = CheckpointStore(tmp_path / "ckpt")
     status = RunStatus(tmp_path / "status.json")
     keeper = Checkpointer(store, status, 7, cfg, {}, NAMES, lambda: None, None, optimizer)
-    keeper.round_finished(RoundResult(1), _arrays(1))
+    keeper.round_trained(RoundResult(1), _arrays(1))
     ckpt = store.load()
     assert ckpt.meta["server_optimizer"]["steps"] == 1 and ckpt.strategy == "fedyogi"
     assert sorted(ckpt.optimizer) == sorted(
@@ -221,3 +222,31 @@ def test_server_optimizer_state_is_saved_as_tensors_and_checked_on_reading(
     save_file(tensors, str(damaged), metadata=metadata)
     with pytest.raises(CheckpointError, match="server-optimizer tensor 'server_optimizer/v/"):
         read_checkpoint(damaged)
+
+
+def test_a_round_is_saved_when_trained_and_completed_when_its_evaluation_comes(
+    tmp_path: Path,
+) -> None:
+    """The next round's training brings a round's evaluation: the head is saved before
+    (a crash then loses no round), the evaluation is added to the same checkpoint after,
+    with the random states of the moment the head was saved."""
+    store = CheckpointStore(tmp_path / "ckpt")
+    status = RunStatus(tmp_path / "status.json")
+    keeper = Checkpointer(store, status, 7, _cfg(tmp_path), {}, NAMES, lambda: None)
+    keeper.round_trained(RoundResult(0), _arrays(0))
+    keeper.round_finished(RoundResult(0, eval_accuracy=0.5), _arrays(0))
+    keeper.round_started(1)
+    keeper.round_trained(RoundResult(1), _arrays(1))
+    saved = store.load()
+    assert saved.round == 1 and math.isnan(saved.results[-1].eval_accuracy)
+    assert json.loads(status.path.read_text())["rounds_done"] == 1
+    keeper.round_started(2)
+    np.random.random(5)  # the next round moves the random states on
+    keeper.round_finished(RoundResult(1, eval_accuracy=0.75), _arrays(1))
+    done = store.load()
+    assert [r.eval_accuracy for r in done.results] == [0.5, 0.75]
+    np.testing.assert_array_equal(done.rng[RNG_NUMPY], saved.rng[RNG_NUMPY])
+    assert done.meta["rng"] == saved.meta["rng"]
+    index = json.loads((tmp_path / "ckpt" / "index.json").read_text())
+    assert index["best"]["round"] == 1 and index["best"]["value"] == 0.75
+    assert json.loads(status.path.read_text())["round_running"] == 2
