@@ -72,3 +72,22 @@ def test_the_ledger_remembers_the_head_round_1_trained_from() -> None:
     # a ledger written before this field existed reads back without one
     old = ConfigRecord({"trained_round": 2, "evaluated_round": 1, "evaluated_sha": "b"})
     assert not HeadLedger.from_record(old).is_initial_head("a")
+
+
+def test_a_train_message_may_evaluate_the_head_it_trains_from_once() -> None:
+    ledger = HeadLedger()
+    assert ledger.start_training(1, head_digest(HEAD), evaluate=True)  # round 0's head
+    assert ledger.start_training(2, head_digest(NEXT), evaluate=True)  # round 1's head
+    with pytest.raises(FederationError, match="already evaluated"):
+        ledger.start_evaluation(1, head_digest(PROBE))  # and not a second head for round 1
+    ledger.start_evaluation(2, head_digest(PROBE))  # the last round's head, separately
+    with pytest.raises(FederationError, match="not the one this site"):
+        ledger.start_training(3, head_digest(NEXT), evaluate=True)
+
+
+def test_a_site_that_missed_a_round_trains_without_evaluating_its_head() -> None:
+    ledger = HeadLedger()
+    assert ledger.start_training(1, head_digest(HEAD), evaluate=True)
+    # not sampled, or dropped, in round 2: round 2's head is not one it trained in
+    assert not ledger.start_training(3, head_digest(NEXT), evaluate=True)
+    assert ledger.trained_round == 3 and ledger.evaluated_round == 0

@@ -29,7 +29,7 @@ from fedhead.client.mods import (
     secagg_mod,
     update_check_mod,
 )
-from fedhead.common.protocol import RECORD_PREPARE
+from fedhead.common.protocol import FIT_EVAL_ACCURACY, RECORD_PREPARE
 
 
 def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  # type: ignore[assignment]
@@ -94,6 +94,17 @@ def evaluation_claims(accuracy: float, num_examples: int | None = None) -> Mod:
         reply.content = compat.evaluateres_to_recorddict(res)
 
     return _rewrite(MessageType.EVALUATE, change)
+
+
+def evaluation_in_fit_claims(accuracy: float) -> Mod:
+    """Report ``accuracy`` for the head a train message asked the site to evaluate."""
+
+    def change(reply: Message) -> None:
+        record = reply.content.config_records.get("fitres.metrics")
+        if record is not None and FIT_EVAL_ACCURACY in record:
+            record[FIT_EVAL_ACCURACY] = accuracy
+
+    return _rewrite(MessageType.TRAIN, change)
 
 
 def masked_vector(change: Callable[[list[np.ndarray]], list[np.ndarray] | None]) -> Mod:

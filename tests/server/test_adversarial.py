@@ -273,6 +273,24 @@ def test_a_site_reporting_perfect_accuracy_cannot_dominate(
     assert r["eval_accuracy"] < 0.99
 
 
+@MODES
+def test_a_bad_evaluation_in_a_train_reply_leaves_out_that_evaluation_only(
+    offline_world: Path, caplog: pytest.LogCaptureFixture, secure: bool
+) -> None:
+    """Round 1's head is evaluated in round 2's train messages: the attacker's claim of
+    accuracy 1.5 there is refused; its training in round 2 still counts."""
+    tmp = offline_world
+    app = adv.malicious_app(outer=[adv.evaluation_in_fit_claims(1.5)])
+    report, grid = _attacked(tmp, app, secure=secure, rounds=2)
+    first, second = report["rounds"]
+    honest_val = _val_examples(grid, exclude=ATTACKER)
+    assert first["eval_examples"] == honest_val and 0 <= first["eval_accuracy"] <= 1
+    assert first["rejected_sites"] == {str(ATTACKER): "malformed"}
+    assert second["aggregated"] and second["sites_replied"] == 3, second
+    assert report["initial_eval"]["eval_examples"] == honest_val
+    assert _named(caplog, "evaluation accuracy 1.5")
+
+
 def _evaluations(replies: list[Message]) -> list[tuple[int, tuple[int, float]]]:
     out = []
     for reply in replies:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.app import app as client_app
 from fedhead.common import demo_data
@@ -278,3 +279,36 @@ def test_clinical_statistics_follow_the_run_and_each_sites_choice(offline_world:
     report = run(LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2))), tmp, **off)
     (r,) = report["rounds"]
     assert r["eval_metrics"] == {} and r["eval_confusion"] == [] and r["eval_examples"] > 0
+
+
+@pytest.mark.parametrize("fraction_train", [1.0, 0.5])
+def test_each_round_is_evaluated_in_the_next_rounds_train_messages(
+    offline_world: Path, fraction_train: float
+) -> None:
+    """When every site trains every round, a round's head is evaluated in the next
+    round's train messages and only the last head by evaluate messages; otherwise every
+    round has evaluate messages of its own. Every round has its evaluation either way."""
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    settings = {"num-server-rounds": 3, "secure-aggregation": False, "min-sites": 1}
+    report = run(grid, tmp, **settings, **{"fraction-train": fraction_train})
+    evaluated = {m.metadata.group_id for m in grid.sent if m.metadata.message_type == "evaluate"}
+    trains = [
+        compat.recorddict_to_fitins(m.content, keep_input=True).config
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    ]
+    assert len(trains) == (6 if fraction_train == 1.0 else 3)
+    if fraction_train == 1.0:
+        assert evaluated == {"3"}
+        assert all(c["evaluate"] is True and c["statistics"] is True for c in trains)
+    else:
+        assert evaluated == {"0", "1", "2", "3"}
+        assert not any(c["evaluate"] for c in trains)
+    val = [site["val_examples"] for site in report["setup"]["sites"]]
+    for row in [report["initial_eval"], *report["rounds"]]:
+        # a site evaluates only the heads of rounds it trained in (one site a round at 0.5)
+        expected = sum(val) if fraction_train == 1.0 or row["round"] == 0 else val[0]
+        assert row["eval_examples"] == expected and 0 <= row["eval_accuracy"] <= 1, row
+        assert row["eval_statistics_examples"] == expected
+    assert report["final_eval_accuracy"] == report["rounds"][-1]["eval_accuracy"]
