@@ -8,6 +8,9 @@ confusion matrix has a percentile bootstrap interval: the examples are resampled
 with replacement, the metric recomputed on each resample, and the interval read from
 the resulting distribution. Resamples where a metric is undefined (AUROC without
 both classes, precision of a class never predicted) are left out for that metric.
+
+scikit-learn is imported where it is used: a site's train message, which only counts
+the tables the server pools (``common.pooled``), does not pay its import.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import sklearn
-from sklearn.exceptions import UndefinedMetricWarning
 
 ECE_BINS = 15
 
@@ -56,6 +57,8 @@ def point_metrics(
     A metric that is undefined on these examples (AUROC without both classes, the
     precision of a class never predicted) is NaN.
     """
+    from sklearn.exceptions import UndefinedMetricWarning
+
     with warnings.catch_warnings():
         # scikit-learn warns about undefined metrics; they are NaN here, and reported so.
         warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -190,6 +193,7 @@ def evaluate_predictions(
 ) -> Evaluation:
     """Metrics of ``proba`` (N x classes) against integer labels ``y_true``, with
     percentile bootstrap intervals over ``resamples`` resamples of the examples."""
+    import sklearn
     from sklearn.metrics import confusion_matrix
 
     y_true = np.asarray(y_true, dtype=np.int64)
@@ -253,6 +257,7 @@ def paired_difference(
     on the same examples, with a paired percentile bootstrap interval: each resample
     draws the examples once and scores both models on them, so the interval reflects
     the difference, not the two metrics' separate uncertainties."""
+    import sklearn
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     scores = {"accuracy": accuracy_score, "balanced_accuracy": balanced_accuracy_score}

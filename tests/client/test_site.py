@@ -308,6 +308,8 @@ def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
         "assert 'torch' not in sys.modules, 'torch'\n"
         "import fedhead.client.site\n"
         "assert 'torchvision' not in sys.modules, 'torchvision'\n"
+        # a site counts the tables the server pools; scikit-learn is the server's
+        "assert 'sklearn' not in sys.modules, 'sklearn'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
