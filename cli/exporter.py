@@ -189,6 +189,7 @@ def supervise(
     if exporter is not None:
         exporter.start(address)
     child_env = {**(env or os.environ), SPOOL_ENV: str(spool)}
+    os.environ[SPOOL_ENV] = str(spool)  # this process's own events too (a node's worker)
     helper = subprocess.Popen(companion) if companion else None
     readers: list[threading.Thread] = []
 

@@ -192,17 +192,30 @@ def _node(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _node_preflight(args, data)
     watch = preflight.NodeWatch(args.superlink, args.insecure, bool(args.auth_key))
-    # Flower's SuperNode exits when its SuperLink forgets it (a restart without a state
-    # database): the supervisor starts it again, so the site stays in the federation,
-    # unless the watcher saw a failure a restart cannot fix (TLS mismatch, refused key).
-    return _exec(
-        cmd,
-        args.dry_run,
-        metrics=("site", args.metrics_address),
-        restart=True,
-        on_exit=watch.explain,
-        watcher=watch,
-    )
+    # The warm worker lives in this process, as long as the node: the per-message
+    # ClientApp processes hand it the site's training and evaluation (client.worker).
+    worker = None
+    if not args.no_worker and not args.dry_run:
+        from fedhead.client.worker import WorkerService
+
+        worker = WorkerService().start()
+        cmd[cmd.index("--node-config") + 1] += f" worker-socket={_toml_str(worker.path)}"
+    try:
+        # Flower's SuperNode exits when its SuperLink forgets it (a restart without a
+        # state database): the supervisor starts it again, so the site stays in the
+        # federation, unless the watcher saw a failure a restart cannot fix (TLS
+        # mismatch, refused key).
+        return _exec(
+            cmd,
+            args.dry_run,
+            metrics=("site", args.metrics_address),
+            restart=True,
+            on_exit=watch.explain,
+            watcher=watch,
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
 
 
 def _node_preflight(args: argparse.Namespace, data: Path) -> None:
@@ -390,6 +403,12 @@ def add_parser(sub: Subparsers) -> None:
         type=int,
         help="CPU threads this site's training may use (default: every core); nodes "
         "sharing a machine should split its cores between them",
+    )
+    n.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no warm worker: every train and evaluate message imports torch and loads the "
+        "site's data and features in its own process (seconds more per message)",
     )
     n.add_argument("--root-certificates", help="the federation's CA certificate (TLS)")
     n.add_argument("--auth-key", help="this site's private key for node authentication")

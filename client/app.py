@@ -26,7 +26,7 @@ import ``fedhead.client.site`` when they run.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -44,14 +44,11 @@ from flwr.compat.common import recorddict_compat as compat
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
 from fedhead.client.models import SiteModels, site_cache_dir
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
+from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
-from fedhead.common.heads import head_sha256
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
-    FIT_EVAL_ACCURACY,
-    FIT_EVAL_EXAMPLES,
-    FIT_EVAL_LOSS,
     RECORD_MODEL,
     RECORD_MODEL_ANSWER,
     RECORD_MODEL_FILES,
@@ -74,6 +71,7 @@ from fedhead.common.protocol import (
 
 if TYPE_CHECKING:
     from fedhead.client.site import Site
+    from fedhead.client.steps import LocalSite
 
 log = logging.getLogger(__name__)
 
@@ -201,71 +199,44 @@ def _ledger(context: Context) -> HeadLedger:
     return HeadLedger.from_record(context.state.config_records.get(RECORD_LEDGER))
 
 
+def _work(context: Context) -> LocalSite | RemoteSite:
+    """Who does the site's work: the node's warm worker when ``fedhead node`` runs one
+    (``worker-socket``), else this process."""
+    node = NodeConfig.from_mapping(context.node_config)
+    if not node.worker_socket:
+        from fedhead.client.steps import LocalSite  # torch: only when working here
+
+        return LocalSite(_site(context), context.run_id)
+    if RECORD_RUN not in context.state.config_records:
+        _site(context)  # raises: this node was not prepared for the run
+    spec = RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+    return RemoteSite(node.worker_socket, dict(context.node_config), spec, context.run_id)
+
+
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
-    site = _site(context)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = FitSettings.from_mapping(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)
     ledger = _ledger(context)
-    digest = head_digest(arrays)
-    evaluates = ledger.start_training(settings.server_round, digest, settings.evaluate)
+    evaluates = ledger.start_training(settings.server_round, head_digest(arrays), settings.evaluate)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
-    metrics: dict[str, Any] = {}
-    if evaluates:  # the head sent is the previous round's global head: one message less
-        loss, examples, evaluated = _evaluation(site, arrays, settings.statistics)
-        metrics = {
-            FIT_EVAL_LOSS: loss,
-            FIT_EVAL_EXAMPLES: examples,
-            **{FIT_EVAL_ACCURACY if k == "accuracy" else k: v for k, v in evaluated.items()},
-        }
-    elif settings.evaluate:
+    if settings.evaluate and not evaluates:
         log.warning(
             "round %d: not evaluating the head of round %d, a round this site missed",
             settings.server_round,
             settings.server_round - 1,
         )
-    outcome = site.train(arrays, settings)
-    # The run is on record: its spec, and the head trained from (the site's proof, should
-    # it miss the run's model and ask for it later).
-    site.models.trained(
-        context.run_id, site.spec, settings.server_round, head_sha256(site.trainable.names, arrays)
-    )
-    stats = outcome.extraction
-    log.info(
-        "round %d: trained on %d examples in %.2fs, loss %.4f (features: %d cached, %d new)",
-        settings.server_round,
-        outcome.result.examples,
-        outcome.result.seconds,
-        outcome.result.loss,
-        stats.cache_hits,
-        stats.cache_misses,
-    )
-    # Under DP every site weighs the same, which bounds each site's influence; otherwise
-    # a site counts its examples up to the run's cap (the server refuses more).
-    weight = (
-        1 if settings.uniform_weight else min(outcome.result.examples, settings.max_site_examples)
-    )
+    # When asked, the head sent (the previous round's global head) is evaluated first:
+    # that evaluation travels with the update, one message less per round.
+    trained = _work(context).train(arrays, settings, evaluates)
     fitres = FitRes(
         status=Status(Code.OK, "ok"),
-        parameters=ndarrays_to_parameters(outcome.arrays),
-        num_examples=weight,
-        metrics={"train-loss": outcome.result.loss, **metrics},
+        parameters=ndarrays_to_parameters(trained.arrays),
+        num_examples=trained.weight,
+        metrics=trained.metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-
-
-def _evaluation(
-    site: Site, arrays: list[np.ndarray], statistics: bool
-) -> tuple[float, int, dict[str, Any]]:
-    """Loss, example count and metrics of ``arrays`` on the site's validation split: the
-    accuracy, and when the run asks and the site's node config allows it, the count
-    tables the server pools into clinical metrics (never per-image scores)."""
-    result = site.evaluate(arrays)
-    metrics: dict[str, Any] = {"accuracy": result.accuracy}
-    if statistics and site.node.evaluation_statistics:
-        metrics.update(site.evaluation_statistics(arrays).to_metrics())
-    return result.loss, result.examples, metrics
 
 
 @app.evaluate()
@@ -281,9 +252,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger = _ledger(context)
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
-    loss, examples, metrics = _evaluation(
-        _site(context), arrays, evalins.config.get("statistics") is True
-    )
+    statistics = evalins.config.get("statistics") is True
+    loss, examples, metrics = _work(context).evaluate(arrays, statistics)
     evalres = EvaluateRes(
         status=Status(Code.OK, "ok"), loss=loss, num_examples=examples, metrics=metrics
     )

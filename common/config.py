@@ -395,6 +395,11 @@ class NodeConfig(_Config):
         "CPU threads torch may use for this site's training (0 = torch's default); "
         "sites sharing a machine each get their share",
     )
+    worker_socket: str = opt(
+        "",
+        doc="set by fedhead node: the socket of its warm worker, which trains and evaluates "
+        "for the per-message ClientApp processes (empty: they do it themselves)",
+    )
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")
     num_partitions: int = opt(0, doc="simulation only")
