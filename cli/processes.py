@@ -197,7 +197,9 @@ def _node(args: argparse.Namespace) -> int:
     worker = None
     if not args.no_worker and not args.dry_run:
         from fedhead.client.worker import WorkerService
+        from fedhead.common.logs import setup_logging
 
+        setup_logging()  # the worker's lines join the SuperNode's in the node's log
         worker = WorkerService().start()
         cmd[cmd.index("--node-config") + 1] += f" worker-socket={_toml_str(worker.path)}"
     try:
