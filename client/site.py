@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -299,22 +299,30 @@ class Site:
 
         With augmentation (``augment-views`` > 0) the training features get a leading
         view dimension: the image itself, then its augmented views, all cached.
+        Features already held in memory (a warm worker's later rounds) count as cached.
         """
-        if part not in self._features:
-            images: LabeledImages = getattr(self.data(), part)
-            extractor = self._extractor()
-            feats = self._extract(extractor, images.images, part)
-            values = feats.values
-            if part == "train" and self.spec.augment_views and len(feats.ok):
-                augmenter = Augmenter(self.spec.augment_views, self.spec.augment_flip)
-                usable = SubsetImages(images.images, feats.ok.tolist())
-                views = [
-                    self._extract(extractor, AugmentedImages(usable, augmenter, v), part).values
-                    for v in range(self.spec.augment_views)
-                ]
-                values = torch.stack([values, *views])
-            labels = torch.from_numpy(images.labels[feats.ok])
-            self._features[part] = (values, labels, feats.stats)
+        if part in self._features:
+            values, labels, stats = self._features[part]
+            held = stats.cache_hits + stats.cache_misses
+            return (
+                values,
+                labels,
+                replace(stats, cache_hits=held, cache_misses=0, extracted=0, extract_seconds=0.0),
+            )
+        images: LabeledImages = getattr(self.data(), part)
+        extractor = self._extractor()
+        feats = self._extract(extractor, images.images, part)
+        values = feats.values
+        if part == "train" and self.spec.augment_views and len(feats.ok):
+            augmenter = Augmenter(self.spec.augment_views, self.spec.augment_flip)
+            usable = SubsetImages(images.images, feats.ok.tolist())
+            views = [
+                self._extract(extractor, AugmentedImages(usable, augmenter, v), part).values
+                for v in range(self.spec.augment_views)
+            ]
+            values = torch.stack([values, *views])
+        labels = torch.from_numpy(images.labels[feats.ok])
+        self._features[part] = (values, labels, feats.stats)
         return self._features[part]
 
     # --- federated steps -------------------------------------------------------------
