@@ -58,7 +58,7 @@ from fedhead.server.report import RunReport
 from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
 from fedhead.server.setup import ServerModel, build_server_model, fit_settings, run_spec
 from fedhead.server.strategy import FedHeadStrategy
-from fedhead.server.workflow import FedHeadWorkflow, PlainEvaluate, PlainFit, RoundPlan, RunObserver
+from fedhead.server.workflow import FedHeadWorkflow, PlainStep, RoundPlan, RunObserver
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _federate(
         strategy=strategy,
         distributor=BackboneDistributor(spec, sm.weights_path, cfg.round_timeout, cfg.site_labels),
         plan_rounds=planner,
-        evaluate_step=PlainEvaluate(cfg.round_timeout, strategy),
+        evaluate_step=PlainStep(cfg.round_timeout, strategy, train=False),
         num_rounds=cfg.num_server_rounds,
         min_sites=cfg.min_sites,
         join_timeout=cfg.join_timeout,
@@ -403,7 +403,7 @@ def plan_rounds(
             "secure aggregation is OFF (secure-aggregation=false): the server sees every "
             "site's head update"
         )
-        return RoundPlan(PlainFit(cfg.round_timeout, strategy), legacy, privacy)
+        return RoundPlan(PlainStep(cfg.round_timeout, strategy, train=True), legacy, privacy)
     max_examples = max(strategy.train_caps.values())
     params = secagg_params(cfg, sampled, max_examples)
     report.secure_aggregation = "secagg+"

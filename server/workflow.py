@@ -2,7 +2,7 @@
 
 One loop for every mode: wait for sites, prepare them (backbone distribution), then
 per round a *fit step*, server-side evaluation and federated evaluation. The fit step
-is either ``PlainFit`` (each site's update reaches the strategy) or Flower's
+is either a plain ``PlainStep`` (each site's update reaches the strategy) or Flower's
 ``SecAggPlusWorkflow`` (only the masked sum does); both call the same strategy. Unlike
 Flower's default steps, every wait here has a timeout, so a dead site cannot stall a
 run.
@@ -166,68 +166,44 @@ _ENCODERS: dict[str, Callable[[Any], RecordDict]] = {
 }
 
 
-def _plain_exchange(
-    grid: Grid,
-    ctx: LegacyContext,
-    message_type: str,
-    decode: Callable[[int, RecordDict], Any],
-    timeout: float,
-) -> tuple[int, list[Any], list[Any]] | None:
-    """Configure, send and collect one plain (unmasked) step; None if nobody is sampled."""
-    rnd = _current_round(ctx)
-    configure = (
-        ctx.strategy.configure_fit
-        if message_type == MessageType.TRAIN
-        else ctx.strategy.configure_evaluate
-    )
-    instructions = configure(rnd, _params(ctx), ctx.client_manager)
-    if not instructions:
-        return None
-    results, failures = exchange(
-        grid, list(instructions), message_type, _ENCODERS[message_type], decode, rnd, timeout
-    )
-    return rnd, results, failures
-
-
 @dataclass
-class PlainFit:
-    """Send FitIns to the sampled sites, collect FitRes (with a timeout), aggregate."""
+class PlainStep:
+    """One plain (unmasked) exchange with the sampled sites, with a timeout: training
+    (``train``: FitIns out, each site's FitRes to ``aggregate_fit``, which yields the
+    new global head) or federated evaluation on the sites' validation splits."""
 
     timeout: float
     screen: FedHeadStrategy  # reads and checks each reply
+    train: bool
 
     def __call__(self, grid: Grid, context: Context) -> None:
         ctx = cast(LegacyContext, context)
-        step = _plain_exchange(grid, ctx, MessageType.TRAIN, self.screen.decode_fit, self.timeout)
-        if step is None:
+        rnd, strategy = _current_round(ctx), ctx.strategy
+        kind = MessageType.TRAIN if self.train else MessageType.EVALUATE
+        configure: Callable[..., Any] = (
+            strategy.configure_fit if self.train else strategy.configure_evaluate
+        )
+        decode: Callable[[int, RecordDict], Any] = (
+            self.screen.decode_fit if self.train else self.screen.decode_evaluate
+        )
+        instructions = configure(rnd, _params(ctx), ctx.client_manager)
+        if not instructions:
             return
-        rnd, results, failures = step
-        params, metrics = ctx.strategy.aggregate_fit(rnd, results, failures)
+        results, failures = exchange(
+            grid, list(instructions), kind, _ENCODERS[kind], decode, rnd, self.timeout
+        )
+        if not self.train:
+            loss, metrics = strategy.aggregate_evaluate(rnd, results, failures)
+            if loss is not None:
+                ctx.history.add_loss_distributed(server_round=rnd, loss=loss)
+                ctx.history.add_metrics_distributed(server_round=rnd, metrics=metrics)
+            return
+        params, metrics = strategy.aggregate_fit(rnd, results, failures)
         if params is not None:
             ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
                 params, True
             )
             ctx.history.add_metrics_distributed_fit(server_round=rnd, metrics=metrics)
-
-
-@dataclass
-class PlainEvaluate:
-    """Federated evaluation on the sites' validation splits (with a timeout)."""
-
-    timeout: float
-    screen: FedHeadStrategy  # reads and checks each reply
-
-    def __call__(self, grid: Grid, context: Context) -> None:
-        ctx = cast(LegacyContext, context)
-        decode = self.screen.decode_evaluate
-        step = _plain_exchange(grid, ctx, MessageType.EVALUATE, decode, self.timeout)
-        if step is None:
-            return
-        rnd, results, failures = step
-        loss, metrics = ctx.strategy.aggregate_evaluate(rnd, results, failures)
-        if loss is not None:
-            ctx.history.add_loss_distributed(server_round=rnd, loss=loss)
-            ctx.history.add_metrics_distributed(server_round=rnd, metrics=metrics)
 
 
 @dataclass
