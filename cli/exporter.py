@@ -169,9 +169,10 @@ def supervise(
     restart: bool = False,
     backoff: tuple[float, float] = (2.0, 60.0),
     watcher: ChildWatcher | None = None,
+    spool: Path | None = None,
 ) -> int:
     """Run ``cmd`` with an exporter beside it (unless ``address`` is none); forward
-    signals; return its exit code.
+    signals; return its exit code. ``spool``: the events folder (default: a fresh one).
 
     ``companion``: a process (the proxy in front of a SuperLink) that lives and dies
     with ``cmd``; if it ends first, ``cmd`` is stopped and its exit code returned.
@@ -184,12 +185,11 @@ def supervise(
     """
     if companion and restart:
         raise ValueError("supervise: a companion process and restarts do not go together")
-    spool = prepare_spool()
+    spool = spool or prepare_spool()
     exporter = Exporter(roles, spool) if address != "none" else None
     if exporter is not None:
         exporter.start(address)
     child_env = {**(env or os.environ), SPOOL_ENV: str(spool)}
-    os.environ[SPOOL_ENV] = str(spool)  # this process's own events too (a node's worker)
     helper = subprocess.Popen(companion) if companion else None
     readers: list[threading.Thread] = []
 

@@ -47,6 +47,7 @@ def _exec(
     restart: bool = False,
     on_exit: Callable[[int], int] | None = None,
     watcher: ChildWatcher | None = None,
+    spool: Path | None = None,
 ) -> int:
     """Become the Flower process, or supervise it with a metrics exporter (and a
     companion process, the proxy in front of a SuperLink; or restarts; a watcher of its
@@ -71,7 +72,14 @@ def _exec(
     from fedhead.cli.exporter import supervise
 
     code = supervise(
-        [program, *cmd[1:]], [role], address, env, companion, restart=restart, watcher=watcher
+        [program, *cmd[1:]],
+        [role],
+        address,
+        env,
+        companion,
+        restart=restart,
+        watcher=watcher,
+        spool=spool,
     )
     return on_exit(code) if on_exit else code
 
@@ -194,12 +202,16 @@ def _node(args: argparse.Namespace) -> int:
     watch = preflight.NodeWatch(args.superlink, args.insecure, bool(args.auth_key))
     # The warm worker lives in this process, as long as the node: the per-message
     # ClientApp processes hand it the site's training and evaluation (client.worker).
-    worker = None
+    worker = spool = None
     if not args.no_worker and not args.dry_run:
+        from fedhead.cli.exporter import prepare_spool
         from fedhead.client.worker import WorkerService
         from fedhead.common.logs import setup_logging
+        from fedhead.common.telemetry import SPOOL_ENV
 
         setup_logging()  # the worker's lines join the SuperNode's in the node's log
+        spool = prepare_spool()
+        os.environ[SPOOL_ENV] = str(spool)  # and its events the site's metrics
         worker = WorkerService().start()
         cmd[cmd.index("--node-config") + 1] += f" worker-socket={_toml_str(worker.path)}"
     try:
@@ -214,6 +226,7 @@ def _node(args: argparse.Namespace) -> int:
             restart=True,
             on_exit=watch.explain,
             watcher=watch,
+            spool=spool,
         )
     finally:
         if worker is not None:

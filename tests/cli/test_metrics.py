@@ -16,24 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedhead.cli.exporter import Exporter, parse_address, supervise
 from fedhead.cli.metrics import ServerMetrics, SiteMetrics
+from fedhead.common import telemetry
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import RoundResult
-from fedhead.common.telemetry import (
-    SPOOL_ENV,
-    RoundStarted,
-    RunFinished,
-    RunPrepared,
-    RunStarted,
-    SiteDevice,
-    SiteFeatures,
-    SiteMessage,
-    SiteRefusedUpdate,
-    SiteTrained,
-    SpoolReader,
-    decode,
-    emit,
-    encode,
-)
+from fedhead.common.telemetry import SPOOL_ENV, SpoolReader, decode, emit, encode
 
 
 def samples(registry: CollectorRegistry) -> dict[str, float]:
@@ -77,9 +63,9 @@ def test_naming_help_and_preinitialised_series(cls: type) -> None:
 def test_server_events_become_metrics() -> None:
     registry = CollectorRegistry()
     m = ServerMetrics(registry)
-    m.apply(RunStarted("mobilenet_v2", "secagg+"))
-    m.apply(RunPrepared("b0353104" + "0" * 56, 3, 2562))
-    m.apply(RoundStarted(1))
+    m.apply(telemetry.RunStarted("mobilenet_v2", "secagg+"))
+    m.apply(telemetry.RunPrepared("b0353104" + "0" * 56, 3, 2562))
+    m.apply(telemetry.RoundStarted(1))
     assert samples(registry)["fedhead_round_current"] == 1
     m.apply(
         RoundResult(
@@ -98,7 +84,7 @@ def test_server_events_become_metrics() -> None:
             secagg_seconds={"setup": 0.2, "unmask": 0.1},
         )
     )
-    m.apply(RoundStarted(2))
+    m.apply(telemetry.RoundStarted(2))
     assert not any(k.startswith("fedhead_dp_epsilon") for k in samples(registry))  # DP off
     m.apply(
         RoundResult(
@@ -116,7 +102,7 @@ def test_server_events_become_metrics() -> None:
             dp_delta=1e-5,
         )
     )
-    m.apply(RunFinished(ok=True))
+    m.apply(telemetry.RunFinished(ok=True))
     v = samples(registry)
     assert v["fedhead_runs_started_total"] == v["fedhead_runs_completed_total"] == 1
     assert v["fedhead_runs_failed_total"] == 0 and v["fedhead_round_current"] == 0
@@ -147,11 +133,11 @@ def test_server_events_become_metrics() -> None:
 def test_site_events_become_metrics() -> None:
     registry = CollectorRegistry()
     m = SiteMetrics(registry)
-    m.apply(SiteMessage("train", True, 3.0))
-    m.apply(SiteMessage("evaluate", False, 1.0))
-    m.apply(SiteTrained(0.4, 900))
+    m.apply(telemetry.SiteMessage("train", True, 3.0))
+    m.apply(telemetry.SiteMessage("evaluate", False, 1.0))
+    m.apply(telemetry.SiteTrained(0.4, 900))
     m.apply(
-        SiteFeatures(
+        telemetry.SiteFeatures(
             images=1000,
             extracted=400,
             extract_seconds=2.0,
@@ -160,8 +146,8 @@ def test_site_events_become_metrics() -> None:
             skipped=3,
         )
     )
-    m.apply(SiteDevice("cuda", "cuda (H100)", 123456))
-    m.apply(SiteRefusedUpdate("norm"))
+    m.apply(telemetry.SiteDevice("cuda", "cuda (H100)", 123456))
+    m.apply(telemetry.SiteRefusedUpdate("norm"))
     v = samples(registry)
     assert v['fedhead_site_messages_total{kind="train",outcome="ok"}'] == 1
     assert v['fedhead_site_messages_total{kind="evaluate",outcome="error"}'] == 1
@@ -187,7 +173,7 @@ def test_events_roundtrip_and_emit_without_a_spool_does_nothing(
     emit(event)
     monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
     emit(event)
-    emit(SiteTrained(1.0, 5))
+    emit(telemetry.SiteTrained(1.0, 5))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"server-{os.getpid()}.jsonl",
         f"site-{os.getpid()}.jsonl",
@@ -198,16 +184,22 @@ def test_spool_reader_reads_complete_lines_and_cleans_up(tmp_path: Path) -> None
     gone_pid = _exited_pid()
     live = tmp_path / f"site-{os.getpid()}.jsonl"
     finished = tmp_path / f"server-{gone_pid}.jsonl"
-    live.write_text(encode(SiteTrained(1.0, 5)) + "\n" + encode(SiteTrained(2.0, 6))[:10])
-    finished.write_text(encode(RunFinished(True)) + "\nnot json\n")
+    live.write_text(
+        encode(telemetry.SiteTrained(1.0, 5)) + "\n" + encode(telemetry.SiteTrained(2.0, 6))[:10]
+    )
+    finished.write_text(encode(telemetry.RunFinished(True)) + "\nnot json\n")
     reader = SpoolReader(tmp_path)
     events = reader.poll()
-    assert SiteTrained(1.0, 5) in events and RunFinished(True) in events and len(events) == 2
+    assert (
+        telemetry.SiteTrained(1.0, 5) in events
+        and telemetry.RunFinished(True) in events
+        and len(events) == 2
+    )
     assert reader.bad_lines == 1
     assert not finished.exists() and live.exists()  # a finished writer's file goes
     with live.open("a") as f:  # the live writer completes its line
-        f.write(encode(SiteTrained(2.0, 6))[10:] + "\n")
-    assert reader.poll() == [SiteTrained(2.0, 6)]
+        f.write(encode(telemetry.SiteTrained(2.0, 6))[10:] + "\n")
+    assert reader.poll() == [telemetry.SiteTrained(2.0, 6)]
     assert reader.poll() == []
 
 
@@ -231,7 +223,7 @@ def test_exporter_serves_metrics_from_the_spool(
     assert exporter.start(f"127.0.0.1:{port}")
     try:
         monkeypatch.setenv(SPOOL_ENV, str(tmp_path))
-        emit(RunStarted("resnet18", "none"))
+        emit(telemetry.RunStarted("resnet18", "none"))
         exporter.poll()
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "fedhead_runs_started_total 1.0" in body
