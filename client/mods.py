@@ -34,6 +34,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedhead.common.errors import FederationError, FedheadError
 from fedhead.common.files import append_line
+from fedhead.common.heads import global_norm
 from fedhead.common.protocol import FitSettings
 from fedhead.common.telemetry import SiteMessage, SiteRefusedUpdate, emit
 
@@ -161,8 +162,6 @@ def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
     SecAgg+'s clipping range (they would be silently clipped) all stop the send.
     """
-    from fedhead.common.model import global_norm  # torch: this message trains anyway
-
     settings = FitSettings.from_mapping(
         compat.recorddict_to_fitins(msg.content, keep_input=True).config
     )

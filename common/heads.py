@@ -8,6 +8,7 @@ model everywhere (server log, report, site log, audit log).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -48,3 +49,8 @@ def read_head(data: bytes, names: Sequence[str]) -> list[np.ndarray]:
             "it was written for another model",
         )
     return [tensors[n] for n in names]
+
+
+def global_norm(arrays: Sequence[np.ndarray]) -> float:
+    """L2 norm over all tensors together."""
+    return math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,11 +221,6 @@ def make_head(kind: str, in_dim: int, num_classes: int, hidden: int, dropout: fl
             nn.Linear(hidden, num_classes),
         )
     raise ValueError(f"head must be 'linear' or 'mlp', not {kind!r}")
-
-
-def global_norm(arrays: Sequence[np.ndarray]) -> float:
-    """L2 norm over all tensors together."""
-    return math.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays))
 
 
 def count_params(module: nn.Module) -> int:

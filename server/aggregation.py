@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedhead.common.model import TrainableSet, global_norm
+from fedhead.common.heads import global_norm
+from fedhead.common.model import TrainableSet
 
 Arrays = list[np.ndarray]
 

@@ -313,3 +313,36 @@ def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_train_message_handed_to_the_worker_imports_no_torch_on_its_way_out() -> None:
+    """With the node's warm worker doing the training, the per-message process runs only
+    the mods around it (update checks, delta, masking): none of them imports torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from flwr.app import Message, RecordDict\n"
+        "from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters\n"
+        "from flwr.compat.common import recorddict_compat as compat\n"
+        "from fedhead.client.mods import delta_mod, update_check_mod\n"
+        "from fedhead.common.protocol import FitSettings\n"
+        "from tests.loopback import set_task_identity\n"
+        "set_task_identity()\n"
+        "settings = FitSettings(1, 1, 8, 0.1, 'sgd', 0.0, 0.0, 0.1, 0, 'x', 10.0, 8.0, False, 9)\n"
+        "head = [np.zeros((2, 4), np.float32), np.zeros(2, np.float32)]\n"
+        "ins = FitIns(ndarrays_to_parameters(head), settings.to_config())\n"
+        "msg = Message(compat.fitins_to_recorddict(ins, True), dst_node_id=1, "
+        "message_type='train')\n"
+        "def worker(m, c):\n"
+        "    trained = ndarrays_to_parameters([a + 1 for a in head])\n"
+        "    res = FitRes(Status(Code.OK, 'ok'), trained, 8, {})\n"
+        "    return Message(compat.fitres_to_recorddict(res, False), reply_to=m)\n"
+        "reply = update_check_mod(msg, None, lambda m, c: delta_mod(m, c, worker))\n"
+        "assert not reply.has_error()\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedhead.common.model import TensorSpec, TrainableSet, global_norm
+from fedhead.common.heads import global_norm
+from fedhead.common.model import TensorSpec, TrainableSet
 from fedhead.server.aggregation import (
     apply_delta,
     check_update,
