@@ -535,7 +535,7 @@ def bench_gain(res: Results, rounds: int, px: int) -> None:
         )
 
 
-def bench_deploy(res: Results, rounds: int, n_train: int | None, px: int, sites: int = 3) -> None:
+def bench_deploy(res: Results, rounds: int, n_train: int, px: int, sites: int = 3) -> None:
     import deployment
 
     m = deployment.measure(simulate, sites, rounds, n_train, px)
@@ -569,8 +569,8 @@ def bench_deploy(res: Results, rounds: int, n_train: int | None, px: int, sites:
             ">= 10",
             f"{setup}, both without SecAgg+, the same SuperLink and SuperNodes and thread "
             f"settings: the canonical Flower pattern (whole model each round, trunk "
-            f"recomputed every epoch, FedAvg) {m['canonical']:.2f} s per round, fedhead "
-            f"{m['fedhead_plain']:.2f} s",
+            f"recomputed every epoch, FedAvg) {m['canonical']:.2f} s per round (its round "
+            f"2 of {m['canonical_rounds']}), fedhead {m['fedhead_plain']:.2f} s",
         )
     )
     res.add(
@@ -639,25 +639,26 @@ NOTES = [
     "`InMemoryGrid.send_and_receive` polling, Ray's result fetching and the in-memory "
     "LinkState's message scans, not in fedhead's code.",
     "- **Deployment** starts `fedhead superlink --insecure` and three `fedhead node "
-    "--insecure --allow-unsigned-apps --threads N` processes on 127.0.0.1 (N = the cores "
-    "split between the sites), each site holding a third of the bundled training images "
-    "at the backbone's native 224 px. Through them run Flower's floor (`benchmarks/floor`"
-    ": no-op apps, no torch, sending fedhead's messages: the four SecAgg+ stages over a "
-    "head-sized vector, and an evaluate after the last round), fedhead under SecAgg+, the "
-    "floor again, fedhead without SecAgg+, and the canonical Flower pattern "
-    "(`benchmarks/canonical`: Flower's PyTorch quickstart applied to a frozen-trunk "
-    "MobileNetV2: the whole model travels each round, every image goes through the trunk "
-    "in every epoch, FedAvg without secure aggregation, the same epochs, batch size, "
-    "optimizer and thread setting); the same sites then run in the Simulation Engine. A "
-    "SuperNode starts one ClientApp process per message, and waits 3 s between two "
-    "looks for work; fedhead sends four messages per site and round under SecAgg+ (one "
-    "without), as its sites evaluate each round's head in the next round's train message. "
-    "The train and evaluate messages hand their work to the node's warm worker (in the "
-    "`fedhead node` process), so no per-message process imports torch, and with the "
-    "features cached no trunk is built. fedhead's ServerApp reads replies every 0.1 s "
-    "where Flower's deployment Grid, which the floor and the canonical pattern use as "
-    "shipped, waits 3 s between two looks. The per-message costs are medians of fresh "
-    "processes timed in the same run.",
+    "--insecure --allow-unsigned-apps --threads N` processes on 127.0.0.1 (N = the "
+    "cores split between the sites), each site holding 150 of the bundled training "
+    "images (50 for validation) at the backbone's native 224 px. Through them run "
+    "Flower's floor (`benchmarks/floor`: no-op apps, no torch, sending fedhead's "
+    "messages: the four SecAgg+ stages over a head-sized vector, and an evaluate after "
+    "the last round), fedhead under SecAgg+, the floor again, fedhead without SecAgg+, "
+    "and the canonical Flower pattern (`benchmarks/canonical`: Flower's PyTorch "
+    "quickstart applied to a frozen-trunk MobileNetV2: the whole model travels each "
+    "round, every image goes through the trunk in every epoch, FedAvg without secure "
+    "aggregation, the same epochs, batch size, optimizer and thread setting; two "
+    "rounds, as its rounds take minutes); the same sites then run in the Simulation "
+    "Engine. A SuperNode starts one ClientApp process per message, and waits 3 s "
+    "between two looks for work; fedhead sends four messages per site and round under "
+    "SecAgg+ (one without), as its sites evaluate each round's head in the next round's"
+    " train message. The train and evaluate messages hand their work to the node's warm"
+    " worker (in the `fedhead node` process), so no per-message process imports torch, "
+    "and with the features cached no trunk is built. fedhead's ServerApp reads replies "
+    "every 0.1 s where Flower's deployment Grid, which the floor and the canonical "
+    "pattern use as shipped, waits 3 s between two looks. The per-message costs are "
+    "medians of fresh processes timed in the same run.",
     "- **Transfer gain** runs the demo's federation with `local-baseline=true`: after "
     "the last round each site trains a head alone with the run's budget (local epochs x "
     "rounds, same optimizer and schedule, from the same initial head) and reports both "
@@ -739,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     if "gain" in chosen:
         bench_gain(res, 3 if q else 10, 64 if q else 128)
     if "deploy" in chosen:
-        bench_deploy(res, 3 if q else 4, 150 if q else None, 224)
+        bench_deploy(res, 3 if q else 4, 60 if q else 150, 224)
     seconds = time.perf_counter() - t0
     target = args.write or (None if q else str(REPO / "BENCHMARKS.md"))
     if target:
