@@ -299,11 +299,17 @@ def test_with_cached_features_a_site_trains_the_head_without_building_the_trunk(
     assert not again.trained_model().has_trunk
 
 
-def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
+def _runs_in_a_fresh_process(code: str) -> None:
+    """``code``'s assertions hold in a fresh Python, as in a per-message ClientApp."""
     import subprocess
     import sys
 
-    code = (
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
+    _runs_in_a_fresh_process(
         "import sys, fedhead.client.app\n"
         "assert 'torch' not in sys.modules, 'torch'\n"
         "import fedhead.client.site\n"
@@ -311,17 +317,12 @@ def test_the_client_app_imports_no_torch_until_a_message_needs_it() -> None:
         # a site counts the tables the server pools; scikit-learn is the server's
         "assert 'sklearn' not in sys.modules, 'sklearn'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
 
 
 def test_a_train_message_handed_to_the_worker_imports_no_torch_on_its_way_out() -> None:
     """With the node's warm worker doing the training, the per-message process runs only
     the mods around it (update checks, delta, masking): none of them imports torch."""
-    import subprocess
-    import sys
-
-    code = (
+    _runs_in_a_fresh_process(
         "import sys\n"
         "import numpy as np\n"
         "from flwr.app import Message, RecordDict\n"
@@ -344,5 +345,3 @@ def test_a_train_message_handed_to_the_worker_imports_no_torch_on_its_way_out() 
         "assert not reply.has_error()\n"
         "assert 'torch' not in sys.modules, 'torch'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
