@@ -215,6 +215,7 @@ def _work(context: Context) -> LocalSite | RemoteSite:
 
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
+    work = _work(context)  # an unprepared node stops here, before its ledger moves
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = FitSettings.from_mapping(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)
@@ -229,7 +230,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     # When asked, the head sent (the previous round's global head) is evaluated first:
     # that evaluation travels with the update, one message less per round.
-    trained = _work(context).train(arrays, settings, evaluates)
+    trained = work.train(arrays, settings, evaluates)
     fitres = FitRes(
         status=Status(Code.OK, "ok"),
         parameters=ndarrays_to_parameters(trained.arrays),
@@ -241,6 +242,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    work = _work(context)
     evalins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
     arrays = parameters_to_ndarrays(evalins.parameters)
     server_round = evalins.config.get("server_round")
@@ -253,7 +255,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     statistics = evalins.config.get("statistics") is True
-    loss, examples, metrics = _work(context).evaluate(arrays, statistics)
+    loss, examples, metrics = work.evaluate(arrays, statistics)
     evalres = EvaluateRes(
         status=Status(Code.OK, "ok"), loss=loss, num_examples=examples, metrics=metrics
     )

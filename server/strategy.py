@@ -136,6 +136,8 @@ class FedHeadStrategy(Strategy):
     val_caps: dict[int, int] = field(init=False, default_factory=dict)
     secure_weights: dict[int, SecureWeight] = field(init=False, default_factory=dict)
     rounds: dict[int, RoundResult] = field(init=False, default_factory=dict)
+    # round -> the sites its train messages asked to evaluate the head they carry
+    _asked_to_evaluate: dict[int, set[int]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -241,7 +243,9 @@ class FedHeadStrategy(Strategy):
         if not sites or not self.evaluates_in_train(server_round):
             return set()
         num = max(1, math.ceil(self.fraction_evaluate * len(sites)))
-        return {site.node_id for site in random.sample(sites, min(num, len(sites)))}
+        chosen = {site.node_id for site in random.sample(sites, min(num, len(sites)))}
+        self._asked_to_evaluate[server_round] = chosen
+        return chosen
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: FitFailures
@@ -342,6 +346,7 @@ class FedHeadStrategy(Strategy):
         of the evaluation, not out of training."""
         if not self.evaluates_in_train(server_round):
             return
+        asked = self._asked_to_evaluate.pop(server_round, set())
         evaluations: EvaluateResults = []
         refused: EvaluateFailures = []
         for proxy, res in results:
@@ -349,6 +354,8 @@ class FedHeadStrategy(Strategy):
                 evaluation = evaluation_in_fit(
                     proxy.node_id, res, self.val_caps.get(proxy.node_id, 0)
                 )
+                if evaluation is not None and proxy.node_id not in asked:
+                    raise ExcludedReply(proxy.node_id, "malformed", "an evaluation not asked for")
             except ExcludedReply as err:
                 refused.append(err)
                 continue

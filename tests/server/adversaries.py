@@ -29,7 +29,12 @@ from fedhead.client.mods import (
     secagg_mod,
     update_check_mod,
 )
-from fedhead.common.protocol import FIT_EVAL_ACCURACY, RECORD_PREPARE
+from fedhead.common.protocol import (
+    FIT_EVAL_ACCURACY,
+    FIT_EVAL_EXAMPLES,
+    FIT_EVAL_LOSS,
+    RECORD_PREPARE,
+)
 
 
 def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  # type: ignore[assignment]
@@ -103,6 +108,19 @@ def evaluation_in_fit_claims(accuracy: float) -> Mod:
         record = reply.content.config_records.get("fitres.metrics")
         if record is not None and FIT_EVAL_ACCURACY in record:
             record[FIT_EVAL_ACCURACY] = accuracy
+
+    return _rewrite(MessageType.TRAIN, change)
+
+
+def unasked_evaluation(accuracy: float, examples: int) -> Mod:
+    """Put an evaluation into every train reply, asked for or not."""
+
+    def change(reply: Message) -> None:
+        record = reply.content.config_records.get("fitres.metrics")
+        if record is not None and FIT_EVAL_ACCURACY not in record:
+            record[FIT_EVAL_LOSS] = 0.01
+            record[FIT_EVAL_ACCURACY] = accuracy
+            record[FIT_EVAL_EXAMPLES] = examples
 
     return _rewrite(MessageType.TRAIN, change)
 

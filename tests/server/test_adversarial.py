@@ -291,6 +291,31 @@ def test_a_bad_evaluation_in_a_train_reply_leaves_out_that_evaluation_only(
     assert _named(caplog, "evaluation accuracy 1.5")
 
 
+def test_an_evaluation_nobody_asked_for_is_refused(
+    offline_world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One site in three is asked to evaluate in each round's train messages; the
+    attacker adds a perfect evaluation to its train replies when it is not the one."""
+    tmp = offline_world
+    app = adv.malicious_app(outer=[adv.unasked_evaluation(1.0, 5)])
+    report, grid = _attacked(tmp, app, secure=False, rounds=3, **{"fraction-evaluate": 0.1})
+    asked = {
+        int(m.metadata.group_id): m.metadata.dst_node_id
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+        and compat.recorddict_to_fitins(m.content, keep_input=True).config["evaluate"]
+    }
+    assert sorted(asked) == [1, 2, 3]  # one site a round evaluates the head it trains from
+    for row in [report["initial_eval"], *report["rounds"][:2]]:
+        if asked[row["round"] + 1] == ATTACKER:  # it was asked: its own evaluation counts
+            assert row["rejected_sites"] == {}, row
+        else:
+            assert row["rejected_sites"] == {str(ATTACKER): "malformed"}, row
+            assert row["eval_accuracy"] < 1.0
+    if set(asked.values()) != {ATTACKER}:
+        assert _named(caplog, "an evaluation not asked for")
+
+
 def _evaluations(replies: list[Message]) -> list[tuple[int, tuple[int, float]]]:
     out = []
     for reply in replies:
