@@ -85,6 +85,16 @@ setup_logging()
 app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
 
 
+def _prepared_spec(context: Context) -> RunSpec:
+    """The run spec this node was prepared with (kept in its state by ``prepare``)."""
+    if RECORD_RUN not in context.state.config_records:
+        raise FederationError(
+            "this node was not prepared for the run (it joined after the run started?)",
+            "it takes part from the next run on",
+        )
+    return RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+
+
 def _site(context: Context, spec: RunSpec | None = None) -> Site:
     from fedhead.client.site import Site  # torch: only for messages that need a site
 
@@ -92,12 +102,7 @@ def _site(context: Context, spec: RunSpec | None = None) -> Site:
     if spec is None:
         if key in _SITES:
             return _SITES[key]
-        if RECORD_RUN not in context.state.config_records:
-            raise FederationError(
-                "this node was not prepared for the run (it joined after the run started?)",
-                "it takes part from the next run on",
-            )
-        spec = RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+        spec = _prepared_spec(context)
     node = NodeConfig.from_mapping(context.node_config)
     site = _SITES.get(key)
     if site is None or site.spec != spec or site.node != node:
@@ -207,9 +212,7 @@ def _work(context: Context) -> LocalSite | RemoteSite:
         from fedhead.client.steps import LocalSite  # torch: only when working here
 
         return LocalSite(_site(context), context.run_id)
-    if RECORD_RUN not in context.state.config_records:
-        _site(context)  # raises: this node was not prepared for the run
-    spec = RunSpec.from_mapping(context.state.config_records[RECORD_RUN])
+    spec = _prepared_spec(context)
     return RemoteSite(node.worker_socket, dict(context.node_config), spec, context.run_id)
 
 

@@ -354,13 +354,17 @@ class FedHeadStrategy(Strategy):
                 evaluation = evaluation_in_fit(
                     proxy.node_id, res, self.val_caps.get(proxy.node_id, 0)
                 )
-                if evaluation is not None and proxy.node_id not in asked:
-                    raise ExcludedReply(proxy.node_id, "malformed", "an evaluation not asked for")
             except ExcludedReply as err:
                 refused.append(err)
                 continue
-            if evaluation is not None:
+            if evaluation is None:
+                continue
+            if proxy.node_id in asked:
                 evaluations.append((proxy, evaluation))
+            else:
+                refused.append(
+                    ExcludedReply(proxy.node_id, "malformed", "an evaluation not asked for")
+                )
         if evaluations or refused:
             self.aggregate_evaluate(server_round - 1, evaluations, refused)
 
