@@ -126,7 +126,9 @@ def sign(app: Path, key: ed25519.Ed25519PrivateKey, out: Path, force: bool = Fal
 
 
 def _sign(args: argparse.Namespace) -> int:
-    """Builds the Flower App (Flower's FAB builder) and signs its SHA-256 with an ed25519 key
+    """build the app into a FAB and sign it with the operator's ed25519 key
+
+    Builds the Flower App (Flower's FAB builder) and signs its SHA-256 with an ed25519 key
     from `fedhead certs --app-signer`. Sites whose --trusted-entities list that key run it;
     they refuse unsigned apps. Keep the key off the SuperLink's machine.
     """
@@ -146,12 +148,7 @@ def add_parser(sub: Subparsers) -> None:
     app_sub = add_group(
         sub, "app", help="sign the Flower App that sites will run", metavar="COMMAND"
     )
-    s = add_command(
-        app_sub,
-        "sign",
-        _sign,
-        help="build the app into a FAB and sign it with the operator's ed25519 key",
-    )
+    s = add_command(app_sub, "sign", _sign)
     s.add_argument("--key", required=True, help="ed25519 private key (OpenSSH format)")
     s.add_argument("--app", default=".", help="the Flower App's folder (default .)")
     s.add_argument("--out", default="signed-app", help="folder for app.fab and signature.json")

@@ -276,7 +276,9 @@ def certificate_problem(path: Path, warn_days: int = 30) -> tuple[bool, str] | N
 
 
 def _certs(args: argparse.Namespace) -> int:
-    """Creates (with `cryptography`) a private CA, a TLS certificate for the SuperLink naming
+    """create the federation's CA, SuperLink certificate and site keys
+
+    Creates (with `cryptography`) a private CA, a TLS certificate for the SuperLink naming
     the given hosts, and an EC P-384 key pair per site for node authentication (OpenSSH
     format). Private keys are written 0600. Existing files are never overwritten without
     --force; an existing CA is reused. Add a site later with --site NAME alone; renew the
@@ -308,9 +310,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead certs``."""
-    c = add_command(
-        sub, "certs", _certs, help="create the federation's CA, SuperLink certificate and site keys"
-    )
+    c = add_command(sub, "certs", _certs)
     c.add_argument("--out", default="certs", help="folder for the files (default certs)")
     c.add_argument("--host", action="append", help="SuperLink DNS name or IP (repeatable)")
     c.add_argument("--site", action="append", help="a site to make a key pair for (repeatable)")

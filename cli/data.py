@@ -105,7 +105,9 @@ def check_site_data(
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    """Formats: folder of class folders (or train/ and val/ with class folders), CSV manifest
+    """read and decode every image; count per class, format, bit depth and size
+
+    Formats: folder of class folders (or train/ and val/ with class folders), CSV manifest
     with path,label[,split], .npz with images/labels[/val_images/val_labels/class_names].
     Images: PNG/JPEG/TIFF (8 or 16 bit) and grayscale DICOM.
     """
@@ -119,7 +121,9 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _demo_split(args: argparse.Namespace) -> int:
-    """Splits the embedded demo data (PneumoniaMNIST) over the given sites, non-IID
+    """write the embedded demo X-rays as one .npz per site (for a trial federation)
+
+    Splits the embedded demo data (PneumoniaMNIST) over the given sites, non-IID
     (Dirichlet), and writes OUT/<site>/data.npz for each: the data a trial site's `fedhead
     node --data` reads. Existing files are never overwritten.
     """
@@ -166,12 +170,7 @@ def _demo_split(args: argparse.Namespace) -> int:
 def add_parser(sub: Subparsers) -> None:
     """``fedhead data check`` and ``fedhead data demo-split``."""
     dsub = add_group(sub, "data", help="check a site's data before joining a federation")
-    dk = add_command(
-        dsub,
-        "check",
-        _data_check,
-        help="read and decode every image; count per class, format, bit depth and size",
-    )
+    dk = add_command(dsub, "check", _data_check)
     dk.add_argument("path", help="image folder, .csv manifest or .npz file")
     dk.add_argument("--classes", required=True, help="the run's classes, comma-separated")
     dk.add_argument("--val-fraction", type=float, default=0.15)
@@ -200,12 +199,7 @@ def add_parser(sub: Subparsers) -> None:
         default=DEFAULT_MAX_IMAGE_PIXELS,
         help=f"as the node's max-image-pixels ({DEFAULT_MAX_IMAGE_PIXELS})",
     )
-    ds = add_command(
-        dsub,
-        "demo-split",
-        _demo_split,
-        help="write the embedded demo X-rays as one .npz per site (for a trial federation)",
-    )
+    ds = add_command(dsub, "demo-split", _demo_split)
     ds.add_argument("--out", required=True, help="folder to write <site>/data.npz into")
     ds.add_argument("--sites", default="site-1,site-2", help="site names, comma-separated")
     ds.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (1.0)")

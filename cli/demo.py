@@ -3,55 +3,36 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.config import SERVER_STRATEGIES
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """run a complete federated job on the embedded X-ray data
+
+    Simulate hospitals with Flower's Simulation Engine, train the head federatedly and
+    centrally, print a per-round table and write report.json, accuracy_loss.png, sites.png
+    (per-site accuracy: local-only, federated, personalized), a checkpoint per round and
+    the model package model/ to --out (a previous demo's model/ there is replaced).
+    """
     from fedhead.cli.demo_job import DemoOptions, run_demo
 
-    run_demo(
-        DemoOptions(
-            rounds=args.rounds,
-            clients=args.clients,
-            out=Path(args.out),
-            alpha=args.alpha,
-            input_size=args.input_size,
-            backbone=args.backbone,
-            local_epochs=args.local_epochs,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-            device=args.device,
-            secure_aggregation=not args.no_secure_aggregation,
-            metrics_address=args.metrics_address,
-            verbose=args.verbose,
-            resume=args.resume,
-            strategy=args.strategy,
-            proximal_mu=args.proximal_mu,
-            local_baseline=not args.no_local_baseline,
-            personalize_epochs=args.personalize_epochs,
-        )
-    )
+    run_demo(DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)}))
     return 0
 
 
 def add_parser(sub: Subparsers) -> None:
-    """``fedhead demo``."""
-    d = sub.add_parser(
-        "demo",
-        help="run a complete federated job on the embedded X-ray data",
-        description="Simulate hospitals with Flower's Simulation Engine, train "
-        "the head federatedly and centrally, print a per-round table and "
-        "write report.json, accuracy_loss.png, sites.png (per-site accuracy: local-only, "
-        "federated, personalized), a checkpoint per round and the model "
-        "package model/ to --out (a previous demo's model/ there is replaced).",
-    )
+    """``fedhead demo``: every option is a field of ``DemoOptions``, of the same name."""
+    d = add_command(sub, "demo", _demo)
     d.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     d.add_argument("--clients", type=int, default=3, help="simulated hospitals (default 3)")
-    d.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    d.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)"
+    )
     d.add_argument(
         "--alpha",
         type=float,
@@ -79,7 +60,8 @@ def add_parser(sub: Subparsers) -> None:
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument(
         "--no-secure-aggregation",
-        action="store_true",
+        dest="secure_aggregation",
+        action="store_false",
         help="plain FedAvg: the server sees each site's update (SecAgg+ is the default)",
     )
     d.add_argument(
@@ -94,7 +76,8 @@ def add_parser(sub: Subparsers) -> None:
     )
     d.add_argument(
         "--no-local-baseline",
-        action="store_true",
+        dest="local_baseline",
+        action="store_false",
         help="skip the per-site local-only heads (each site trains alone with the run's "
         "budget, to show what the federation gained it; on by default)",
     )
@@ -106,4 +89,3 @@ def add_parser(sub: Subparsers) -> None:
         "many epochs and keeps it if it beats the federated head on its validation split (0)",
     )
     d.add_argument("--verbose", action="store_true", help="show Flower's and the sites' logs")
-    d.set_defaults(handler=_demo)

@@ -36,7 +36,9 @@ def probe(url: str, context: ssl.SSLContext | None, timeout: float) -> str | Non
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Fetches each URL (default: the URLs in $FEDHEAD_HEALTH_URL, else the default metrics
+    """exit 0 if this machine's SuperLink or SuperNode answers (container health check)
+
+    Fetches each URL (default: the URLs in $FEDHEAD_HEALTH_URL, else the default metrics
     exporters of `fedhead superlink` and `fedhead node`) and exits 0 when they answer with
     2xx. Useful URLs: the exporter's /metrics, the SuperLink's and the SuperNode's /health.
     """
@@ -67,12 +69,7 @@ def _health(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead health``."""
-    h = add_command(
-        sub,
-        "health",
-        _health,
-        help="exit 0 if this machine's SuperLink or SuperNode answers (container health check)",
-    )
+    h = add_command(sub, "health", _health)
     h.add_argument("url", nargs="*", help=f"URL(s) that must answer (default ${URL_ENV})")
     h.add_argument("--ca", help=f"CA certificate for https URLs (default ${CA_ENV})")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds per URL (5)")

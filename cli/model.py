@@ -92,7 +92,9 @@ def _side_file(out: Path) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Predict with a run's model package, preprocessing images exactly as the sites did in
+    """predict classes for images with a model package
+
+    Predict with a run's model package, preprocessing images exactly as the sites did in
     training. --data: an image file, a folder (searched recursively, class folders
     included), a .csv with a 'path' column, or an .npz with an 'images' array. Writes a CSV
     with columns path, prediction and one p_<class> per class. Images that cannot be read
@@ -130,7 +132,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a run's model package on labelled data: accuracy, balanced accuracy, per-class
+    """measure a model package on labelled images
+
+    Evaluate a run's model package on labelled data: accuracy, balanced accuracy, per-class
     precision and recall, AUROC (one-vs-rest for more than two classes), sensitivity and
     specificity (two classes), expected calibration error (15 bins), each with a 95%
     percentile bootstrap interval, and the confusion matrix. --data: class folders, a .csv
@@ -190,7 +194,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Write trunk, head and preprocessing (channel handling, resize and centre crop,
+    """export a model package as one ONNX or TorchScript file
+
+    Write trunk, head and preprocessing (channel handling, resize and centre crop,
     normalisation) as one file. Input: a uint8 tensor N x C x H x W with values 0..255, C =
     --channels (1 grayscale, 3 RGB), H x W = --height x --width (default: the model's input
     size; other sizes are resized inside the model as in training); any batch size N.
@@ -284,16 +290,14 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead predict``, ``fedhead evaluate``, ``fedhead export``."""
-    pr = add_command(
-        sub, "predict", _predict, help="predict classes for images with a model package"
-    )
+    pr = add_command(sub, "predict", _predict)
     _common(pr)
     pr.add_argument("--data", required=True, help="image file, folder, .csv or .npz")
     pr.add_argument("--out", required=True, help="predictions CSV to write")
     _dicom(pr)
     _device(pr)
 
-    ev = add_command(sub, "evaluate", _evaluate, help="measure a model package on labelled images")
+    ev = add_command(sub, "evaluate", _evaluate)
     _common(ev)
     ev.add_argument("--data", required=True, help="labelled folder, .csv or .npz")
     ev.add_argument("--out", required=True, help="metrics JSON to write")
@@ -306,9 +310,7 @@ def add_parser(sub: Subparsers) -> None:
     )
     _device(ev)
 
-    ex = add_command(
-        sub, "export", _export, help="export a model package as one ONNX or TorchScript file"
-    )
+    ex = add_command(sub, "export", _export)
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     ex.add_argument("--out", required=True, help="file to write (.onnx or .pt)")
     _common(ex)

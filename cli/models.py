@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedhead.cli.types import Subparsers
+from fedhead.cli.types import Subparsers, add_command
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,14 @@ def missing_models(cache_dir: Path) -> list[MissingModel]:
 
 
 def _models(args: argparse.Namespace) -> int:
+    """at a site: the models it holds, and the runs whose model it missed
+
+    Lists the model packages this site holds (models/<run-id>/ in its fedhead data folder,
+    each with its head sha256, the one the server logs) and the runs it trained in whose
+    model it lacks because it was offline when the run ended. The node asks for those at
+    the start of the next run; the operator can also send one at once with a delivery-only
+    run (run-config deliver-from).
+    """
     from fedhead.common.weights import fedhead_cache_dir
 
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else fedhead_cache_dir()
@@ -116,15 +124,7 @@ def _forget(cache_dir: Path, run_id: int) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead models``."""
-    p = sub.add_parser(
-        "models",
-        help="at a site: the models it holds, and the runs whose model it missed",
-        description="Lists the model packages this site holds (models/<run-id>/ in its "
-        "fedhead data folder, each with its head sha256, the one the server logs) and the "
-        "runs it trained in whose model it lacks because it was offline when the run "
-        "ended. The node asks for those at the start of the next run; the operator can "
-        "also send one at once with a delivery-only run (run-config deliver-from).",
-    )
+    p = add_command(sub, "models", _models)
     p.add_argument(
         "--cache-dir",
         help="the site's fedhead data folder, as given to `fedhead node --cache-dir` "
@@ -138,4 +138,3 @@ def add_parser(sub: Subparsers) -> None:
         help="remove this site's record of a run, so it no longer asks for that run's "
         "model (a model already held stays)",
     )
-    p.set_defaults(handler=_models)

@@ -85,6 +85,7 @@ def _exec(
 
 
 def _exporter(args: argparse.Namespace) -> int:
+    """serve metrics for a SuperLink or SuperNode started the Flower way"""
     import signal
     import threading
 
@@ -116,7 +117,9 @@ def _tls_args(args: argparse.Namespace, role: str) -> list[str]:
 
 
 def _node(args: argparse.Namespace) -> int:
-    """Checks this site's data and its TLS choice against the SuperLink, then starts
+    """start this site's Flower SuperNode
+
+    Checks this site's data and its TLS choice against the SuperLink, then starts
     flower-supernode pointed at the data and watches it. Only head updates and scalar
     metrics leave.
     """
@@ -267,7 +270,9 @@ def _state_dir(given: str | None, create: bool) -> Path:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    """Starts flower-superlink with runtime dependency installation disabled. TLS is required
+    """start the operator's Flower SuperLink
+
+    Starts flower-superlink with runtime dependency installation disabled. TLS is required
     unless --insecure is given. Its port also serves the Control API, so it listens on
     loopback only; --public-address starts nginx for the sites, forwarding only the Fleet
     API, and --signed-app offers the app signed with `fedhead app sign` to the SuperLink.
@@ -366,7 +371,7 @@ def _serving_options(p: argparse.ArgumentParser, metrics: str, default_address: 
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead node``, ``fedhead superlink`` and ``fedhead exporter``."""
-    n = add_command(sub, "node", _node, help="start this site's Flower SuperNode")
+    n = add_command(sub, "node", _node)
     n.add_argument("--superlink", required=True, help="SuperLink Fleet address HOST:PORT")
     n.add_argument("--data", required=True, help="image folder, .csv manifest or .npz")
     n.add_argument(
@@ -441,7 +446,7 @@ def add_parser(sub: Subparsers) -> None:
         n, "this site's Prometheus metrics here, on the site's own network", DEFAULT_SITE_ADDRESS
     )
 
-    s = add_command(sub, "superlink", _superlink, help="start the operator's Flower SuperLink")
+    s = add_command(sub, "superlink", _superlink)
     s.add_argument(
         "--host",
         default="127.0.0.1",
@@ -478,7 +483,6 @@ def add_parser(sub: Subparsers) -> None:
         sub,
         "exporter",
         _exporter,
-        help="serve metrics for a SuperLink or SuperNode started the Flower way",
         description=f"Reads the statistics events that fedhead's ServerApp or ClientApp "
         f"write to the spool folder named by {SPOOL_ENV} (set it for flower-superlink "
         "or flower-supernode) and serves them as Prometheus metrics.",

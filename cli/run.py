@@ -350,7 +350,9 @@ def _acc(v: Any) -> str:
 
 # --- commands ----------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
-    """Checks the run configuration, starts the run on the SuperLink of a Flower connection
+    """start a federated run, watch it, collect its report
+
+    Checks the run configuration, starts the run on the SuperLink of a Flower connection
     ($FLWR_HOME/config.toml, default ~/.flwr), streams its log and exits with its outcome
     (non-zero when the run fails). The report the ServerApp writes on the SuperLink's host
     is also collected from the run's log into --out.
@@ -392,7 +394,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    """Lists runs (flwr ls). With --run-id: that run only, exiting non-zero when it failed;
+    """list the runs of a connection with their status
+
+    Lists runs (flwr ls). With --run-id: that run only, exiting non-zero when it failed;
     --fetch-report collects its report from the run's log.
     """
     connection, _ = connection_address(args.connection)
@@ -438,7 +442,7 @@ def _drain(connection: str, run_id: str, keep: LogFilter) -> None:
 
 def add_parser(sub: Subparsers) -> None:
     """``fedhead run`` and ``fedhead runs``."""
-    r = add_command(sub, "run", _run, help="start a federated run, watch it, collect its report")
+    r = add_command(sub, "run", _run)
     r.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
     r.add_argument(
         "--run-config",
@@ -464,7 +468,7 @@ def add_parser(sub: Subparsers) -> None:
         help="wait this long for the SuperLink to accept connections (30)",
     )
 
-    s = add_command(sub, "runs", _runs, help="list the runs of a connection with their status")
+    s = add_command(sub, "runs", _runs)
     s.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
     s.add_argument("--run-id", help="one run")
     s.add_argument("--fetch-report", action="store_true", help="collect the run's report.json")

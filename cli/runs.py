@@ -101,6 +101,7 @@ HEADER = f"{'run':<20}  {'state':<11}  {'rounds':>7}  {'last checkpoint':<22}  o
 
 
 def _runs(args: argparse.Namespace) -> int:
+    """on the SuperLink's host: runs' state from their out-dirs (checkpoints, status)"""
     runs_dir = Path(args.runs_dir).expanduser()
     if args.run is None:
         runs = find_runs(runs_dir)
@@ -137,7 +138,6 @@ def add_parser(sub: Subparsers) -> None:
         sub,
         "status",
         _runs,
-        help="on the SuperLink's host: runs' state from their out-dirs (checkpoints, status)",
         description="Lists the runs whose out-dirs are under --runs-dir on this host (the "
         "SuperLink's): state (running, finished, failed, interrupted), rounds "
         "done, last checkpoint and out-dir. With --run, shows one run and exits "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -11,13 +13,23 @@ Subparsers = Any  # argparse's _SubParsersAction, which argparse does not export
 
 
 def add_command(
-    sub: Subparsers, name: str, handler: Handler, help: str, description: str | None = None
+    sub: Subparsers, name: str, handler: Handler, description: str = ""
 ) -> argparse.ArgumentParser:
-    """Register ``fedhead NAME`` to run ``handler``. Its ``--help`` shows ``help`` in the
-    command list and, above the options, ``description`` or else the handler's docstring,
-    so what a command does is written once, beside the code that does it."""
+    """Register ``fedhead NAME`` to run ``handler``. What a command does is written once,
+    in the handler's docstring beside the code that does it: its first paragraph is the
+    line in the command list, and the whole of it as written, then ``description`` (for
+    text with values filled in), is what ``--help`` shows above the options."""
+    doc = inspect.cleandoc(handler.__doc__ or "")
+    if not doc:
+        raise ValueError(f"fedhead {name}: its handler {handler.__name__} has no docstring")
+    summary = " ".join(doc.split("\n\n")[0].split())
+    if description:
+        doc = f"{doc}\n\n{textwrap.fill(description, width=88)}"
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=description or handler.__doc__
+        name,
+        help=summary,
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(handler=handler)
     return parser

