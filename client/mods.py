@@ -27,7 +27,13 @@ from flwr.app import Array, Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    FitIns,
+    FitRes,
+    bytes_to_ndarray,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -138,15 +144,24 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
-def delta_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Replace the trained tensors in a FitRes by their change from the global tensors."""
-    global_arrays = parameters_to_ndarrays(
-        compat.recorddict_to_fitins(msg.content, keep_input=True).parameters
-    )
+def _trained(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> tuple[FitIns, Message, FitRes | None]:
+    """A train message's FitIns, the reply of the handlers below and, unless that reply
+    is an error, the FitRes in it."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     reply = call_next(msg, context)
     if reply.has_error():
+        return fitins, reply, None
+    return fitins, reply, compat.recorddict_to_fitres(reply.content, keep_input=True)
+
+
+def delta_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Replace the trained tensors in a FitRes by their change from the global tensors."""
+    fitins, reply, fitres = _trained(msg, context, call_next)
+    if fitres is None:
         return reply
-    fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+    global_arrays = parameters_to_ndarrays(fitins.parameters)
     trained = parameters_to_ndarrays(fitres.parameters)
     if len(trained) != len(global_arrays):
         raise FederationError("local training returned another number of tensors than it got")
@@ -156,43 +171,48 @@ def delta_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Check this site's own update before it is masked or sent; refuse a bad one.
-
-    Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
-    SecAgg+'s clipping range (they would be silently clipped) all stop the send.
-    """
-    settings = FitSettings.from_mapping(
-        compat.recorddict_to_fitins(msg.content, keep_input=True).config
-    )
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
-    arrays = parameters_to_ndarrays(fitres.parameters)
+def _refusal(arrays: list[np.ndarray], settings: FitSettings) -> tuple[str, str, str] | None:
+    """Why an update must not be sent: (reason label, the line, what to do); None if not."""
     for i, arr in enumerate(arrays):
         if not np.all(np.isfinite(arr)):
-            emit(SiteRefusedUpdate("non_finite"))
-            raise FederationError(
+            return (
+                "non_finite",
                 f"local training produced non-finite values in tensor {i}; not sending it",
                 "lower the learning rate",
             )
     norm = global_norm(arrays)
     if settings.max_update_norm and norm > settings.max_update_norm:
-        emit(SiteRefusedUpdate("norm"))
-        raise FederationError(
+        return (
+            "norm",
             f"this site's update has L2 norm {norm:.4g}, above the run's max-update-norm "
             f"{settings.max_update_norm:.4g}; not sending it",
             "lower the learning rate or raise max-update-norm",
         )
     largest = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
     if settings.clipping_range and largest > settings.clipping_range:
-        emit(SiteRefusedUpdate("clipping_range"))
-        raise FederationError(
+        return (
+            "clipping_range",
             f"an update value of {largest:.4g} lies outside the SecAgg+ clipping range "
             f"+-{settings.clipping_range:.4g} and would be clipped; not sending it",
             "lower the learning rate or raise secagg-clipping-range",
         )
+    return None
+
+
+def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Check this site's own update before it is masked or sent; refuse a bad one.
+
+    Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
+    SecAgg+'s clipping range (they would be silently clipped) all stop the send.
+    """
+    fitins, reply, fitres = _trained(msg, context, call_next)
+    if fitres is None:
+        return reply
+    settings = FitSettings.from_mapping(fitins.config)
+    if refusal := _refusal(parameters_to_ndarrays(fitres.parameters), settings):
+        reason, line, hint = refusal
+        emit(SiteRefusedUpdate(reason))
+        raise FederationError(line, hint)
     return reply
 
 
