@@ -28,7 +28,7 @@ from fedhead.common.heads import head_sha256
 from fedhead.common.outcome import HeadMetrics, SiteOutcome, head_metrics
 from fedhead.common.package import ModelPackage
 from fedhead.common.protocol import FitSettings, OutcomeRequest
-from fedhead.common.training import TrainParams, head_logits, round_seed, scheduled_lr, train_head
+from fedhead.common.training import TrainParams, head_logits, scheduled_lr, train_head
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,7 @@ def site_outcome(
 
     def train(arrays: list[np.ndarray], epochs: int, lr: float, rnd: int) -> list[np.ndarray]:
         site.trainable.set(model, arrays)
-        params = TrainParams(
-            epochs=epochs,
-            batch_size=settings.batch_size,
-            lr=lr,
-            optimizer=settings.optimizer,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            tuned_lr_scale=settings.unfreeze_lr_scale,
-            seed=round_seed(seed, rnd),
-        )
+        params = TrainParams.of_run(settings, epochs, lr, rnd)
         train_head(model, train_x, train_y, params, site.device, views=views)
         trained: list[np.ndarray] = site.trainable.get(model)
         return trained

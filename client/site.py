@@ -64,7 +64,6 @@ from fedhead.common.training import (
     TrainResult,
     evaluate_head,
     head_logits,
-    round_seed,
     train_head,
 )
 from fedhead.common.weights import (
@@ -360,16 +359,12 @@ class Site:
                 f"no usable training images at {self.data().source} ({stats.skipped} unreadable)",
                 "fix or replace the image files",
             )
-        params = TrainParams(
-            epochs=settings.local_epochs,
-            batch_size=settings.batch_size,
-            lr=settings.learning_rate,
-            optimizer=settings.optimizer,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            tuned_lr_scale=settings.unfreeze_lr_scale,
-            seed=round_seed(settings.seed, settings.server_round),
-            proximal_mu=settings.proximal_mu,
+        params = TrainParams.of_run(
+            settings,
+            settings.local_epochs,
+            settings.learning_rate,
+            settings.server_round,
+            settings.proximal_mu,
         )
         views = self.spec.augment_views > 0
         result = train_head(model, feats, labels, params, self.device, views=views)

@@ -8,7 +8,7 @@ field types and a plain dict; ``coerce`` checks one value against its field's ty
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 SCALAR_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
@@ -28,6 +28,18 @@ class FlatRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def drawing_on(cls, source: object, **values: Any) -> Self:
+        """One with ``values``, and every other field that ``source`` has an attribute of
+        the same name for taken from it: where two records speak of the same thing they
+        use one name, so the value is derived, not copied by hand."""
+        taken = {
+            f.name: getattr(source, f.name)
+            for f in cls.fields()
+            if f.name not in values and hasattr(source, f.name)
+        }
+        return cls(**taken, **values)
 
 
 def coerce(value: Any, typ: type) -> Any:

@@ -6,12 +6,16 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fedhead.common.device import Device
 from fedhead.common.model import FedHeadModel
+
+if TYPE_CHECKING:
+    from fedhead.common.protocol import FitSettings
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,24 @@ class TrainParams:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
+
+    @classmethod
+    def of_run(
+        cls, settings: FitSettings, epochs: int, lr: float, rnd: int, proximal_mu: float = 0.0
+    ) -> TrainParams:
+        """A run's optimiser settings for ``epochs`` of training in round ``rnd`` at
+        ``lr``, seeded as every site is for that round."""
+        return cls(
+            epochs=epochs,
+            batch_size=settings.batch_size,
+            lr=lr,
+            optimizer=settings.optimizer,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            tuned_lr_scale=settings.unfreeze_lr_scale,
+            seed=round_seed(settings.seed, rnd),
+            proximal_mu=proximal_mu,
+        )
 
 
 @dataclass(frozen=True)

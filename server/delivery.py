@@ -57,18 +57,11 @@ def describe_model(
     spec: RunSpec, run_id: int, rounds: int, names: list[str], arrays: Arrays
 ) -> ModelDescription:
     """The final head's description, from the run spec every site was prepared with."""
-    return ModelDescription(
+    return ModelDescription.drawing_on(
+        spec,
         run_id=run_id,
         rounds=rounds,
-        backbone=spec.backbone,
         backbone_sha256=spec.weights_sha256,
-        classes=spec.classes,
-        input_size=spec.input_size,
-        head=spec.head,
-        head_hidden=spec.head_hidden,
-        head_dropout=spec.head_dropout,
-        unfreeze_blocks=spec.unfreeze_blocks,
-        trainable_fingerprint=spec.trainable_fingerprint,
         head_sha256=head_sha256(names, arrays),
     )
 

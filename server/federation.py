@@ -219,14 +219,11 @@ def _federate(
 
     def ask_outcome(grid: Grid, nodes: list[int], all_nodes: list[int], head_sha256: str) -> None:
         """Each site that kept the final model: what the federation did for it."""
-        request = OutcomeRequest(
+        request = OutcomeRequest.drawing_on(
+            cfg,
             run_id=context.run_id,
             head_sha256=head_sha256,
             rounds=cfg.num_server_rounds,
-            lr_schedule=cfg.lr_schedule,
-            local_baseline=cfg.local_baseline,
-            personalize_epochs=cfg.personalize_epochs,
-            personalize_lr_scale=cfg.personalize_lr_scale,
             resamples=OUTCOME_RESAMPLES,
         )
         content = outcome_content(request, fit_settings(cfg, sm.trainable), start)

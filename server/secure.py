@@ -65,6 +65,12 @@ class SecAggParams:
     def report(self) -> dict[str, Any]:
         return asdict(self)
 
+    def workflow_args(self) -> dict[str, Any]:
+        """Flower's ``SecAggPlusWorkflow`` arguments: every field but ``expected_sites``."""
+        args = asdict(self)
+        del args["expected_sites"]
+        return args
+
 
 def _resolved_shares(num_shares: float | int, n: int) -> int:
     """The share count Flower will use for ``n`` sampled sites (its own rule)."""
@@ -167,15 +173,7 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
     def __init__(
         self, params: SecAggParams, strategy: FedHeadStrategy, on_stage: StageHook | None = None
     ) -> None:
-        super().__init__(
-            num_shares=params.num_shares,
-            reconstruction_threshold=params.reconstruction_threshold,
-            max_weight=params.max_weight,
-            clipping_range=params.clipping_range,
-            quantization_range=params.quantization_range,
-            modulus_range=params.modulus_range,
-            timeout=params.timeout,
-        )
+        super().__init__(**params.workflow_args())
         self.strategy = strategy
         self.on_stage = on_stage
 

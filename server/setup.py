@@ -55,7 +55,9 @@ def build_server_model(cfg: RunConfig) -> ServerModel:
 
 
 def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
-    return RunSpec(
+    """What every site is prepared with; fields named as run-config keys come from them."""
+    return RunSpec.drawing_on(
+        cfg,
         protocol=PROTOCOL_VERSION,
         backbone=sm.spec.name,
         weights_file=weights_ref(sm.spec, cfg.backbone_sha256).filename,
@@ -63,35 +65,17 @@ def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
         custom_weights=bool(cfg.backbone_weights),
         classes=",".join(cfg.class_names()),
         input_size=cfg.resolved_input_size(),
-        head=cfg.head,
-        head_hidden=cfg.head_hidden,
-        head_dropout=cfg.head_dropout,
-        unfreeze_blocks=cfg.unfreeze_blocks,
-        augment_views=cfg.augment_views,
-        augment_flip=cfg.augment_flip,
         trainable_fingerprint=sm.trainable.fingerprint(),
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        simulation_data=cfg.simulation_data,
-        dirichlet_alpha=cfg.dirichlet_alpha,
     )
 
 
 def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
-    return FitSettings(
+    """A round's settings before the round and schedule are filled in; fields named as
+    run-config keys come from them."""
+    return FitSettings.drawing_on(
+        cfg,
         server_round=0,
-        local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        optimizer=cfg.optimizer,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        unfreeze_lr_scale=cfg.unfreeze_lr_scale,
-        seed=cfg.seed,
         trainable_fingerprint=trainable.fingerprint(),
-        max_update_norm=cfg.max_update_norm,
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         uniform_weight=cfg.dp_noise_multiplier > 0,
-        max_site_examples=cfg.max_site_examples,
-        proximal_mu=cfg.proximal_mu,
     )
