@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message
+from flwr.clientapp.typing import Mod
 from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
@@ -56,8 +57,11 @@ def _settings(tmp: Path, secure: bool, rounds: int, **overrides: object) -> dict
 
 
 def _attacked(
-    tmp: Path, app: Any, secure: bool, rounds: int = 2, **overrides: object
+    tmp: Path, attack: Mod, secure: bool, rounds: int = 2, inner: bool = False, **overrides: object
 ) -> tuple[dict[str, Any], LoopbackGrid]:
+    """A run of three sites, ATTACKER's app carrying ``attack`` around all its handlers
+    (with ``inner``: inside its train handler, below the update checks)."""
+    app = adv.malicious_app(inner=[attack]) if inner else adv.malicious_app(outer=[attack])
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)), {ATTACKER: app})
     return run(grid, tmp, **_settings(tmp, secure, rounds, **overrides)), grid
 
@@ -100,7 +104,7 @@ def test_an_empty_train_reply_is_that_sites_failure(
     offline_world: Path, caplog: pytest.LogCaptureFixture, secure: bool
 ) -> None:
     tmp = offline_world
-    report, _ = _attacked(tmp, adv.malicious_app(outer=[adv.empty_reply("train")]), secure)
+    report, _ = _attacked(tmp, adv.empty_reply("train"), secure)
     for r in report["rounds"]:
         assert r["aggregated"] and r["sites_replied"] == 2 and r["sites_failed"] == 1, r
         assert r["rejected_sites"] == {str(ATTACKER): "malformed"}
@@ -113,8 +117,7 @@ def test_a_malformed_prepare_reply_leaves_the_site_out(
     offline_world: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.empty_reply("query.prepare")])
-    report, grid = _attacked(tmp, app, secure=False, rounds=1)
+    report, grid = _attacked(tmp, adv.empty_reply("query.prepare"), secure=False, rounds=1)
     assert report["setup"]["sites_failed"] == {str(ATTACKER): "malformed prepare reply"}
     assert report["clients"] == 2
     assert not [
@@ -131,8 +134,7 @@ def test_a_malformed_evaluate_reply_is_left_out_of_the_federated_metrics(
     offline_world: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.empty_reply("evaluate")])
-    report, grid = _attacked(tmp, app, secure=False, rounds=1)
+    report, grid = _attacked(tmp, adv.empty_reply("evaluate"), secure=False, rounds=1)
     honest_val = _val_examples(grid, exclude=ATTACKER)
     for r in report["rounds"]:
         assert r["aggregated"] and r["eval_examples"] == honest_val
@@ -166,8 +168,7 @@ def test_a_malformed_masked_vector_is_dropped_and_its_masks_removed(
     offline_world: Path, caplog: pytest.LogCaptureFixture, change: Any
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.masked_vector(change)])
-    report, _ = _attacked(tmp, app, secure=True, rounds=1)
+    report, _ = _attacked(tmp, adv.masked_vector(change), secure=True, rounds=1)
     (r,) = report["rounds"]
     # the honest sites' masks cancel only if the attacker's were removed as for a dropout
     assert r["aggregated"] and r["rejected_sites"] == {str(ATTACKER): "malformed"}
@@ -184,8 +185,7 @@ def test_a_site_claiming_more_examples_than_it_has_is_left_out(
 ) -> None:
     tmp = offline_world
     # inner: under SecAgg+ the inflated count is also the weight the site masks
-    app = adv.malicious_app(inner=[adv.fit_claims(10**9)])
-    report, _ = _attacked(tmp, app, secure)
+    report, _ = _attacked(tmp, adv.fit_claims(10**9), secure, inner=True)
     for r in report["rounds"]:
         assert r["aggregated"] and r["rejected_sites"] == {str(ATTACKER): "weight"}, r
         assert r["sites_failed"] == 1
@@ -197,8 +197,9 @@ def test_an_inflated_prepare_count_is_capped(
     offline_world: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.prepare_claims(10**9)])
-    report, _ = _attacked(tmp, app, secure=True, **{"max-site-examples": 1000})
+    report, _ = _attacked(
+        tmp, adv.prepare_claims(10**9), secure=True, **{"max-site-examples": 1000}
+    )
     # SecAgg+'s weight scale follows the capped counts, not the claim
     assert report["secure_aggregation_params"]["max_weight"] == 1000.0
     assert all(r["aggregated"] and not r["rejected_sites"] for r in report["rounds"])
@@ -212,9 +213,8 @@ def _refused_masked_vector(
 ) -> dict[str, Any]:
     """Run with the attacker's masked vector changed by ``tamper``: no round can aggregate.
     Returns the report written before the run failed."""
-    app = adv.malicious_app(outer=[adv.masked_vector(tamper)])
     with pytest.raises(FederationError, match="no round produced"):
-        _attacked(tmp, app, secure=True)
+        _attacked(tmp, adv.masked_vector(tamper), secure=True)
     return _report_after_failure(tmp)
 
 
@@ -255,8 +255,7 @@ def test_a_site_reporting_perfect_accuracy_cannot_dominate(
     offline_world: Path, caplog: pytest.LogCaptureFixture, claimed: int | None
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.evaluation_claims(1.0, claimed)])
-    report, grid = _attacked(tmp, app, secure=False, rounds=1)
+    report, grid = _attacked(tmp, adv.evaluation_claims(1.0, claimed), secure=False, rounds=1)
     (r,) = report["rounds"]
     honest_val = _val_examples(grid, exclude=ATTACKER)
     evals = _evaluations(grid.replies)
@@ -280,8 +279,7 @@ def test_a_bad_evaluation_in_a_train_reply_leaves_out_that_evaluation_only(
     """Round 1's head is evaluated in round 2's train messages: the attacker's claim of
     accuracy 1.5 there is refused; its training in round 2 still counts."""
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.evaluation_in_fit_claims(1.5)])
-    report, grid = _attacked(tmp, app, secure=secure, rounds=2)
+    report, grid = _attacked(tmp, adv.evaluation_in_fit_claims(1.5), secure=secure, rounds=2)
     first, second = report["rounds"]
     honest_val = _val_examples(grid, exclude=ATTACKER)
     assert first["eval_examples"] == honest_val and 0 <= first["eval_accuracy"] <= 1
@@ -297,8 +295,9 @@ def test_an_evaluation_nobody_asked_for_is_refused(
     """One site in three is asked to evaluate in each round's train messages; the
     attacker adds a perfect evaluation to its train replies when it is not the one."""
     tmp = offline_world
-    app = adv.malicious_app(outer=[adv.unasked_evaluation(1.0, 5)])
-    report, grid = _attacked(tmp, app, secure=False, rounds=3, **{"fraction-evaluate": 0.1})
+    report, grid = _attacked(
+        tmp, adv.unasked_evaluation(1.0, 5), secure=False, rounds=3, **{"fraction-evaluate": 0.1}
+    )
     asked = {
         int(m.metadata.group_id): m.metadata.dst_node_id
         for m in grid.sent
