@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,10 +15,18 @@ from fedhead.common import demo_data
 from fedhead.common.backbones import get_spec
 from fedhead.common.errors import WeightsError
 from fedhead.common.model import weights_ref
+from fedhead.common.protocol import FitSettings
 from fedhead.common.simulation import write_site_npz
 from fedhead.common.weights import default_search_dirs, find_weights
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def round_settings(**changes: object) -> FitSettings:
+    """Round settings a site accepts, with ``changes``: round 1, one epoch of SGD in
+    batches of 8 at rate 0.1, trainable set "fp", no norm bound, no SecAgg+, no DP."""
+    honest = FitSettings(1, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, "fp", 0.0, 0.0, False, 1000)
+    return dataclasses.replace(honest, **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)

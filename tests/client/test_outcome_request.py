@@ -8,7 +8,8 @@ import pytest
 
 from fedhead.client.outcome import check_request
 from fedhead.common.errors import RunSpecError
-from fedhead.common.protocol import FitSettings, OutcomeRequest
+from fedhead.common.protocol import OutcomeRequest
+from tests.conftest import round_settings
 
 REQUEST = OutcomeRequest(
     run_id=7,
@@ -20,22 +21,7 @@ REQUEST = OutcomeRequest(
     personalize_lr_scale=0.1,
     resamples=1000,
 )
-SETTINGS = FitSettings(
-    server_round=0,
-    local_epochs=5,
-    batch_size=64,
-    learning_rate=0.01,
-    optimizer="sgd",
-    momentum=0.9,
-    weight_decay=0.0,
-    unfreeze_lr_scale=0.1,
-    seed=0,
-    trainable_fingerprint="x",
-    max_update_norm=30.0,
-    clipping_range=0.0,
-    uniform_weight=False,
-    max_site_examples=100_000,
-)
+SETTINGS = round_settings(local_epochs=5, batch_size=64, learning_rate=0.01)
 
 
 def test_an_honest_request_passes() -> None:

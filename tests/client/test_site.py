@@ -15,8 +15,9 @@ from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
 from fedhead.common.model import FedHeadModel
-from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK, FitSettings
+from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK
 from fedhead.server.federation import build_server_model, fit_settings, run_spec
+from tests.conftest import round_settings
 from tests.loopback import RUN_ID, set_task_identity
 
 
@@ -110,9 +111,7 @@ def _train_msg(
     arrays: list[np.ndarray], max_norm: float = 0.0, clipping_range: float = 0.0
 ) -> Message:
     set_task_identity()
-    settings = FitSettings(
-        1, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, "fp", max_norm, clipping_range, False, 1000
-    )
+    settings = round_settings(max_update_norm=max_norm, clipping_range=clipping_range)
     fitins = FitIns(ndarrays_to_parameters(arrays), settings.to_config())
     content = compat.fitins_to_recorddict(fitins, True)
     return Message(content=content, dst_node_id=5, message_type="train", group_id="1")

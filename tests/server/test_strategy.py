@@ -14,13 +14,11 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from fedhead.common.model import TensorSpec, TrainableSet
-from fedhead.common.protocol import FitSettings
 from fedhead.server.strategy import FedHeadStrategy
+from tests.conftest import round_settings
 
 TS = TrainableSet((TensorSpec("head.w", (2, 2), "float32"), TensorSpec("head.b", (2,), "float32")))
-SETTINGS = FitSettings(
-    0, 1, 8, 0.1, "sgd", 0.9, 0.0, 0.1, 0, TS.fingerprint(), 0.0, 0.0, False, 1000
-)
+SETTINGS = round_settings(server_round=0, trainable_fingerprint=TS.fingerprint())
 
 
 class Proxy(ClientProxy):
