@@ -136,16 +136,10 @@ def test_site_events_become_metrics() -> None:
     m.apply(telemetry.SiteMessage("train", True, 3.0))
     m.apply(telemetry.SiteMessage("evaluate", False, 1.0))
     m.apply(telemetry.SiteTrained(0.4, 900))
-    m.apply(
-        telemetry.SiteFeatures(
-            images=1000,
-            extracted=400,
-            extract_seconds=2.0,
-            cache_hits=600,
-            cache_misses=400,
-            skipped=3,
-        )
+    features = telemetry.SiteFeatures(
+        images=1000, extracted=400, extract_seconds=2.0, cache_hits=600, cache_misses=400, skipped=3
     )
+    m.apply(features)
     m.apply(telemetry.SiteDevice("cuda", "cuda (H100)", 123456))
     m.apply(telemetry.SiteRefusedUpdate("norm"))
     v = samples(registry)

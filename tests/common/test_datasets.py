@@ -57,19 +57,26 @@ def test_npz_with_class_names_maps_by_name(
     assert sorted(merged.tolist()) == sorted(labels.tolist())
 
 
+def _two_splits(
+    path: Path, images: np.ndarray, labels: np.ndarray, splits: tuple[str, str], at: int
+) -> Path:
+    """An .npz file with the first ``at`` images as split ``splits[0]``, the rest as
+    ``splits[1]`` (keys <split>_images and <split>_labels)."""
+    arrays = {}
+    for split, part in zip(splits, (slice(None, at), slice(at, None)), strict=True):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[part], labels[part]
+    np.savez(path, **arrays)
+    return path
+
+
 def test_npz_with_string_labels_and_explicit_val(
     tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, labels = xray_arrays
     names = np.array([CLASSES[x] for x in labels])
-    np.savez(
-        tmp_path / "s.npz",
-        train_images=images[:15],
-        train_labels=names[:15],
-        val_images=images[15:],
-        val_labels=names[15:],
+    data = load_site_data(
+        _two_splits(tmp_path / "s.npz", images, names, ("train", "val"), 15), CLASSES
     )
-    data = load_site_data(tmp_path / "s.npz", CLASSES)
     assert (len(data.train), len(data.val)) == (15, 5)
 
 
@@ -152,14 +159,8 @@ def test_server_test_set_prefers_the_test_split(
     tmp_path: Path, xray_arrays: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, labels = xray_arrays
-    np.savez(
-        tmp_path / "t.npz",
-        train_images=images[:5],
-        train_labels=labels[:5],
-        test_images=images[5:],
-        test_labels=labels[5:],
-    )
-    assert len(load_test_set(tmp_path / "t.npz", CLASSES)) == 15
+    npz = _two_splits(tmp_path / "t.npz", images, labels, ("train", "test"), 5)
+    assert len(load_test_set(npz, CLASSES)) == 15
 
 
 def test_server_test_set_from_folder_uses_everything(image_folder: Path) -> None:
