@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +231,7 @@ def default_workers(device: Device) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+@dataclass(eq=False)
 class FeatureExtractor:
     """Runs the frozen part of a ``FedHeadModel`` over image sources, through the cache.
 
@@ -239,30 +240,29 @@ class FeatureExtractor:
     the calling process with torch's intra-op threads on every core.
     """
 
-    def __init__(
-        self,
-        model: FedHeadModel,
-        preprocess: Preprocessor,
-        device: Device,
-        backbone_sha256: str,
-        cache: FeatureCache | None = None,
-        batch_size: int = 64,
-        progress: bool = False,
-        workers: int | None = None,
-        trunk: Callable[[], FedHeadModel] | None = None,
-    ) -> None:
-        self.model = model
-        self.preprocess = preprocess
-        self.device = device
-        self.cache = cache
-        self.batch_size = batch_size
-        self.progress = progress
-        self.workers = default_workers(device) if workers is None else workers
-        self.namespace = cache_namespace(backbone_sha256, preprocess, model.unfreeze_blocks)
-        self.channels_last = device.kind == "cuda"
-        self._trunk = trunk
-        if trunk is None:
-            self._place(model)
+    model: FedHeadModel
+    preprocess: Preprocessor
+    device: Device
+    backbone_sha256: InitVar[str]  # with the preprocessing, names the cache's namespace
+    cache: FeatureCache | None = None
+    batch_size: int = 64
+    progress: bool = False
+    workers: InitVar[int | None] = None  # DataLoader workers (None: default_workers)
+    # Builds the model that extracts at the first cache miss; ``model`` may then be the
+    # head alone, since cached features need no trunk.
+    trunk: Callable[[], FedHeadModel] | None = None
+    loader_workers: int = field(init=False)
+    namespace: str = field(init=False)
+    channels_last: bool = field(init=False)
+
+    def __post_init__(self, backbone_sha256: str, workers: int | None) -> None:
+        self.loader_workers = default_workers(self.device) if workers is None else workers
+        self.namespace = cache_namespace(
+            backbone_sha256, self.preprocess, self.model.unfreeze_blocks
+        )
+        self.channels_last = self.device.kind == "cuda"
+        if self.trunk is None:
+            self._place(self.model)
 
     def _place(self, model: FedHeadModel) -> None:
         model.frozen.to(self.device.torch_device)
@@ -273,9 +273,9 @@ class FeatureExtractor:
     def _trunk_model(self) -> FedHeadModel:
         """The model that extracts: ``model``, or ``trunk()`` built at the first cache miss
         (``model`` may then be the head alone: cached features need no trunk)."""
-        if self._trunk is not None:
-            self.model = self._trunk()
-            self._trunk = None
+        if self.trunk is not None:
+            self.model = self.trunk()
+            self.trunk = None
             self._place(self.model)
         return self.model
 
@@ -315,7 +315,7 @@ class FeatureExtractor:
         self, images: ImageSource, indices: list[int], stats: ExtractionStats
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """(positions in ``indices``, preprocessed batch) for every decodable image."""
-        if self.workers == 0:
+        if self.loader_workers == 0:
             for start in range(0, len(indices), self.batch_size):
                 positions, arrays = [], []
                 for j in range(start, min(start + self.batch_size, len(indices))):
@@ -330,7 +330,7 @@ class FeatureExtractor:
         loader = torch.utils.data.DataLoader(
             _Misses(images, indices, self.preprocess),
             batch_size=self.batch_size,
-            num_workers=self.workers,
+            num_workers=self.loader_workers,
             pin_memory=self.device.kind == "cuda",
             collate_fn=_collate,
             prefetch_factor=4,
