@@ -410,3 +410,27 @@ def test_node_gives_its_site_a_thread_count(tmp_path: Path) -> None:
         *("--allow-unsigned-apps", "--dry-run", "--threads", "0"),
     )
     assert result.returncode != 0 and "--threads" in result.stderr
+
+
+def test_a_command_is_described_once_by_its_handler_docstring() -> None:
+    import argparse
+
+    from fedhead.cli.main import build_parser
+    from fedhead.cli.types import add_command
+
+    def handler(args: argparse.Namespace) -> int:
+        """do the thing
+        in one line
+
+        How it is done."""
+        return 0
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = add_command(sub, "thing", handler, "Values: 3.")
+    assert sub._choices_actions[0].help == "do the thing in one line"
+    assert parser.description == "do the thing\nin one line\n\nHow it is done.\n\nValues: 3."
+    with pytest.raises(ValueError, match="no docstring"):
+        add_command(sub, "bare", lambda args: 0)
+    listed = build_parser().format_help()
+    for summary in ("run a complete federated job", "start this site's Flower SuperNode"):
+        assert summary in listed

@@ -6,6 +6,7 @@ import pytest
 
 from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import ConfigError
+from fedhead.common.protocol import FitSettings
 from tests.conftest import REPO
 
 
@@ -72,3 +73,15 @@ def test_pyproject_run_config_lists_every_key_with_runconfig_defaults() -> None:
         if key not in demo_overrides:
             assert value == defaults[key], key
     RunConfig.from_mapping(table)  # and the whole table is valid
+
+
+def test_a_record_drawn_on_the_config_takes_its_keys_of_the_same_name() -> None:
+    cfg = RunConfig.from_mapping({"classes": "a,b", "local-epochs": 3, "proximal-mu": 0.5})
+    given = {"trainable_fingerprint": "fp", "clipping_range": 0.0, "uniform_weight": False}
+    settings = FitSettings.drawing_on(cfg, server_round=2, **given)
+    assert (settings.local_epochs, settings.proximal_mu, settings.server_round) == (3, 0.5, 2)
+    assert not settings.evaluate  # a field the config has no key for keeps its default
+    overridden = FitSettings.drawing_on(cfg, server_round=2, local_epochs=7, **given)
+    assert overridden.local_epochs == 7  # what is given wins over the config
+    with pytest.raises(TypeError, match="trainable_fingerprint"):
+        FitSettings.drawing_on(cfg, server_round=2)  # what the config lacks must be given

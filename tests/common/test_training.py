@@ -15,9 +15,11 @@ from fedhead.common.training import (
     TrainParams,
     evaluate_head,
     proximal_term,
+    round_seed,
     scheduled_lr,
     train_head,
 )
+from tests.conftest import round_settings
 
 SPEC = get_spec("mobilenet_v2")
 CPU = select_device("cpu")
@@ -129,3 +131,11 @@ def test_train_params_refuse_a_bad_proximal_mu() -> None:
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="proximal_mu"):
             TrainParams(1, 16, 0.1, proximal_mu=bad)
+
+
+def test_a_rounds_training_follows_the_run_settings_and_its_round_seed() -> None:
+    settings = round_settings(batch_size=16, optimizer="adam", momentum=0.5, seed=3)
+    params = TrainParams.of_run(settings, 2, 0.05, 4, proximal_mu=0.1)
+    assert (params.epochs, params.batch_size, params.lr, params.proximal_mu) == (2, 16, 0.05, 0.1)
+    assert (params.optimizer, params.momentum, params.tuned_lr_scale) == ("adam", 0.5, 0.1)
+    assert params.seed == round_seed(3, 4) != round_seed(3, 5)
