@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -23,7 +22,14 @@ import pytest
 
 from tests.conftest import REPO
 from tests.deploy import podman as pm
-from tests.e2e.procs import check_audit, flwr, free_port, wait_for_port, write_flwr_connection
+from tests.e2e.procs import (
+    check_audit,
+    flwr,
+    free_port,
+    poll_until,
+    wait_for_port,
+    write_flwr_connection,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.containers]
 
@@ -67,16 +73,6 @@ def _prometheus(port: int, expr: str) -> list[dict[str, Any]]:
         body = json.loads(resp.read())
     assert body["status"] == "success", body
     return body["data"]["result"]  # type: ignore[no-any-return]
-
-
-def _wait(what: str, check: Any, timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(2)
-    raise TimeoutError(f"{what} after {timeout}s")
 
 
 def _nodes(flwr_home: Path) -> list[dict[str, Any]]:
@@ -127,9 +123,11 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
             app_id = json.loads((secrets / "signed-app" / "signature.json").read_text())["app_id"]
             write_flwr_connection(flwr_home, "stack", link, root_certificates=secrets / "ca.crt")
             # both sites registered (node authentication) and connected
-            _wait(
-                "two online sites",
+            poll_until(
                 lambda: sum(n.get("status") == "online" for n in _nodes(flwr_home)) == 2,
+                "two online sites",
+                timeout=180,
+                interval=2,
             )
             run = flwr(
                 flwr_home,
@@ -154,7 +152,7 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
                 trained = _prometheus(prom, "fedhead_site_train_examples_total > 0")
                 return len(up) == 3 and len(runs) == 1 and len(trained) == 2
 
-            _wait("Prometheus scraping the run's metrics", scraped, timeout=120)
+            poll_until(scraped, "Prometheus scraping the run's metrics", timeout=120, interval=2)
             trained_sites = {
                 r["metric"]["site"]
                 for r in _prometheus(prom, "fedhead_site_train_examples_total > 0")
@@ -181,9 +179,11 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
             stack.down()
             stack.up(STACK)
             wait_for_port(link, timeout=180)
-            _wait(
-                "the sites back online after down/up",
+            poll_until(
                 lambda: sum(n.get("status") == "online" for n in _nodes(flwr_home)) == 2,
+                "the sites back online after down/up",
+                timeout=180,
+                interval=2,
             )
             runs_after = flwr(flwr_home, "list", "stack", "--format", "json", timeout=60)
             nodes_after = {n["node-id"] for n in _nodes(flwr_home)}
