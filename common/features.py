@@ -231,7 +231,7 @@ def default_workers(device: Device) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class FeatureExtractor:
     """Runs the frozen part of a ``FedHeadModel`` over image sources, through the cache.
 

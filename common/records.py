@@ -30,14 +30,15 @@ class FlatRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def drawing_on(cls, source: object, **values: Any) -> Self:
-        """One with ``values``, and every other field that ``source`` has an attribute of
-        the same name for taken from it: where two records speak of the same thing they
-        use one name, so the value is derived, not copied by hand."""
+    def drawing_on(cls, source: Any, **values: Any) -> Self:
+        """One with ``values``, and every other field that the dataclass ``source`` has a
+        field of the same name for taken from it: where two records speak of the same
+        thing they use one name, so the value is derived, not copied by hand."""
+        theirs = {f.name for f in dataclasses.fields(source)}
         taken = {
             f.name: getattr(source, f.name)
             for f in cls.fields()
-            if f.name not in values and hasattr(source, f.name)
+            if f.name not in values and f.name in theirs
         }
         return cls(**taken, **values)
 
