@@ -1,12 +1,13 @@
 """One federated run, server side: from a RunConfig to a RunReport.
 
-Orchestration only: set up the model and the run spec (``setup``), build the strategy
-and the round plan (plain or SecAgg+ fit step, DP wrapper), run the round loop
-(``workflow``) with its observers (``recorder``, ``persistence``'s checkpoints, and
-any the caller adds), deliver the final model (``delivery``) and write the report.
-Before the rounds, sites get the earlier runs' models they missed and ask for. A
-run with ``resume-from`` continues from a checkpoint. Both the ServerApp and
-``fedhead demo`` call ``run_federation``.
+Orchestration only: set up the model, the run spec and the strategy (``setup``), plan
+the rounds once sites joined (``plans``: plain or SecAgg+ fit step, DP wrapper), run
+the round loop (``workflow``) with its observers (``recorder``, ``persistence``'s
+checkpoints, and any the caller adds), deliver the final model (``delivery``), ask the
+sites what it did for them (``outcome``) and write the report. Before the rounds,
+sites get the earlier runs' models they missed and ask for. A run with ``resume-from``
+continues from a checkpoint. Both the ServerApp and ``fedhead demo`` call
+``run_federation``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
-from fedhead.common.errors import FederationError
-from fedhead.common.model import count_params
 from fedhead.common.package import package_from_run
-from fedhead.common.protocol import OutcomeRequest, RunSpec
+from fedhead.common.protocol import OutcomeRequest
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
 from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
@@ -53,11 +51,11 @@ from fedhead.server.persistence import (
     model_identity,
     resumed_from,
 )
-from fedhead.server.recorder import RoundCallback, RunRecorder
+from fedhead.server.plans import plan_rounds
+from fedhead.server.recorder import RoundCallback, RunRecorder, new_report
 from fedhead.server.report import RunReport
-from fedhead.server.secure import DPFixedClipping, PrivacyLedger, TimedSecAggPlus, secagg_params
-from fedhead.server.setup import ServerModel, build_server_model, fit_settings, run_spec
-from fedhead.server.strategy import FedHeadStrategy
+from fedhead.server.secure import PrivacyLedger
+from fedhead.server.setup import build_server_model, build_strategy, fit_settings, run_spec
 from fedhead.server.workflow import FedHeadWorkflow, PlainStep, RoundPlan, RunObserver
 
 log = logging.getLogger(__name__)
@@ -140,23 +138,8 @@ def _federate(
             )
         initial = resume.arrays
     test_set = server_test_set(cfg, sm)
-    strategy = FedHeadStrategy(
-        trainable=sm.trainable,
-        initial=initial,
-        settings=fit_settings(cfg, sm.trainable),
-        num_rounds=cfg.num_server_rounds,
-        min_sites=cfg.min_sites,
-        lr_schedule=cfg.lr_schedule,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        secure=cfg.secure_aggregation,
-        max_update_norm=cfg.max_update_norm,
-        server_evaluate=test_set,
-        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
-        statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
-        evaluate_in_train_from=_evaluate_in_train_from(cfg, resume),
-    )
-    report = _new_report(context.run_id, cfg, sm, spec)
+    strategy = build_strategy(cfg, sm, initial, test_set, resume.round if resume else None)
+    report = new_report(context.run_id, cfg, sm, spec)
     report.server_optimizer = opt_settings.describe() if opt_settings else None
     if resume is not None:
         earlier = resume.results
@@ -291,7 +274,7 @@ def _federate(
         else "",
         path,
     )
-    _require_progress(strategy, cfg.num_server_rounds)
+    strategy.require_progress()
     checkpointer.run_finished(finals[0], path)
     return report
 
@@ -310,120 +293,3 @@ def _describe_strategy(cfg: RunConfig, settings: ServerOptimizerSettings | None)
 
 def _fmt_acc(v: float) -> str:
     return f"{v:.4f}" if math.isfinite(v) else "-"
-
-
-def _require_progress(strategy: FedHeadStrategy, num_rounds: int) -> None:
-    """A run in which no round produced a global head failed, whatever else it did."""
-    rounds = [strategy.stats(r) for r in range(1, num_rounds + 1)]
-    if not rounds or any(r.aggregated for r in rounds):
-        return
-    why = []
-    for r in rounds:
-        if r.secagg_halted:
-            why.append(f"round {r.round}: secure aggregation halted at {r.secagg_halted}")
-        elif r.rejected_sites:
-            who = ", ".join(f"node {n} ({reason})" for n, reason in r.rejected_sites.items())
-            why.append(f"round {r.round}: left out {who}")
-        else:
-            why.append(f"round {r.round}: {r.sites_replied} of {r.sites_selected} sites replied")
-    raise FederationError(
-        "no round produced a new global head (" + "; ".join(why) + ")",
-        "see the server log for the sites named; the report has every round's counts",
-    )
-
-
-def _new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> RunReport:
-    return RunReport(
-        run_id=run_id,
-        backbone={
-            "name": sm.spec.name,
-            "sha256": sm.sha256,
-            "weights_file": spec.weights_file,
-            "custom": spec.custom_weights,
-            "trunk_params": count_params(sm.model.frozen) + count_params(sm.model.tuned),
-            "head_params": sm.trainable.num_params,
-            "head_bytes": sm.trainable.nbytes,
-            "trainable_tensors": sm.trainable.names,
-        },
-        clients=0,
-        input_size=spec.input_size,
-        config=cfg.to_mapping(),
-    )
-
-
-def plan_rounds(
-    cfg: RunConfig, strategy: FedHeadStrategy, outcome: PrepareOutcome, report: RunReport
-) -> RoundPlan:
-    """Once sites joined: the fit step, the strategy it drives and the privacy ledger,
-    sized to them; the report notes the secure aggregation and DP settings."""
-    ready = len(outcome.ready)
-    sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
-    uniform = cfg.dp_noise_multiplier > 0
-    for node, reply in sorted(outcome.ready.items()):
-        if max(reply.train_examples, reply.val_examples) > cfg.max_site_examples:
-            log.warning(
-                "site %d declares %d training / %d validation examples; it counts as %d "
-                "(max-site-examples)",
-                node,
-                reply.train_examples,
-                reply.val_examples,
-                cfg.max_site_examples,
-            )
-    strategy.set_caps(
-        train={
-            n: 1 if uniform else min(r.train_examples, cfg.max_site_examples)
-            for n, r in outcome.ready.items()
-        },
-        val={n: min(r.val_examples, cfg.max_site_examples) for n, r in outcome.ready.items()},
-    )
-    legacy: Strategy = strategy
-    privacy: PrivacyLedger | None = None
-    if cfg.dp_noise_multiplier > 0:
-        legacy = DPFixedClipping(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, sampled)
-        privacy = PrivacyLedger(cfg.dp_noise_multiplier, cfg.dp_delta, ready, sampled)
-        report.differential_privacy = {
-            "noise_multiplier": cfg.dp_noise_multiplier,
-            "clipping_norm": cfg.dp_clipping_norm,
-            "delta": cfg.dp_delta,
-            "sites": ready,
-            "sampled_per_round": sampled,
-            "accounting": "RDP, no sampling amplification, add-or-remove-one site",
-        }
-        log.info(
-            "differential privacy on: clipping norm %g, noise multiplier %g, %d sites",
-            cfg.dp_clipping_norm,
-            cfg.dp_noise_multiplier,
-            sampled,
-        )
-    if not cfg.secure_aggregation:
-        log.warning(
-            "secure aggregation is OFF (secure-aggregation=false): the server sees every "
-            "site's head update"
-        )
-        return RoundPlan(PlainStep(cfg.round_timeout, strategy, train=True), legacy, privacy)
-    max_examples = max(strategy.train_caps.values())
-    params = secagg_params(cfg, sampled, max_examples)
-    report.secure_aggregation = "secagg+"
-    report.secure_aggregation_params = params.report()
-    log.info(
-        "secure aggregation: SecAgg+ over %d sites (shares %s, threshold %s, clipping +-%g)",
-        sampled,
-        params.num_shares,
-        params.reconstruction_threshold,
-        params.clipping_range,
-    )
-
-    def stage_done(rnd: int, stage: str, seconds: float) -> None:
-        strategy.stats(rnd).secagg_seconds[stage] = seconds
-
-    return RoundPlan(TimedSecAggPlus(params, strategy, stage_done), legacy, privacy)
-
-
-def _evaluate_in_train_from(cfg: RunConfig, resume: Checkpoint | None) -> int | None:
-    """The first round whose train messages also evaluate the head they carry (the
-    previous round's): when every site trains every round, a round's federated
-    evaluation needs no message of its own. A resumed run's first round does not: its
-    checkpoint holds that evaluation already."""
-    if cfg.fraction_train < 1.0:
-        return None  # sites that sit a round out are evaluated by an evaluate step
-    return 1 if resume is None else resume.round + 2

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 
 from fedhead.common.config import RunConfig
+from fedhead.common.model import count_params
+from fedhead.common.protocol import RunSpec
 from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import RoundStarted, RunPrepared, emit
 from fedhead.server.aggregation import Arrays
@@ -20,6 +22,26 @@ from fedhead.server.setup import ServerModel
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[RoundResult], None]
+
+
+def new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> RunReport:
+    """A run's report before any site joined: the backbone, the head and the config."""
+    return RunReport(
+        run_id=run_id,
+        backbone={
+            "name": sm.spec.name,
+            "sha256": sm.sha256,
+            "weights_file": spec.weights_file,
+            "custom": spec.custom_weights,
+            "trunk_params": count_params(sm.model.frozen) + count_params(sm.model.tuned),
+            "head_params": sm.trainable.num_params,
+            "head_bytes": sm.trainable.nbytes,
+            "trainable_tensors": sm.trainable.names,
+        },
+        clients=0,
+        input_size=spec.input_size,
+        config=cfg.to_mapping(),
+    )
 
 
 class RunRecorder:

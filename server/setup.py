@@ -2,7 +2,7 @@
 
 Resolves and verifies the backbone on the server, builds the model and the initial
 head (the same for the same seed), and derives the RunSpec sent to every site and the
-per-round FitSettings from the run configuration.
+per-round FitSettings from the run configuration, and the strategy that runs the rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from fedhead.common.errors import WeightsError
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
 from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
 from fedhead.common.weights import default_search_dirs, download, fedhead_cache_dir, find_weights
+from fedhead.server.aggregation import Arrays
+from fedhead.server.strategy import FedHeadStrategy, ServerEvaluate
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +81,40 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         uniform_weight=cfg.dp_noise_multiplier > 0,
     )
+
+
+def build_strategy(
+    cfg: RunConfig,
+    sm: ServerModel,
+    initial: Arrays,
+    server_evaluate: ServerEvaluate | None,
+    resumed_after: int | None,
+) -> FedHeadStrategy:
+    """The run's strategy, from ``initial`` (the first head, or a checkpoint's after
+    round ``resumed_after``)."""
+    return FedHeadStrategy(
+        trainable=sm.trainable,
+        initial=initial,
+        settings=fit_settings(cfg, sm.trainable),
+        num_rounds=cfg.num_server_rounds,
+        min_sites=cfg.min_sites,
+        lr_schedule=cfg.lr_schedule,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        secure=cfg.secure_aggregation,
+        max_update_norm=cfg.max_update_norm,
+        server_evaluate=server_evaluate,
+        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
+        statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
+        evaluate_in_train_from=evaluate_in_train_from(cfg, resumed_after),
+    )
+
+
+def evaluate_in_train_from(cfg: RunConfig, resumed_after: int | None) -> int | None:
+    """The first round whose train messages also evaluate the head they carry (the
+    previous round's): when every site trains every round, a round's federated
+    evaluation needs no message of its own. A resumed run's first round does not: its
+    checkpoint holds that evaluation already."""
+    if cfg.fraction_train < 1.0:
+        return None  # sites that sit a round out are evaluated by an evaluate step
+    return 1 if resumed_after is None else resumed_after + 2

@@ -33,6 +33,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
+from fedhead.common.errors import FederationError
 from fedhead.common.model import TrainableSet
 from fedhead.common.pooled import STAT_KEYS, EvalStatistics, pool
 from fedhead.common.protocol import FitSettings
@@ -153,6 +154,27 @@ class FedHeadStrategy(Strategy):
     def stats(self, server_round: int) -> RoundResult:
         """The round's result so far (created on first use)."""
         return self.rounds.setdefault(server_round, RoundResult(server_round))
+
+    def require_progress(self) -> None:
+        """A run in which no round produced a global head failed, whatever else it did."""
+        rounds = [self.stats(r) for r in range(1, self.num_rounds + 1)]
+        if not rounds or any(r.aggregated for r in rounds):
+            return
+        why = []
+        for r in rounds:
+            if r.secagg_halted:
+                why.append(f"round {r.round}: secure aggregation halted at {r.secagg_halted}")
+            elif r.rejected_sites:
+                who = ", ".join(f"node {n} ({reason})" for n, reason in r.rejected_sites.items())
+                why.append(f"round {r.round}: left out {who}")
+            else:
+                why.append(
+                    f"round {r.round}: {r.sites_replied} of {r.sites_selected} sites replied"
+                )
+        raise FederationError(
+            "no round produced a new global head (" + "; ".join(why) + ")",
+            "see the server log for the sites named; the report has every round's counts",
+        )
 
     def count_replies(
         self, server_round: int, results: FitResults, failures: FitFailures
