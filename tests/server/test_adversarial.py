@@ -142,13 +142,18 @@ def test_a_malformed_evaluate_reply_is_left_out_of_the_federated_metrics(
     assert _named(caplog, "evaluate", "malformed")
 
 
+def _declared_val(grid: LoopbackGrid) -> dict[int, int]:
+    """Each site's validation count, as it declared it when the run started."""
+    prepared = [r for r in grid.replies if r.metadata.message_type == "query.prepare"]
+    records = {
+        r.metadata.src_node_id: r.content.config_records["fedhead.prepare"] for r in prepared
+    }
+    return {node: int(record["val_examples"]) for node, record in records.items()}  # type: ignore[arg-type]
+
+
 def _val_examples(grid: LoopbackGrid, exclude: int) -> int:
     """The validation counts the honest sites declared when the run started."""
-    total = 0
-    for reply in grid.replies:
-        if reply.metadata.message_type == "query.prepare" and reply.metadata.src_node_id != exclude:
-            total += int(reply.content.config_records["fedhead.prepare"]["val_examples"])  # type: ignore[arg-type]
-    return total
+    return sum(n for node, n in _declared_val(grid).items() if node != exclude)
 
 
 def _reshape_first(parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -305,12 +310,14 @@ def test_an_evaluation_nobody_asked_for_is_refused(
         and compat.recorddict_to_fitins(m.content, keep_input=True).config["evaluate"]
     }
     assert sorted(asked) == [1, 2, 3]  # one site a round evaluates the head it trains from
+    declared = _declared_val(grid)
     for row in [report["initial_eval"], *report["rounds"][:2]]:
         if asked[row["round"] + 1] == ATTACKER:  # it was asked: its own evaluation counts
             assert row["rejected_sites"] == {}, row
         else:
             assert row["rejected_sites"] == {str(ATTACKER): "malformed"}, row
-            assert row["eval_accuracy"] < 1.0
+            # only the asked site's evaluation counts, not the attacker's claimed one
+            assert row["eval_examples"] == declared[asked[row["round"] + 1]], row
     if set(asked.values()) != {ATTACKER}:
         assert _named(caplog, "an evaluation not asked for")
 
