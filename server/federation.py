@@ -55,7 +55,7 @@ from fedhead.server.plans import plan_rounds
 from fedhead.server.recorder import RoundCallback, RunRecorder, new_report
 from fedhead.server.report import RunReport
 from fedhead.server.secure import PrivacyLedger
-from fedhead.server.setup import build_server_model, build_strategy, fit_settings, run_spec
+from fedhead.server.setup import build_server_model, build_strategy, run_spec
 from fedhead.server.workflow import FedHeadWorkflow, PlainStep, RoundPlan, RunObserver
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _federate(
             rounds=cfg.num_server_rounds,
             resamples=OUTCOME_RESAMPLES,
         )
-        content = outcome_content(request, fit_settings(cfg, sm.trainable), start)
+        content = outcome_content(request, strategy.settings, start)
         # the local-only head costs a site the whole run's training again
         timeout = cfg.round_timeout * (1 + (cfg.num_server_rounds if cfg.local_baseline else 1))
         name = prepared[0].name if prepared else (lambda n: f"node {n}")

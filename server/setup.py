@@ -102,9 +102,7 @@ def build_strategy(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         secure=cfg.secure_aggregation,
-        max_update_norm=cfg.max_update_norm,
         server_evaluate=server_evaluate,
-        clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
         evaluate_in_train_from=evaluate_in_train_from(cfg, resumed_after),
     )

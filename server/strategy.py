@@ -104,7 +104,11 @@ def _sample(cm: ClientManager, ready: set[int], fraction: float, minimum: int) -
 
 @dataclass(eq=False, repr=False)
 class FedHeadStrategy(Strategy):
-    """Sampling, checking and FedAvg of head deltas; federated and server evaluation."""
+    """Sampling, checking and FedAvg of head deltas; federated and server evaluation.
+
+    The bounds a site checks its own update against (``settings.max_update_norm``, and
+    under SecAgg+ ``settings.clipping_range``, outside which no honest mean lies) are
+    the ones the server checks updates and aggregates against."""
 
     trainable: TrainableSet
     initial: Arrays
@@ -115,9 +119,7 @@ class FedHeadStrategy(Strategy):
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     secure: bool = False
-    max_update_norm: float = 0.0
     server_evaluate: ServerEvaluate | None = None
-    clipping_range: float = 0.0  # SecAgg+: no honest mean lies outside it
     # > 0: sites send count tables of this many classes for pooled clinical metrics
     statistics_classes: int = 0
     # From this round on, a train message asks the site to evaluate the head it is sent
@@ -300,7 +302,7 @@ class FedHeadStrategy(Strategy):
         valid: list[tuple[int, Arrays]] = []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = check_update(arrays, self.trainable, self.max_update_norm)
+            problem = check_update(arrays, self.trainable, self.settings.max_update_norm)
             if problem is None and res.num_examples <= 0:
                 problem = ("no_examples", "the update reports no training examples")
             if problem is not None:
@@ -322,7 +324,7 @@ class FedHeadStrategy(Strategy):
             a.astype(spec.dtype) for a, spec in zip(raw, self.trainable.tensors, strict=False)
         ]
         if problem is None:
-            problem = check_update(aggregate, self.trainable, self.max_update_norm)
+            problem = check_update(aggregate, self.trainable, self.settings.max_update_norm)
         if problem is not None:
             self._reject(st, server_round, Rejection(0, problem[0], "aggregate: " + problem[1]))
             return None
@@ -331,13 +333,13 @@ class FedHeadStrategy(Strategy):
     def _secure_problem(self, server_round: int, raw: Arrays) -> tuple[str, str] | None:
         """What honest sites cannot have produced: a mean outside the clipping range
         (each site's values are clipped to it) or another total weight than reported."""
-        if self.clipping_range and raw and len(raw) == len(self.trainable.tensors):
+        if self.settings.clipping_range and raw and len(raw) == len(self.trainable.tensors):
             largest = max(float(np.abs(a).max()) for a in raw if a.size)
-            if not largest <= self.clipping_range * (1 + 1e-6):
+            if not largest <= self.settings.clipping_range * (1 + 1e-6):
                 return (
                     "range",
                     f"a mean value of {largest:.4g} lies outside the clipping range "
-                    f"+-{self.clipping_range:g} that every site's values are clipped to",
+                    f"+-{self.settings.clipping_range:g} that every site's values are clipped to",
                 )
         expected = self.secure_weights.pop(server_round, None)
         if expected is not None and not aggregate_has_weight(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.common import (
@@ -51,8 +53,9 @@ def fitres(delta: float, n: int, loss: float = 1.0) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"train-loss": loss})
 
 
-def strategy(**kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
-    return FedHeadStrategy(TS, zeros(), SETTINGS, num_rounds=4, min_sites=2, **kw)
+def strategy(max_update_norm: float = 0.0, **kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
+    settings = dataclasses.replace(SETTINGS, max_update_norm=max_update_norm)
+    return FedHeadStrategy(TS, zeros(), settings, num_rounds=4, min_sites=2, **kw)
 
 
 def manager(n: int) -> SimpleClientManager:
