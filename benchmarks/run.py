@@ -83,7 +83,7 @@ def _best_of(fn: Callable[[], float], repeats: int) -> float:
 # --- shared set-up ------------------------------------------------------------------
 def _mobilenet() -> Any:
     from fedhead.common.config import RunConfig
-    from fedhead.server.federation import build_server_model
+    from fedhead.server.server_model import build_server_model
 
     cfg = RunConfig.from_mapping({"classes": "normal,pneumonia"})
     return build_server_model(cfg)
@@ -178,7 +178,7 @@ def bench_bytes(res: Results) -> None:
 
     from fedhead.common.backbones import get_spec
     from fedhead.common.model import FedHeadModel, TrainableSet
-    from fedhead.server.workflow import message_bytes
+    from fedhead.server.grids import message_bytes
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
@@ -282,7 +282,7 @@ def simulate(overrides: dict[str, Any], sites: int) -> Any:
             num_supernodes=sites,
             backend_config=backend_config(),
         )
-    return box[0]
+    return box[-1]
 
 
 def _later_rounds_seconds(report: Any) -> float:

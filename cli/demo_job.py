@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,11 @@ from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
 from fedhead.common.model import FedHeadModel
 from fedhead.common.package import package_from_run
-from fedhead.common.rounds import RoundResult
 from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, round_seed, scheduled_lr, train_head
-from fedhead.server.evaluation import server_extractor
-from fedhead.server.persistence import has_checkpoints
-from fedhead.server.recorder import RoundCallback
+from fedhead.server.checkpoints import holds_checkpoints
+from fedhead.server.recorder import ReportCallback
 from fedhead.server.report import (
     TABLE_HEADER,
     RunReport,
@@ -44,7 +41,9 @@ from fedhead.server.report import (
     sites_table,
     table_row,
 )
-from fedhead.server.setup import build_server_model
+from fedhead.server.rundir import RunDir
+from fedhead.server.server_model import build_server_model
+from fedhead.server.testset import server_extractor
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def _check(opts: DemoOptions) -> None:
         problems.append(f"--alpha: must be > 0 (got {opts.alpha})")
     if opts.personalize_epochs < 0:
         problems.append(f"--personalize-epochs: must be >= 0 (got {opts.personalize_epochs})")
-    held = has_checkpoints(opts.out)
+    held = holds_checkpoints(RunDir(opts.out).checkpoints)
     if held and not opts.resume:
         problems.append(
             f"--out: {opts.out} holds checkpoints of an earlier demo; add --resume to "
@@ -225,21 +224,26 @@ def run_demo(opts: DemoOptions) -> RunReport:
     exporter = _start_exporter(opts.metrics_address)
     print("starting Flower's Simulation Engine (first round extracts trunk features) ...")
     print(TABLE_HEADER)
-    report_box: list[RunReport] = []
+    shown = 0  # rounds printed so far (a resumed demo: its earlier rounds come first)
+    latest: list[RunReport] = []
 
-    def on_round(rec: RoundResult) -> None:
-        print(table_row(rec), flush=True)
+    def on_report(report: RunReport) -> None:
+        nonlocal shown
+        for rec in report.rounds[shown:]:
+            print(table_row(rec), flush=True)
+        shown = len(report.rounds)
+        latest[:] = [report]
 
     try:
-        _simulate(cfg, opts, on_round, report_box.append)
+        _simulate(cfg, opts, on_report)
     finally:
         if exporter is not None:
             exporter.stop()
-    report = report_box[0]
+    report = latest[0]
     baseline = centralized_baseline(cfg, progress=False, shares=shares)
     report.centralized = baseline
     report.centralized_accuracy = baseline["accuracy"]
-    report.write(out)
+    RunDir(out).write_report(report.to_json())
     png = plot(report, out / "accuracy_loss.png")
     sites_png = plot_sites(report, out / "sites.png") if report.sites else None
     model_dir = _write_package(cfg, sm.model, report, shares, out / "model")
@@ -318,8 +322,7 @@ def _start_exporter(address: str) -> Exporter | None:
 def _simulate(
     cfg: RunConfig,
     opts: DemoOptions,
-    on_round: RoundCallback,
-    on_report: Callable[[RunReport], None],
+    on_report: ReportCallback,
 ) -> None:
     from flwr.simulation import run_simulation
 
@@ -328,7 +331,7 @@ def _simulate(
 
     gpus = 1.0 / opts.clients if torch.cuda.is_available() and opts.device != "cpu" else 0.0
     backend = backend_config(gpus, opts.verbose)
-    server_app = make_server_app(cfg, on_report=on_report, on_round=on_round, out_dir=opts.out)
+    server_app = make_server_app(cfg, out_dir=opts.out, on_report=on_report)
     try:
         run_simulation(
             server_app,

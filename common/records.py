@@ -31,15 +31,22 @@ class FlatRecord:
 
     @classmethod
     def drawing_on(cls, source: Any, **values: Any) -> Self:
-        """One with ``values``, and every other field that the dataclass ``source`` has a
-        field of the same name for taken from it: where two records speak of the same
-        thing they use one name, so the value is derived, not copied by hand."""
+        """One with ``values``, and every other field taken from the dataclass
+        ``source``'s field of the same name: where two records speak of the same thing
+        they use one name, so the value is derived, not copied by hand. A field that is
+        neither given nor in ``source`` is an error, never a silent default (a field
+        renamed on one side would otherwise quietly take its default)."""
         theirs = {f.name for f in dataclasses.fields(source)}
-        taken = {
-            f.name: getattr(source, f.name)
-            for f in cls.fields()
-            if f.name not in values and f.name in theirs
-        }
+        missing = [f.name for f in cls.fields() if f.name not in values and f.name not in theirs]
+        if missing:
+            raise TypeError(
+                f"{cls.__name__}.drawing_on({type(source).__name__}): no value for "
+                f"{', '.join(missing)}: give it, or name the source's field the same"
+            )
+        unknown = sorted(set(values) - {f.name for f in cls.fields()})
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)}")
+        taken = {f.name: getattr(source, f.name) for f in cls.fields() if f.name not in values}
         return cls(**taken, **values)
 
 

@@ -1,11 +1,11 @@
 """fedhead's Flower ServerApp: reads the run configuration and runs the federation
-(or, with ``deliver-from``, only delivers a finished run's model to sites that lack it)."""
+(``server.run``), or, with ``deliver-from``, only delivers a finished run's model to
+sites that lack it (``server.delivery``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flwr.app import Context
@@ -15,24 +15,21 @@ from fedhead.common.config import RunConfig
 from fedhead.common.errors import FedheadError
 from fedhead.common.logs import setup_logging
 from fedhead.server.delivery import deliver_only
-from fedhead.server.federation import run_federation
 from fedhead.server.grids import PromptGrid
-from fedhead.server.recorder import RoundCallback
-from fedhead.server.report import REPORT_LOG_PREFIX, RunReport
-from fedhead.server.workflow import RunObserver
+from fedhead.server.recorder import ReportCallback
+from fedhead.server.report import REPORT_LOG_PREFIX
+from fedhead.server.run import run_federation
 
 log = logging.getLogger(__name__)
 
 
 def make_server_app(
     config: RunConfig | None = None,
-    on_report: Callable[[RunReport], None] | None = None,
-    on_round: RoundCallback | None = None,
     out_dir: Path | None = None,
-    observers: Sequence[RunObserver] = (),
+    on_report: ReportCallback | None = None,
 ) -> ServerApp:
-    """A ServerApp for ``config`` (default: the run config Flower passes in); the other
-    arguments go to ``run_federation``."""
+    """A ServerApp for ``config`` (default: the run config Flower passes in), writing to
+    ``out_dir`` (default: the config's); ``on_report`` gets the report as the run goes."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -43,14 +40,12 @@ def make_server_app(
             if cfg.deliver_from:
                 deliver_only(grid, context, cfg)
                 return
-            report = run_federation(grid, context, cfg, on_round, out_dir, observers)
+            report = run_federation(grid, context, cfg, out_dir, on_report)
         except FedheadError as err:
             log.error("%s: %s", err.title, err)
             raise
         # The report travels to the operator in the run's log (`fedhead run` keeps it).
         log.info("%s%s", REPORT_LOG_PREFIX, json.dumps(report.to_json(), separators=(",", ":")))
-        if on_report:
-            on_report(report)
 
     return server_app
 

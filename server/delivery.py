@@ -11,20 +11,17 @@ server's.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError, FedheadError, PackageError
-from fedhead.common.files import append_line, read_json_object
 from fedhead.common.heads import head_sha256
 from fedhead.common.package import MODEL_CARD, MODEL_JSON, TENSORS_FILE, ModelPackage
 from fedhead.common.protocol import (
@@ -48,7 +45,8 @@ from fedhead.common.protocol import (
     parse_model_requests,
 )
 from fedhead.server.aggregation import Arrays
-from fedhead.server.persistence import ROUND_HEADS, STATUS_FILE
+from fedhead.server.exchange import exchange, to_each, wait_for_sites
+from fedhead.server.rundir import FINISHED, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,9 @@ def model_message_content(description: ModelDescription, package_dir: Path) -> R
 
 
 @dataclass
-class DeliveryOutcome:
+class Delivery:
+    """Which sites verified and kept a model, and why the others do not hold it."""
+
     head_sha256: str
     delivered_to: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
@@ -104,40 +104,34 @@ class ModelDelivery:
         nodes: list[int],
         description: ModelDescription,
         package_dir: Path,
-    ) -> DeliveryOutcome:
-        outcome = DeliveryOutcome(description.head_sha256)
+    ) -> Delivery:
+        delivery = Delivery(description.head_sha256)
         content = model_message_content(description, package_dir)
-        out = [
-            Message(content=content, dst_node_id=n, message_type=MSG_MODEL, group_id="model")
-            for n in nodes
-        ]
-        replies = list(grid.send_and_receive(out, timeout=self.timeout))
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                outcome.failed[node] = msg.error.reason or f"error code {msg.error.code}"
+        replies = exchange(grid, to_each(nodes, content), MSG_MODEL, "model", self.timeout)
+        for node, answer in replies.ok.items():
+            try:
+                receipt = ModelReceipt.from_mapping(answer.config_records[RECORD_MODEL_REPLY])
+            except (KeyError, FedheadError):
+                delivery.failed[node] = "its receipt is malformed"
                 continue
-            receipt = ModelReceipt.from_mapping(msg.content.config_records[RECORD_MODEL_REPLY])
             if receipt.head_sha256 != description.head_sha256:
-                outcome.failed[node] = f"kept a model with sha256 {receipt.head_sha256[:12]}…"
+                delivery.failed[node] = f"kept a model with sha256 {receipt.head_sha256[:12]}…"
                 continue
-            outcome.delivered_to.append(node)
-        for node in set(nodes) - {m.metadata.src_node_id for m in replies}:
-            outcome.failed[node] = f"no reply within {self.timeout:.0f}s"
-        for node, why in sorted(outcome.failed.items()):
+            delivery.delivered_to.append(node)
+        delivery.failed.update(replies.failed)
+        delivery.failed.update(replies.dropped)
+        for node, why in sorted(delivery.failed.items()):
             log.warning("site %d does not hold the final model: %s", node, why)
         log.info(
             "final model (sha256 %s) delivered to %d of %d site(s)",
             description.head_sha256,
-            len(outcome.delivered_to),
+            len(delivery.delivered_to),
             len(nodes),
         )
-        return outcome
+        return delivery
 
 
 # --- earlier runs' models, for sites that missed them ------------------------------------
-
-DELIVERIES_FILE = "deliveries.jsonl"  # in a run's out-dir: every later delivery of its model
 
 
 @dataclass(frozen=True)
@@ -145,61 +139,54 @@ class FinishedRun:
     """A finished run's model as its out-dir holds it, checked against the run's record."""
 
     run_id: int
-    out_dir: Path
+    run_dir: RunDir
     description: ModelDescription
     package_dir: Path
     trained_heads: frozenset[str]  # sha256 of the global heads its sites trained from
 
 
-def finished_run(out_dir: Path) -> FinishedRun:
-    """The model of the finished run in ``out_dir``, only if its package is the one the
+def finished_run(run_dir: RunDir) -> FinishedRun:
+    """The model of the finished run in ``run_dir``, only if its package is the one the
     run recorded (``status.json``'s sha256, the report's model description)."""
-    status, report = (
-        read_json_object(out_dir / STATUS_FILE),
-        read_json_object(out_dir / "report.json"),
-    )
-    if status.get("state") != "finished" or not status.get("model_sha256"):
+    state, report = run_dir.read_state(), run_dir.read_report()
+    if state is None or state.state != FINISHED or not state.model_sha256:
         raise PackageError(
-            f"{out_dir} holds no finished run with a model (state: {status.get('state', 'none')})",
+            f"{run_dir.path} holds no finished run with a model "
+            f"(state: {state.state if state else 'none'})",
             "give the out-dir of a run that finished (see `fedhead status`)",
         )
-    sha = str(status["model_sha256"])
+    sha = state.model_sha256
     model = report.get("model")
     if not isinstance(model, dict):
-        raise PackageError(f"{out_dir}/report.json describes no model", "the run did not finish")
+        raise PackageError(f"{run_dir.report_path} describes no model", "the run did not finish")
     description = ModelDescription.from_mapping(model)
-    package_dir = out_dir / "model"
-    pkg = ModelPackage.load(package_dir)
+    pkg = ModelPackage.load(run_dir.model_dir)
     names = pkg.architecture.trainable().names
     held = head_sha256(names, [pkg.tensors[n] for n in names])
     if not description.head_sha256 == held == sha:
         raise PackageError(
-            f"{package_dir} holds a model with sha256 {held[:12]}…, the run recorded {sha[:12]}…",
+            f"{run_dir.model_dir} holds a model with sha256 {held[:12]}…, the run recorded "
+            f"{sha[:12]}…",
             "it was altered since the run; nothing is delivered from it",
         )
-    heads = status.get(ROUND_HEADS)
-    rounds = {int(k): str(v) for k, v in heads.items()} if isinstance(heads, dict) else {}
+    rounds = {int(k): str(v) for k, v in state.round_heads.items()}
     trained = frozenset(v for r, v in rounds.items() if r < description.rounds)
-    return FinishedRun(description.run_id, out_dir, description, package_dir, trained)
+    return FinishedRun(description.run_id, run_dir, description, run_dir.model_dir, trained)
 
 
-def finished_runs(runs_dir: Path) -> dict[int, Path]:
-    """Run id -> out-dir of the finished runs under ``runs_dir`` (status.json only: cheap)."""
-    found: dict[int, Path] = {}
-    if not runs_dir.is_dir():
-        return found
-    for out in sorted(runs_dir.iterdir()):
-        status = read_json_object(out / STATUS_FILE) if out.is_dir() else {}
-        run_id = status.get("run_id")
-        if status.get("state") == "finished" and isinstance(run_id, int):
-            found[run_id] = out
+def finished_runs(beside: RunDir) -> dict[int, RunDir]:
+    """Run id -> run folder of the finished runs beside ``beside`` (status.json only)."""
+    found: dict[int, RunDir] = {}
+    for run_dir in beside.siblings():
+        state = run_dir.read_state()
+        if state is not None and state.state == FINISHED:
+            found[state.run_id] = run_dir
     return found
 
 
 def record_delivery(run: FinishedRun, entry: dict[str, object]) -> None:
     """Append one later delivery of ``run``'s model to its out-dir's deliveries.jsonl."""
-    line = {"time": round(time.time(), 3), "head_sha256": run.description.head_sha256, **entry}
-    append_line(run.out_dir / DELIVERIES_FILE, json.dumps(line, sort_keys=True), mode=0o644)
+    run.run_dir.record_delivery({"head_sha256": run.description.head_sha256, **entry})
 
 
 class EarlierModels:
@@ -211,12 +198,12 @@ class EarlierModels:
     run recorded and sends the package it wrote. Requests it cannot serve are logged.
     """
 
-    def __init__(self, runs_dir: Path, by_run: int, timeout: float) -> None:
-        self.runs_dir = runs_dir
+    def __init__(self, run_dir: RunDir, by_run: int, timeout: float) -> None:
+        self.run_dir = run_dir
         self.by_run = by_run
         self.timeout = timeout
 
-    def requests(self, replies: dict[int, PrepareReply]) -> dict[int, list[ModelRequest]]:
+    def requests(self, replies: Mapping[int, PrepareReply]) -> dict[int, list[ModelRequest]]:
         """Each site's valid requests (a malformed list is ignored, with a warning)."""
         wanted: dict[int, list[ModelRequest]] = {}
         for node, reply in sorted(replies.items()):
@@ -235,7 +222,7 @@ class EarlierModels:
         for node, requests in wanted.items():
             for r in requests:
                 by_run.setdefault(r.run_id, {})[node] = r.proof
-        known = finished_runs(self.runs_dir) if by_run else {}
+        known = finished_runs(self.run_dir) if by_run else {}
         summary: dict[str, object] = {}
         for run_id, proofs in sorted(by_run.items()):
             if run_id not in known:
@@ -244,7 +231,7 @@ class EarlierModels:
                     "runs in %s",
                     len(proofs),
                     run_id,
-                    self.runs_dir,
+                    self.run_dir.path.parent,
                 )
                 continue
             try:
@@ -273,12 +260,12 @@ def deliver_earlier(
             node,
             run.run_id,
         )
-    outcome = DeliveryOutcome(run.description.head_sha256)
+    delivery = Delivery(run.description.head_sha256)
     if entitled:
         log.info("sending run %d's model to %d site(s) that missed it", run.run_id, len(entitled))
-        outcome = ModelDelivery(timeout).deliver(grid, entitled, run.description, run.package_dir)
+        delivery = ModelDelivery(timeout).deliver(grid, entitled, run.description, run.package_dir)
     entry: dict[str, object] = {
-        **outcome.report(),
+        **delivery.report(),
         "by_run": by_run,
         "refused": refused,
         **{k: sorted(v) for k, v in (answers or {}).items()},
@@ -287,55 +274,29 @@ def deliver_earlier(
     return entry
 
 
-def _connected(grid: Grid, min_sites: int, join_timeout: float) -> list[int]:
-    """The connected nodes, once ``min_sites`` are there or ``join_timeout`` is up."""
-    deadline = time.monotonic() + join_timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_sites or time.monotonic() >= deadline:
-            break
-        time.sleep(0.5)
-    if not nodes:
-        raise FederationError(
-            f"no site connected within {join_timeout:.0f}s", "start the sites' nodes, then retry"
-        )
-    return nodes
-
-
 def _answers(
     grid: Grid, run: FinishedRun, nodes: list[int], timeout: float
 ) -> tuple[dict[int, str], dict[int, str]]:
     """Offer ``run``'s model to ``nodes``: the answer of those that do not want it (or
     why they gave none), and the proof of each that wants it."""
-    offer = ModelOffer(run.run_id, run.description.head_sha256).to_record()
-    out = [
-        Message(
-            RecordDict({RECORD_MODEL_OFFER: offer}),
-            dst_node_id=n,
-            message_type=MSG_MODELS,
-            group_id="models",
-        )
-        for n in nodes
-    ]
-    states: dict[int, str] = dict.fromkeys(nodes, "no-answer")
+    offer = RecordDict(
+        {RECORD_MODEL_OFFER: ModelOffer(run.run_id, run.description.head_sha256).to_record()}
+    )
+    replies = exchange(grid, to_each(nodes, offer), MSG_MODELS, "models", timeout)
+    states: dict[int, str] = dict.fromkeys(replies.dropped, "no-answer")
     proofs: dict[int, str] = {}
-    for msg in grid.send_and_receive(out, timeout=timeout):
-        node = msg.metadata.src_node_id
-        if node not in states:
-            continue
-        if msg.has_error():
-            states[node] = "error"
-            log.warning("node %d could not answer the offer: %s", node, msg.error.reason)
-            continue
+    for node, why in replies.failed.items():
+        states[node] = "error"
+        log.warning("node %d could not answer the offer: %s", node, why)
+    for node, content in replies.ok.items():
         try:
-            answer = ModelAnswer.from_mapping(msg.content.config_records[RECORD_MODEL_ANSWER])
+            answer = ModelAnswer.from_mapping(content.config_records[RECORD_MODEL_ANSWER])
         except (KeyError, FedheadError):
             answer = ModelAnswer("malformed", "")
         if answer.state not in MODEL_ANSWERS:
             states[node] = "malformed"
         elif answer.state == MODEL_WANTED:
             proofs[node] = answer.proof
-            del states[node]
         else:
             states[node] = answer.state
     return states, proofs
@@ -344,14 +305,19 @@ def _answers(
 def deliver_only(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, object]:
     """A delivery-only run (``deliver-from``): offer one finished run's model to the
     connected sites and send it to those that trained in that run and lack it."""
-    run = finished_run(Path(cfg.deliver_from).expanduser().absolute())
+    run = finished_run(RunDir(Path(cfg.deliver_from).expanduser()))
     log.info(
         "delivery only: run %d's model (sha256 %s) from %s",
         run.run_id,
         run.description.head_sha256,
-        run.out_dir,
+        run.run_dir.path,
     )
-    nodes = _connected(grid, cfg.min_sites, cfg.join_timeout)
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout)
+    if not nodes:
+        raise FederationError(
+            f"no site connected within {cfg.join_timeout:.0f}s",
+            "start the sites' nodes, then retry",
+        )
     states, proofs = _answers(grid, run, nodes, cfg.round_timeout)
     groups: dict[str, list[int]] = {"already_held": []}  # the sites that did not ask, by answer
     for node, state in states.items():

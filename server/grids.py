@@ -1,5 +1,5 @@
 """Grids around Flower's: one that passes everything on (the base of grids that watch the
-traffic) and one that collects replies promptly."""
+traffic), one that collects replies promptly and one that counts the bytes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
 
@@ -75,4 +76,51 @@ class PromptGrid(DelegatingGrid):
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.interval)
+        return replies
+
+
+def message_bytes(msg: Message) -> int:
+    """Serialized size of a message's whole object tree (what crosses the network)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
+class MeteredGrid(DelegatingGrid):
+    """A Grid that counts the bytes of every message sent to and received from sites."""
+
+    def __init__(self, inner: Grid) -> None:
+        super().__init__(inner)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._mark = (0, 0)
+
+    def take(self) -> tuple[int, int]:
+        """Bytes (sent, received) since the previous call."""
+        now = (self.bytes_sent, self.bytes_received)
+        since = (now[0] - self._mark[0], now[1] - self._mark[1])
+        self._mark = now
+        return since
+
+    def _count_out(self, messages: list[Message]) -> None:
+        self.bytes_sent += sum(message_bytes(m) for m in messages)
+
+    def _count_in(self, messages: list[Message]) -> None:
+        self.bytes_received += sum(message_bytes(m) for m in messages if m.has_content())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._count_out(messages)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        self._count_in(replies)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        self._count_out(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self._count_in(replies)
         return replies

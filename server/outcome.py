@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedhead.common.errors import FederationError
@@ -32,13 +32,16 @@ from fedhead.common.protocol import (
 )
 from fedhead.common.telemetry import SitesOutcome, emit
 from fedhead.server.aggregation import Arrays
+from fedhead.server.exchange import exchange, to_each
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class OutcomeResults:
-    sites: list[dict[str, Any]] = field(default_factory=list)  # report.json's ``sites``
+class SiteOutcomes:
+    """The sites' answers: report.json's ``sites`` and ``sites_failed``."""
+
+    sites: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # site label -> why
 
     @property
@@ -57,61 +60,48 @@ def outcome_content(request: OutcomeRequest, settings: FitSettings, initial: Arr
     )
 
 
-def read_outcome(msg: Message, max_examples: int) -> SiteOutcome:
+def read_outcome(content: RecordDict, max_examples: int) -> SiteOutcome:
     """A site's reply, validated (FederationError says what is wrong)."""
-    if msg.has_error():
-        raise FederationError(msg.error.reason or f"error code {msg.error.code}")
-    record = msg.content.config_records.get(RECORD_OUTCOME_REPLY)
+    record = content.config_records.get(RECORD_OUTCOME_REPLY)
     if record is None:
         raise FederationError("the reply holds no outcome")
     return SiteOutcome.from_mapping(record, max_examples)
 
 
-class OutcomeQuery:
-    def __init__(self, timeout: float, max_examples: Mapping[int, int]) -> None:
-        self.timeout = timeout
-        self.max_examples = max_examples  # node -> validation examples it declared (capped)
-
-    def ask(
-        self,
-        grid: Grid,
-        nodes: list[int],
-        content: RecordDict,
-        name: Callable[[int], str],
-    ) -> OutcomeResults:
-        results = OutcomeResults()
-        out = [
-            Message(content=content, dst_node_id=n, message_type=MSG_OUTCOME, group_id="outcome")
-            for n in nodes
-        ]
-        replies = list(grid.send_and_receive(out, timeout=self.timeout)) if out else []
-        answered = set()
-        for msg in sorted(replies, key=lambda m: name(m.metadata.src_node_id)):
-            node = msg.metadata.src_node_id
-            if node not in nodes or node in answered:
-                continue
-            answered.add(node)
-            try:
-                outcome = read_outcome(msg, max(1, self.max_examples.get(node, 0)))
-            except FederationError as err:
-                results.failed[name(node)] = err.what[:200]
-                continue
-            entry = outcome.to_report(name(node))
-            results.sites.append(entry)
-            if outcome.negative_transfer:
-                log.warning(
-                    "%s: negative transfer: federated accuracy %.4f is below local-only %.4f "
-                    "(difference %+.4f, 95%% interval [%+.4f, %+.4f])",
-                    name(node),
-                    outcome.federated.accuracy,
-                    outcome.local.accuracy if outcome.local else float("nan"),
-                    outcome.gain,
-                    outcome.gain_lo,
-                    outcome.gain_hi,
-                )
-        for node in sorted(set(nodes) - answered):
-            results.failed[name(node)] = f"no reply within {self.timeout:.0f}s"
-        for site, why in sorted(results.failed.items()):
-            log.warning("%s reported no outcome: %s", site, why)
-        emit(SitesOutcome(len(results.sites), len(results.negative_transfer), len(results.failed)))
-        return results
+def ask_outcomes(
+    grid: Grid,
+    nodes: list[int],
+    content: RecordDict,
+    timeout: float,
+    max_examples: Mapping[int, int],
+    name: Callable[[int], str],
+) -> SiteOutcomes:
+    """Ask ``nodes`` for their outcome; ``max_examples``: node -> the validation examples
+    it declared (capped), which its answer cannot exceed."""
+    outcomes = SiteOutcomes()
+    replies = exchange(grid, to_each(nodes, content), MSG_OUTCOME, "outcome", timeout)
+    for node, answer in sorted(replies.ok.items(), key=lambda item: name(item[0])):
+        try:
+            outcome = read_outcome(answer, max(1, max_examples.get(node, 0)))
+        except FederationError as err:
+            outcomes.failed[name(node)] = err.what[:200]
+            continue
+        entry = outcome.to_report(name(node))
+        outcomes.sites.append(entry)
+        if outcome.negative_transfer:
+            log.warning(
+                "%s: negative transfer: federated accuracy %.4f is below local-only %.4f "
+                "(difference %+.4f, 95%% interval [%+.4f, %+.4f])",
+                name(node),
+                outcome.federated.accuracy,
+                outcome.local.accuracy if outcome.local else float("nan"),
+                outcome.gain,
+                outcome.gain_lo,
+                outcome.gain_hi,
+            )
+    for node, why in [*replies.failed.items(), *replies.dropped.items()]:
+        outcomes.failed[name(node)] = why[:200]
+    for site, why in sorted(outcomes.failed.items()):
+        log.warning("%s reported no outcome: %s", site, why)
+    emit(SitesOutcome(len(outcomes.sites), len(outcomes.negative_transfer), len(outcomes.failed)))
+    return outcomes

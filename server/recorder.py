@@ -1,6 +1,8 @@
 """Records a run as it happens: the report, the log lines and the statistics events.
 
-A ``RunObserver`` of the round loop: it never changes what the loop does.
+The round loop calls it at each step of the run; it never changes what the run does.
+Whoever watches the run in the same process (``fedhead demo``) gets the report through
+one callback, called whenever a round completed and once the run finished.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 from fedhead.common.config import RunConfig
 from fedhead.common.model import count_params
@@ -15,13 +18,15 @@ from fedhead.common.protocol import RunSpec
 from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import RoundStarted, RunPrepared, emit
 from fedhead.server.aggregation import Arrays
-from fedhead.server.distribution import PrepareOutcome
+from fedhead.server.checkpoints import Checkpoint
+from fedhead.server.prepare import Roster
 from fedhead.server.report import TABLE_HEADER, RunReport, table_row
-from fedhead.server.setup import ServerModel
+from fedhead.server.resume import resumed_from
+from fedhead.server.server_model import ServerModel
 
 log = logging.getLogger(__name__)
 
-RoundCallback = Callable[[RoundResult], None]
+ReportCallback = Callable[[RunReport], None]
 
 
 def new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> RunReport:
@@ -44,47 +49,65 @@ def new_report(run_id: int, cfg: RunConfig, sm: ServerModel, spec: RunSpec) -> R
     )
 
 
-class RunRecorder:
-    """Fills the run's report round by round and emits the matching events."""
+class Recorder:
+    """Fills the run's report step by step and emits the matching events."""
 
     def __init__(
-        self, cfg: RunConfig, sm: ServerModel, report: RunReport, on_round: RoundCallback | None
+        self, report: RunReport, sm: ServerModel, on_report: ReportCallback | None = None
     ) -> None:
-        self.cfg = cfg
-        self.sm = sm
         self.report = report
-        self.on_round = on_round
+        self.sm = sm
+        self.on_report = on_report
 
-    def prepared(self, outcome: PrepareOutcome) -> None:
-        self.report.clients = len(outcome.ready)
+    def resumed(self, ckpt: Checkpoint) -> None:
+        """The run continues a checkpoint: the rounds before it are the report's too."""
+        earlier = ckpt.results
+        self.report.initial_eval = next((r for r in earlier if r.round == 0), None)
+        self.report.rounds = [r for r in earlier if r.round > 0]
+        self.report.resumed_from = resumed_from(ckpt)
+
+    def prepared(self, roster: Roster, bytes_to_sites: int, bytes_from_sites: int) -> None:
+        """The sites were prepared (the traffic: every message until then, both ways)."""
+        self.report.clients = len(roster.ready)
         self.report.setup = {
-            "sites_ready": sorted(outcome.ready),
-            "sites_failed": {str(k): v for k, v in outcome.failed.items()},
-            "backbone_sent_to": sorted(outcome.weights_sent_to),
-            "bytes_to_sites": outcome.bytes_to_sites,
-            "bytes_from_sites": outcome.bytes_from_sites,
-            "train_examples": outcome.train_examples,
+            "sites_ready": sorted(roster.ready),
+            "sites_failed": {str(k): v for k, v in roster.failed.items()},
+            "backbone_sent_to": sorted(roster.weights_sent_to),
+            "bytes_to_sites": bytes_to_sites,
+            "bytes_from_sites": bytes_from_sites,
+            "train_examples": roster.train_examples,
             # who took part, by the label each site chose (site-labels=true) or node id
             "sites": [
                 {
                     "node_id": node,
-                    "name": outcome.name(node),
+                    "name": roster.name(node),
                     "train_examples": reply.train_examples,
                     "val_examples": reply.val_examples,
                     "device": reply.device,
                 }
-                for node, reply in sorted(outcome.ready.items())
+                for node, reply in sorted(roster.ready.items())
             ],
         }
-        emit(RunPrepared(self.sm.sha256, len(outcome.ready), self.sm.trainable.num_params))
+        emit(RunPrepared(self.sm.sha256, len(roster.ready), self.sm.trainable.num_params))
+
+    def planned(
+        self,
+        secure_aggregation: dict[str, Any] | None,
+        differential_privacy: dict[str, Any] | None,
+        server_optimizer: dict[str, Any] | None,
+    ) -> None:
+        """How the rounds aggregate: SecAgg+'s parameters (None: plain), DP, optimizer."""
+        if secure_aggregation is not None:
+            self.report.secure_aggregation = "secagg+"
+            self.report.secure_aggregation_params = secure_aggregation
+        self.report.differential_privacy = differential_privacy
+        self.report.server_optimizer = server_optimizer
 
     def round_started(self, server_round: int) -> None:
         emit(RoundStarted(server_round))
 
-    def round_trained(self, result: RoundResult, arrays: Arrays) -> None:
-        pass  # the report records complete rounds only
-
-    def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+    def round_completed(self, result: RoundResult, arrays: Arrays) -> None:
+        """A round (0: the initial head's evaluation) is complete, its evaluation in."""
         self.report.final_arrays = [a.copy() for a in arrays]
         if result.round == 0:
             self.report.initial_eval = result
@@ -101,8 +124,8 @@ class RunRecorder:
         self.report.rounds.append(result)
         emit(result)
         log.info("%s", table_row(result))
-        if self.on_round:
-            self.on_round(result)
+        if self.on_report:
+            self.on_report(self.report)
 
     def finish(self, seconds: float) -> RunReport:
         """The report once the last round is done: final metrics and run time."""
@@ -117,3 +140,8 @@ class RunRecorder:
             report.final_server_eval_loss = tested[-1].server_eval_loss
         report.seconds = seconds
         return report
+
+    def finished(self) -> None:
+        """The run is done: whoever listens gets the final report."""
+        if self.on_report:
+            self.on_report(self.report)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -92,12 +91,6 @@ class RunReport:
             secure_aggregation=self.secure_aggregation,
             differential_privacy=self.differential_privacy,
         )
-
-    def write(self, out_dir: Path) -> Path:
-        path = out_dir / "report.json"
-        with atomic_writer(path) as f:
-            f.write((json.dumps(self.to_json(), indent=2) + "\n").encode())
-        return path
 
 
 # The ServerApp logs the finished report as one JSON line after this prefix, so the

@@ -95,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
     )
     # fedhead's defaults for this many sites: every site shares with every other,
-    # a majority reconstructs (fedhead.server.secure.secagg_params).
+    # a majority reconstructs (fedhead.server.secagg.secagg_params).
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,

@@ -116,7 +116,9 @@ def test_predict_on_an_npz_and_a_single_image(
     one = tmp_path / "one.csv"
     assert main(["predict", "--model", str(model_dir), "--data", str(png), "--out", str(one)]) == 0
     (row,) = _rows(one)
-    assert row["p_normal"] == rows[3]["p_normal"]
+    # equal up to the last printed digit: a batch of 20 and a batch of 1 may take
+    # different convolution paths, whose float32 sums can differ in the 7th digit
+    assert float(row["p_normal"]) == pytest.approx(float(rows[3]["p_normal"]), abs=2e-6)
 
 
 def test_predict_refuses_to_overwrite_and_to_read_nothing(

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from fedhead.common.errors import ConfigError, FederationError
-from fedhead.server.persistence import CheckpointStore, RunStatus
+from fedhead.server.checkpoints import CheckpointStore
+from fedhead.server.rundir import RunDir, RunState
 from tests.cli.test_cli import fedhead, one_line_error
 
 
@@ -23,8 +24,8 @@ def _run_dir(root: Path, run_id: int, rounds_done: int, **status: object) -> Pat
         results.append({"round": rnd, "eval_accuracy": 0.5})
         meta = {"run_id": run_id, "model": {}, "privacy": None, "results": results}
         store.save(rnd, ["w"], [np.zeros(3, np.float32)], meta)
-    fields = {"run_id": run_id, "num_rounds": 5, "out_dir": str(out), **status}
-    RunStatus(out / "status.json", **fields).update(rounds_done=rounds_done)
+    state = RunState(run_id, str(out), 5, rounds_done=rounds_done, **status)  # type: ignore[arg-type]
+    RunDir(out).begin(state)
     return out
 
 
@@ -39,9 +40,9 @@ def test_runs_lists_states_and_exits_non_zero_for_a_failed_run(tmp_path: Path) -
     root = tmp_path / "runs"
     _run_dir(root, 11, 5, state="finished")
     failed = _run_dir(root, 12, 2)
-    RunStatus(failed / "status.json", run_id=12, num_rounds=5, rounds_done=2).failed(
-        FederationError("only 1 of the 2 required site(s) connected", "start more")
-    )
+    run_dir = RunDir(failed)
+    run_dir.begin(RunState(12, str(failed), 5, rounds_done=2))
+    run_dir.failed(FederationError("only 1 of the 2 required site(s) connected", "start more"))
     _run_dir(root, 13, 3, pid=_dead_pid())  # said running, its process is gone
     _run_dir(root, 14, 1, pid=os.getpid())  # running (this process is alive)
     (root / "empty").mkdir()

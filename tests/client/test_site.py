@@ -16,7 +16,7 @@ from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
 from fedhead.common.model import FedHeadModel
 from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK
-from fedhead.server.setup import build_server_model, fit_settings, run_spec
+from fedhead.server.server_model import build_server_model, fit_settings, run_spec
 from tests.conftest import round_settings
 from tests.loopback import RUN_ID, set_task_identity
 

@@ -27,8 +27,8 @@ from fedhead.common.protocol import (
     WEIGHTS_MISSING,
     RunSpec,
 )
-from fedhead.server.distribution import BackboneDistributor
-from fedhead.server.federation import build_server_model, run_spec
+from fedhead.server.prepare import BackboneDistributor, SiteCaps
+from fedhead.server.server_model import build_server_model, run_spec
 from tests.conftest import write_png
 from tests.loopback import LoopbackGrid
 
@@ -168,8 +168,8 @@ def test_a_malicious_server_cannot_plant_a_file_outside_the_site_cache(
     grid = LoopbackGrid(client_app, node_configs)
     before = _files(tmp_path)
     with caplog.at_level(logging.ERROR):
-        outcome = BackboneDistributor(spec, planted, timeout=30).prepare(grid, [100, 101])
-    assert outcome.ready == {} and outcome.weights_sent_to == []
+        outcome = BackboneDistributor(spec, planted, 30, SiteCaps(1000)).prepare(grid, [100, 101])
+    assert outcome.ready == {} and outcome.weights_sent_to == ()
     assert set(outcome.failed) == {100, 101}
     for reason in outcome.failed.values():  # the server learns the kind of problem only
         assert reason == "RunSpecError: refused run description (details in the site's log)"
@@ -256,7 +256,7 @@ def test_a_site_refuses_a_proximal_mu_it_cannot_train_with(mu: float) -> None:
     from fedhead.common.errors import FederationError
     from fedhead.common.model import TensorSpec, TrainableSet
     from fedhead.common.protocol import FitSettings
-    from fedhead.server.setup import fit_settings
+    from fedhead.server.server_model import fit_settings
 
     cfg = RunConfig.from_mapping({"classes": "a,b", "input-size": 64})
     sent = fit_settings(cfg, TrainableSet((TensorSpec("head.w", (2, 2), "float32"),))).to_config()

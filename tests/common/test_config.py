@@ -77,11 +77,24 @@ def test_pyproject_run_config_lists_every_key_with_runconfig_defaults() -> None:
 
 def test_a_record_drawn_on_the_config_takes_its_keys_of_the_same_name() -> None:
     cfg = RunConfig.from_mapping({"classes": "a,b", "local-epochs": 3, "proximal-mu": 0.5})
-    given = {"trainable_fingerprint": "fp", "clipping_range": 0.0, "uniform_weight": False}
+    given = {
+        "trainable_fingerprint": "fp",
+        "clipping_range": 0.0,
+        "uniform_weight": False,
+        "evaluate": False,
+        "statistics": False,
+    }
     settings = FitSettings.drawing_on(cfg, server_round=2, **given)
     assert (settings.local_epochs, settings.proximal_mu, settings.server_round) == (3, 0.5, 2)
-    assert not settings.evaluate  # a field the config has no key for keeps its default
     overridden = FitSettings.drawing_on(cfg, server_round=2, local_epochs=7, **given)
     assert overridden.local_epochs == 7  # what is given wins over the config
+    # what the config lacks must be given, even a field with a default: a field renamed
+    # on one side must not quietly take its default
     with pytest.raises(TypeError, match="trainable_fingerprint"):
-        FitSettings.drawing_on(cfg, server_round=2)  # what the config lacks must be given
+        FitSettings.drawing_on(cfg, server_round=2)
+    with pytest.raises(TypeError, match="no value for evaluate"):
+        FitSettings.drawing_on(
+            cfg, server_round=2, **{k: v for k, v in given.items() if k != "evaluate"}
+        )
+    with pytest.raises(TypeError, match="has no field colour"):
+        FitSettings.drawing_on(cfg, server_round=2, colour="red", **given)

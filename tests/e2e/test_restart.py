@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhead.server.persistence import CheckpointStore
+from fedhead.server.checkpoints import CheckpointStore
 from tests.conftest import REPO
 from tests.e2e import procs as e2e
 

@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 
 from fedhead.common import demo_data
 from fedhead.common.config import RunConfig
-from fedhead.server.federation import run_federation
+from fedhead.server.run import run_federation
 from tests.conftest import write_share_npz
 from tests.loopback import LoopbackGrid
 from tests.reports import ReportJson, read_report

@@ -208,7 +208,7 @@ def test_an_inflated_prepare_count_is_capped(
     # SecAgg+'s weight scale follows the capped counts, not the claim
     assert report["secure_aggregation_params"]["max_weight"] == 1000.0
     assert all(r["aggregated"] and not r["rejected_sites"] for r in report["rounds"])
-    assert any(f"site {ATTACKER} declares 1000000000" in r.getMessage() for r in caplog.records)
+    assert any(f"node {ATTACKER} declares 1000000000" in r.getMessage() for r in caplog.records)
     # the site still trains on its real data and counts at most 1000: a fair share here
     _assert_honest_accuracy(tmp, report, True, 2 * TOLERANCE)
 

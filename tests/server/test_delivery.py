@@ -16,8 +16,9 @@ from fedhead.client.models import SiteModels
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import PackageError
 from fedhead.common.protocol import MSG_MODEL, MSG_MODELS, ModelRequest
-from fedhead.server.delivery import DELIVERIES_FILE, ModelDelivery, deliver_only, finished_run
-from fedhead.server.federation import run_federation
+from fedhead.server.delivery import ModelDelivery, deliver_only, finished_run
+from fedhead.server.run import run_federation
+from fedhead.server.rundir import RunDir
 from tests.loopback import LoopbackGrid
 from tests.reports import read_report
 from tests.server.conftest import CLASSES, nodes, write_sites
@@ -113,7 +114,7 @@ def test_a_site_offline_at_the_end_gets_the_model_in_the_next_runs_prepare(
     ]
     assert listing["missing"] == []
     # the first run's out-dir records the later delivery
-    lines = (first_out / DELIVERIES_FILE).read_text().splitlines()
+    lines = (first_out / RunDir.DELIVERIES).read_text().splitlines()
     assert [json.loads(line)["delivered_to"] for line in lines] == [[101]]
     assert json.loads(lines[0])["by_run"] == SECOND
     # the second run delivered its own model to both, as usual
@@ -144,7 +145,7 @@ def test_a_delivery_only_run_sends_the_model_to_the_site_that_lacks_it(
     assert [m.metadata.dst_node_id for m in model_msgs] == [101]
     assert sha256(tmp / "node0" / "models" / str(FIRST) / "head.safetensors") == held_before
     # pushed anyway (a server that skips the checks), the outsider refuses to keep it
-    run = finished_run(first_out)
+    run = finished_run(RunDir(first_out))
     pushed = ModelDelivery(5.0).deliver(grid, [102], run.description, run.package_dir)
     assert "FederationError" in pushed.failed[102] and not (tmp / "node2" / "models").exists()
     assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MSG_MODELS} == {
@@ -186,9 +187,9 @@ def test_a_request_without_proof_gets_nothing_and_a_tampered_package_is_not_sent
     data[-1] ^= 1
     head.write_bytes(bytes(data))
     with pytest.raises(PackageError):
-        finished_run(first_out)
+        finished_run(RunDir(first_out))
     with pytest.raises(PackageError, match="no finished run"):
-        finished_run(tmp / "runs")
+        finished_run(RunDir(tmp / "runs"))
 
 
 def test_a_delivery_only_run_refuses_a_folder_without_a_finished_run(tmp_path: Path) -> None:

@@ -219,7 +219,8 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     from fedhead.common.images import ArrayImages
     from fedhead.common.inference import load_site_model, predict
     from fedhead.common.package import ModelPackage, package_from_run
-    from fedhead.server.federation import build_server_model, run_federation
+    from fedhead.server.run import run_federation
+    from fedhead.server.server_model import build_server_model
 
     tmp = offline_world
     sites = write_sites(tmp, 2)

@@ -14,8 +14,11 @@ from flwr.server.strategy import Strategy
 
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
-from fedhead.server.fedopt import ServerOptimizerStrategy
-from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
+from fedhead.server.optimizers import (
+    ServerOptimizer,
+    ServerOptimizerSettings,
+    ServerOptimizerStrategy,
+)
 
 DELTAS = [1.0, -0.5, 2.0]  # three rounds' aggregate deltas of a one-value head
 X0 = 0.25

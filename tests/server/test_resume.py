@@ -13,7 +13,7 @@ from flwr.app import Message
 
 from fedhead.client.app import app as client_app
 from fedhead.common.errors import ConfigError
-from fedhead.server.persistence import CheckpointStore
+from fedhead.server.checkpoints import CheckpointStore
 from tests.loopback import RUN_ID, LoopbackGrid
 from tests.server.conftest import nodes, run, write_sites
 

@@ -13,9 +13,9 @@ from flwr.common import parameters_to_ndarrays
 
 from fedhead.client.app import app as client_app
 from fedhead.common.errors import ConfigError
+from fedhead.server.checkpoints import CheckpointStore
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
-from fedhead.server.persistence import CheckpointStore
-from fedhead.server.secure import DPFixedClipping
+from fedhead.server.privacy import DPFixedClipping
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import nodes, run, write_sites
 from tests.server.test_resume import Crash
@@ -81,7 +81,7 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
 def _initial_head() -> list[np.ndarray]:
     """The run's initial head: the same for the same seed (built as the server does)."""
     from fedhead.common.config import RunConfig
-    from fedhead.server.setup import build_server_model
+    from fedhead.server.server_model import build_server_model
     from tests.server.conftest import CLASSES
 
     cfg = RunConfig.from_mapping({"classes": CLASSES, "input-size": 64})

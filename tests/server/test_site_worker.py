@@ -14,8 +14,8 @@ import pytest
 from fedhead.client.app import app as client_app
 from fedhead.client.worker import RemoteSite, WorkerService
 from fedhead.common.errors import DataError, FederationError
-from fedhead.server.persistence import CheckpointStore
-from fedhead.server.setup import build_server_model, fit_settings, run_spec
+from fedhead.server.checkpoints import CheckpointStore
+from fedhead.server.server_model import build_server_model, fit_settings, run_spec
 from tests.loopback import LoopbackGrid
 from tests.server.conftest import loopback_config, nodes, run, write_sites
 

@@ -1,9 +1,13 @@
+"""The strategy (sampling, round settings, FedAvg), the plain training step's checks and
+counts, the secure aggregate's checks, and the pooling of federated evaluations."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import pytest
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -12,12 +16,20 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from fedhead.common.model import TensorSpec, TrainableSet
+from fedhead.common.protocol import PrepareReply
+from fedhead.common.rounds import RoundResult
+from fedhead.server.federated_eval import EvaluationPlan, Pooling
+from fedhead.server.prepare import Roster
+from fedhead.server.rounds import PlainTraining, Rounds, RoundTraining
+from fedhead.server.secagg import aggregate_problem
 from fedhead.server.strategy import FedHeadStrategy
 from tests.conftest import round_settings
+from tests.loopback import LoopbackGrid
 
 TS = TrainableSet((TensorSpec("head.w", (2, 2), "float32"), TensorSpec("head.b", (2,), "float32")))
 SETTINGS = round_settings(server_round=0, trainable_fingerprint=TS.fingerprint())
@@ -44,6 +56,15 @@ class Proxy(ClientProxy):
         return int(self.cid)
 
 
+def roster(*ready: int, cap: int = 1000) -> Roster:
+    reply = PrepareReply("ok", "", cap, cap, "cpu", "", "")
+    return Roster(
+        ready=dict.fromkeys(ready, reply),
+        train_caps=dict.fromkeys(ready, cap),
+        val_caps=dict.fromkeys(ready, cap),
+    )
+
+
 def zeros() -> list[np.ndarray]:
     return [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]
 
@@ -53,9 +74,9 @@ def fitres(delta: float, n: int, loss: float = 1.0) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"train-loss": loss})
 
 
-def strategy(max_update_norm: float = 0.0, **kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
+def strategy(sites: Roster, max_update_norm: float = 0.0, **kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
     settings = dataclasses.replace(SETTINGS, max_update_norm=max_update_norm)
-    return FedHeadStrategy(TS, zeros(), settings, num_rounds=4, min_sites=2, **kw)
+    return FedHeadStrategy(sites, TS, zeros(), settings, num_rounds=4, min_sites=2, **kw)
 
 
 def manager(n: int) -> SimpleClientManager:
@@ -66,8 +87,7 @@ def manager(n: int) -> SimpleClientManager:
 
 
 def test_only_ready_sites_are_sampled_and_learning_rate_decays() -> None:
-    s = strategy()
-    s.ready = {1, 2}
+    s = strategy(roster(1, 2))
     cm = manager(3)
     chosen = s.configure_fit(1, ndarrays_to_parameters(zeros()), cm)
     assert sorted(p.node_id for p, _ in chosen) == [1, 2]
@@ -77,88 +97,99 @@ def test_only_ready_sites_are_sampled_and_learning_rate_decays() -> None:
 
 
 def test_too_few_ready_sites_skips_the_step_without_blocking() -> None:
-    s = strategy()
-    s.ready = {1}
+    s = strategy(roster(1))
     assert s.configure_fit(1, ndarrays_to_parameters(zeros()), manager(3)) == []
 
 
+def _plain_round(replies: dict[int, FitRes | Error], max_update_norm: float = 0.0) -> RoundTraining:
+    """One plain training round in which site n answers ``replies[n]``."""
+
+    def site(node: int):  # type: ignore[no-untyped-def]
+        def app(msg: Message, context: Context) -> Message:
+            answer = replies[node]
+            if isinstance(answer, Error):
+                return Message(answer, reply_to=msg)
+            return Message(compat.fitres_to_recorddict(answer, False), reply_to=msg)
+
+        return app
+
+    sites = roster(*replies)
+    configs: dict[int, dict[str, object]] = {n: {} for n in replies}
+    grid = LoopbackGrid(None, configs, {n: site(n) for n in replies})  # type: ignore[arg-type]
+    stack = strategy(sites, max_update_norm=max_update_norm)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    rounds = Rounds(grid, context, stack, num_rounds=4)
+    for node in replies:
+        rounds.context.client_manager.register(Proxy(str(node)))
+    pooling = Pooling(EvaluationPlan(), sites.name)
+    training = PlainTraining(sites, TS, max_update_norm, pooling, timeout=5.0)
+    return rounds.train(training, 1, zeros())
+
+
 def test_plain_aggregation_rejects_bad_updates_and_averages_the_rest() -> None:
-    s = strategy(max_update_norm=100.0)
     nan = fitres(0.0, 10)
     arrs = parameters_to_ndarrays(nan.parameters)
     arrs[0][0, 0] = np.inf
     nan.parameters = ndarrays_to_parameters(arrs)
-    results = [
-        (Proxy("1"), fitres(1.0, 10, loss=2.0)),
-        (Proxy("2"), fitres(3.0, 30, loss=1.0)),
-        (Proxy("3"), nan),
-        (Proxy("4"), fitres(1000.0, 10)),
-    ]
-    s.ready = {1, 2, 3, 4}
-    s.configure_fit(1, ndarrays_to_parameters(zeros()), manager(4))
-    params, _ = s.aggregate_fit(1, results, [])
-    assert params is not None
-    new = parameters_to_ndarrays(params)
-    assert np.allclose(new[0], 2.5)  # (1*10 + 3*30) / 40
-    st = s.stats(1)
-    assert st.updates_rejected == {"non_finite": 1, "norm": 1}
-    assert st.rejected_sites == {"3": "non_finite", "4": "norm"}
-    assert st.aggregated and st.sites_replied == 4
+    training = _plain_round(
+        {1: fitres(1.0, 10, loss=2.0), 2: fitres(3.0, 30, loss=1.0), 3: nan, 4: fitres(1000.0, 10)},
+        max_update_norm=100.0,
+    )
+    assert training.arrays is not None
+    assert np.allclose(training.arrays[0], 2.5)  # (1*10 + 3*30) / 40
+    result = RoundResult(1)
+    training.into(result)
+    assert result.updates_rejected == {"non_finite": 1, "norm": 1}
+    assert result.rejected_sites == {"3": "non_finite", "4": "norm"}
+    assert result.aggregated and result.sites_replied == 4
 
 
 def test_too_few_valid_updates_leave_the_head_unchanged() -> None:
-    s = strategy()
-    params, _ = s.aggregate_fit(1, [(Proxy("1"), fitres(1.0, 10))], [RuntimeError("boom")])
-    assert params is None and not s.stats(1).aggregated and s.stats(1).sites_failed == 1
-    assert s.stats(1).sites_dropped == 0
-
-
-def test_secure_mode_uses_the_shared_aggregate_and_checks_it() -> None:
-    s = strategy(secure=True, max_update_norm=10.0)
-    s.ready = {1, 2}
-    one = [np.ones((2, 2), np.float32), np.ones(2, np.float32)]
-    for rnd in (1, 2):
-        s.configure_fit(rnd, ndarrays_to_parameters(one), manager(2))
-    agg = fitres(0.5, 10)
-    results = [(Proxy("1"), agg), (Proxy("2"), agg)]  # SecAgg+ hands every result the sum
-    params, _ = s.aggregate_fit(1, results, [])
-    assert params is not None and np.allclose(parameters_to_ndarrays(params)[0], 1.5)
-    big = fitres(100.0, 10)
-    params, _ = s.aggregate_fit(2, [(Proxy("1"), big), (Proxy("2"), big)], [])
-    assert params is None and s.stats(2).updates_rejected == {"norm": 1}
-
-
-def test_evaluation_is_example_weighted() -> None:
-    s = strategy()
-    res = [
-        (Proxy("1"), EvaluateRes(Status(Code.OK, ""), 1.0, 10, {"accuracy": 0.5})),
-        (Proxy("2"), EvaluateRes(Status(Code.OK, ""), 0.0, 30, {"accuracy": 1.0})),
-    ]
-    loss, metrics = s.aggregate_evaluate(1, res, [])
-    assert loss == pytest.approx(0.25) and metrics["accuracy"] == pytest.approx(0.875)
-
-
-def test_server_side_evaluation_is_used_when_given() -> None:
-    seen = []
-    s = strategy(server_evaluate=lambda arrays: (seen.append(arrays) or 0.3, 0.9, {"auroc": 0.8}))
-    assert s.evaluate(1, ndarrays_to_parameters(zeros())) == (0.3, {"accuracy": 0.9, "auroc": 0.8})
-    assert s.stats(1).server_eval_metrics == {"auroc": 0.8}
-    assert strategy().evaluate(1, ndarrays_to_parameters(zeros())) is None
+    boom = Error(code=2, reason="ClientApp raised an exception")
+    training = _plain_round({1: fitres(1.0, 10), 2: boom})
+    result = RoundResult(1)
+    training.into(result)
+    assert training.arrays is None and not result.aggregated and result.sites_failed == 1
+    assert result.sites_dropped == 0
 
 
 def test_gone_sites_count_as_dropped_and_erroring_sites_as_failed() -> None:
-    from flwr.app import Error
-
-    s = strategy()
-    s.ready = {1, 2, 3, 4}
-    s.configure_fit(1, ndarrays_to_parameters(zeros()), manager(4))
+    training = RoundTraining(selected=4)
     failures = [
         Exception(Error(code=5, reason="node unavailable")),  # written by the SuperLink
         Exception(Error(code=2, reason="ClientApp raised an exception")),
     ]
-    s.aggregate_fit(1, [(Proxy("1"), fitres(0.1, 5)), (Proxy("2"), fitres(0.1, 5))], failures)
-    st = s.stats(1)
-    assert (st.sites_selected, st.sites_replied, st.sites_failed, st.sites_dropped) == (4, 2, 1, 1)
+    training.count(2, failures)
+    result = RoundResult(1)
+    training.into(result)
+    assert (result.sites_selected, result.sites_replied) == (4, 2)
+    assert (result.sites_failed, result.sites_dropped) == (1, 1)
+
+
+def test_secure_mode_uses_the_shared_aggregate_and_checks_it() -> None:
+    s = strategy(roster(1, 2), secure=True)
+    one = [np.ones((2, 2), np.float32), np.ones(2, np.float32)]
+    s.configure_fit(1, ndarrays_to_parameters(one), manager(2))
+    agg = fitres(0.5, 10)
+    results = [(Proxy("1"), agg), (Proxy("2"), agg)]  # SecAgg+ hands every result the sum
+    params, _ = s.aggregate_fit(1, results, [])
+    assert params is not None and np.allclose(parameters_to_ndarrays(params)[0], 1.5)
+    settings = dataclasses.replace(SETTINGS, max_update_norm=10.0)
+    big = parameters_to_ndarrays(fitres(100.0, 10).parameters)
+    assert aggregate_problem(big, TS, settings, None) == (
+        "norm",
+        "update norm 244.9 exceeds the bound 10",
+    )
+    assert aggregate_problem(parameters_to_ndarrays(agg.parameters), TS, settings, None) is None
+
+
+def test_evaluation_is_example_weighted() -> None:
+    res = [
+        (1, EvaluateRes(Status(Code.OK, ""), 1.0, 10, {"accuracy": 0.5})),
+        (2, EvaluateRes(Status(Code.OK, ""), 0.0, 30, {"accuracy": 1.0})),
+    ]
+    evaluation = Pooling(EvaluationPlan(), str).pool(1, res, [])
+    assert evaluation.loss == pytest.approx(0.25) and evaluation.accuracy == pytest.approx(0.875)
 
 
 def test_sites_count_tables_are_pooled_and_a_bad_one_is_left_out() -> None:
@@ -175,21 +206,17 @@ def test_sites_count_tables_are_pooled_and_a_bad_one_is_left_out() -> None:
 
     good, other, bad = reply(30), reply(50), reply(20)
     bad.metrics[KEY_CONFUSION] = [20, 0, 0, 5]  # counts 25 examples, claims 20
-    s = strategy(statistics_classes=2)
-    res = [(Proxy("1"), good), (Proxy("2"), other), (Proxy("3"), bad)]
-    _, metrics = s.aggregate_evaluate(1, res, [])
-    st = s.stats(1)
-    assert st.eval_examples == 100  # the bad site's loss and accuracy still count
-    assert st.eval_statistics_examples == 80 and st.eval_statistics_refused == 1
-    assert np.array(st.eval_confusion).sum() == 80
-    assert metrics["auroc"] == st.eval_metrics["auroc"] > 0.5
-    s.ready = {1, 2}
+    res = [(1, good), (2, other), (3, bad)]
+    evaluation = Pooling(EvaluationPlan(statistics_classes=2), str).pool(1, res, [])
+    assert evaluation.examples == 100  # the bad site's loss and accuracy still count
+    assert evaluation.statistics_examples == 80 and evaluation.statistics_refused == 1
+    assert np.array(evaluation.confusion).sum() == 80
+    assert evaluation.metrics["auroc"] > 0.5
+    s = strategy(roster(1, 2), evaluation=EvaluationPlan(statistics_classes=2))
     asks = s.configure_evaluate(1, ndarrays_to_parameters(zeros()), manager(2))
     assert [ins.config["statistics"] for _, ins in asks] == [True, True]
     # without statistics_classes the server asks for none and pools none
-    plain = strategy()
-    plain.ready = {1, 2}
+    plain = strategy(roster(1, 2))
     asks = plain.configure_evaluate(1, ndarrays_to_parameters(zeros()), manager(2))
     assert [ins.config["statistics"] for _, ins in asks] == [False, False]
-    plain.aggregate_evaluate(1, res, [])
-    assert plain.stats(1).eval_metrics == {}
+    assert Pooling(EvaluationPlan(), str).pool(1, res, []).metrics == {}

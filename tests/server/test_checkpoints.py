@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, pruning, loading, and refusing the wrong model."""
+"""Checkpoints: atomic writes, pruning, loading, resuming from them, and refusing the
+wrong model."""
 
 from __future__ import annotations
 
@@ -17,22 +18,19 @@ from safetensors.numpy import load_file, save_file
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import RoundResult
-from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
-from fedhead.server.persistence import (
+from fedhead.server.checkpoints import (
     OPTIMIZER_PREFIX,
     RNG_NUMPY,
     Checkpointer,
     CheckpointError,
     CheckpointStore,
-    RunStatus,
-    check_resume,
-    check_strategy,
-    config_changes,
-    config_fingerprint,
-    load_resume,
+    RoundState,
     read_checkpoint,
 )
-from fedhead.server.secure import PrivacyLedger
+from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
+from fedhead.server.privacy import PrivacyLedger
+from fedhead.server.resume import check_resume, config_changes, config_fingerprint, load_resume
+from fedhead.server.rundir import RunDir, RunState
 from tests.server.conftest import CLASSES
 
 NAMES = ["head.0.weight", "head.0.bias"]
@@ -92,7 +90,7 @@ _KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
 import numpy as np
-from fedhead.server.persistence import CheckpointStore
+from fedhead.server.checkpoints import CheckpointStore
 store = CheckpointStore(Path(sys.argv[1]), keep=5)
 names = ["w", "b"]
 meta = {{"run_id": 1, "model": {{}}, "privacy": None, "results": [{{"round": 1}}]}}
@@ -131,6 +129,14 @@ def test_a_process_killed_while_writing_leaves_a_valid_checkpoint(
     json.loads((folder / "index.json").read_text())  # the index is whole either way
 
 
+def _checkpointer(out: Path, cfg: RunConfig) -> Checkpointer:
+    """The checkpoints of a run 7 writing to ``out`` (its status.json begun)."""
+    run_dir = RunDir(out)
+    run_dir.begin(RunState(7, str(out), cfg.num_server_rounds))
+    meta = {"run_id": 7, "config": cfg.to_mapping(), "model": {}}
+    return Checkpointer(run_dir, 2, NAMES, meta)
+
+
 def _cfg(tmp: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_mapping(
         {"classes": CLASSES, "num-server-rounds": 3, "out-dir": str(tmp), **overrides}
@@ -140,18 +146,20 @@ def _cfg(tmp: Path, **overrides: object) -> RunConfig:
 def test_an_out_dir_with_checkpoints_is_not_reused_without_resume(tmp_path: Path) -> None:
     _save_rounds(CheckpointStore(tmp_path / "checkpoints"), [0.5, 0.6])
     with pytest.raises(ConfigError, match="resume-from="):
-        load_resume(_cfg(tmp_path), tmp_path)
-    assert load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path)}), tmp_path) is not None
+        load_resume(_cfg(tmp_path), RunDir(tmp_path))
+    here = RunDir(tmp_path)
+    assert load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path)}), here) is not None
     with pytest.raises(ConfigError, match="no checkpoints"):
-        load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path / "x")}), tmp_path / "new")
+        load_resume(
+            _cfg(tmp_path, **{"resume-from": str(tmp_path / "x")}), RunDir(tmp_path / "new")
+        )
     earlier = str(tmp_path / "checkpoints" / "round-0000.safetensors")
     with pytest.raises(ConfigError, match="after round 0, which resuming there would replace"):
-        load_resume(_cfg(tmp_path, **{"resume-from": earlier}), tmp_path)
-    assert load_resume(_cfg(tmp_path, **{"resume-from": earlier}), tmp_path / "new") is not None
+        load_resume(_cfg(tmp_path, **{"resume-from": earlier}), here)
+    new = RunDir(tmp_path / "new")
+    assert load_resume(_cfg(tmp_path, **{"resume-from": earlier}), new) is not None
     with pytest.raises(ConfigError, match="nothing is left to train"):
-        load_resume(
-            _cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1}), tmp_path
-        )
+        load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1}), here)
 
 
 def test_other_settings_than_the_checkpoints_are_named(tmp_path: Path) -> None:
@@ -169,22 +177,26 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path
     identity = {"backbone": "mobilenet_v2", "head": "linear", "input-size": 64}
     store.save(1, NAMES, _arrays(1), {**_meta([{"round": 1}]), "model": identity})
     ckpt = store.load()
-    check_resume(ckpt, identity, NAMES)
+    cfg = _cfg(tmp_path)
+    check_resume(ckpt, identity, NAMES, cfg)
     with pytest.raises(CheckpointError, match="head='linear' but this run has head='mlp'") as err:
-        check_resume(ckpt, {**identity, "head": "mlp"}, NAMES)
+        check_resume(ckpt, {**identity, "head": "mlp"}, NAMES, cfg)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="input-size=64 but this run has input-size=96"):
-        check_resume(ckpt, {**identity, "input-size": 96}, NAMES)
+        check_resume(ckpt, {**identity, "input-size": 96}, NAMES, cfg)
 
 
-def test_a_replayed_privacy_ledger_goes_on_from_the_same_epsilon() -> None:
-    whole = PrivacyLedger(1.0, 1e-5, sites=3, sampled=3)
+def test_a_replayed_privacy_ledger_goes_on_from_the_same_epsilon(tmp_path: Path) -> None:
+    whole = PrivacyLedger(1.0, 1.0, 1e-5, sites=3, sampled=3)
     eps = [whole.release() for _ in range(3)]
-    cut = PrivacyLedger(1.0, 1e-5, sites=3, sampled=3)
+    cut = PrivacyLedger(1.0, 1.0, 1e-5, sites=3, sampled=3)
     for _ in range(2):
         cut.release()
-    resumed = PrivacyLedger(1.0, 1e-5, sites=3, sampled=3)
-    assert resumed.replay(cut.released) == pytest.approx(eps[1])
+    saved = CheckpointStore(tmp_path)
+    saved.save(2, NAMES, _arrays(2), {**_meta([{"round": 2}]), "privacy": cut.checkpoint_state()})
+    resumed = PrivacyLedger(1.0, 1.0, 1e-5, sites=3, sampled=3)
+    resumed.resume(saved.load())
+    assert resumed.epsilon() == pytest.approx(eps[1])
     assert resumed.release() == pytest.approx(eps[2])
 
 
@@ -194,11 +206,9 @@ def test_server_optimizer_state_is_saved_as_tensors_and_checked_on_reading(
     cfg = _cfg(tmp_path, strategy="fedyogi")
     optimizer = ServerOptimizer(ServerOptimizerSettings("fedyogi", 0.01))
     optimizer.step([a * 0.1 for a in _arrays(1)])
-    store = CheckpointStore(tmp_path / "ckpt")
-    status = RunStatus(tmp_path / "status.json")
-    keeper = Checkpointer(store, status, 7, cfg, {}, NAMES, lambda: None, None, optimizer)
-    keeper.round_trained(RoundResult(1), _arrays(1))
-    ckpt = store.load()
+    keeper = _checkpointer(tmp_path, cfg)
+    keeper.round_trained(RoundResult(1), _arrays(1), RoundState(optimizer=optimizer))
+    ckpt = keeper.store.load()
     assert ckpt.meta["server_optimizer"]["steps"] == 1 and ckpt.strategy == "fedyogi"
     assert sorted(ckpt.optimizer) == sorted(
         f"{OPTIMIZER_PREFIX}{slot}/{n}" for slot in ("m", "v") for n in NAMES
@@ -207,9 +217,10 @@ def test_server_optimizer_state_is_saved_as_tensors_and_checked_on_reading(
     ckpt.restore_optimizer(resumed)
     for a, b in zip(resumed.v or [], optimizer.v or [], strict=True):
         np.testing.assert_array_equal(a, b)
-    check_strategy(ckpt, cfg)
+    identity = ckpt.meta["model"]
+    check_resume(ckpt, identity, NAMES, cfg)
     with pytest.raises(CheckpointError, match="strategy=fedyogi but this run has strategy=fedavg"):
-        check_strategy(ckpt, _cfg(tmp_path))
+        check_resume(ckpt, identity, NAMES, _cfg(tmp_path))
     with pytest.raises(CheckpointError, match="saved state is 'fedyogi'"):
         ckpt.restore_optimizer(ServerOptimizer(ServerOptimizerSettings("fedadam", 0.1)))
 
@@ -230,23 +241,23 @@ def test_a_round_is_saved_when_trained_and_completed_when_its_evaluation_comes(
     """The next round's training brings a round's evaluation: the head is saved before
     (a crash then loses no round), the evaluation is added to the same checkpoint after,
     with the random states of the moment the head was saved."""
-    store = CheckpointStore(tmp_path / "ckpt")
-    status = RunStatus(tmp_path / "status.json")
-    keeper = Checkpointer(store, status, 7, _cfg(tmp_path), {}, NAMES, lambda: None)
-    keeper.round_trained(RoundResult(0), _arrays(0))
-    keeper.round_finished(RoundResult(0, eval_accuracy=0.5), _arrays(0))
+    keeper = _checkpointer(tmp_path, _cfg(tmp_path))
+    store = keeper.store
+    keeper.round_trained(RoundResult(0), _arrays(0), RoundState())
+    keeper.round_completed(RoundResult(0, eval_accuracy=0.5))
     keeper.round_started(1)
-    keeper.round_trained(RoundResult(1), _arrays(1))
+    keeper.round_trained(RoundResult(1), _arrays(1), RoundState())
     saved = store.load()
+    status = tmp_path / "status.json"
     assert saved.round == 1 and math.isnan(saved.results[-1].eval_accuracy)
-    assert json.loads(status.path.read_text())["rounds_done"] == 1
+    assert json.loads(status.read_text())["rounds_done"] == 1
     keeper.round_started(2)
     np.random.random(5)  # the next round moves the random states on
-    keeper.round_finished(RoundResult(1, eval_accuracy=0.75), _arrays(1))
+    keeper.round_completed(RoundResult(1, eval_accuracy=0.75))
     done = store.load()
     assert [r.eval_accuracy for r in done.results] == [0.5, 0.75]
     np.testing.assert_array_equal(done.rng[RNG_NUMPY], saved.rng[RNG_NUMPY])
     assert done.meta["rng"] == saved.meta["rng"]
-    index = json.loads((tmp_path / "ckpt" / "index.json").read_text())
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
     assert index["best"]["round"] == 1 and index["best"]["value"] == 0.75
-    assert json.loads(status.path.read_text())["round_running"] == 2
+    assert json.loads(status.read_text())["round_running"] == 2

@@ -16,7 +16,7 @@ from fedhead.common.features import FeatureExtractor, open_cache
 from fedhead.common.images import DecodeLimits
 from fedhead.common.training import evaluate_head, head_logits
 from fedhead.common.weights import fedhead_cache_dir
-from fedhead.server.setup import ServerModel
+from fedhead.server.server_model import ServerModel
 
 log = logging.getLogger(__name__)
 

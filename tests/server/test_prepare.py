@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedhead.server.distribution import PrepareOutcome, site_label
+from fedhead.server.prepare import Roster, site_label
 
 
 def test_site_labels_are_checked_and_made_unique() -> None:
@@ -11,5 +11,5 @@ def test_site_labels_are_checked_and_made_unique() -> None:
     assert site_label(9, "", set()) == "node 9"
     for hostile in ("a\nfedhead-report-json: {}", "../etc", "x" * 33, "-lead"):
         assert site_label(10, hostile, set()) == "node 10"
-    outcome = PrepareOutcome(names={7: "hospital-a"})
-    assert outcome.name(7) == "hospital-a" and outcome.name(8) == "node 8"
+    roster = Roster(ready={}, names={7: "hospital-a"})
+    assert roster.name(7) == "hospital-a" and roster.name(8) == "node 8"

@@ -1,8 +1,8 @@
-"""A run's server-side setup: the verified backbone, the model, and what sites are told.
+"""The run's model on the server, and what sites are told about it.
 
 Resolves and verifies the backbone on the server, builds the model and the initial
-head (the same for the same seed), and derives the RunSpec sent to every site and the
-per-round FitSettings from the run configuration, and the strategy that runs the rounds.
+head (the same for the same seed), and derives from the run configuration the RunSpec
+every site is prepared with and the FitSettings each round's train messages carry.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from fedhead.common.errors import WeightsError
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
 from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
 from fedhead.common.weights import default_search_dirs, download, fedhead_cache_dir, find_weights
-from fedhead.server.aggregation import Arrays
-from fedhead.server.strategy import FedHeadStrategy, ServerEvaluate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerModel:
+    """The verified backbone (its spec, file and sha256), the model built on it, and the
+    set of tensors sites train."""
+
     spec: BackboneSpec
     weights_path: Path
     sha256: str
@@ -80,39 +81,6 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         trainable_fingerprint=trainable.fingerprint(),
         clipping_range=cfg.secagg_clipping_range if cfg.secure_aggregation else 0.0,
         uniform_weight=cfg.dp_noise_multiplier > 0,
+        evaluate=False,  # set per site and round by the strategy
+        statistics=False,
     )
-
-
-def build_strategy(
-    cfg: RunConfig,
-    sm: ServerModel,
-    initial: Arrays,
-    server_evaluate: ServerEvaluate | None,
-    resumed_after: int | None,
-) -> FedHeadStrategy:
-    """The run's strategy, from ``initial`` (the first head, or a checkpoint's after
-    round ``resumed_after``)."""
-    return FedHeadStrategy(
-        trainable=sm.trainable,
-        initial=initial,
-        settings=fit_settings(cfg, sm.trainable),
-        num_rounds=cfg.num_server_rounds,
-        min_sites=cfg.min_sites,
-        lr_schedule=cfg.lr_schedule,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        secure=cfg.secure_aggregation,
-        server_evaluate=server_evaluate,
-        statistics_classes=len(cfg.class_names()) if cfg.evaluation_statistics else 0,
-        evaluate_in_train_from=evaluate_in_train_from(cfg, resumed_after),
-    )
-
-
-def evaluate_in_train_from(cfg: RunConfig, resumed_after: int | None) -> int | None:
-    """The first round whose train messages also evaluate the head they carry (the
-    previous round's): when every site trains every round, a round's federated
-    evaluation needs no message of its own. A resumed run's first round does not: its
-    checkpoint holds that evaluation already."""
-    if cfg.fraction_train < 1.0:
-        return None  # sites that sit a round out are evaluated by an evaluate step
-    return 1 if resumed_after is None else resumed_after + 2

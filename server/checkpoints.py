@@ -1,33 +1,26 @@
-"""Checkpoints and run status: the one place a run's state touches the disk.
+"""Checkpoints: the format of one round's saved state, the folder that keeps them, and
+the ``Checkpointer`` the round loop calls after every round.
 
-``Checkpointer`` observes the round loop (it never changes what the loop does) and,
-after every round, writes ``<out-dir>/checkpoints/round-NNNN.safetensors``: the global
-head plus, in the file's metadata, everything a resumed run needs (round, run config
-and its fingerprint, the model's identity, the privacy ledger's released rounds,
-RNG state, the results so far, the server optimizer's settings and step count; its
-moments are tensors beside the head). Each write is atomic (temporary file, fsync,
-rename): a crash leaves the previous checkpoint intact. It keeps the newest
-``keep-checkpoints`` and the best (by federated evaluation accuracy) and writes
-``<out-dir>/status.json`` (running, finished or failed, with the reason) for
-``fedhead runs``.
-
-``load_resume`` is the other side: it finds the checkpoint a ``resume-from`` names,
-and refuses one whose model differs from the run's in anything that shapes it.
+A checkpoint is ``<out-dir>/checkpoints/round-NNNN.safetensors``: the global head plus,
+in the file's metadata, everything a resumed run needs (round, run config and its
+fingerprint, the model's identity, the privacy ledger's released rounds, RNG state,
+the results so far, the server optimizer's settings and step count; its moments are
+tensors beside the head). Each write is atomic (temporary file, fsync, rename): a crash
+leaves the previous checkpoint intact. The folder keeps the newest ``keep-checkpoints``
+and the best (by federated evaluation accuracy) and an ``index.json`` naming both.
+Whether and how a run continues from a checkpoint is ``server.resume``'s business.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
-import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +29,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError
 from fedhead.common.files import atomic_writer, json_safe
 from fedhead.common.heads import head_bytes, head_sha256
-from fedhead.common.protocol import ModelDescription
 from fedhead.common.rounds import RoundResult
 from fedhead.server.aggregation import Arrays
-from fedhead.server.distribution import PrepareOutcome
 from fedhead.server.optimizers import ServerOptimizer
-from fedhead.server.secure import PrivacyEvent, PrivacyLedger
+from fedhead.server.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +45,15 @@ HEAD_PREFIX = "head/"
 RNG_NUMPY, RNG_TORCH = "rng/numpy", "rng/torch"
 OPTIMIZER_PREFIX = "server_optimizer/"  # + "<slot>/<tensor name>": the moments, float64
 BEST_METRIC = "eval_accuracy"  # federated evaluation, example-weighted over sites
-CHECKPOINTS = "checkpoints"
-STATUS_FILE = "status.json"
-ROUND_HEADS = "round_heads"  # status.json and checkpoint metadata: round -> head sha256
+ROUND_HEADS = "round_heads"  # checkpoint metadata: round -> head sha256
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
 
-# Run-config keys that shape the model: a checkpoint only resumes a run that agrees on
-# all of them (and on the resolved backbone sha256, input size and trainable set).
-MODEL_KEYS = ("backbone", "classes", "head", "head-hidden", "unfreeze-blocks")
-# Keys that say where and how patiently a run works, not what it computes.
-OPERATIONAL_KEYS = frozenset(
-    {"out-dir", "resume-from", "keep-checkpoints", "join-timeout", "round-timeout", "device"}
-    | {"download-weights", "backbone-weights"}
-)
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (missing, damaged, or for another model)."""
 
-def config_fingerprint(cfg: RunConfig) -> str:
-    """sha256 of the settings that determine what a run computes."""
-    settings = {k: v for k, v in cfg.to_mapping().items() if k not in OPERATIONAL_KEYS}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def model_identity(
-    cfg: RunConfig, backbone_sha256: str, trainable_fingerprint: str
-) -> dict[str, Any]:
-    """What a checkpoint's head only fits: compared key by key on resume."""
-    mapping = cfg.to_mapping()
-    identity: dict[str, Any] = {k: mapping[k] for k in MODEL_KEYS}
-    identity["backbone-sha256"] = backbone_sha256
-    identity["input-size"] = cfg.resolved_input_size()
-    identity["trainable-set"] = trainable_fingerprint
-    return identity
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem], "resume")
 
 
 @dataclass(frozen=True)
@@ -103,11 +71,6 @@ class Checkpoint:
     @property
     def results(self) -> list[RoundResult]:
         return [_round_result(r) for r in self.meta["results"]]
-
-    @property
-    def privacy_events(self) -> list[PrivacyEvent]:
-        privacy = self.meta.get("privacy") or {}
-        return [(float(e[0]), int(e[1]), int(e[2])) for e in privacy.get("released", [])]
 
     @property
     def strategy(self) -> str:
@@ -171,13 +134,6 @@ def _rng_state() -> RngState:
     return meta, {RNG_NUMPY: np.asarray(keys), RNG_TORCH: torch.get_rng_state().numpy()}
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used (missing, damaged, or for another model)."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__([problem], "resume")
-
-
 class CheckpointStore:
     """The checkpoints of one run: ``round-NNNN.safetensors`` files and ``index.json``."""
 
@@ -196,6 +152,9 @@ class CheckpointStore:
             if m := _ROUND_FILE.match(path.name):
                 found[int(m.group(1))] = path
         return dict(sorted(found.items()))
+
+    def path_of(self, rnd: int) -> Path:
+        return self.folder / f"round-{rnd:04d}.safetensors"
 
     def save(
         self,
@@ -222,7 +181,7 @@ class CheckpointStore:
         tensors.update(rng_tensors)
         tensors.update(extra or {})
         blob = head_bytes(list(tensors), list(tensors.values()), {META_KEY: json.dumps(meta)})
-        path = self.folder / f"round-{rnd:04d}.safetensors"
+        path = self.path_of(rnd)
         with atomic_writer(path) as f:
             f.write(blob)
         best = self._best(meta["results"], rnd)
@@ -245,10 +204,10 @@ class CheckpointStore:
     def _write_index(self, last: int, best: int, results: list[dict[str, Any]]) -> None:
         by_round = {r["round"]: r for r in results}
         index = {
-            "last": {"round": last, "file": f"round-{last:04d}.safetensors"},
+            "last": {"round": last, "file": self.path_of(last).name},
             "best": {
                 "round": best,
-                "file": f"round-{best:04d}.safetensors",
+                "file": self.path_of(best).name,
                 "metric": BEST_METRIC,
                 "value": by_round.get(best, {}).get(BEST_METRIC),
             },
@@ -318,137 +277,38 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(int(meta["round"]), names, arrays, meta, path, rng, optimizer)
 
 
+def holds_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` (a checkpoints folder) holds any complete checkpoint."""
+    return bool(CheckpointStore(folder).rounds())
+
+
 def checkpoint_folder(path: Path) -> Path:
     """The checkpoints folder that ``path`` (an out-dir or the folder itself) names."""
-    if (path / CHECKPOINTS).is_dir():
-        return path / CHECKPOINTS
-    return path
-
-
-def has_checkpoints(out_dir: Path) -> bool:
-    return bool(CheckpointStore(out_dir / CHECKPOINTS).rounds())
-
-
-def load_resume(cfg: RunConfig, out_dir: Path) -> Checkpoint | None:
-    """The checkpoint this run continues from, or None for a fresh run.
-
-    A fresh run refuses an out-dir that already holds checkpoints: nothing is
-    overwritten silently.
-    """
-    if not cfg.resume_from:
-        if has_checkpoints(out_dir):
-            raise ConfigError(
-                [
-                    f"out-dir: {out_dir} already holds checkpoints of an earlier run; set "
-                    f"resume-from='{out_dir}' to continue it, or choose another out-dir"
-                ],
-                "run configuration",
-            )
-        return None
-    source = Path(cfg.resume_from).expanduser().absolute()
-    if source.is_file():
-        ckpt = read_checkpoint(source)
-    else:
-        folder = checkpoint_folder(source)
-        if not CheckpointStore(folder).rounds():
-            raise CheckpointError(f"resume-from: {source} holds no checkpoints")
-        ckpt = CheckpointStore(folder).load()
-    if checkpoint_folder(out_dir) != ckpt.path.parent and has_checkpoints(out_dir):
-        raise ConfigError(
-            [
-                f"out-dir: {out_dir} already holds checkpoints of another run; resume into "
-                f"the out-dir of the run in resume-from, or choose an empty out-dir"
-            ],
-            "run configuration",
-        )
-    held = CheckpointStore(checkpoint_folder(out_dir)).rounds()
-    if checkpoint_folder(out_dir) == ckpt.path.parent and max(held, default=0) > ckpt.round:
-        raise ConfigError(
-            [
-                f"resume-from: {out_dir} holds checkpoints after round {ckpt.round}, which "
-                "resuming there would replace; resume from the last one, or into another "
-                "out-dir"
-            ],
-            "run configuration",
-        )
-    if ckpt.round >= cfg.num_server_rounds:
-        raise CheckpointError(
-            f"resume-from: {ckpt.path.name} is round {ckpt.round} of a run of "
-            f"{cfg.num_server_rounds} rounds: nothing is left to train (raise "
-            "num-server-rounds to train on)"
-        )
-    return ckpt
-
-
-def check_resume(ckpt: Checkpoint, identity: Mapping[str, Any], names: list[str]) -> None:
-    """Refuse a checkpoint whose model differs from the run's, naming the first difference."""
-    saved = ckpt.meta["model"]
-    for key, value in identity.items():
-        if saved.get(key) != value:
-            raise CheckpointError(
-                f"resume-from: the checkpoint's model has {key}={saved.get(key)!r} but this "
-                f"run has {key}={value!r}; resume with the run's original settings"
-            )
-    if ckpt.names != names:
-        raise CheckpointError("resume-from: the checkpoint holds other tensors than this model")
-
-
-def check_strategy(ckpt: Checkpoint, cfg: RunConfig) -> None:
-    """Refuse to switch server optimizers mid-run: the saved state (or its absence) only
-    fits the strategy that wrote it."""
-    if ckpt.strategy != cfg.strategy:
-        raise CheckpointError(
-            f"resume-from: the checkpoint's rounds ran strategy={ckpt.strategy} but this run "
-            f"has strategy={cfg.strategy}; resume with strategy={ckpt.strategy}, or start a "
-            "new run"
-        )
-
-
-def config_changes(ckpt: Checkpoint, cfg: RunConfig) -> list[str]:
-    """Settings (beyond the model's) that differ from the checkpoint's run: allowed,
-    but the resumed run then computes something else than the original would have."""
-    if ckpt.meta.get("config_fingerprint") == config_fingerprint(cfg):
-        return []
-    saved, now = ckpt.meta.get("config", {}), cfg.to_mapping()
-    return [
-        f"{k}: {saved.get(k)!r} -> {v!r}"
-        for k, v in now.items()
-        if k not in OPERATIONAL_KEYS and saved.get(k) != v
-    ]
-
-
-class RunStatus:
-    """``status.json``: running, finished or failed (with the reason), rewritten atomically."""
-
-    def __init__(self, path: Path, **fields: Any) -> None:
-        self.path = path
-        self.fields: dict[str, Any] = {
-            "state": "running",
-            "reason": "",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            **fields,
-        }
-
-    def update(self, **fields: Any) -> None:
-        self.fields.update(fields, updated=time.time())
-        with atomic_writer(self.path) as f:
-            f.write((json.dumps(json_safe(self.fields), indent=2) + "\n").encode())
-
-    def failed(self, err: BaseException) -> None:
-        """The run stopped with ``err``: the reason is its one-line message."""
-        reason = str(err) or type(err).__name__
-        self.update(state="failed", round_running=None, reason=f"{type(err).__name__}: {reason}")
+    inside = RunDir(path).checkpoints
+    return inside if inside.is_dir() else path
 
 
 @dataclass(frozen=True)
-class FinalModel:
-    """The run's result: the final head and what it is."""
+class RoundState:
+    """What a round's checkpoint holds beyond the head and the results: the privacy
+    ledger's state (``server.privacy``) and the server optimizer's, as they are after
+    the round."""
 
-    names: list[str]
-    arrays: Arrays
-    description: ModelDescription
+    privacy: dict[str, Any] | None = None
+    optimizer: ServerOptimizer | None = None
+
+    def meta(self) -> dict[str, Any]:
+        opt = self.optimizer.state()[0] if self.optimizer is not None else None
+        return {"privacy": self.privacy, "server_optimizer": opt}
+
+    def tensors(self, names: list[str]) -> dict[str, np.ndarray]:
+        if self.optimizer is None:
+            return {}
+        return {
+            f"{OPTIMIZER_PREFIX}{slot}/{n}": a
+            for slot, arrays in self.optimizer.state()[1].items()
+            for n, a in zip(names, arrays, strict=True)
+        }
 
 
 @dataclass(frozen=True)
@@ -463,25 +323,25 @@ class _Saved:
 
 
 class Checkpointer:
-    """A RunObserver that saves a checkpoint after every round and keeps status.json."""
+    """Saves a checkpoint after every round and keeps status.json's round fields.
+
+    The round loop calls it: ``round_started``, ``round_trained`` (the head is saved at
+    once), ``round_completed`` (the round's evaluation arrived: the same checkpoint is
+    written again with it) and ``finished``.
+    """
 
     def __init__(
         self,
-        store: CheckpointStore,
-        status: RunStatus,
-        run_id: int,
-        cfg: RunConfig,
-        identity: dict[str, Any],
+        run_dir: RunDir,
+        keep: int,
         names: list[str],
-        privacy: Callable[[], PrivacyLedger | None],
+        meta: dict[str, Any],
         resumed: Checkpoint | None = None,
-        optimizer: ServerOptimizer | None = None,
     ) -> None:
-        self.store = store
-        self.status = status
+        self.run_dir = run_dir
+        self.store = CheckpointStore(run_dir.checkpoints, keep)
         self.names = names
-        self.privacy = privacy
-        self.optimizer = optimizer
+        self.meta = meta  # the run's part of every checkpoint's metadata (server.resume)
         self.results: list[dict[str, Any]] = list(resumed.meta["results"]) if resumed else []
         # sha256 of the global head after each round: the heads sites trained from, which
         # a site names to prove it trained in the run when it asks for a missed model.
@@ -490,46 +350,30 @@ class Checkpointer:
         )
         self.running = 0  # the round in progress (status.json's round_running)
         self._last: _Saved | None = None  # the newest checkpoint's content
-        self.meta: dict[str, Any] = {
-            "run_id": run_id,
-            "config": cfg.to_mapping(),
-            "config_fingerprint": config_fingerprint(cfg),
-            "model": identity,
-            "resumed_from": resumed_from(resumed),
-        }
-
-    def prepared(self, outcome: PrepareOutcome) -> None:
-        self.status.update(sites=len(outcome.ready))
 
     def round_started(self, server_round: int) -> None:
         self.running = server_round
-        self.status.update(round_running=server_round)
+        self.run_dir.update(round_running=server_round)
 
-    def round_trained(self, result: RoundResult, arrays: Arrays) -> None:
+    def round_trained(self, result: RoundResult, arrays: Arrays, state: RoundState) -> None:
         """Save the round's head at once, with the optimizer, privacy and random states
         of this moment; its evaluation, when it comes later, is added to the same
-        checkpoint (``round_finished``)."""
+        checkpoint (``round_completed``)."""
         self.results = [r for r in self.results if r["round"] < result.round]
         self.round_heads = {k: v for k, v in self.round_heads.items() if int(k) < result.round} | {
             str(result.round): head_sha256(self.names, arrays)
         }
         self.results.append(dataclasses.asdict(result))
-        ledger = self.privacy()
-        privacy = None
-        if ledger is not None:
-            privacy = {
-                "noise_multiplier": ledger.noise_multiplier,
-                "delta": ledger.delta,
-                "released": [list(e) for e in ledger.released],
-            }
-        opt_meta, opt_tensors = self._optimizer_state()
-        meta = {**self.meta, "privacy": privacy, "server_optimizer": opt_meta}
         self._last = _Saved(
-            result.round, [a.copy() for a in arrays], meta, opt_tensors, _rng_state()
+            result.round,
+            [a.copy() for a in arrays],
+            {**self.meta, **state.meta()},
+            state.tensors(self.names),
+            _rng_state(),
         )
         self._save(self._last)
 
-    def round_finished(self, result: RoundResult, arrays: Arrays) -> None:
+    def round_completed(self, result: RoundResult) -> None:
         """The round is complete: its checkpoint gets the round's final result."""
         complete = dataclasses.asdict(result)
         last = self._last
@@ -543,43 +387,11 @@ class Checkpointer:
         path, best = self.store.save(
             saved.round, self.names, saved.arrays, meta, saved.extra, saved.rng
         )
-        self.status.update(
+        self.run_dir.update(
             rounds_done=saved.round,
             # a round completes once its evaluation is in: maybe during the next one
             round_running=self.running if self.running > saved.round else None,
             round_heads=self.round_heads,
             last_checkpoint=str(path),
-            best_checkpoint=str(self.store.folder / f"round-{best:04d}.safetensors"),
+            best_checkpoint=str(self.store.path_of(best)),
         )
-
-    def _optimizer_state(self) -> tuple[dict[str, Any] | None, dict[str, np.ndarray]]:
-        """The server optimizer's state after the round (None: FedAvg keeps none)."""
-        if self.optimizer is None:
-            return None, {}
-        meta, slots = self.optimizer.state()
-        tensors = {
-            f"{OPTIMIZER_PREFIX}{slot}/{n}": a
-            for slot, arrays in slots.items()
-            for n, a in zip(self.names, arrays, strict=True)
-        }
-        return meta, tensors
-
-    def run_finished(self, final: FinalModel, report_path: Path) -> None:
-        """The run ended well: record its final model and its report.
-
-        The one place that holds the run's result once it is complete (the head, its
-        description and sha256): whatever keeps the model beyond the checkpoints
-        belongs here.
-        """
-        self.status.update(
-            state="finished",
-            model_sha256=final.description.head_sha256,
-            report=str(report_path),
-        )
-
-
-def resumed_from(ckpt: Checkpoint | None) -> dict[str, Any] | None:
-    """What report.json and the checkpoints say about the checkpoint a run continued from."""
-    if ckpt is None:
-        return None
-    return {"round": ckpt.round, "checkpoint": str(ckpt.path), "run_id": ckpt.meta["run_id"]}

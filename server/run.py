@@ -1,0 +1,463 @@
+"""One federated run, server side: from a RunConfig to a RunReport, in four phases.
+
+    prepare  wait for the sites, tell them the run, send the backbone to those lacking
+             it, send earlier runs' models a site missed        -> the Roster
+    plan     the strategy stack (FedAvg, DP noise, server optimizer) and the round
+             steps (plain or SecAgg+), sized to the sites       -> the Plan
+    rounds   per round: train; evaluate the new head on the server's test set and
+             by the sites (in the next round's train messages, or by evaluate
+             messages); checkpoint and record it                -> the final head
+    finish   the model package, its delivery to every site, the per-site outcome,
+             report.json
+
+``run_federation`` below is that loop; each phase returns what the next needs. A run
+with ``resume-from`` continues from a checkpoint (``server.resume``). Both the
+ServerApp and ``fedhead demo`` call ``run_federation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.server.strategy import Strategy
+from flwr.serverapp import Grid
+
+from fedhead.common.config import RunConfig
+from fedhead.common.errors import FederationError
+from fedhead.common.package import package_from_run
+from fedhead.common.protocol import OutcomeRequest
+from fedhead.common.rounds import RoundResult
+from fedhead.common.telemetry import RunFinished, RunStarted, emit
+from fedhead.server.aggregation import Arrays
+from fedhead.server.checkpoints import Checkpoint, Checkpointer, RoundState
+from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
+from fedhead.server.exchange import wait_for_sites
+from fedhead.server.federated_eval import EvaluationPlan, FederatedEvaluation, Pooling
+from fedhead.server.grids import MeteredGrid
+from fedhead.server.optimizers import (
+    ServerOptimizer,
+    ServerOptimizerSettings,
+    ServerOptimizerStrategy,
+)
+from fedhead.server.outcome import ask_outcomes, outcome_content
+from fedhead.server.prepare import BackboneDistributor, Roster, SiteCaps
+from fedhead.server.privacy import PrivacyLedger, check_resumable
+from fedhead.server.recorder import Recorder, ReportCallback, new_report
+from fedhead.server.report import RunReport
+from fedhead.server.resume import (
+    check_resume,
+    checkpoint_meta,
+    load_resume,
+    model_identity,
+    resumed_from,
+)
+from fedhead.server.rounds import EvaluationStep, PlainTraining, Rounds, Training, legacy_rounds
+from fedhead.server.rundir import FINISHED, RunDir, RunState
+from fedhead.server.secagg import SecAggTraining, secagg_params
+from fedhead.server.server_model import ServerModel, build_server_model, fit_settings, run_spec
+from fedhead.server.strategy import FedHeadStrategy
+from fedhead.server.testset import ServerTestSet, server_test_set
+
+log = logging.getLogger(__name__)
+
+OUTCOME_RESAMPLES = 1000  # bootstrap resamples behind every per-site interval
+
+
+def run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    out_dir: Path | None = None,
+    on_report: ReportCallback | None = None,
+) -> RunReport:
+    """Run one federated job: prepare, plan, the rounds, finish. ``on_report`` gets the
+    report whenever a round completed and once the run finished."""
+    run_dir = RunDir(out_dir) if out_dir else RunDir.for_run(cfg.out_dir, context.run_id)
+    resume = load_resume(cfg, run_dir)  # refuses a used out-dir before anything is written
+    run_dir.begin(
+        RunState(
+            run_id=context.run_id,
+            out_dir=str(run_dir.path),
+            num_rounds=cfg.num_server_rounds,
+            rounds_done=resume.round if resume else 0,
+            resumed_from=resumed_from(resume),
+        )
+    )
+    emit(RunStarted(cfg.backbone, "secagg+" if cfg.secure_aggregation else "none"))
+    try:
+        t0 = time.perf_counter()
+        run = Run.start(MeteredGrid(grid), context, cfg, run_dir, resume, on_report)
+        roster = run.prepare()
+        plan = run.plan(roster)
+        with legacy_rounds(run.grid, context, plan.strategy, cfg.num_server_rounds) as rounds:
+            head = run.rounds(rounds, plan)
+            report = run.finish(roster, plan, head, time.perf_counter() - t0)
+    except BaseException as err:
+        run_dir.failed(err)
+        emit(RunFinished(ok=False))
+        raise
+    emit(RunFinished(ok=True))
+    return report
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the rounds run, sized to the sites that are ready: the strategy stack the
+    steps call (FedHeadStrategy, wrapped for DP and a server optimizer), the training
+    step (plain or SecAgg+) and the evaluation step, and the run's privacy ledger."""
+
+    strategy: Strategy
+    training: Training
+    evaluation: EvaluationStep
+    evaluations: EvaluationPlan
+    privacy: PrivacyLedger | None
+
+
+@dataclass
+class _Pending:
+    """A round whose training is done but whose federated evaluation is still to come."""
+
+    result: RoundResult
+    head: Arrays
+
+
+@dataclass
+class Run:
+    """One run's collaborators, built before any site joined."""
+
+    grid: MeteredGrid  # every message to and from the sites passes it: it counts the bytes
+    context: Context
+    cfg: RunConfig
+    run_dir: RunDir
+    resume: Checkpoint | None
+    sm: ServerModel
+    initial: Arrays  # the run's first head, also the local-only baseline's (even on resume)
+    recorder: Recorder
+    checkpoints: Checkpointer
+    test_set: ServerTestSet | None
+    optimizer: ServerOptimizer | None  # with its state after the checkpoint's round
+
+    @classmethod
+    def start(
+        cls,
+        grid: MeteredGrid,
+        context: Context,
+        cfg: RunConfig,
+        run_dir: RunDir,
+        resume: Checkpoint | None,
+        on_report: ReportCallback | None,
+    ) -> Run:
+        sm = build_server_model(cfg)
+        names = sm.trainable.names
+        identity = model_identity(cfg, sm.sha256, sm.trainable.fingerprint())
+        if resume is not None and (changes := check_resume(resume, identity, names, cfg)):
+            log.warning(
+                "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
+            )
+        check_resumable(cfg, resume)
+        optimizer_settings = ServerOptimizerSettings.from_run(cfg)
+        optimizer = ServerOptimizer(optimizer_settings) if optimizer_settings else None
+        if optimizer is not None and resume is not None:
+            resume.restore_optimizer(optimizer)
+        recorder = Recorder(new_report(context.run_id, cfg, sm, run_spec(cfg, sm)), sm, on_report)
+        if resume is not None:
+            recorder.resumed(resume)
+        meta = checkpoint_meta(context.run_id, cfg, identity, resume)
+        checkpoints = Checkpointer(run_dir, cfg.keep_checkpoints, names, meta, resume)
+        run = cls(
+            grid,
+            context,
+            cfg,
+            run_dir,
+            resume,
+            sm,
+            sm.trainable.get(sm.model),
+            recorder,
+            checkpoints,
+            server_test_set(cfg, sm),
+            optimizer,
+        )
+        log.info(
+            "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
+            "%d rounds, strategy %s%s",
+            context.run_id,
+            sm.spec.name,
+            sm.sha256[:12],
+            sm.trainable.num_params,
+            sm.trainable.nbytes,
+            cfg.num_server_rounds,
+            _describe_strategy(cfg, optimizer_settings),
+            f", resuming after round {resume.round} from {resume.path}" if resume else "",
+        )
+        return run
+
+    # --- 1. prepare ------------------------------------------------------------------
+    def prepare(self) -> Roster:
+        """Wait for the sites, prepare them, send earlier runs' models they missed."""
+        cfg, grid = self.cfg, self.grid
+        log.info("waiting up to %.0fs for %d site(s) to connect", cfg.join_timeout, cfg.min_sites)
+        nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout)
+        if len(nodes) < cfg.min_sites:
+            raise FederationError(
+                f"only {len(nodes)} of the {cfg.min_sites} required site(s) connected "
+                f"within {cfg.join_timeout:.0f}s",
+                "start more SuperNodes, or lower min-sites",
+            )
+        caps = SiteCaps(cfg.max_site_examples, uniform=cfg.dp_noise_multiplier > 0)
+        spec = run_spec(cfg, self.sm)
+        distributor = BackboneDistributor(
+            spec, self.sm.weights_path, cfg.round_timeout, caps, cfg.site_labels
+        )
+        roster = distributor.prepare(grid, nodes)
+        missed = EarlierModels(self.run_dir, self.context.run_id, cfg.round_timeout)
+        if wanted := missed.requests(roster.ready):
+            self.recorder.report.earlier_models = missed.deliver(grid, wanted)
+        self.recorder.prepared(roster, *grid.take())  # its traffic counts as setup traffic
+        self.run_dir.update(sites=len(roster.ready))
+        if len(roster.ready) < cfg.min_sites:
+            reasons = "; ".join(
+                f"{roster.name(n)}: {why}" for n, why in sorted(roster.failed.items())
+            )
+            raise FederationError(
+                f"only {len(roster.ready)} of {len(nodes)} site(s) are ready, "
+                f"{cfg.min_sites} needed ({reasons or 'no reasons given'})",
+                "fix the problems named and start the run again",
+            )
+        return roster
+
+    # --- 2. plan ---------------------------------------------------------------------
+    def plan(self, roster: Roster) -> Plan:
+        """The strategy stack and the round steps, sized to the sites that are ready."""
+        cfg, sm, resume = self.cfg, self.sm, self.resume
+        ready = len(roster.ready)
+        sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
+        evaluations = EvaluationPlan.of_run(cfg, resume.round if resume else None)
+        pooling = Pooling(evaluations, roster.name)
+        settings = fit_settings(cfg, sm.trainable)
+        strategy: Strategy = FedHeadStrategy(
+            roster=roster,
+            trainable=sm.trainable,
+            initial=resume.arrays if resume else self.initial,
+            settings=settings,
+            num_rounds=cfg.num_server_rounds,
+            min_sites=cfg.min_sites,
+            lr_schedule=cfg.lr_schedule,
+            fraction_train=cfg.fraction_train,
+            evaluation=evaluations,
+            secure=cfg.secure_aggregation,
+        )
+        privacy = PrivacyLedger.of_run(cfg, ready, sampled)
+        if privacy is not None:
+            if resume is not None:
+                privacy.resume(resume)
+            strategy = privacy.wrap(strategy)
+            log.info(
+                "differential privacy on: clipping norm %g, noise multiplier %g, %d sites",
+                cfg.dp_clipping_norm,
+                cfg.dp_noise_multiplier,
+                sampled,
+            )
+        if self.optimizer is not None:  # outside the DP wrapper: see server.optimizers
+            strategy = ServerOptimizerStrategy(strategy, self.optimizer)
+        training: Training
+        secure = None
+        if cfg.secure_aggregation:
+            params = secagg_params(cfg, sampled, max(roster.train_caps.values()))
+            secure = params.report()
+            training = SecAggTraining(params, roster, sm.trainable, settings, pooling)
+            log.info(
+                "secure aggregation: SecAgg+ over %d sites (shares %s, threshold %s, "
+                "clipping +-%g)",
+                sampled,
+                params.num_shares,
+                params.reconstruction_threshold,
+                params.clipping_range,
+            )
+        else:
+            log.warning(
+                "secure aggregation is OFF (secure-aggregation=false): the server sees every "
+                "site's head update"
+            )
+            training = PlainTraining(
+                roster, sm.trainable, settings.max_update_norm, pooling, cfg.round_timeout
+            )
+        self.recorder.planned(
+            secure,
+            privacy.report() if privacy else None,
+            self.optimizer.settings.describe() if self.optimizer else None,
+        )
+        evaluation = EvaluationStep(roster, pooling, cfg.round_timeout)
+        return Plan(strategy, training, evaluation, evaluations, privacy)
+
+    # --- 3. rounds -------------------------------------------------------------------
+    def rounds(self, rounds: Rounds, plan: Plan) -> Arrays:
+        """Every round, in order; returns the final global head.
+
+        A round is complete once its head's federated evaluation is in. When the next
+        round's train messages carry that evaluation, the round waits, pending, until
+        that training is done; the last round's head always gets evaluate messages."""
+        num_rounds, resume = self.cfg.num_server_rounds, self.resume
+        head = resume.arrays if resume else self.initial
+        pending: _Pending | None = None
+        if resume is None:  # round 0: the initial head, the baseline the rounds improve on
+            pending = self._evaluate(rounds, plan, RoundResult(0), head, time.perf_counter())
+            first = 1
+        else:
+            log.info("resuming after round %d of %d", resume.round, num_rounds)
+            resume.restore_rng()
+            first = resume.round + 1
+        for rnd in range(first, num_rounds + 1):
+            t0 = time.perf_counter()
+            self.recorder.round_started(rnd)
+            self.checkpoints.round_started(rnd)
+            training = rounds.train(plan.training, rnd, head)
+            if pending is not None:  # its evaluation came with this round's training
+                self._complete(pending, training.evaluation)
+            result = RoundResult(rnd)
+            training.into(result)
+            head = training.arrays if training.arrays is not None else head
+            pending = self._evaluate(rounds, plan, result, head, t0)
+        return head
+
+    def _evaluate(
+        self, rounds: Rounds, plan: Plan, result: RoundResult, head: Arrays, t0: float
+    ) -> _Pending | None:
+        """Evaluate the round's head on the server's test set, and by the sites: now,
+        with evaluate messages (then the round is complete), or with the next round's
+        training (then it is returned, pending)."""
+        if self.test_set is not None:
+            loss, accuracy, metrics = self.test_set(head)
+            result.server_eval_loss, result.server_eval_accuracy = loss, accuracy
+            result.server_eval_metrics = metrics
+        if result.round < self.cfg.num_server_rounds and plan.evaluations.in_train(
+            result.round + 1
+        ):
+            return self._trained(rounds, plan, result, head, t0)
+        evaluation = rounds.evaluate(plan.evaluation, result.round, head)
+        pending = self._trained(rounds, plan, result, head, t0)
+        self._complete(pending, evaluation)
+        return None
+
+    def _trained(
+        self, rounds: Rounds, plan: Plan, result: RoundResult, head: Arrays, t0: float
+    ) -> _Pending:
+        """The round's own figures (time, traffic, privacy spent) and its checkpoint."""
+        result.seconds = time.perf_counter() - t0
+        result.bytes_to_sites, result.bytes_from_sites = self.grid.take()
+        privacy = plan.privacy
+        if privacy is not None and result.aggregated:
+            result.dp_epsilon = privacy.release()
+            result.dp_delta = privacy.delta
+        state = RoundState(privacy.checkpoint_state() if privacy else None, self.optimizer)
+        self.checkpoints.round_trained(result, head, state)
+        return _Pending(result, head)
+
+    def _complete(self, pending: _Pending, evaluation: FederatedEvaluation | None) -> None:
+        """The round's federated evaluation is in (or is not coming): it is complete."""
+        if evaluation is not None:
+            evaluation.into(pending.result)
+        self.checkpoints.round_completed(pending.result)
+        self.recorder.round_completed(pending.result, pending.head)
+
+    # --- 4. finish -------------------------------------------------------------------
+    def finish(self, roster: Roster, plan: Plan, head: Arrays, seconds: float) -> RunReport:
+        """The model package beside the report, a copy to every site, the per-site
+        outcome, report.json; the run fails if no round produced a new head."""
+        cfg, sm, report, grid = self.cfg, self.sm, self.recorder.report, self.grid
+        names = sm.trainable.names
+        spec = run_spec(cfg, sm)
+        description = describe_model(spec, self.context.run_id, cfg.num_server_rounds, names, head)
+        report.model = description.to_config()
+        self.recorder.finish(seconds)  # the final metrics, for the package
+        if self.test_set is not None and (evaluation := self.test_set.evaluation(head)):
+            report.server_test_evaluation = evaluation.to_json()
+        package = package_from_run(
+            cfg, sm.model, head, report.training_summary(), report.final_metrics()
+        )
+        package_dir = package.write(self.run_dir.model_dir, overwrite=True)
+        log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
+        nodes = roster.nodes
+        delivery = ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir)
+        report.delivery = delivery.report()
+        if cfg.local_baseline or cfg.personalize_epochs:
+            kept = sorted(delivery.delivered_to)
+            self._ask_outcomes(roster, kept, description.head_sha256)
+        self.recorder.finish(seconds)
+        path = self.run_dir.write_report(report.to_json())
+        log.info(
+            "final accuracy: federated %s%s; report written to %s (on the SuperLink's host)",
+            _fmt_acc(report.final_eval_accuracy),
+            f", server test set {_fmt_acc(report.final_server_eval_accuracy)}"
+            if math.isfinite(report.final_server_eval_accuracy)
+            else "",
+            path,
+        )
+        require_progress(report)
+        self.run_dir.update(state=FINISHED, model_sha256=description.head_sha256, report=str(path))
+        self.recorder.finished()
+        return report
+
+    def _ask_outcomes(self, roster: Roster, kept: list[int], head_sha256: str) -> None:
+        """Each site that kept the final model: what the federation did for it."""
+        cfg, report = self.cfg, self.recorder.report
+        request = OutcomeRequest.drawing_on(
+            cfg,
+            run_id=self.context.run_id,
+            head_sha256=head_sha256,
+            rounds=cfg.num_server_rounds,
+            resamples=OUTCOME_RESAMPLES,
+        )
+        content = outcome_content(request, fit_settings(cfg, self.sm.trainable), self.initial)
+        # the local-only head costs a site the whole run's training again
+        timeout = cfg.round_timeout * (1 + (cfg.num_server_rounds if cfg.local_baseline else 1))
+        outcomes = ask_outcomes(self.grid, kept, content, timeout, roster.val_caps, roster.name)
+        report.sites, report.sites_failed = outcomes.sites, outcomes.failed
+        for node in sorted(set(roster.nodes) - set(kept)):
+            report.sites_failed.setdefault(roster.name(node), "did not keep the final model")
+        log.info(
+            "per-site outcome from %d of %d site(s); negative transfer at %d",
+            len(outcomes.sites),
+            len(kept),
+            len(outcomes.negative_transfer),
+        )
+
+
+def require_progress(report: RunReport) -> None:
+    """A run in which no round produced a global head failed, whatever else it did."""
+    rounds = [r for r in report.rounds if r.round > 0]
+    if not rounds or any(r.aggregated for r in rounds):
+        return
+    why = []
+    for r in rounds:
+        if r.secagg_halted:
+            why.append(f"round {r.round}: secure aggregation halted at {r.secagg_halted}")
+        elif r.rejected_sites:
+            who = ", ".join(f"node {n} ({reason})" for n, reason in r.rejected_sites.items())
+            why.append(f"round {r.round}: left out {who}")
+        else:
+            why.append(f"round {r.round}: {r.sites_replied} of {r.sites_selected} sites replied")
+    raise FederationError(
+        "no round produced a new global head (" + "; ".join(why) + ")",
+        "see the server log for the sites named; the report has every round's counts",
+    )
+
+
+def _describe_strategy(cfg: RunConfig, settings: ServerOptimizerSettings | None) -> str:
+    """The log header's words for the aggregation: FedAvg, or the server optimizer with
+    its hyper-parameters, and FedProx where the sites use it."""
+    text = "fedavg"
+    if settings is not None:
+        hyper = ", ".join(f"{k} {v:g}" for k, v in settings.describe().items() if k != "name")
+        text = f"{settings.name} ({hyper})"
+    if cfg.proximal_mu > 0:
+        text += f", FedProx mu {cfg.proximal_mu:g} at the sites"
+    return text
+
+
+def _fmt_acc(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else "-"
