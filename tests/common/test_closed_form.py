@@ -499,3 +499,57 @@ def test_release_settings_are_validated_by_name() -> None:
         GaussianRelease(1.0, 1.0, delta=0.0)
     views = GaussianRelease(1.0, 2.0, rows_per_record=4)
     assert views.sensitivities() == (4.0, 8.0, 16.0)
+
+
+def test_flowers_secagg_workflow_delivers_the_exact_sum() -> None:
+    """Flower's own SecAggPlusWorkflow and secaggplus_mod (sites served in-process by
+    the loopback grid): the strategy receives the mean the codec decodes to the sum."""
+    from flwr.app import Context, RecordDict
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    from tests.loopback import LoopbackGrid
+
+    x, y = features(5837, 6, 3, seed=41)
+    cuts = {1: slice(0, 5000), 2: slice(5000, 5037), 3: slice(5037, 5837)}
+    sites = {nid: Statistics.of(x[p], y[p], 3) for nid, p in cuts.items()}
+    codec, max_weight = FixedPointCodec(), 1000
+
+    class StatisticsClient(NumPyClient):  # type: ignore[misc]
+        def __init__(self, stats: Statistics) -> None:
+            self.stats = stats
+
+        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple:  # type: ignore[type-arg]
+            return [codec.encode(self.stats.to_vector(), self.stats.layout)], max_weight, {}
+
+    app = ClientApp(
+        client_fn=lambda ctx: StatisticsClient(sites[ctx.node_id]).to_client(),
+        mods=[secaggplus_mod],
+    )
+    received: list[np.ndarray] = []
+
+    class Capture(FedAvg):  # type: ignore[misc]
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            received.append(parameters_to_ndarrays(results[0][1].parameters)[0])
+            return super().aggregate_fit(server_round, results, failures)
+
+    size = 3 * sites[1].layout.size
+    strategy = Capture(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=3,
+        min_available_clients=3,
+        initial_parameters=ndarrays_to_parameters([np.zeros(size)]),
+    )
+    context = LegacyContext(
+        Context(1, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy
+    )
+    workflow = SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2, max_weight=max_weight)
+    DefaultWorkflow(fit_workflow=workflow)(LoopbackGrid(app, {n: {} for n in sites}), context)
+    plain = sum(s.to_vector() for s in sites.values())
+    decoded = codec.decode(received[0], 3)
+    assert (np.abs(decoded - plain) <= codec.error_bound(3) + 4e-16 * np.abs(plain)).all()
