@@ -8,9 +8,9 @@ A site with trunk features x_i in R^D and labels y_i in {0..C-1} computes
 sites', and every head computed from them is the head of the pooled data, whatever the
 split. With N = sum n_c, mean m = sum s_c / N, class means mu_c = s_c / n_c:
 
-- shrinkage LDA (``lda_head``): Sigma = (G - sum_c s_c s_c^T / n_c) / N shrunk toward
-  (tr Sigma / D) I by alpha; w_c = Sigma_a^-1 mu_c, b_c = -mu_c^T Sigma_a^-1 mu_c / 2 +
-  log(n_c / N);
+- shrinkage LDA (``lda_head``): Sigma = (G - sum_c s_c s_c^T / n_c) / N, Sigma_a =
+  (1 - alpha) Sigma + alpha (tr Sigma / D) I; w_c = Sigma_a^-1 mu_c, b_c =
+  -mu_c^T Sigma_a^-1 mu_c / 2 + log(n_c / N);
 - ridge on one-hot targets, bias unpenalised (``ridge_solution``): with S = G - N m m^T,
   w_c = (S + lambda N I)^-1 (s_c - n_c m), b_c = n_c / N - w_c . m; ``ridge_head`` turns
   its scores into probabilities with a Gaussian model of the scores fitted from the same
@@ -19,14 +19,17 @@ split. With N = sum n_c, mean m = sum s_c / N, class means mu_c = s_c / n_c:
 Under SecAgg+ (``FixedPointCodec``) each value x travels as the integer X = round(x 2^F),
 written in ``limbs`` base-2^L digits (L = log2 of Flower's quantization range), each
 digit sent as a point of Flower's quantization grid, which its stochastic rounding
-leaves unchanged. The server recovers the exact integer sums of the digits and
-recombines them: the decoded sum differs from the sum of the sites' float64 values by
-at most n_sites * 2^-(F+1) per entry (each site's rounding to the fixed-point grid),
-plus the float64 rounding of the result.
+leaves unchanged; every site reports num_examples == max_weight, so Flower's weight
+factor is exactly 1 whatever the site's size. The server recovers the exact integer
+sums of the digits and recombines them: the decoded sum differs from the sum of the
+sites' float64 values by at most n_sites * 2^-(F+1) per entry (each site's rounding to
+the fixed-point grid), plus the float64 rounding of the result.
 
-Differential privacy (``GaussianRelease``) adds Gaussian noise once to the summed
-statistics of feature vectors clipped to an L2 norm R, and post-processes the release
-into statistics some dataset could have (``consistent``) so the solves stay defined.
+A site's personalised head solves its own statistics plus the federation's rescaled to
+its size (``personalized_statistics``). Differential privacy (``GaussianRelease``) adds
+Gaussian noise once to the summed statistics of feature vectors clipped to an L2 norm
+R, and post-processes the release into statistics some dataset could have
+(``consistent``) so the solves stay defined.
 """
 
 from __future__ import annotations
