@@ -29,6 +29,10 @@
 8. strategy_accuracy_ratio_<name>: final accuracy of a server optimizer (FedAdam) or
    FedProx divided by FedAvg's, the demo's federation at Dirichlet alpha 0.3, same
    seed and rounds.
+9. closed_form_*: the closed-form head from summed statistics against pooled logistic
+   regression, federated = pooled through Flower's SecAgg+ arithmetic, its bytes and
+   SecAgg+ arithmetic time, and one DP release (benchmarks/closed_form.py; a section
+   of its own in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ class Figure:
     target: str
     detail: str
     command: str = "python benchmarks/run.py"
+    section: str = ""  # a heading of its own in BENCHMARKS.md ("" = the main table)
 
 
 @dataclass
@@ -610,6 +615,15 @@ def bench_deploy(res: Results, rounds: int, n_train: int, px: int, sites: int = 
     )
 
 
+def bench_closed_form(res: Results) -> None:
+    import functools
+
+    import closed_form
+
+    figure = functools.partial(Figure, command=closed_form.COMMAND, section=closed_form.SECTION)
+    closed_form.run(res, figure, res.quick)
+
+
 # --- report ------------------------------------------------------------------------
 NOTES = [
     "## Notes",
@@ -674,6 +688,10 @@ NOTES = [
 ]
 
 
+def _rows(figures: Iterable[Figure]) -> list[str]:
+    return [f"| `{f.name}` | {f.value:.4g} | {f.target} | {f.detail} |" for f in figures]
+
+
 def write_markdown(res: Results, path: Path, seconds: float) -> None:
     cpu = "unknown CPU"
     try:
@@ -695,16 +713,18 @@ def write_markdown(res: Results, path: Path, seconds: float) -> None:
         "| figure | value | target | what was measured |",
         "|---|---|---|---|",
     ]
-    for f in res.figures:
-        lines.append(f"| `{f.name}` | {f.value:.4g} | {f.target} | {f.detail} |")
+    lines += _rows(f for f in res.figures if not f.section)
     lines += [
         "",
         "Reproduce: `python benchmarks/run.py` (writes this file), "
         "`python benchmarks/run.py --quick` (reduced sizes, prints `name: value`).",
-        "",
-        *res.notes,
-        "",
     ]
+    for section in dict.fromkeys(f.section for f in res.figures if f.section):
+        figures = [f for f in res.figures if f.section == section]
+        lines += ["", f"## {section}", "", f"Measured with `{figures[0].command}`.", ""]
+        lines += ["| figure | value | target | what was measured |", "|---|---|---|---|"]
+        lines += _rows(figures)
+    lines += ["", *res.notes, ""]
     path.write_text("\n".join(lines))
 
 
@@ -714,14 +734,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         help="comma-separated subset: "
-        "cache,bytes,throughput,secagg,scale,accuracy,strategies,gain,deploy",
+        "cache,bytes,throughput,secagg,scale,accuracy,strategies,gain,deploy,closedform",
     )
     parser.add_argument("--write", help="markdown file to write (full runs: BENCHMARKS.md)")
     args = parser.parse_args(argv)
     q = args.quick
     res = Results(quick=q, notes=NOTES)
     t0 = time.perf_counter()
-    every = "cache,bytes,throughput,secagg,scale,accuracy,strategies,gain,deploy"
+    every = "cache,bytes,throughput,secagg,scale,accuracy,strategies,gain,deploy,closedform"
     chosen = set((args.only or every).split(","))
     if "cache" in chosen:
         bench_cache(res, [96, 224], {96: 128, 224: 32} if q else {96: 512, 224: 128})
@@ -741,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_gain(res, 3 if q else 10, 64 if q else 128)
     if "deploy" in chosen:
         bench_deploy(res, 3 if q else 4, 60 if q else 150, 224)
+    if "closedform" in chosen:
+        bench_closed_form(res)
     seconds = time.perf_counter() - t0
     target = args.write or (None if q else str(REPO / "BENCHMARKS.md"))
     if target:
