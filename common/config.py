@@ -135,7 +135,11 @@ def _sha_check(v: str) -> str | None:
 
 # Server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization"); see
 # fedhead.server.optimizers.
-SERVER_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# How the head is trained: a closed-form head from the sites' summed statistics, or
+# rounds of FedAvg, alone or with a server optimizer on the aggregated delta.
+CLOSED_FORM = "closed-form"
+SERVER_STRATEGIES = (CLOSED_FORM, "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+CLOSED_FORM_METHODS = ("lda", "ridge")
 
 
 # The largest FedProx weight (proximal-mu) a run may set and a site accepts: far above
@@ -231,7 +235,24 @@ class RunConfig(_Config):
     strategy: str = opt(
         "fedavg",
         one_of(*SERVER_STRATEGIES),
-        "server optimizer on the aggregated head delta (works under SecAgg+ and DP)",
+        "closed-form: the pooled-data head from the sites' summed statistics in one round "
+        "(linear head, frozen trunk); fedavg: rounds of FedAvg; fedavgm, fedadam, fedyogi, "
+        "fedadagrad: a server optimizer on the aggregated head delta",
+    )
+    closed_form: str = opt(
+        "lda",
+        one_of(*CLOSED_FORM_METHODS),
+        "closed-form head: shrinkage LDA or ridge; its regularisation is chosen by the sites' "
+        "validation",
+    )
+    fine_tune_rounds: int = opt(
+        0, non_negative, "closed-form: FedAvg rounds after the statistics round (from its head)"
+    )
+    dp_feature_clip: float = opt(
+        0.0,
+        non_negative,
+        "closed-form with differential privacy: sites clip each trunk feature vector to this "
+        "L2 norm before summing (required then)",
     )
     server_learning_rate: float = opt(
         0.0,
@@ -306,11 +327,24 @@ class RunConfig(_Config):
             and (self.dp_clipping_norm > self.max_update_norm)
         ):
             problems.append("dp-clipping-norm: must not exceed max-update-norm")
-        if self.strategy == "fedavg" and self.server_learning_rate:
+        if self.strategy in ("fedavg", CLOSED_FORM) and self.server_learning_rate:
             problems.append(
                 "server-learning-rate: applies to a server optimizer only; set strategy to "
                 "fedavgm, fedadam, fedyogi or fedadagrad (or leave it at 0)"
             )
+        if self.closed_form_applies() and self.dp_noise_multiplier > 0:
+            if not self.dp_feature_clip:
+                problems.append(
+                    "dp-feature-clip: a closed-form head with differential privacy needs a "
+                    "bound on the trunk features' L2 norm (the sensitivity of the summed "
+                    "statistics)"
+                )
+            if self.fine_tune_rounds:
+                problems.append(
+                    "fine-tune-rounds: with differential privacy a closed-form head is one "
+                    "release of the statistics; fine-tuning rounds would need a second privacy "
+                    "account (set fine-tune-rounds=0, or use strategy=fedavg)"
+                )
         if bool(self.backbone_weights) != bool(self.backbone_sha256):
             problems.append(
                 "backbone-sha256: backbone-weights and backbone-sha256 go together "
@@ -335,6 +369,16 @@ class RunConfig(_Config):
         from fedhead.common.backbones import get_spec
 
         return self.input_size or get_spec(self.backbone).input_size
+
+    def closed_form_applies(self) -> bool:
+        """Whether the head is trained in closed form: asked for, and a linear head on a
+        frozen trunk (an mlp head or unfrozen blocks are trained with FedAvg)."""
+        return self.strategy == CLOSED_FORM and self.head == "linear" and self.unfreeze_blocks == 0
+
+    def rounds(self) -> int:
+        """The run's rounds: the statistics round and the fine-tuning rounds of a closed-form
+        head, else ``num-server-rounds``."""
+        return 1 + self.fine_tune_rounds if self.closed_form_applies() else self.num_server_rounds
 
 
 def _roots_check(v: str) -> str | None:

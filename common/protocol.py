@@ -35,13 +35,16 @@ from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
 # 2: a train message may ask the site to evaluate the head it trains from (FitSettings.evaluate)
-PROTOCOL_VERSION = 2
+# 3: closed-form heads: a train message may ask for the site's sufficient statistics
+#    (StatisticsRequest) and a query.validate message for its evaluation of candidate heads
+PROTOCOL_VERSION = 3
 
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
 MSG_MODEL = "query.model"
 MSG_MODELS = "query.models"
 MSG_OUTCOME = "query.outcome"
+MSG_VALIDATE = "query.validate"
 
 RECORD_RUN = "fedhead.run"  # ConfigRecord: RunSpec (server -> node; node keeps it in state)
 RECORD_PREPARE = "fedhead.prepare"  # ConfigRecord: PrepareReply (node -> server)
@@ -55,6 +58,14 @@ RECORD_OUTCOME = "fedhead.outcome"  # ConfigRecord: OutcomeRequest (server -> no
 RECORD_OUTCOME_FIT = "fedhead.outcome.fit"  # ConfigRecord: the run's FitSettings (round 1)
 RECORD_OUTCOME_HEAD = "fedhead.outcome.head"  # ArrayRecord: the run's initial head
 RECORD_OUTCOME_REPLY = "fedhead.outcome.reply"  # ConfigRecord: SiteOutcome (node -> server)
+RECORD_CANDIDATES = "fedhead.candidates"  # ArrayRecord: candidate heads, "<k>/<tensor name>"
+RECORD_VALIDATE = "fedhead.validate"  # ConfigRecord: ValidationRequest (server -> node)
+# ConfigRecord "fedhead.validate.<k>": the site's evaluation of candidate k (node -> server)
+RECORD_VALIDATION_PREFIX = "fedhead.validate."
+
+# The key of a train message's config that says what the message asks for; absent: train.
+TASK_KEY = "task"
+TASK_STATISTICS = "statistics"  # closed-form heads: the site's sufficient statistics
 
 # Metrics of a train reply that evaluated the head it was sent (FitSettings.evaluate).
 FIT_EVAL_LOSS = "eval-loss"
@@ -274,6 +285,42 @@ class ModelAnswer(_Record):
 
     state: str
     proof: str
+
+
+@dataclass(frozen=True)
+class StatisticsRequest(_Record):
+    """A train message that asks a site for the sufficient statistics of its training
+    features (closed-form heads, ``common.closed_form``): how to send them.
+
+    Under SecAgg+ (``secure``) the site encodes them with ``FixedPointCodec(clipping_range,
+    quantization_range, fraction_bits, limbs)`` and reports one example (every site weighs
+    the same: the statistics are sums); without it, it sends them as float64 with its
+    example count. A site holding more than ``max_site_examples`` images scales its
+    statistics down to that many; with ``feature_clip`` > 0 (differential privacy) it
+    clips every feature vector to that L2 norm first."""
+
+    server_round: int
+    trainable_fingerprint: str
+    secure: bool
+    clipping_range: float
+    quantization_range: int
+    fraction_bits: int
+    limbs: int
+    max_site_examples: int
+    feature_clip: float
+
+    def to_config(self) -> dict[str, Any]:
+        return {**self.to_dict(), TASK_KEY: TASK_STATISTICS}
+
+
+@dataclass(frozen=True)
+class ValidationRequest(_Record):
+    """A ``query.validate`` message: evaluate each of ``candidates`` heads (closed-form,
+    in ``RECORD_CANDIDATES``) on the validation split, with count tables if asked."""
+
+    server_round: int
+    candidates: int
+    statistics: bool
 
 
 @dataclass(frozen=True)

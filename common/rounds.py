@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 
 # Why the server rejects an update or leaves a site's reply out (a bounded set: it is a
 # metrics label). malformed: unreadable or wrongly shaped reply; weight: more examples
-# claimed than the site may count; range: a SecAgg+ mean no clipped inputs can produce.
-REJECT_REASONS = ("structure", "non_finite", "norm", "no_examples", "malformed", "weight", "range")
+# claimed than the site may count; range: a SecAgg+ mean no clipped inputs can produce;
+# shares: SecAgg+ key shares that do not rebuild the keys they belong to.
+REJECT_REASONS = (
+    "structure",
+    "non_finite",
+    "norm",
+    "no_examples",
+    "malformed",
+    "weight",
+    "range",
+    "shares",
+)
 # Flower's SecAgg+ stages, in order (a bounded set: a metrics label).
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 # Clinical metrics of an evaluation, pooled over sites or on the server's test set
@@ -54,7 +64,8 @@ class RoundResult:
     bytes_to_sites: int = 0
     bytes_from_sites: int = 0
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    secagg_halted: str = ""  # the SecAgg+ stage at which too few sites were left
+    secagg_halted: str = ""  # the SecAgg+ stage at which the round stopped ...
+    secagg_reason: str = ""  # ... and why (too few live sites, shares that do not combine)
     dp_epsilon: float | None = None  # cumulative privacy spent (DP runs only) ...
     dp_delta: float = 0.0  # ... at this delta
 

@@ -44,6 +44,7 @@ META_KEY = "fedhead.checkpoint"
 HEAD_PREFIX = "head/"
 RNG_NUMPY, RNG_TORCH = "rng/numpy", "rng/torch"
 OPTIMIZER_PREFIX = "server_optimizer/"  # + "<slot>/<tensor name>": the moments, float64
+STATISTICS = "closed_form/statistics"  # a closed-form run's summed statistics, float64
 BEST_METRIC = "eval_accuracy"  # federated evaluation, example-weighted over sites
 ROUND_HEADS = "round_heads"  # checkpoint metadata: round -> head sha256
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.safetensors$")
@@ -67,10 +68,23 @@ class Checkpoint:
     path: Path
     rng: dict[str, np.ndarray]  # the RNG states too large for the metadata
     optimizer: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # by tensor key
+    statistics: np.ndarray | None = None  # a closed-form run's summed statistics
+
+    @property
+    def complete(self) -> bool:
+        """Whether its round is complete; a closed-form statistics round is not until the
+        sites chose its head (then the sum is here, and resuming solves it again)."""
+        closed_form = self.meta.get("closed_form") or {}
+        return not (closed_form and closed_form.get("chosen") is None)
 
     @property
     def results(self) -> list[RoundResult]:
         return [_round_result(r) for r in self.meta["results"]]
+
+    @property
+    def excluded(self) -> dict[int, str]:
+        """The sites the run left out (node -> why) by the end of this round."""
+        return {int(k): str(v) for k, v in (self.meta.get("excluded") or {}).items()}
 
     @property
     def strategy(self) -> str:
@@ -274,7 +288,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     ]
     if missing:
         raise CheckpointError(f"{path}: server-optimizer tensor {missing[0]!r} is missing")
-    return Checkpoint(int(meta["round"]), names, arrays, meta, path, rng, optimizer)
+    statistics = tensors.get(STATISTICS)
+    if (meta.get("closed_form") or {}).get("chosen", "") is None and statistics is None:
+        raise CheckpointError(f"{path}: the closed-form statistics are missing")
+    return Checkpoint(int(meta["round"]), names, arrays, meta, path, rng, optimizer, statistics)
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -296,15 +313,22 @@ class RoundState:
 
     privacy: dict[str, Any] | None = None
     optimizer: ServerOptimizer | None = None
+    # a closed-form run: how its head was chosen (``server.closed_form``) and the summed
+    # statistics it was solved from (released ones, under differential privacy)
+    closed_form: dict[str, Any] | None = None
+    statistics: np.ndarray | None = None
+    excluded: dict[str, str] | None = None  # node -> why it is left out of the run
 
     def meta(self) -> dict[str, Any]:
         opt = self.optimizer.state()[0] if self.optimizer is not None else None
-        return {"privacy": self.privacy, "server_optimizer": opt}
+        meta = {"privacy": self.privacy, "server_optimizer": opt, "excluded": self.excluded}
+        return meta | ({"closed_form": self.closed_form} if self.closed_form else {})
 
     def tensors(self, names: list[str]) -> dict[str, np.ndarray]:
+        out = {} if self.statistics is None else {STATISTICS: self.statistics}
         if self.optimizer is None:
-            return {}
-        return {
+            return out
+        return out | {
             f"{OPTIMIZER_PREFIX}{slot}/{n}": a
             for slot, arrays in self.optimizer.state()[1].items()
             for n, a in zip(names, arrays, strict=True)

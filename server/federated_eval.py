@@ -48,13 +48,14 @@ class EvaluationPlan:
     statistics_classes: int = 0
 
     @classmethod
-    def of_run(cls, cfg: RunConfig, resumed_after: int | None) -> EvaluationPlan:
+    def of_run(cls, cfg: RunConfig, evaluated: int | None) -> EvaluationPlan:
         """When every site trains every round, a round's federated evaluation needs no
-        message of its own. A resumed run's first round does not evaluate in training:
-        its checkpoint holds that evaluation already."""
+        message of its own. The first round after ``evaluated`` (a resumed run's
+        checkpoint, a closed-form head's round 1, whose evaluation is in already) does
+        not evaluate in training."""
         start = None
         if cfg.fraction_train >= 1.0:  # sites that sit a round out need an evaluate step
-            start = 1 if resumed_after is None else resumed_after + 2
+            start = 1 if evaluated is None else evaluated + 2
         classes = len(cfg.class_names()) if cfg.evaluation_statistics else 0
         return cls(cfg.fraction_evaluate, start, classes)
 

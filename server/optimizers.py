@@ -58,7 +58,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedhead.common.config import RunConfig
+from fedhead.common.config import CLOSED_FORM, RunConfig
 from fedhead.server.rounds import Failure, FitResults
 
 Arrays = list[np.ndarray]
@@ -94,8 +94,9 @@ class ServerOptimizerSettings:
 
     @classmethod
     def from_run(cls, cfg: RunConfig) -> ServerOptimizerSettings | None:
-        """The run's server optimizer; None for plain FedAvg."""
-        if cfg.strategy == "fedavg":
+        """The run's server optimizer; None for plain FedAvg (and the fine-tuning rounds of a
+        closed-form head, which are FedAvg rounds)."""
+        if cfg.strategy in ("fedavg", CLOSED_FORM):
             return None
         return cls(
             name=cfg.strategy,

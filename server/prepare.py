@@ -68,6 +68,32 @@ class Roster:
         return self.names.get(node, f"node {node}")
 
 
+class Exclusions:
+    """Sites left out of the rest of a run, with why: those that spoiled a round in a way
+    only a malicious site can (SecAgg+ key shares that do not rebuild the keys). The round
+    loop adds to it; sampling leaves these sites out."""
+
+    def __init__(self, earlier: Mapping[int, str] | None = None) -> None:
+        self._why: dict[int, str] = dict(earlier or {})
+
+    def add(self, node: int, why: str) -> bool:
+        """Leave ``node`` out from now on; False if it already was."""
+        if node in self._why:
+            return False
+        self._why[node] = why
+        return True
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._why
+
+    def of(self, nodes: set[int]) -> set[int]:
+        """``nodes`` without the excluded ones."""
+        return {n for n in nodes if n not in self._why}
+
+    def to_json(self) -> dict[str, str]:
+        return {str(n): why for n, why in sorted(self._why.items())}
+
+
 def site_label(node: int, chosen: str, taken: set[str]) -> str:
     """The label a site is shown by: the name it chose when valid and not taken by an
     earlier site (then suffixed with its node id), else ``node <id>``."""

@@ -95,13 +95,16 @@ class Recorder:
         secure_aggregation: dict[str, Any] | None,
         differential_privacy: dict[str, Any] | None,
         server_optimizer: dict[str, Any] | None,
+        closed_form: dict[str, Any] | None = None,
     ) -> None:
-        """How the rounds aggregate: SecAgg+'s parameters (None: plain), DP, optimizer."""
+        """How the rounds aggregate: SecAgg+'s parameters (None: plain), DP, optimizer,
+        and a closed-form head's statistics round."""
         if secure_aggregation is not None:
             self.report.secure_aggregation = "secagg+"
             self.report.secure_aggregation_params = secure_aggregation
         self.report.differential_privacy = differential_privacy
         self.report.server_optimizer = server_optimizer
+        self.report.closed_form = closed_form
 
     def round_started(self, server_round: int) -> None:
         emit(RoundStarted(server_round))

@@ -39,6 +39,9 @@ class RunReport:
     # The server optimizer (strategy other than fedavg) with the hyper-parameters it
     # ran with, its default learning rate resolved; None: FedAvg.
     server_optimizer: dict[str, Any] | None = None
+    # A closed-form head (strategy closed-form): the method, what each site sent, the
+    # candidate heads and how the sites' validation scored them, the one chosen.
+    closed_form: dict[str, Any] | None = None
     resumed_from: dict[str, Any] | None = None  # round, checkpoint and run id continued
     model: dict[str, Any] | None = None  # the final head's description (incl. its sha256)
     delivery: dict[str, Any] | None = None  # which sites verified and kept the final model
@@ -46,6 +49,8 @@ class RunReport:
     # per-site outcome (query.outcome): local-only / federated / personalized, the gain
     sites: list[dict[str, Any]] | None = None
     sites_failed: dict[str, str] = field(default_factory=dict)  # site label -> why
+    # sites left out of the rest of the run for spoiling a round: site label -> why
+    sites_excluded: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     # The global trainable tensors after the last round (TrainableSet order); kept for
     # the model package, never written to report.json.

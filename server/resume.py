@@ -108,10 +108,10 @@ def load_resume(cfg: RunConfig, run_dir: RunDir) -> Checkpoint | None:
             ],
             "run configuration",
         )
-    if ckpt.round >= cfg.num_server_rounds:
+    if ckpt.round >= cfg.rounds() and ckpt.complete:
         raise CheckpointError(
             f"resume-from: {ckpt.path.name} is round {ckpt.round} of a run of "
-            f"{cfg.num_server_rounds} rounds: nothing is left to train (raise "
+            f"{cfg.rounds()} rounds: nothing is left to train (raise "
             "num-server-rounds to train on)"
         )
     return ckpt

@@ -83,10 +83,16 @@ class RoundTraining:
     rejected: dict[int, str] = field(default_factory=dict)  # node (0: the aggregate) -> why
     train_loss: float = math.nan
     arrays: Arrays | None = None  # the new global head; None: it stays as it was
+    aggregate: Arrays | None = None  # what a round that sums something else summed ...
+    summed_sites: int = 0  # ... over this many sites
     # the head these sites were sent (the previous round's), evaluated in their replies
     evaluation: FederatedEvaluation | None = None
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    secagg_halted: str = ""  # the SecAgg+ stage at which too few sites were left
+    secagg_halted: str = ""  # the SecAgg+ stage at which the round stopped ...
+    secagg_reason: str = ""  # ... and why
+    # sites that spoiled the round in a way only a malicious site can: node -> why; the
+    # round loop leaves them out of the rest of the run
+    culprits: dict[int, str] = field(default_factory=dict)
 
     def count(self, replied: int, failures: Sequence[Failure]) -> None:
         """Who replied and who failed: a site that is gone leaves either no failure (a
@@ -108,6 +114,7 @@ class RoundTraining:
         result.train_loss = self.train_loss
         result.aggregated = self.arrays is not None
         result.secagg_seconds, result.secagg_halted = self.secagg_seconds, self.secagg_halted
+        result.secagg_reason = self.secagg_reason
 
 
 def train_loss(results: Sequence[tuple[ClientProxy, FitRes]]) -> float:

@@ -27,7 +27,8 @@ from flwr.app import Context
 from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
-from fedhead.common.config import RunConfig
+from fedhead.common.closed_form import LDA, LDA_SHRINKAGES, RIDGE_LAMBDAS, Statistics
+from fedhead.common.config import CLOSED_FORM, RunConfig
 from fedhead.common.errors import FederationError
 from fedhead.common.package import package_from_run
 from fedhead.common.protocol import OutcomeRequest
@@ -35,6 +36,15 @@ from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
 from fedhead.server.checkpoints import Checkpoint, Checkpointer, RoundState
+from fedhead.server.closed_form import (
+    ClosedForm,
+    ClosedFormPlan,
+    PlainStatistics,
+    SecureStatistics,
+    Validation,
+    choose,
+    grid_report,
+)
 from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
 from fedhead.server.exchange import wait_for_sites
 from fedhead.server.federated_eval import EvaluationPlan, FederatedEvaluation, Pooling
@@ -45,7 +55,7 @@ from fedhead.server.optimizers import (
     ServerOptimizerStrategy,
 )
 from fedhead.server.outcome import ask_outcomes, outcome_content
-from fedhead.server.prepare import BackboneDistributor, Roster, SiteCaps
+from fedhead.server.prepare import BackboneDistributor, Exclusions, Roster, SiteCaps
 from fedhead.server.privacy import PrivacyLedger, check_resumable
 from fedhead.server.recorder import Recorder, ReportCallback, new_report
 from fedhead.server.report import RunReport
@@ -58,7 +68,7 @@ from fedhead.server.resume import (
 )
 from fedhead.server.rounds import EvaluationStep, PlainTraining, Rounds, Training, legacy_rounds
 from fedhead.server.rundir import FINISHED, RunDir, RunState
-from fedhead.server.secagg import SecAggTraining, secagg_params
+from fedhead.server.secagg import HeadUpdates, SecAggTraining, secagg_params
 from fedhead.server.server_model import ServerModel, build_server_model, fit_settings, run_spec
 from fedhead.server.strategy import FedHeadStrategy
 from fedhead.server.testset import ServerTestSet, server_test_set
@@ -83,7 +93,7 @@ def run_federation(
         RunState(
             run_id=context.run_id,
             out_dir=str(run_dir.path),
-            num_rounds=cfg.num_server_rounds,
+            num_rounds=cfg.rounds(),
             rounds_done=resume.round if resume else 0,
             resumed_from=resumed_from(resume),
         )
@@ -94,7 +104,7 @@ def run_federation(
         run = Run.start(MeteredGrid(grid), context, cfg, run_dir, resume, on_report)
         roster = run.prepare()
         plan = run.plan(roster)
-        with legacy_rounds(run.grid, context, plan.strategy, cfg.num_server_rounds) as rounds:
+        with legacy_rounds(run.grid, context, plan.strategy, cfg.rounds()) as rounds:
             head = run.rounds(rounds, plan)
             report = run.finish(roster, plan, head, time.perf_counter() - t0)
     except BaseException as err:
@@ -111,11 +121,13 @@ class Plan:
     steps call (FedHeadStrategy, wrapped for DP and a server optimizer), the training
     step (plain or SecAgg+) and the evaluation step, and the run's privacy ledger."""
 
+    roster: Roster
     strategy: Strategy
     training: Training
     evaluation: EvaluationStep
     evaluations: EvaluationPlan
     privacy: PrivacyLedger | None
+    closed_form: ClosedForm | None = None  # a closed-form head's statistics round
 
 
 @dataclass
@@ -141,6 +153,7 @@ class Run:
     checkpoints: Checkpointer
     test_set: ServerTestSet | None
     optimizer: ServerOptimizer | None  # with its state after the checkpoint's round
+    excluded: Exclusions  # sites left out of the rest of the run (the loop adds them)
 
     @classmethod
     def start(
@@ -160,6 +173,14 @@ class Run:
                 "resuming with settings changed since the checkpoint: %s", "; ".join(changes)
             )
         check_resumable(cfg, resume)
+        if cfg.strategy == CLOSED_FORM and not cfg.closed_form_applies():
+            log.info(
+                "strategy closed-form needs a linear head on a frozen trunk; this run's "
+                "(head %s, unfreeze-blocks %d) is trained with FedAvg for %d rounds",
+                cfg.head,
+                cfg.unfreeze_blocks,
+                cfg.num_server_rounds,
+            )
         optimizer_settings = ServerOptimizerSettings.from_run(cfg)
         optimizer = ServerOptimizer(optimizer_settings) if optimizer_settings else None
         if optimizer is not None and resume is not None:
@@ -181,6 +202,7 @@ class Run:
             checkpoints,
             server_test_set(cfg, sm),
             optimizer,
+            Exclusions(resume.excluded if resume else None),
         )
         log.info(
             "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
@@ -190,7 +212,7 @@ class Run:
             sm.sha256[:12],
             sm.trainable.num_params,
             sm.trainable.nbytes,
-            cfg.num_server_rounds,
+            cfg.rounds(),
             _describe_strategy(cfg, optimizer_settings),
             f", resuming after round {resume.round} from {resume.path}" if resume else "",
         )
@@ -236,7 +258,10 @@ class Run:
         cfg, sm, resume = self.cfg, self.sm, self.resume
         ready = len(roster.ready)
         sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
-        evaluations = EvaluationPlan.of_run(cfg, resume.round if resume else None)
+        evaluated = resume.round if resume else None  # heads whose evaluation is in
+        if cfg.closed_form_applies():  # round 1's: the sites' validation of its candidates
+            evaluated = max(1, evaluated or 0)
+        evaluations = EvaluationPlan.of_run(cfg, evaluated)
         pooling = Pooling(evaluations, roster.name)
         settings = fit_settings(cfg, sm.trainable)
         strategy: Strategy = FedHeadStrategy(
@@ -244,14 +269,16 @@ class Run:
             trainable=sm.trainable,
             initial=resume.arrays if resume else self.initial,
             settings=settings,
-            num_rounds=cfg.num_server_rounds,
+            num_rounds=cfg.rounds(),
             min_sites=cfg.min_sites,
             lr_schedule=cfg.lr_schedule,
             fraction_train=cfg.fraction_train,
             evaluation=evaluations,
             secure=cfg.secure_aggregation,
+            excluded=self.excluded,
         )
-        privacy = PrivacyLedger.of_run(cfg, ready, sampled)
+        # a closed-form head's privacy is its statistics' one release (server.closed_form)
+        privacy = None if cfg.closed_form_applies() else PrivacyLedger.of_run(cfg, ready, sampled)
         if privacy is not None:
             if resume is not None:
                 privacy.resume(resume)
@@ -269,7 +296,7 @@ class Run:
         if cfg.secure_aggregation:
             params = secagg_params(cfg, sampled, max(roster.train_caps.values()))
             secure = params.report()
-            training = SecAggTraining(params, roster, sm.trainable, settings, pooling)
+            training = SecAggTraining(params, roster, pooling, HeadUpdates(sm.trainable, settings))
             log.info(
                 "secure aggregation: SecAgg+ over %d sites (shares %s, threshold %s, "
                 "clipping +-%g)",
@@ -286,13 +313,43 @@ class Run:
             training = PlainTraining(
                 roster, sm.trainable, settings.max_update_norm, pooling, cfg.round_timeout
             )
+        closed_form = self._closed_form(roster, pooling) if cfg.closed_form_applies() else None
         self.recorder.planned(
             secure,
-            privacy.report() if privacy else None,
+            closed_form.privacy_report()
+            if closed_form
+            else (privacy.report() if privacy else None),
             self.optimizer.settings.describe() if self.optimizer else None,
+            closed_form.plan.describe() if closed_form else None,
         )
         evaluation = EvaluationStep(roster, pooling, cfg.round_timeout)
-        return Plan(strategy, training, evaluation, evaluations, privacy)
+        return Plan(roster, strategy, training, evaluation, evaluations, privacy, closed_form)
+
+    def _closed_form(self, roster: Roster, pooling: Pooling) -> ClosedForm:
+        """The statistics round of a closed-form head: every ready site sends its
+        statistics (under SecAgg+: the server sees their sum only)."""
+        cfg, sm = self.cfg, self.sm
+        plan = ClosedFormPlan.of_run(cfg, sm.trainable, sm.spec.feature_dim)
+        statistics: Training
+        if cfg.secure_aggregation:
+            # every site weighs one: the statistics are sums, whatever the site's size
+            params = secagg_params(cfg, len(roster.ready), 1)
+            statistics = SecAggTraining(params, roster, pooling, SecureStatistics(plan, roster))
+        else:
+            statistics = PlainStatistics(
+                plan, roster, cfg.max_site_examples, cfg.min_sites, cfg.round_timeout
+            )
+        validation = Validation(roster, pooling, sm.trainable.names, cfg.round_timeout)
+        log.info(
+            "closed-form head (%s): round 1 sums %d values of statistics per site%s, then the "
+            "sites choose among %d candidate heads; %d fine-tuning round(s) follow",
+            plan.method,
+            plan.vector_size(),
+            " under SecAgg+" if plan.codec else "",
+            len(LDA_SHRINKAGES if plan.method == LDA else RIDGE_LAMBDAS),
+            cfg.fine_tune_rounds,
+        )
+        return ClosedForm(plan, statistics, validation, roster, cfg.max_site_examples)
 
     # --- 3. rounds -------------------------------------------------------------------
     def rounds(self, rounds: Rounds, plan: Plan) -> Arrays:
@@ -301,21 +358,28 @@ class Run:
         A round is complete once its head's federated evaluation is in. When the next
         round's train messages carry that evaluation, the round waits, pending, until
         that training is done; the last round's head always gets evaluate messages."""
-        num_rounds, resume = self.cfg.num_server_rounds, self.resume
+        num_rounds, resume = self.cfg.rounds(), self.resume
         head = resume.arrays if resume else self.initial
         pending: _Pending | None = None
-        if resume is None:  # round 0: the initial head, the baseline the rounds improve on
-            pending = self._evaluate(rounds, plan, RoundResult(0), head, time.perf_counter())
-            first = 1
-        else:
+        if resume is not None:
             log.info("resuming after round %d of %d", resume.round, num_rounds)
             resume.restore_rng()
             first = resume.round + 1
+        elif plan.closed_form is None:
+            # round 0: the initial head, the baseline the rounds improve on
+            pending = self._evaluate(rounds, plan, RoundResult(0), head, time.perf_counter())
+            first = 1
+        else:
+            first = 1
+        if plan.closed_form is not None and (first == 1 or (resume and not resume.complete)):
+            head = self._statistics_round(rounds, plan, plan.closed_form)
+            first = 2
         for rnd in range(first, num_rounds + 1):
             t0 = time.perf_counter()
             self.recorder.round_started(rnd)
             self.checkpoints.round_started(rnd)
             training = rounds.train(plan.training, rnd, head)
+            self._exclude(plan.roster, training.culprits, rnd)
             if pending is not None:  # its evaluation came with this round's training
                 self._complete(pending, training.evaluation)
             result = RoundResult(rnd)
@@ -323,6 +387,80 @@ class Run:
             head = training.arrays if training.arrays is not None else head
             pending = self._evaluate(rounds, plan, result, head, t0)
         return head
+
+    def _statistics_round(self, rounds: Rounds, plan: Plan, cf: ClosedForm) -> Arrays:
+        """Round 1 of a closed-form head: the sites' summed statistics, the candidate
+        heads solved from them, and the one the sites' validation chose."""
+        t0 = time.perf_counter()
+        self.recorder.round_started(1)
+        self.checkpoints.round_started(1)
+        result = RoundResult(1)
+        resume = self.resume
+        if resume is not None and resume.statistics is not None:
+            log.info("round 1: the sites' summed statistics come from %s", resume.path.name)
+            stats = Statistics.from_vector(resume.statistics, cf.plan.layout)
+            result = resume.results[-1]
+        else:
+            training = rounds.train(cf.statistics, 1, self.initial)
+            self._exclude(plan.roster, training.culprits, 1)
+            training.into(result)
+            stats = cf.summed(training)
+        candidates = cf.plan.candidates(stats)
+        heads = [cf.plan.arrays(c) for c in candidates]
+        # The sum is saved before the sites are asked to choose: a crash from here on
+        # resumes without asking them for their statistics again.
+        kept = RoundState(
+            closed_form={"method": cf.plan.method, "chosen": None},
+            statistics=stats.to_vector(),
+        )
+        self.checkpoints.round_trained(result, heads[len(heads) // 2], kept)
+        evaluations = cf.validation.evaluate(self.grid, 1, heads)
+        chosen = choose(evaluations)
+        evaluations[chosen].into(result)
+        result.aggregated = True
+        result.seconds = time.perf_counter() - t0
+        result.bytes_to_sites, result.bytes_from_sites = self.grid.take()
+        grid = grid_report(candidates, evaluations, chosen)
+        report = self.recorder.report
+        report.closed_form = {
+            **cf.plan.describe(),
+            "chosen": candidates[chosen].label,
+            "grid": grid,
+        }
+        if cf.plan.release is not None:
+            result.dp_epsilon = cf.plan.release.epsilon()
+            result.dp_delta = cf.plan.release.delta
+        log.info(
+            "round 1: the sites chose %s (pooled balanced accuracy %.4f over %d examples)",
+            candidates[chosen].label,
+            evaluations[chosen].metrics.get("balanced_accuracy", evaluations[chosen].accuracy),
+            evaluations[chosen].examples,
+        )
+        head = heads[chosen]
+        done = RoundState(
+            closed_form={
+                "method": cf.plan.method,
+                "chosen": candidates[chosen].label,
+                "grid": grid,
+            },
+            statistics=stats.to_vector(),
+        )
+        self.checkpoints.round_trained(result, head, done)
+        self._complete(_Pending(result, head), None)
+        return head
+
+    def _exclude(self, roster: Roster, culprits: dict[int, str], server_round: int) -> None:
+        """Leave the sites that spoiled a round out of the rest of the run."""
+        for node, why in culprits.items():
+            if self.excluded.add(node, why):
+                name = roster.name(node)
+                self.recorder.report.sites_excluded[name] = why
+                log.error(
+                    "round %d: %s is left out of the rest of the run: it %s",
+                    server_round,
+                    name,
+                    why,
+                )
 
     def _evaluate(
         self, rounds: Rounds, plan: Plan, result: RoundResult, head: Arrays, t0: float
@@ -334,9 +472,7 @@ class Run:
             loss, accuracy, metrics = self.test_set(head)
             result.server_eval_loss, result.server_eval_accuracy = loss, accuracy
             result.server_eval_metrics = metrics
-        if result.round < self.cfg.num_server_rounds and plan.evaluations.in_train(
-            result.round + 1
-        ):
+        if result.round < self.cfg.rounds() and plan.evaluations.in_train(result.round + 1):
             return self._trained(rounds, plan, result, head, t0)
         evaluation = rounds.evaluate(plan.evaluation, result.round, head)
         pending = self._trained(rounds, plan, result, head, t0)
@@ -353,7 +489,11 @@ class Run:
         if privacy is not None and result.aggregated:
             result.dp_epsilon = privacy.release()
             result.dp_delta = privacy.delta
-        state = RoundState(privacy.checkpoint_state() if privacy else None, self.optimizer)
+        state = RoundState(
+            privacy.checkpoint_state() if privacy else None,
+            self.optimizer,
+            excluded=self.excluded.to_json(),
+        )
         self.checkpoints.round_trained(result, head, state)
         return _Pending(result, head)
 
@@ -371,7 +511,7 @@ class Run:
         cfg, sm, report, grid = self.cfg, self.sm, self.recorder.report, self.grid
         names = sm.trainable.names
         spec = run_spec(cfg, sm)
-        description = describe_model(spec, self.context.run_id, cfg.num_server_rounds, names, head)
+        description = describe_model(spec, self.context.run_id, cfg.rounds(), names, head)
         report.model = description.to_config()
         self.recorder.finish(seconds)  # the final metrics, for the package
         if self.test_set is not None and (evaluation := self.test_set.evaluation(head)):
@@ -409,12 +549,12 @@ class Run:
             cfg,
             run_id=self.context.run_id,
             head_sha256=head_sha256,
-            rounds=cfg.num_server_rounds,
+            rounds=cfg.rounds(),
             resamples=OUTCOME_RESAMPLES,
         )
         content = outcome_content(request, fit_settings(cfg, self.sm.trainable), self.initial)
         # the local-only head costs a site the whole run's training again
-        timeout = cfg.round_timeout * (1 + (cfg.num_server_rounds if cfg.local_baseline else 1))
+        timeout = cfg.round_timeout * (1 + (cfg.rounds() if cfg.local_baseline else 1))
         outcomes = ask_outcomes(self.grid, kept, content, timeout, roster.val_caps, roster.name)
         report.sites, report.sites_failed = outcomes.sites, outcomes.failed
         for node in sorted(set(roster.nodes) - set(kept)):

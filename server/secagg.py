@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -37,6 +37,7 @@ from flwr.common import (
     bytes_to_ndarray,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -51,7 +52,7 @@ from fedhead.common.errors import ConfigError
 from fedhead.common.model import TrainableSet
 from fedhead.common.protocol import FitSettings
 from fedhead.common.rounds import SECAGG_STAGES
-from fedhead.server.aggregation import check_update
+from fedhead.server.aggregation import Arrays, check_update
 from fedhead.server.federated_eval import Pooling
 from fedhead.server.grids import DelegatingGrid
 from fedhead.server.prepare import Roster
@@ -188,23 +189,20 @@ def check_key_shares(node_id: int, content: RecordDict, neighbours: set[int]) ->
 def check_masked_vector(
     node_id: int,
     content: RecordDict,
-    trainable: TrainableSet,
+    shapes: Sequence[tuple[int, ...]],
     mod_range: int,
-    cap: int,
 ) -> int:
-    """SecAgg+ collect: a masked vector that Flower can sum, and a believable count.
-
-    The vector is the quantized weight (shape (1,)) followed by one integer array per
-    trainable tensor, each value in [0, mod_range). Returns the claimed example count.
-    """
+    """SecAgg+ collect: a masked vector that Flower can sum. The vector is the quantized
+    weight (shape (1,)) followed by one integer array of each of ``shapes``, each value
+    in [0, mod_range). Returns the example count the site claims (its weight)."""
     rec = _secagg_record(node_id, content)
     blobs = _list_of(node_id, rec, Key.MASKED_PARAMETERS, bytes)
-    shapes = [(1,), *(spec.shape for spec in trainable.tensors)]
-    if len(blobs) != len(shapes):
+    expected = [(1,), *shapes]
+    if len(blobs) != len(expected):
         raise ExcludedReply(
-            node_id, "malformed", f"masked vector has {len(blobs)} parts, {len(shapes)} expected"
+            node_id, "malformed", f"masked vector has {len(blobs)} parts, {len(expected)} expected"
         )
-    for i, (blob, shape) in enumerate(zip(blobs, shapes, strict=True)):
+    for i, (blob, shape) in enumerate(zip(blobs, expected, strict=True)):
         try:
             arr = bytes_to_ndarray(blob)
         except (ValueError, TypeError, EOFError) as err:
@@ -220,7 +218,8 @@ def check_masked_vector(
     res: FitRes = decoded(
         node_id, "train", lambda c: compat.recorddict_to_fitres(c, keep_input=True), content
     )
-    return claimed_count(node_id, res.num_examples, cap, "training")
+    count: int = res.num_examples
+    return count
 
 
 def check_unmask_shares(node_id: int, content: RecordDict, neighbours: set[int]) -> None:
@@ -300,6 +299,35 @@ def aggregate_problem(
     return check_update(aggregate, trainable, settings.max_update_norm)
 
 
+def _combines(shares: list[bytes]) -> bool:
+    try:
+        combine_shares(shares)
+    except (ValueError, TypeError, IndexError):
+        return False
+    return True
+
+
+def bad_share_holders(
+    sent: Mapping[int, tuple[list[int], list[bytes]]], threshold: int
+) -> set[int]:
+    """The holders whose unmask shares stop a key from being rebuilt, found with the spare
+    shares: for each key whose shares do not combine, a holder is named when the key
+    combines without its share and not with it. Needs more shares than the threshold;
+    without spares nobody can be named."""
+    by_owner: dict[int, list[tuple[int, bytes]]] = {}
+    for holder, (owners, shares) in sent.items():
+        for owner, share in zip(owners, shares, strict=False):
+            by_owner.setdefault(owner, []).append((holder, share))
+    named: set[int] = set()
+    for items in by_owner.values():
+        if _combines([s for _, s in items]) or len(items) - 1 < threshold:
+            continue
+        named |= {
+            holder for holder, _ in items if _combines([s for other, s in items if other != holder])
+        }
+    return named
+
+
 @dataclass(frozen=True)
 class SecureWeight:
     """What a SecAgg+ round's aggregate must have been divided by: the quantized
@@ -309,6 +337,58 @@ class SecureWeight:
     sites: int
     clipping_range: float
     quantization_range: int
+
+
+# --- what a SecAgg+ round sums -------------------------------------------------------
+Instructions = list[tuple[ClientProxy, FitIns]]
+
+
+class SecurePayload(Protocol):
+    """What a SecAgg+ round sums: the sites' head updates (``HeadUpdates``), or the
+    closed-form statistics (``server.closed_form``)."""
+
+    def configure(
+        self, stack: Strategy, server_round: int, parameters: Parameters, cm: ClientManager
+    ) -> Instructions:
+        """The sites sampled for the round and what their train messages say."""
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The arrays each site's masked vector holds after its weight."""
+
+    def claim(self, node_id: int, count: int, cap: int) -> None:
+        """Refuse (ExcludedReply) an example count a site may not claim."""
+
+    def problem(self, raw: Arrays, weight: SecureWeight | None) -> tuple[str, str] | None:
+        """Why the unmasked aggregate cannot come from honest sites (None: it can)."""
+
+    @property
+    def updates_head(self) -> bool:
+        """True: the checked aggregate goes to the strategy stack (a new head); False: it
+        is the round's result as it is (``RoundTraining.aggregate``)."""
+
+
+@dataclass(frozen=True)
+class HeadUpdates:
+    """The sites' head deltas: the strategy samples and configures, each site's weight
+    is its example count, the aggregate must be a mean honest deltas can produce."""
+
+    trainable: TrainableSet
+    settings: FitSettings
+    updates_head: bool = True
+
+    def configure(
+        self, stack: Strategy, server_round: int, parameters: Parameters, cm: ClientManager
+    ) -> Instructions:
+        return stack.configure_fit(server_round, parameters, cm)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [spec.shape for spec in self.trainable.tensors]
+
+    def claim(self, node_id: int, count: int, cap: int) -> None:
+        claimed_count(node_id, count, cap, "training")
+
+    def problem(self, raw: Arrays, weight: SecureWeight | None) -> tuple[str, str] | None:
+        return aggregate_problem(raw, self.trainable, self.settings, weight)
 
 
 # --- the workflow ---------------------------------------------------------------------
@@ -364,6 +444,8 @@ class _RoundState(WorkflowState):
     claims: dict[int, int] = field(default_factory=dict)  # node -> example count it masked
     weight: SecureWeight | None = None
     asked: set[int] = field(default_factory=set)  # sites asked to evaluate in their reply
+    # unmask stage: holder -> (owners, their shares) as the holder sent them
+    unmask_shares: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
 
 
 class _CheckedAggregate(Strategy):
@@ -381,7 +463,8 @@ class _CheckedAggregate(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        instructions = self.stack.configure_fit(server_round, parameters, client_manager)
+        payload = self.owner.payload
+        instructions = payload.configure(self.stack, server_round, parameters, client_manager)
         self.state.training.selected = len(instructions)
         self.state.asked = asked_to_evaluate(instructions)
         return instructions
@@ -412,18 +495,12 @@ class SecAggTraining(SecAggPlusWorkflow):
     checked, returning what the round produced (``RoundTraining``)."""
 
     def __init__(
-        self,
-        params: SecAggParams,
-        roster: Roster,
-        trainable: TrainableSet,
-        settings: FitSettings,
-        pooling: Pooling,
+        self, params: SecAggParams, roster: Roster, pooling: Pooling, payload: SecurePayload
     ) -> None:
         super().__init__(**params.workflow_args())
         self.roster = roster
-        self.trainable = trainable
-        self.settings = settings
         self.pooling = pooling
+        self.payload = payload
 
     def train(self, grid: Grid, context: LegacyContext, server_round: int) -> RoundTraining:
         state = _RoundState(server_round=server_round)
@@ -448,15 +525,37 @@ class SecAggTraining(SecAggPlusWorkflow):
         return state.training
 
     def _halted(self, state: _RoundState, stage: str) -> None:
-        """Too few live sites for the reconstruction threshold at ``stage``."""
-        state.training.secagg_halted = stage
-        state.training.count(len(state.active_node_ids), state.failures)
+        """The round stopped at ``stage``: too few live sites for the reconstruction
+        threshold, or (unmask) key shares that do not rebuild the keys."""
+        training = state.training
+        training.secagg_halted = stage
+        training.secagg_reason = training.secagg_reason or "too few live sites for the threshold"
+        training.count(len(state.active_node_ids), state.failures)
+        for node, why in training.culprits.items():
+            training.rejected[node] = "shares"
+            log.error("round %d: %s: %s", state.server_round, self.roster.name(node), why)
         log.error(
-            "round %d: secure aggregation stopped at stage %s (too few live sites for the "
-            "reconstruction threshold); the global head stays as it was",
+            "round %d: secure aggregation stopped at stage %s (%s); the global head stays as "
+            "it was",
             state.server_round,
             stage,
+            training.secagg_reason,
         )
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's unmask stage, which raises when key shares do not combine (a site sent
+        shares that are not the ones it was given): the round stops cleanly instead, and
+        the sites whose shares are the reason are named where the spare shares tell."""
+        assert isinstance(state, _RoundState)
+        try:
+            return bool(super().unmask_stage(grid, context, state))
+        except (ValueError, TypeError) as err:  # combine_shares, or a rebuilt key unreadable
+            state.training.secagg_reason = f"key shares that do not combine ({err})"
+            state.training.culprits = {
+                node: "sent SecAgg+ unmask shares that do not rebuild the keys they belong to"
+                for node in bad_share_holders(state.unmask_shares, state.threshold)
+            }
+            return False
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().share_keys_stage(grid, context, state)
@@ -503,16 +602,20 @@ class SecAggTraining(SecAggPlusWorkflow):
 
     def _masked_vector_check(self, state: _RoundState) -> ReplyCheck:
         def check(node: int, content: RecordDict) -> None:
-            cap = self.roster.train_caps.get(node, 0)
-            state.claims[node] = check_masked_vector(
-                node, content, self.trainable, state.mod_range, cap
-            )
+            count = check_masked_vector(node, content, self.payload.shapes(), state.mod_range)
+            self.payload.claim(node, count, self.roster.train_caps.get(node, 0))
+            state.claims[node] = count
 
         return check
 
     def _unmask_check(self, state: _RoundState) -> ReplyCheck:
         def check(node: int, content: RecordDict) -> None:
             check_unmask_shares(node, content, state.nid_to_neighbours.get(node, set()))
+            rec = _secagg_record(node, content)
+            state.unmask_shares[node] = (
+                _list_of(node, rec, Key.NODE_ID_LIST, int),
+                _list_of(node, rec, Key.SHARE_LIST, bytes),
+            )
 
         return check
 
@@ -532,12 +635,16 @@ class SecAggTraining(SecAggPlusWorkflow):
             log.warning("round %d: a site failed: %s", rnd, describe_failure(failure))
         if results:
             raw = parameters_to_ndarrays(results[0][1].parameters)
-            problem = aggregate_problem(raw, self.trainable, self.settings, state.weight)
+            problem = self.payload.problem(raw, state.weight)
             if problem is not None:
                 training.rejected[0] = problem[0]
                 log.warning(
                     "round %d: rejected the secure aggregate (%s): aggregate: %s", rnd, *problem
                 )
+                return None, {}
+            if not self.payload.updates_head:
+                training.aggregate = raw
+                training.summed_sites = state.weight.sites if state.weight else len(results)
                 return None, {}
         new, metrics = stack.aggregate_fit(rnd, results, failures)
         training.arrays = parameters_to_ndarrays(new) if new is not None else None

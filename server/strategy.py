@@ -34,7 +34,7 @@ from fedhead.common.protocol import FitSettings
 from fedhead.common.training import scheduled_lr
 from fedhead.server.aggregation import Arrays, apply_delta, weighted_mean
 from fedhead.server.federated_eval import EvaluationPlan
-from fedhead.server.prepare import Roster
+from fedhead.server.prepare import Exclusions, Roster
 from fedhead.server.rounds import Failure, FitResults
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ class _Ready(Criterion):
         return client.node_id in self.ready
 
 
-def _sample(cm: ClientManager, ready: set[int], fraction: float, minimum: int) -> list[ClientProxy]:
+def sample_ready(
+    cm: ClientManager, ready: set[int], fraction: float, minimum: int
+) -> list[ClientProxy]:
     """Sample ready, connected sites without blocking; [] if fewer than ``minimum``."""
     available = [c for c in cm.all().values() if c.node_id in ready]
     if len(available) < minimum:
@@ -80,6 +82,7 @@ class FedHeadStrategy(Strategy):
     fraction_train: float = 1.0
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     secure: bool = False
+    excluded: Exclusions = field(default_factory=Exclusions)  # kept by the round loop
     # The global tensors the current round started from: sites send deltas from them.
     _start: tuple[int, Arrays] | None = field(init=False, default=None)
 
@@ -100,8 +103,8 @@ class FedHeadStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        ready = set(self.roster.ready)
-        sites = _sample(client_manager, ready, self.fraction_train, self.min_sites)
+        ready = self.excluded.of(set(self.roster.ready))
+        sites = sample_ready(client_manager, ready, self.fraction_train, self.min_sites)
         lr = scheduled_lr(
             self.settings.learning_rate, server_round, self.num_rounds, self.lr_schedule
         )
@@ -149,7 +152,8 @@ class FedHeadStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        sites = _sample(client_manager, set(self.roster.ready), self.evaluation.fraction, 1)
+        ready = self.excluded.of(set(self.roster.ready))
+        sites = sample_ready(client_manager, ready, self.evaluation.fraction, 1)
         # Sites evaluate one head per round they trained in (round 0: the initial head).
         config: dict[str, Scalar] = {
             "server_round": server_round,

@@ -142,3 +142,17 @@ def masked_vector(change: Callable[[list[np.ndarray]], list[np.ndarray] | None])
         reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
 
     return _rewrite(MessageType.TRAIN, rewrite)
+
+
+def unmask_shares(change: Callable[[list[bytes]], list[bytes]]) -> Mod:
+    """Rewrite the key shares a SecAgg+ site sends in the unmask stage."""
+
+    def rewrite(reply: Message) -> None:
+        rec = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if rec is None or Key.SHARE_LIST not in rec:
+            return
+        values = dict(rec)
+        values[Key.SHARE_LIST] = change(list(rec[Key.SHARE_LIST]))  # type: ignore[arg-type]
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+
+    return _rewrite(MessageType.TRAIN, rewrite)

@@ -380,3 +380,30 @@ def test_a_site_refuses_to_evaluate_heads_it_did_not_train_from(offline_world: P
     for server_round in (0, 1, 2):  # before training, again for round 1, a future round
         (reply,) = grid.send_and_receive([probe(server_round)])
         assert reply.has_error() and "FederationError" in (reply.error.reason or "")
+
+
+def test_garbage_unmask_shares_stop_the_round_name_the_site_and_leave_it_out(
+    offline_world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random bytes of the right length as a site's unmask-stage Shamir shares make
+    Flower's share combination fail: the round stops cleanly (no crash, the reason in the
+    report), the spare shares name the site, and the rest of the run goes on without it."""
+    tmp = offline_world
+    rng = np.random.default_rng(7)
+
+    def garbage(shares: list[bytes]) -> list[bytes]:
+        return [rng.bytes(len(s)) for s in shares]
+
+    report, grid = _attacked(tmp, adv.unmask_shares(garbage), secure=True, rounds=3)
+    first, *later = report["rounds"]
+    assert first["secagg_halted"] == "unmask" and not first["aggregated"]
+    assert "do not combine" in first["secagg_reason"]
+    assert first["rejected_sites"] == {str(ATTACKER): "shares"}
+    assert report["sites_excluded"] == {
+        f"node {ATTACKER}": "sent SecAgg+ unmask shares that do not rebuild the keys they belong to"
+    }
+    assert _named(caplog, "left out of the rest of the run")
+    for r in later:  # the honest two go on alone: the attacker gets no train message
+        assert r["aggregated"] and r["sites_selected"] == 2, r
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.group_id == "3"}
+    assert ATTACKER not in trained
