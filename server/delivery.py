@@ -302,6 +302,40 @@ def _answers(
     return states, proofs
 
 
+def offer_and_deliver(
+    grid: Grid, run: FinishedRun, nodes: list[int], timeout: float, by_run: int
+) -> dict[str, object]:
+    """Offer ``run``'s model to ``nodes`` and send it to those that trained in that run
+    and lack it (never to a site that holds it already)."""
+    states, proofs = _answers(grid, run, nodes, timeout)
+    groups: dict[str, list[int]] = {"already_held": []}  # the sites that did not ask, by answer
+    for node, state in states.items():
+        key = "already_held" if state == MODEL_HELD else state.replace("-", "_")
+        groups.setdefault(key, []).append(node)
+    entry = deliver_earlier(grid, run, proofs, timeout, by_run, groups)
+    log.info(
+        "run %d's model: sent to %d site(s) %s, already held by %d %s; other nodes: %s",
+        run.run_id,
+        len(entry["delivered_to"]),  # type: ignore[arg-type]
+        entry["delivered_to"],
+        len(groups["already_held"]),
+        groups["already_held"],
+        {k: v for k, v in groups.items() if k != "already_held" and v} or "none",
+    )
+    return entry
+
+
+def connected_sites(grid: Grid, cfg: RunConfig) -> list[int]:
+    """The connected nodes, once min-sites are there or join-timeout is up (at least one)."""
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout)
+    if not nodes:
+        raise FederationError(
+            f"no site connected within {cfg.join_timeout:.0f}s",
+            "start the sites' nodes, then retry",
+        )
+    return nodes
+
+
 def deliver_only(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, object]:
     """A delivery-only run (``deliver-from``): offer one finished run's model to the
     connected sites and send it to those that trained in that run and lack it."""
@@ -312,27 +346,8 @@ def deliver_only(grid: Grid, context: Context, cfg: RunConfig) -> dict[str, obje
         run.description.head_sha256,
         run.run_dir.path,
     )
-    nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout)
-    if not nodes:
-        raise FederationError(
-            f"no site connected within {cfg.join_timeout:.0f}s",
-            "start the sites' nodes, then retry",
-        )
-    states, proofs = _answers(grid, run, nodes, cfg.round_timeout)
-    groups: dict[str, list[int]] = {"already_held": []}  # the sites that did not ask, by answer
-    for node, state in states.items():
-        key = "already_held" if state == MODEL_HELD else state.replace("-", "_")
-        groups.setdefault(key, []).append(node)
-    entry = deliver_earlier(grid, run, proofs, cfg.round_timeout, context.run_id, groups)
-    log.info(
-        "run %d's model: sent to %d site(s) %s, already held by %d %s; other nodes: %s",
-        run.run_id,
-        len(entry["delivered_to"]),  # type: ignore[arg-type]
-        entry["delivered_to"],
-        len(groups["already_held"]),
-        groups["already_held"],
-        {k: v for k, v in groups.items() if k != "already_held" and v} or "none",
-    )
+    nodes = connected_sites(grid, cfg)
+    entry = offer_and_deliver(grid, run, nodes, cfg.round_timeout, context.run_id)
     if failed := entry["failed"]:
         raise FederationError(
             f"run {run.run_id}'s model did not reach every site that asked for it: {failed}",

@@ -4,7 +4,9 @@ A fresh run refuses an out-dir that already holds checkpoints (nothing is overwr
 silently). A resumed run continues from the checkpoint ``resume-from`` names (a file, a
 checkpoints folder or an out-dir: its newest readable checkpoint) and refuses one whose
 model differs from the run's in anything that shapes it, or whose server optimizer is
-another. Other changed settings are allowed and logged.
+another. Other changed settings are allowed and logged. A run cut off after its last
+round (during the final evaluation, the delivery, the per-site outcome or the report)
+resumes into finishing it: ``server.run.finish_cut_off``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedhead.server.checkpoints import (
     holds_checkpoints,
     read_checkpoint,
 )
-from fedhead.server.rundir import RunDir
+from fedhead.server.rundir import FINISHED, RunDir
 
 # Run-config keys that shape the model: a checkpoint only resumes a run that agrees on
 # all of them (and on the resolved backbone sha256, input size and trainable set).
@@ -109,12 +111,22 @@ def load_resume(cfg: RunConfig, run_dir: RunDir) -> Checkpoint | None:
             "run configuration",
         )
     if ckpt.round >= cfg.rounds() and ckpt.complete:
-        raise CheckpointError(
-            f"resume-from: {ckpt.path.name} is round {ckpt.round} of a run of "
-            f"{cfg.rounds()} rounds: nothing is left to train (raise "
-            "num-server-rounds to train on)"
-        )
+        origin = RunDir(ckpt.path.parent.parent)
+        state = origin.read_state()
+        if state is not None and state.state == FINISHED:
+            raise CheckpointError(
+                f"resume-from: {ckpt.path.name} is the last round of a run that finished: "
+                f"its model is in {origin.model_dir} (to send it to sites that missed it, "
+                f"start a run with deliver-from='{origin.path}'; to train on, raise "
+                "num-server-rounds)"
+            )
     return ckpt
+
+
+def is_cut_off_after_rounds(cfg: RunConfig, ckpt: Checkpoint | None) -> bool:
+    """Whether a resumed run only has to finish: its checkpoint is of its last round,
+    complete, and the run was cut off before it finished (see ``load_resume``)."""
+    return ckpt is not None and ckpt.round >= cfg.rounds() and ckpt.complete
 
 
 def check_resume(

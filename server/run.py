@@ -35,7 +35,7 @@ from fedhead.common.protocol import OutcomeRequest
 from fedhead.common.rounds import RoundResult
 from fedhead.common.telemetry import RunFinished, RunStarted, emit
 from fedhead.server.aggregation import Arrays
-from fedhead.server.checkpoints import Checkpoint, Checkpointer, RoundState
+from fedhead.server.checkpoints import ROUND_HEADS, Checkpoint, Checkpointer, RoundState
 from fedhead.server.closed_form import (
     ClosedForm,
     ClosedFormPlan,
@@ -45,7 +45,14 @@ from fedhead.server.closed_form import (
     choose,
     grid_report,
 )
-from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
+from fedhead.server.delivery import (
+    EarlierModels,
+    ModelDelivery,
+    connected_sites,
+    describe_model,
+    finished_run,
+    offer_and_deliver,
+)
 from fedhead.server.exchange import wait_for_sites
 from fedhead.server.federated_eval import EvaluationPlan, FederatedEvaluation, Pooling
 from fedhead.server.grids import MeteredGrid
@@ -62,6 +69,7 @@ from fedhead.server.report import RunReport
 from fedhead.server.resume import (
     check_resume,
     checkpoint_meta,
+    is_cut_off_after_rounds,
     load_resume,
     model_identity,
     resumed_from,
@@ -89,6 +97,9 @@ def run_federation(
     report whenever a round completed and once the run finished."""
     run_dir = RunDir(out_dir) if out_dir else RunDir.for_run(cfg.out_dir, context.run_id)
     resume = load_resume(cfg, run_dir)  # refuses a used out-dir before anything is written
+    if is_cut_off_after_rounds(cfg, resume):
+        assert resume is not None
+        return finish_cut_off(grid, context, cfg, run_dir, resume, on_report)
     run_dir.begin(
         RunState(
             run_id=context.run_id,
@@ -514,6 +525,11 @@ class Run:
         description = describe_model(spec, self.context.run_id, cfg.rounds(), names, head)
         report.model = description.to_config()
         self.recorder.finish(seconds)  # the final metrics, for the package
+        try:  # no model to deliver when no round produced one: the initial head is none
+            require_progress(report)
+        except FederationError:
+            self.run_dir.write_report(report.to_json())
+            raise
         if self.test_set is not None and (evaluation := self.test_set.evaluation(head)):
             report.server_test_evaluation = evaluation.to_json()
         package = package_from_run(
@@ -537,7 +553,6 @@ class Run:
             else "",
             path,
         )
-        require_progress(report)
         self.run_dir.update(state=FINISHED, model_sha256=description.head_sha256, report=str(path))
         self.recorder.finished()
         return report
@@ -565,6 +580,74 @@ class Run:
             len(kept),
             len(outcomes.negative_transfer),
         )
+
+
+def finish_cut_off(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    run_dir: RunDir,
+    ckpt: Checkpoint,
+    on_report: ReportCallback | None = None,
+) -> RunReport:
+    """Finish a run cut off after its last round (during the final evaluation, the
+    delivery, the per-site outcome or the report): its model package, report and status
+    from the last checkpoint, under the run id its sites trained in; then the model to
+    every connected site that trained in that run and lacks it (never again to one that
+    holds it). The per-site outcome is not asked again."""
+    run_id = int(ckpt.meta["run_id"])
+    log.info(
+        "run %d ended after its last round (%d) without finishing; finishing it from %s",
+        run_id,
+        ckpt.round,
+        ckpt.path,
+    )
+    sm = build_server_model(cfg)
+    identity = model_identity(cfg, sm.sha256, sm.trainable.fingerprint())
+    check_resume(ckpt, identity, sm.trainable.names, cfg)
+    spec = run_spec(cfg, sm)
+    recorder = Recorder(new_report(run_id, cfg, sm, spec), sm, on_report)
+    recorder.resumed(ckpt)
+    report = recorder.report
+    report.resumed_from = {**(resumed_from(ckpt) or {}), "finished_by_run": context.run_id}
+    report.closed_form = ckpt.meta.get("closed_form")
+    head = ckpt.arrays
+    description = describe_model(spec, run_id, ckpt.round, sm.trainable.names, head)
+    report.model = description.to_config()
+    report.final_arrays = [a.copy() for a in head]
+    recorder.finish(0.0)
+    test_set = server_test_set(cfg, sm)
+    if test_set is not None and (evaluation := test_set.evaluation(head)):
+        report.server_test_evaluation = evaluation.to_json()
+    require_progress(report)
+    package = package_from_run(
+        cfg, sm.model, head, report.training_summary(), report.final_metrics()
+    )
+    package.write(run_dir.model_dir, overwrite=True)
+    state = run_dir.read_state()
+    run_dir.begin(
+        RunState(
+            run_id=run_id,
+            out_dir=str(run_dir.path),
+            num_rounds=cfg.rounds(),
+            rounds_done=ckpt.round,
+            resumed_from=state.resumed_from if state else None,
+            round_heads=dict(ckpt.meta.get(ROUND_HEADS, {})),
+            last_checkpoint=str(ckpt.path),
+            started=state.started if state else time.time(),
+        )
+    )
+    path = run_dir.write_report(report.to_json())
+    run_dir.update(state=FINISHED, model_sha256=description.head_sha256, report=str(path))
+    log.info("run %d finished: model package %s, report %s", run_id, run_dir.model_dir, path)
+    # The model to the sites that lack it: they say so, with a proof of having trained.
+    nodes = connected_sites(grid, cfg)
+    report.delivery = offer_and_deliver(
+        grid, finished_run(run_dir), nodes, cfg.round_timeout, context.run_id
+    )
+    run_dir.write_report(report.to_json())
+    recorder.finished()
+    return report
 
 
 def require_progress(report: RunReport) -> None:

@@ -48,7 +48,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from fedhead.common.config import RunConfig
-from fedhead.common.errors import ConfigError
+from fedhead.common.errors import ConfigError, FederationError
 from fedhead.common.model import TrainableSet
 from fedhead.common.protocol import FitSettings
 from fedhead.common.rounds import SECAGG_STAGES
@@ -107,6 +107,12 @@ def _resolved_shares(num_shares: float | int, n: int) -> int:
 
 def secagg_params(cfg: RunConfig, sampled_sites: int, max_examples: int) -> SecAggParams:
     """Derive SecAgg+ settings for ``sampled_sites`` per round from the run config."""
+    if sampled_sites < 2:
+        raise FederationError(
+            f"secure aggregation needs at least 2 sites per round; {sampled_sites} take part "
+            "(a sum of one site's update is that update)",
+            "start more sites, or run a single site with secure-aggregation=false",
+        )
     problems = []
     shares: float | int = (
         float(cfg.secagg_num_shares) if cfg.secagg_num_shares <= 1 else int(cfg.secagg_num_shares)

@@ -60,9 +60,9 @@ def loopback_config(tmp: Path, **overrides: object) -> RunConfig:
     )
 
 
-def server_context() -> Context:
-    """The ServerApp's context, as Flower would give it for run 4242."""
-    return Context(run_id=4242, node_id=0, node_config={}, state=RecordDict(), run_config={})
+def server_context(run_id: int = 4242) -> Context:
+    """The ServerApp's context, as Flower would give it for run ``run_id``."""
+    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
 def run(grid: LoopbackGrid, tmp: Path, **overrides: object) -> ReportJson:

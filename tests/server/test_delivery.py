@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 
 from fedhead.client.app import app as client_app
 from fedhead.client.models import SiteModels
@@ -21,7 +21,7 @@ from fedhead.server.run import run_federation
 from fedhead.server.rundir import RunDir
 from tests.loopback import LoopbackGrid
 from tests.reports import read_report
-from tests.server.conftest import CLASSES, nodes, write_sites
+from tests.server.conftest import CLASSES, nodes, server_context, write_sites
 
 FIRST, SECOND = 4242, 5151
 
@@ -39,10 +39,6 @@ def config(tmp: Path, run_id: int, **overrides: object) -> RunConfig:
             **overrides,
         }
     )
-
-
-def server_context(run_id: int) -> Context:
-    return Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
 def site_listing(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

@@ -13,9 +13,12 @@ from flwr.app import Message
 
 from fedhead.client.app import app as client_app
 from fedhead.common.errors import ConfigError
+from fedhead.common.protocol import MSG_MODEL
 from fedhead.server.checkpoints import CheckpointStore
+from fedhead.server.run import run_federation
 from tests.loopback import RUN_ID, LoopbackGrid
-from tests.server.conftest import nodes, run, write_sites
+from tests.reports import read_report
+from tests.server.conftest import loopback_config, nodes, run, server_context, write_sites
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +104,48 @@ def test_a_resume_with_another_model_setting_is_refused(offline_world: Path) -> 
     with pytest.raises(ConfigError, match="head='linear' but this run has head='mlp'"):
         run(grid, tmp, **PLAIN, **{"resume-from": str(out), "head": "mlp"})
     assert grid.sent == []  # refused before any site heard of it
+
+
+def test_a_run_cut_off_during_delivery_is_finished_and_the_model_sent_only_where_missing(
+    offline_world: Path,
+) -> None:
+    """The server goes down while it delivers the final model: one site kept it, the
+    other never got it. Resuming the run finishes it (package, report, status) without
+    training again, and sends the model to the site that lacks it only."""
+    tmp = offline_world
+    sites = write_sites(tmp, 2)
+    out = tmp / "cut"
+    grid = LoopbackGrid(client_app, nodes(tmp, sites))
+
+    def crash_during_delivery(node: int, msg: Message) -> None:
+        if msg.metadata.message_type == MSG_MODEL and node == 101:
+            raise Crash("SuperLink killed during delivery")
+
+    grid.before_delivery = crash_during_delivery
+    with pytest.raises(Crash):
+        run(grid, tmp, **PLAIN, **{"out-dir": str(out)})
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert (tmp / "node0" / "models" / str(RUN_ID) / "model.json").is_file()
+    assert not (tmp / "node1" / "models" / str(RUN_ID)).exists()
+
+    finishing = 5151  # the run that finishes it has an id of its own
+    grid = LoopbackGrid(client_app, nodes(tmp, sites), run_id=finishing)
+    cfg = loopback_config(tmp, **PLAIN, **{"out-dir": str(out), "resume-from": str(out)})
+    context = server_context(finishing)
+    run_federation(grid, context, cfg)
+    assert not [m for m in grid.sent if m.metadata.message_type == "train"]  # no round again
+    sent = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MSG_MODEL]
+    assert sent == [101]  # node 100 said it holds the model
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["run_id"] == RUN_ID
+    report = read_report(out)
+    assert report["run_id"] == RUN_ID and [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["resumed_from"]["finished_by_run"] == finishing
+    sha = report["model"]["head_sha256"]
+    for i in range(2):
+        kept = tmp / f"node{i}" / "models" / str(RUN_ID) / "head.safetensors"
+        assert hashlib.sha256(kept.read_bytes()).hexdigest() == sha
+
+    # once finished, resuming it again is refused with what to do instead
+    with pytest.raises(ConfigError, match="deliver-from="):
+        run_federation(LoopbackGrid(client_app, nodes(tmp, sites), run_id=6161), context, cfg)
