@@ -225,6 +225,12 @@ class RunConfig(_Config):
     max_site_examples: int = opt(
         100_000, positive, "a site's weight counts at most this many examples"
     )
+    max_site_share: float = opt(
+        0.5,
+        lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+        "the largest share of the total weight (training, evaluation) one site may have; "
+        "1 = no limit",
+    )
     dp_noise_multiplier: float = opt(
         0.0, non_negative, "differential privacy: Gaussian noise / clipping norm; 0 = off"
     )

@@ -121,9 +121,15 @@ class Pooling:
     """Pools sites' evaluations of one head: loss and accuracy weighted by example
     counts, clinical metrics from the summed count tables."""
 
-    def __init__(self, plan: EvaluationPlan, name: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        plan: EvaluationPlan,
+        name: Callable[[int], str],
+        weights: Mapping[int, int] | None = None,
+    ) -> None:
         self.plan = plan
         self.name = name
+        self.weights = weights  # node -> the most its evaluation weighs (None: its count)
 
     def from_fit(
         self,
@@ -169,7 +175,8 @@ class Pooling:
         for err in refused:
             log.warning("round %d: evaluation failed on a site: %s", server_round, err)
         evaluation = FederatedEvaluation(refused={e.node_id: e.reason for e in refused})
-        counted = [(r.num_examples, r) for _, r in results if r.num_examples > 0]
+        counted = [(self._weight(node, r.num_examples), r) for node, r in results]
+        counted = [(n, r) for n, r in counted if n > 0]
         if not counted:
             return evaluation
         evaluation.examples = sum(n for n, _ in counted)
@@ -179,6 +186,11 @@ class Pooling:
         )
         self._pool_statistics(evaluation, server_round, results)
         return evaluation
+
+    def _weight(self, node: int, examples: int) -> int:
+        """A site's weight in the pooled loss and accuracy: its examples, at most its
+        share-capped weight (max-site-share)."""
+        return examples if self.weights is None else min(examples, self.weights.get(node, 0))
 
     def _pool_statistics(
         self,

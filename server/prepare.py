@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 class Roster:
     """The sites of a run once prepared: who is ready, who failed and why, the labels
     sites are shown by, and what each may count (its prepare-time example counts, capped
-    by max-site-examples; 1 each under uniform weighting). Sites report their counts
-    themselves each round; a claim above their cap is refused, not believed."""
+    by max-site-examples and, in training, by max-site-share of the total; 1 each under
+    uniform weighting). Sites report their counts themselves each round; a claim above
+    their cap is refused, not believed."""
 
     ready: Mapping[int, PrepareReply]
     failed: Mapping[int, str] = field(default_factory=dict)
@@ -51,9 +52,11 @@ class Roster:
     weights_sent_to: tuple[int, ...] = ()
     train_caps: Mapping[int, int] = field(default_factory=dict)
     val_caps: Mapping[int, int] = field(default_factory=dict)
+    # how much a site's evaluation weighs at most (its val cap, lowered to the share cap)
+    val_weights: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("ready", "failed", "names", "train_caps", "val_caps"):
+        for name in ("ready", "failed", "names", "train_caps", "val_caps", "val_weights"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @property
@@ -118,19 +121,52 @@ def _read_reply(content: RecordDict) -> PrepareReply | None:
     return reply
 
 
+def capped_shares(counts: Mapping[int, int], max_share: float) -> dict[int, int]:
+    """``counts`` with the largest ones lowered until none is more than ``max_share`` of
+    the total (as far as whole numbers allow; 1 = unchanged; a share below 1/n of n sites
+    makes them weigh the same). With a share of 0.5 no site
+    weighs more than all the others together; honest sites of different sizes keep their
+    counts as long as none holds more than that share."""
+    caps = dict(counts)
+    if max_share >= 1 or len(caps) < 2:
+        return caps
+    max_share = max(max_share, 1 / len(caps))  # below 1/n: every site weighs the same
+    for _ in range(len(caps)):
+        total = sum(caps.values())
+        node = max(caps, key=lambda n: caps[n])
+        if caps[node] <= max_share * total:
+            break
+        # the largest may weigh max_share of the new total: c = s (others + c)
+        others = total - caps[node]
+        lowered = int(max_share * others / (1 - max_share))
+        caps.update({n: min(c, max(1, lowered)) for n, c in caps.items()})
+    return caps
+
+
 @dataclass(frozen=True)
 class SiteCaps:
-    """How many examples a site may count: ``max_site_examples`` at most, and 1 each
-    when every site weighs the same (differential privacy)."""
+    """How many examples a site may count: what it declared, at most
+    ``max_site_examples``, lowered so no site holds more than ``max_share`` of the total
+    weight; 1 each in training when every site weighs the same (differential privacy)."""
 
     max_site_examples: int
     uniform: bool = False
+    max_share: float = 1.0
 
-    def train(self, reply: PrepareReply) -> int:
-        return 1 if self.uniform else min(reply.train_examples, self.max_site_examples)
+    def train(self, ready: Mapping[int, PrepareReply]) -> dict[int, int]:
+        if self.uniform:
+            return dict.fromkeys(ready, 1)
+        counts = {n: min(r.train_examples, self.max_site_examples) for n, r in ready.items()}
+        return capped_shares(counts, self.max_share)
 
-    def val(self, reply: PrepareReply) -> int:
-        return min(reply.val_examples, self.max_site_examples)
+    def val(self, ready: Mapping[int, PrepareReply]) -> dict[int, int]:
+        """The validation examples a site may claim (what it declared, at most
+        max-site-examples)."""
+        return {n: min(r.val_examples, self.max_site_examples) for n, r in ready.items()}
+
+    def val_weights(self, ready: Mapping[int, PrepareReply]) -> dict[int, int]:
+        """The most a site's evaluation weighs in the pooled loss and accuracy."""
+        return capped_shares(self.val(ready), self.max_share)
 
 
 class BackboneDistributor:
@@ -215,8 +251,9 @@ class BackboneDistributor:
             failed=failed,
             names=names,
             weights_sent_to=tuple(sent_to),
-            train_caps={n: self.caps.train(r) for n, r in ready.items()},
-            val_caps={n: self.caps.val(r) for n, r in ready.items()},
+            train_caps=self.caps.train(ready),
+            val_caps=self.caps.val(ready),
+            val_weights=self.caps.val_weights(ready),
         )
 
     def _send_weights(

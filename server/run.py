@@ -241,7 +241,7 @@ class Run:
                 f"within {cfg.join_timeout:.0f}s",
                 "start more SuperNodes, or lower min-sites",
             )
-        caps = SiteCaps(cfg.max_site_examples, uniform=cfg.dp_noise_multiplier > 0)
+        caps = SiteCaps(cfg.max_site_examples, cfg.dp_noise_multiplier > 0, cfg.max_site_share)
         spec = run_spec(cfg, self.sm)
         distributor = BackboneDistributor(
             spec, self.sm.weights_path, cfg.round_timeout, caps, cfg.site_labels
@@ -273,7 +273,7 @@ class Run:
         if cfg.closed_form_applies():  # round 1's: the sites' validation of its candidates
             evaluated = max(1, evaluated or 0)
         evaluations = EvaluationPlan.of_run(cfg, evaluated)
-        pooling = Pooling(evaluations, roster.name)
+        pooling = Pooling(evaluations, roster.name, roster.val_weights)
         settings = fit_settings(cfg, sm.trainable)
         strategy: Strategy = FedHeadStrategy(
             roster=roster,

@@ -119,6 +119,8 @@ class FedHeadStrategy(Strategy):
                     parameters,
                     {
                         **config,
+                        # the most this site may weigh (max-site-examples, max-site-share)
+                        "max_site_examples": self.roster.train_caps[site.node_id],
                         "evaluate": site.node_id in evaluators,
                         "statistics": site.node_id in evaluators and statistics,
                     },

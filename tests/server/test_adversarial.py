@@ -205,8 +205,10 @@ def test_an_inflated_prepare_count_is_capped(
     report, _ = _attacked(
         tmp, adv.prepare_claims(10**9), secure=True, **{"max-site-examples": 1000}
     )
-    # SecAgg+'s weight scale follows the capped counts, not the claim
-    assert report["secure_aggregation_params"]["max_weight"] == 1000.0
+    # SecAgg+'s weight scale follows the capped counts, not the claim: max-site-examples,
+    # then max-site-share (0.5): the attacker weighs no more than the two honest sites
+    honest = [s["train_examples"] for s in report["setup"]["sites"] if s["node_id"] != ATTACKER]
+    assert report["secure_aggregation_params"]["max_weight"] == float(sum(honest))
     assert all(r["aggregated"] and not r["rejected_sites"] for r in report["rounds"])
     assert any(f"node {ATTACKER} declares 1000000000" in r.getMessage() for r in caplog.records)
     # the site still trains on its real data and counts at most 1000: a fair share here
