@@ -73,10 +73,10 @@ def check_site_data(
     Returns the number of usable images; DataError when there are none (or the data
     cannot be read at all). ``fedhead node`` runs the same check before it joins.
     """
+    from fedhead.cli.inventory import Inventory, array_facts, file_facts, source_file
     from fedhead.common.datasets import load_site_data
     from fedhead.common.errors import DataError
     from fedhead.common.images import ImageDecodeError
-    from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
 
     data = load_site_data(path.expanduser(), classes, val_fraction, seed, None, policy, reader)
     print(data.summary(classes))

@@ -31,6 +31,15 @@ if TYPE_CHECKING:
     from fedhead.common.dicom import ReaderSettings
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError([f"{text!r} is not HOST:PORT (for example 127.0.0.1:9400)"], "address")
+    return host, int(port)
+
+
 def ensure_port_free(host: str, port: int, what: str) -> None:
     """SetupError (exit 7) when ``host:port`` cannot be bound, before Flower tries."""
     try:
@@ -81,8 +90,6 @@ def probe_tls(address: str, insecure: bool, timeout: float = 5.0) -> bool:
     minutes without saying why. Returns False when undecided (SuperLink not reachable:
     the node waits for it as usual), True when the choices match; ConfigError otherwise.
     """
-    from fedhead.cli.exporter import parse_address
-
     host, port = parse_address(address)
     try:
         raw = socket.create_connection((host, port), timeout=timeout)

@@ -33,6 +33,7 @@ from fedhead.server.delivery import EarlierModels, ModelDelivery, describe_model
 from fedhead.server.distribution import BackboneDistributor, PrepareOutcome
 from fedhead.server.evaluation import server_test_set
 from fedhead.server.fedopt import ServerOptimizerStrategy
+from fedhead.server.model_card import model_card
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.outcome import OutcomeQuery, outcome_content
 from fedhead.server.persistence import (
@@ -193,7 +194,7 @@ def _federate(
         package = package_from_run(
             cfg, sm.model, list(arrays), report.training_summary(), report.final_metrics()
         )
-        package_dir = package.write(out / "model", overwrite=True)
+        package_dir = package.write(out / "model", card=model_card(package), overwrite=True)
         log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
         delivery = ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir)
         report.delivery = delivery.report()

@@ -350,7 +350,7 @@ def test_the_node_supervisor_restarts_a_node_that_exits(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from fedhead.cli.exporter import supervise; "
+            "import sys; from fedhead.cli.supervisor import supervise; "
             f"sys.exit(supervise({child!r}, ['site'], 'none', restart=True, backoff=(0.1, 1.0)))",
         ],
         stderr=subprocess.PIPE,
@@ -376,7 +376,7 @@ def test_the_node_supervisor_restarts_a_node_that_exits(tmp_path: Path) -> None:
 
 
 def test_the_supervisor_gives_up_on_a_bad_command_line(tmp_path: Path) -> None:
-    from fedhead.cli.exporter import supervise
+    from fedhead.cli.supervisor import supervise
 
     code = supervise(
         [sys.executable, "-c", "import sys; sys.exit(2)"], ["site"], "none", restart=True
@@ -434,3 +434,28 @@ def test_a_command_is_described_once_by_its_handler_docstring() -> None:
     listed = build_parser().format_help()
     for summary in ("run a complete federated job", "start this site's Flower SuperNode"):
         assert summary in listed
+
+
+def test_each_command_lives_in_the_module_named_for_it() -> None:
+    """``fedhead status`` is in cli/status.py (``weights list`` in cli/weights.py): a
+    reader finds a command by its name."""
+    import argparse
+
+    from fedhead.cli.main import build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        subs = parser._subparsers._group_actions if parser._subparsers else []
+        return {
+            n: p
+            for a in subs
+            if isinstance(a, argparse._SubParsersAction)
+            for n, p in a.choices.items()
+        }
+
+    found = {}
+    for name, parser in commands(build_parser()).items():
+        actions = commands(parser) or {name: parser}  # a group: its actions (weights list ...)
+        found[name] = {p.get_default("handler").__module__ for p in actions.values()}
+    assert len(found) == 16
+    wrong = {name: mods for name, mods in found.items() if mods != {f"fedhead.cli.{name}"}}
+    assert not wrong, wrong

@@ -14,8 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedhead.cli.exporter import Exporter, parse_address, supervise
+from fedhead.cli.exporter import Exporter
 from fedhead.cli.metrics import ServerMetrics, SiteMetrics
+from fedhead.cli.preflight import parse_address
+from fedhead.cli.supervisor import supervise
 from fedhead.common import telemetry
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import RoundResult

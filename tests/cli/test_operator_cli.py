@@ -101,7 +101,7 @@ def test_superlink_on_a_busy_port_exits_7() -> None:
 
 
 def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
-    from fedhead.cli.run import LogFilter, RunStatus
+    from fedhead.cli.flwr_cli import LogFilter, RunStatus
     from fedhead.server.report import REPORT_LOG_PREFIX
 
     keep = LogFilter()

@@ -231,6 +231,7 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
     from fedhead.common.errors import PackageError
     from fedhead.common.package import ModelPackage, TrainingSummary, package_from_run
     from fedhead.server.delivery import describe_model
+    from tests.packages import CARD
 
     cfg, sm, spec = server_side
     site = make_site(tmp_path, spec, image_folder)
@@ -241,7 +242,7 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
         """The package files a server writes for these final tensors."""
         summary = TrainingSummary(run_id=RUN_ID, rounds=3, sites=2, examples=40)
         pkg = package_from_run(cfg, sm.model, arrays, summary, {})
-        folder = pkg.write(tmp_path / f"server-{tag}")
+        folder = pkg.write(tmp_path / f"server-{tag}", card=CARD)
         return {p.name: p.read_bytes() for p in folder.iterdir()}
 
     good = files(head, "good")
