@@ -80,10 +80,15 @@ class Exporter:
         log.info("serving metrics on http://%s:%d/metrics", *self.address)
 
     def poll(self) -> None:
-        for event in self.reader.poll():
-            target = self.server if type(event).__name__ in SERVER_EVENTS else self.site
-            if target is not None:
-                target.apply(event)
+        for batch in self.reader.poll_writers():
+            for event in batch.events:
+                if type(event).__name__ in SERVER_EVENTS:
+                    if self.server is not None:
+                        self.server.apply(event, batch.writer)
+                elif self.site is not None:
+                    self.site.apply(event)
+            if batch.ended and self.server is not None:
+                self.server.writer_ended(batch.writer)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):

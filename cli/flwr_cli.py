@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from fedhead.common.errors import ConfigError, FederationError, SetupError
 
 _FINISHED = "finished"
 _COMPLETED = "finished:completed"
+_FLOWER_FAILED = "ServerApp failed with exception:"  # flwr/superlink/runtime/run_serverapp.py
 
 
 def flwr_program() -> str:
@@ -111,6 +115,11 @@ class RunStatus:
     def ok(self) -> bool:
         return self.status == _COMPLETED
 
+    @property
+    def reason(self) -> str:
+        """Why it failed, without Flower's wording around the ServerApp's own line."""
+        return self.details.removeprefix(_FLOWER_FAILED).strip() or "no reason given"
+
 
 def list_runs(connection: str, run_id: str | None = None) -> list[RunStatus]:
     args = ["ls", connection] + (["--run-id", run_id] if run_id else [])
@@ -136,9 +145,25 @@ def wait_finished(connection: str, run_id: str, seconds: float = 60.0) -> RunSta
         time.sleep(1.0)
 
 
+# Flower's banner for a ServerApp that raised (flwr/superlink/runtime/run_serverapp.py
+# and flwr/supercore/exit/exit.py): "ServerApp raised an exception", the traceback, then
+# "Exit Code: <n>", the code's help text and "For more information, visit: <url>". Any
+# exception, a refusal of fedhead's included, gets it: ``fedhead run`` shows the reason
+# once, in its own last line, instead.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"ServerApp raised an exception\s*$")
+_EXIT_CODE = re.compile(r"Exit Code: \d+\s*$")
+_MORE_INFO = "For more information, visit:"
+_CHAINED = (
+    "During handling of the above exception, another exception occurred:",
+    "The above exception was the direct cause of the following exception:",
+)
+
+
 class LogFilter:
     """Passes a run's streamed log through, keeping the report line and hiding Flower's
-    traceback of a failed ServerApp (the reason is printed once, at the end).
+    crash banner and traceback of a failed ServerApp (the reason is printed once, at
+    the end).
 
     The log also carries text that sites sent (their error reasons), so of the lines
     that look like the report only the last one counts (the ServerApp logs the report
@@ -150,6 +175,8 @@ class LogFilter:
         self.prefix = REPORT_LOG_PREFIX
         self.report: dict[str, Any] | None = None
         self._in_traceback = False
+        self._in_banner = False
+        self._hidden = False  # the last line was hidden
 
     def report_for(self, status: RunStatus) -> dict[str, Any] | None:
         report = self.report
@@ -165,27 +192,57 @@ class LogFilter:
                 report = json.loads(line.split(self.prefix, 1)[1])
                 self.report = report if isinstance(report, dict) else None
             return None
-        if line.startswith("Traceback (most recent call last)"):
+        plain = _ANSI.sub("", line)
+        if self._hidden and not plain.strip():
+            return None  # the blank lines between the parts of a banner
+        self._hidden = False
+        shown = self._show(plain)
+        self._hidden = shown is None
+        return line if shown else None
+
+    def _show(self, plain: str) -> bool | None:
+        """True to show the line, None to hide it (Flower's banner or a traceback)."""
+        if self._in_banner:  # Exit Code: <n>, its help text, the link
+            self._in_banner = not plain.strip().startswith(_MORE_INFO)
+            return None
+        if _EXIT_CODE.search(plain):
+            self._in_banner = True
+            return None
+        if _RAISED.search(plain) or plain.strip() in _CHAINED:
+            return None
+        if plain.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
             return None
         if self._in_traceback:
-            if line.startswith((" ", "\t")) or not line.strip():
+            if plain.startswith((" ", "\t")) or not plain.strip():
                 return None
             self._in_traceback = False
             return None  # the exception line ends the traceback
-        return line
+        return True
 
 
-def stream_log(connection: str, run_id: str, keep: LogFilter) -> None:
-    """``flwr log RUN_ID CONNECTION --stream`` until the run ends, lines through ``keep``."""
+@dataclass(frozen=True)
+class StreamEnd:
+    """How ``flwr log --stream`` ended: 0 when the run's log was complete."""
+
+    returncode: int
+    error: str  # flwr's last line on stderr (e.g. that the SuperLink is unavailable)
+
+
+def stream_log(connection: str, run_id: str, keep: LogFilter) -> StreamEnd:
+    """``flwr log RUN_ID CONNECTION --stream`` until the run ends, lines through ``keep``;
+    flwr's own errors are returned, not printed."""
     proc = subprocess.Popen(
         [flwr_program(), "log", run_id, connection, "--stream"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE,
         text=True,
         env=flwr_env(),
     )
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr or []), daemon=True)
+    reader.start()
     try:
         for line in proc.stdout:
             shown = keep(line.rstrip("\n"))
@@ -195,6 +252,20 @@ def stream_log(connection: str, run_id: str, keep: LogFilter) -> None:
         if proc.poll() is None:
             proc.terminate()
         proc.wait(timeout=30)
+        reader.join(timeout=5)
+    return StreamEnd(proc.returncode, last_line("".join(errors)))
+
+
+def superlink_answers(address: str, timeout: float = 5.0) -> bool:
+    """Whether something accepts connections at the SuperLink's ``HOST:PORT``."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return True  # not HOST:PORT: undecided, assume it does
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def save_report(report: dict[str, Any], out: Path) -> Path:

@@ -11,7 +11,9 @@ failed run. Connections are Flower's, in ``$FLWR_HOME/config.toml`` (default
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shlex
 import socket
 import sys
 import time
@@ -26,6 +28,7 @@ from fedhead.cli.flwr_cli import (
     flwr_json,
     save_report,
     stream_log,
+    superlink_answers,
     wait_finished,
 )
 from fedhead.cli.types import Subparsers, add_command
@@ -180,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     keep = LogFilter()
     try:
-        stream_log(connection, run_id, keep)
+        ended = stream_log(connection, run_id, keep)
     except KeyboardInterrupt:
         print(
             f"\nfedhead: stopped watching; run {run_id} goes on (stop it with "
@@ -188,17 +191,46 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    status = wait_finished(connection, run_id)
+    # A log stream that broke off, then a SuperLink that does not answer or does not
+    # know the run finished: the SuperLink went away (and its supervisor may have
+    # started it again, without the run's ServerApp).
+    broke_off = ended.returncode != 0
+    try:
+        status = wait_finished(connection, run_id, 10.0 if broke_off else 60.0)
+    except FederationError:
+        if not broke_off and superlink_answers(address):
+            raise
+        raise cut_off(args, connection, run_id, config) from None
+    if not status.finished or (broke_off and not status.ok):
+        raise cut_off(args, connection, run_id, config)
     out = Path(args.out or f"fedhead-runs/run-{run_id}")
     report = keep.report_for(status)
     saved = save_report(report, out) if report is not None else None
     _summary(status, report, saved)
     if not status.ok:
         raise FederationError(
-            f"run {run_id} {status.status}: {status.details or 'no reason given'}",
+            f"run {run_id} {status.status}: {status.reason}",
             f"see `.venv/bin/flwr log {run_id} {connection} --show`",
         )
     return 0
+
+
+def cut_off(
+    args: argparse.Namespace, connection: str, run_id: str, config: dict[str, Any]
+) -> FederationError:
+    """The one line for a run whose SuperLink went away: what to run to resume it."""
+    out = str(config.get("out-dir") or f"fedhead-runs/run-{run_id}")
+    cmd = [".venv/bin/fedhead", "run", connection]
+    cmd += ["--signed"] * bool(args.signed)
+    cmd += ["--app", args.app] if args.app != "." else []
+    for text in args.run_config:
+        cmd += ["--run-config", text]
+    cmd += ["--run-config", f"resume-from={json.dumps(out)}"]  # a TOML string
+    return FederationError(
+        f"the SuperLink went away; run {run_id} is cut off",
+        f"resume it from its last checkpoint with `{shlex.join(cmd)}` (resume-from is its "
+        "out-dir on the SuperLink's host; `fedhead status` there shows it)",
+    )
 
 
 def add_parser(sub: Subparsers) -> None:

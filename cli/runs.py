@@ -39,9 +39,7 @@ def _runs(args: argparse.Namespace) -> int:
         out = Path(args.out or f"fedhead-runs/run-{run.run_id}")
         print(f"report: {save_report(report, out)}")
     if not runs[0].ok:
-        raise FederationError(
-            f"run {runs[0].run_id} {runs[0].status}: {runs[0].details or 'no reason given'}"
-        )
+        raise FederationError(f"run {runs[0].run_id} {runs[0].status}: {runs[0].reason}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """``fedhead superlink``: the operator's Flower SuperLink, with TLS and node
 authentication, its state in a database, nginx in front for the sites (Fleet API
-only) and the federation's metrics exporter beside it."""
+only) and the federation's metrics exporter beside it, supervised (started again when
+it dies, stopped with everything beside it) by ``fedhead.cli.supervisor``."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def _superlink(args: argparse.Namespace) -> int:
     unless --insecure is given. Its port also serves the Control API, so it listens on
     loopback only; --public-address starts nginx for the sites, forwarding only the Fleet
     API, and --signed-app offers the app signed with `fedhead app sign` to the SuperLink.
+    A SuperLink that exits on its own is started again (after 2 s, then longer pauses up
+    to a minute), with the metrics exporter and nginx kept up; a run's ServerApp it
+    leaves behind is stopped. SIGTERM or Ctrl-C stops everything within seconds.
     """
     from fedhead.cli import proxy
 
@@ -97,7 +101,7 @@ def _superlink(args: argparse.Namespace) -> int:
     if not args.dry_run:
         preflight.ensure_port_free(args.host, args.port, "the SuperLink's")
     if not args.public_address:
-        return launch.launch(cmd, args.dry_run, metrics=metrics)
+        return launch.launch(cmd, args.dry_run, metrics=metrics, restart=True)
     upstream = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     if args.dry_run:
         print(
@@ -117,7 +121,7 @@ def _superlink(args: argparse.Namespace) -> int:
         # Flower's SuperLink fetches `flwr run @publisher/name` apps, with their
         # signatures, from this address.
         store = {"FLWR_SUPERGRID_API_URL": fleet_proxy.app_store_url}
-        return launch.launch(cmd, False, metrics, fleet_proxy.command(), store)
+        return launch.launch(cmd, False, metrics, fleet_proxy.command(), store, restart=True)
     finally:
         shutil.rmtree(fleet_proxy.run_dir, ignore_errors=True)
 

@@ -127,3 +127,40 @@ def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
     }
     assert keep.report_for(RunStatus("7", "finished:failed", "", 1.0)) is None
     assert keep.report_for(RunStatus("8", "finished:completed", "", 1.0)) is None
+
+
+def test_flowers_crash_banner_of_a_refused_run_is_not_shown() -> None:
+    """A ServerApp that refuses (resume-from with nothing left to train) gets Flower's
+    'raised an exception' banner, traceback and exit-code help in the run's log;
+    `fedhead run` shows the reason once, in its last line."""
+    from flwr.supercore.exit.exit_code import EXIT_CODE_HELP, ExitCode
+
+    from fedhead.cli.flwr_cli import LogFilter, RunStatus
+
+    red, plain = "\x1b[91mERROR \x1b[0m:      ", "\x1b[92mINFO \x1b[0m:      "
+    lines = [
+        f"{plain}starting run 5",
+        "12:00:01 ERROR fedhead.server.app: federation problem: nothing is left to train",
+        f"{red}ServerApp raised an exception",
+        "Traceback (most recent call last):",
+        '  File "run_serverapp.py", line 1, in run_serverapp',
+        "fedhead.common.errors.FederationError: nothing is left to train",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "app.py", line 2, in main',
+        "RuntimeError: x",
+        f"{red}Exit Code: {ExitCode.SERVERAPP_EXCEPTION}",
+        EXIT_CODE_HELP[ExitCode.SERVERAPP_EXCEPTION],
+        "",
+        "For more information, visit: <https://flower.ai/docs/framework/ref-exit-codes/201.html>",
+        f"{plain}the next run's line",
+    ]
+    keep = LogFilter()
+    shown = [s for line in lines if (s := keep(line)) is not None]
+    assert shown == [lines[0], lines[1], lines[-1]]
+    status = RunStatus(
+        "5", "finished:failed", "ServerApp failed with exception: nothing is left to train", 3.0
+    )
+    assert status.reason == "nothing is left to train"
