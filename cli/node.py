@@ -142,11 +142,18 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _node_preflight(args: argparse.Namespace, data: Path) -> None:
-    """Refuse to join with unusable data, a TLS mismatch or a taken runtime port."""
-    from fedhead.cli.data import parse_classes, read_settings
-    from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
+    """Refuse to join with a taken runtime port, a TLS mismatch or unusable data:
+    cheapest first, the images (read one by one) last."""
+    from fedhead.cli.data import parse_classes
 
+    preflight.ensure_port_free("127.0.0.1", args.port, "the node's runtime (--port)")
+    preflight.require_data(data)
+    preflight.probe_tls(args.superlink, args.insecure)
     classes = parse_classes(args.classes) if args.classes else None
+    if classes is None:
+        return
+    from fedhead.cli.data import read_settings  # imports torch: after the cheap checks
+
     policy, reader = read_settings(
         args.data_roots,
         args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
@@ -154,8 +161,6 @@ def _node_preflight(args: argparse.Namespace, data: Path) -> None:
         args.dicom_frame or 0,
     )
     preflight.check_node_data(data, classes, policy, reader)
-    preflight.ensure_port_free("127.0.0.1", args.port, "the node's runtime (--port)")
-    preflight.probe_tls(args.superlink, args.insecure)
 
 
 def add_parser(sub: Subparsers) -> None:

@@ -109,6 +109,8 @@ def _superlink(args: argparse.Namespace) -> int:
         )
         return launch.launch(cmd, True, metrics=metrics)
     proxy.check_loopback_name(files["cert"])
+    public_host, public_port = preflight.parse_address(args.public_address)
+    preflight.ensure_port_free(public_host, public_port, "the sites'", "--public-address")
     signed_app = Path(args.signed_app).expanduser() if args.signed_app else None
     fleet_proxy = proxy.prepare(args.public_address, upstream, certs, signed_app)
     try:
