@@ -12,7 +12,7 @@ import pytest
 
 from fedhead.common.errors import ConfigError, DataError, UnknownBackboneError, WeightsError
 from tests.conftest import write_png
-from tests.e2e.procs import descendant_commands, poll_until
+from tests.e2e.procs import alive, descendant_commands, poll_until
 
 FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
@@ -479,14 +479,6 @@ while True:
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_the_supervisor_stops_what_its_child_leaves_and_stops_in_seconds(tmp_path: Path) -> None:
     import signal
 
@@ -507,8 +499,8 @@ def test_the_supervisor_stops_what_its_child_leaves_and_stops_in_seconds(tmp_pat
     try:
         poll_until(lambda: (tmp_path / "app-1.pid").exists(), "restarted", proc=supervisor)
         pids = [int((tmp_path / f"app-{i}.pid").read_text()) for i in (0, 1)]
-        assert not _alive(pids[0])  # the crashed child's ServerApp was stopped
-        assert _alive(pids[1])
+        assert not alive(pids[0])  # the crashed child's ServerApp was stopped
+        assert alive(pids[1])
         supervisor.send_signal(signal.SIGTERM)
         _, err = supervisor.communicate(timeout=60)  # a bound against hanging, not a timing
     finally:
@@ -516,10 +508,10 @@ def test_the_supervisor_stops_what_its_child_leaves_and_stops_in_seconds(tmp_pat
             os.killpg(supervisor.pid, signal.SIGKILL)
             supervisor.wait()
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert supervisor.returncode == 0
-    assert not any(_alive(p) for p in pids)  # nothing it started is left
+    assert not any(alive(p) for p in pids)  # nothing it started is left
     lines = err.strip().splitlines()
     assert f"stopping serverapp.py (pid {pids[0]}), left running by python" in lines[0]
     assert "python exited with code 1; starting it again in 0s (attempt 1)" in lines[1]

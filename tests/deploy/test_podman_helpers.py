@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy import podman as pm
-from tests.e2e.procs import poll_until
+from tests.e2e.procs import alive, poll_until
 
 # A stand-in for podman-compose: it starts a "podman run" child, then waits for it.
 _COMPOSE = """
@@ -20,14 +20,6 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 pathlib.Path(sys.argv[1]).write_text(str(child.pid))
 child.wait()
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_an_interrupted_command_is_stopped_with_what_it_started(tmp_path: Path) -> None:
@@ -47,7 +39,7 @@ def test_an_interrupted_command_is_stopped_with_what_it_started(tmp_path: Path) 
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     child = int(marker.read_text())
-    poll_until(lambda: not _alive(child), "its child stopped", timeout=60)
+    poll_until(lambda: not alive(child), "its child stopped", timeout=60)
 
 
 def test_images_and_projects_are_named_for_the_session() -> None:

@@ -64,6 +64,15 @@ def poll_until(
     raise TimeoutError(f"not {what} after {timeout}s")
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux /proc; an exited child not yet reaped does not)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0

@@ -55,14 +55,6 @@ def _descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def test_a_superlink_that_dies_mid_run_is_restarted_and_leaves_nothing(tmp_path: Path) -> None:
     port, flwr_home = e2e.new_connection(tmp_path, "e2e")
     metrics = e2e.free_port()
@@ -107,7 +99,7 @@ def test_a_superlink_that_dies_mid_run_is_restarted_and_leaves_nothing(tmp_path:
             e2e.poll_until(lambda: children(link.pid, "flower-superlink") != [], "restarted")
             e2e.wait_for_port(port, proc=link)
             started += children(link.pid, "flower-superlink") + children(link.pid, "superexec")
-            e2e.poll_until(lambda: not any(alive(p) for p in serverapps), "no ServerApp left")
+            e2e.poll_until(lambda: not any(e2e.alive(p) for p in serverapps), "no ServerApp left")
             e2e.poll_until(
                 lambda: scrape(metrics).get("fedhead_runs_failed_total") == 1, "counted failed"
             )
@@ -120,11 +112,11 @@ def test_a_superlink_that_dies_mid_run_is_restarted_and_leaves_nothing(tmp_path:
             assert link.returncode == 0, procs.log("superlink")[-3000:]
             assert "SIGTERM: stopping flower-superlink" in procs.log("superlink")
             assert not e2e.port_open(port) and not e2e.port_open(metrics)
-            assert not [p for p in started if alive(p)]
+            assert not [p for p in started if e2e.alive(p)]
         finally:
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
             for pid in started:
-                if alive(pid):
+                if e2e.alive(pid):
                     os.kill(pid, signal.SIGKILL)
