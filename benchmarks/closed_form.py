@@ -46,8 +46,8 @@ def demo_features() -> Data:
     from fedhead.common import demo_data
     from fedhead.common.config import RunConfig
     from fedhead.common.images import ArrayImages
-    from fedhead.server.evaluation import server_extractor
-    from fedhead.server.setup import build_server_model
+    from fedhead.server.server_model import build_server_model
+    from fedhead.server.testset import server_extractor
 
     cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 128})
     extractor, _ = server_extractor(cfg, build_server_model(cfg))

@@ -738,6 +738,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write", help="markdown file to write (full runs: BENCHMARKS.md)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))  # the process helpers of the end-to-end tests
+    from tests.e2e.procs import interrupt_on_sigterm
+
+    # stopped by `timeout` or CI: the SuperLink and nodes it started are stopped too
+    interrupt_on_sigterm()
     q = args.quick
     res = Results(quick=q, notes=NOTES)
     t0 = time.perf_counter()
@@ -772,4 +777,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stopped:  # Ctrl-C, or SIGTERM (timeout): all was cleaned up
+        print(
+            f"benchmarks: {stopped or 'interrupted'}; nothing they started runs on", file=sys.stderr
+        )
+        sys.exit(130)

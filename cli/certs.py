@@ -233,7 +233,7 @@ def _site_keys(plan: CertsPlan, site: str) -> None:
 
 
 def _app_signer(plan: CertsPlan) -> None:
-    from fedhead.cli.apps import trusted_entities_yaml
+    from fedhead.cli.app import trusted_entities_yaml
 
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(

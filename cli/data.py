@@ -73,10 +73,13 @@ def check_site_data(
     Returns the number of usable images; DataError when there are none (or the data
     cannot be read at all). ``fedhead node`` runs the same check before it joins.
     """
+    from fedhead.cli.preflight import require_data
+
+    require_data(path.expanduser(), "data")  # before the imports that take seconds
+    from fedhead.cli.inventory import Inventory, array_facts, file_facts, source_file
     from fedhead.common.datasets import load_site_data
     from fedhead.common.errors import DataError
     from fedhead.common.images import ImageDecodeError
-    from fedhead.common.inventory import Inventory, array_facts, file_facts, source_file
 
     data = load_site_data(path.expanduser(), classes, val_fraction, seed, None, policy, reader)
     print(data.summary(classes))
@@ -111,6 +114,9 @@ def _data_check(args: argparse.Namespace) -> int:
     with path,label[,split], .npz with images/labels[/val_images/val_labels/class_names].
     Images: PNG/JPEG/TIFF (8 or 16 bit) and grayscale DICOM.
     """
+    from fedhead.cli.preflight import require_data
+
+    require_data(Path(args.path).expanduser(), "data")  # before reading settings (torch)
     policy, reader = read_settings(
         args.data_roots, args.max_image_pixels, args.dicom_window, args.dicom_frame
     )

@@ -31,6 +31,7 @@ from fedhead.common.simulation import backend_config, write_site_npz
 from fedhead.common.telemetry import SPOOL_ENV
 from fedhead.common.training import TrainParams, evaluate_head, round_seed, scheduled_lr, train_head
 from fedhead.server.checkpoints import holds_checkpoints
+from fedhead.server.model_card import model_card
 from fedhead.server.recorder import ReportCallback
 from fedhead.server.report import (
     TABLE_HEADER,
@@ -302,7 +303,7 @@ def _write_package(
     pkg = package_from_run(
         cfg, model, report.final_arrays, report.training_summary(counts), report.final_metrics()
     )
-    return pkg.write(dest, overwrite=True)
+    return pkg.write(dest, card=model_card(pkg), overwrite=True)
 
 
 def _start_exporter(address: str) -> Exporter | None:

@@ -11,20 +11,28 @@ import sys
 from collections.abc import Sequence
 
 from fedhead.cli import (
-    apps,
+    app,
     certs,
     data,
     demo,
+    evaluate,
+    export,
+    exporter,
     health,
-    model,
     models,
-    processes,
+    node,
+    predict,
     run,
     runs,
+    status,
+    superlink,
     weights,
 )
 from fedhead.common.errors import EXIT_CODES, FedheadError
 
+# one module per command, named as the command, in the order --help lists them
+COMMANDS = [demo, predict, evaluate, export, models, weights, data, certs, app]
+COMMANDS += [node, superlink, exporter, run, runs, status, health]
 _EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
 
 
@@ -41,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedhead {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for module in (demo, model, models, weights, data, certs, apps, processes, run, runs, health):
+    for module in COMMANDS:
         module.add_parser(sub)
     return p
 

@@ -2,8 +2,10 @@
 
 Naming follows prometheus.io/docs/practices/naming: prefix ``fedhead_``, base units
 (seconds, bytes, ratios 0..1), counters end in ``_total``, ``_info`` for metadata.
-Labels take only small fixed value sets (stage, reason, outcome, direction, scope),
-all pre-initialised so every series exists at 0 before the first event. Server metrics
+Labels take only small fixed value sets (stage, reason, outcome, direction, scope);
+counters are pre-initialised so every series exists at 0 before the first event, while
+a gauge with no value yet (an accuracy before the run's first evaluated round, a
+server-scope accuracy without a server test set) has no series rather than a 0. Server metrics
 are per federation (one exporter beside the SuperLink); site metrics are per site (one
 exporter beside each SuperNode, on the site's own network).
 """
@@ -43,7 +45,18 @@ SITE_TRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 SITE_MESSAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 SITE_STATES = ("selected", "replied", "failed", "dropped")
-SITE_MESSAGE_KINDS = ("prepare", "weights", "train", "evaluate", "model", "outcome")
+# A SecAgg+ round sends a site four train messages: only collect_masked_vectors trains.
+SITE_MESSAGE_KINDS = (
+    "prepare",
+    "weights",
+    "train",
+    "evaluate",
+    "model",
+    "outcome",
+    "secagg_setup",
+    "secagg_share_keys",
+    "secagg_unmask",
+)
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
 SCOPES = ("federated", "server")
 
@@ -72,7 +85,14 @@ class ServerMetrics:
         )
         self.runs_failed = Counter(
             "fedhead_runs_failed_total",
-            "Federated runs that stopped with an error (see the SuperLink log).",
+            "Federated runs that stopped with an error (see the SuperLink log), or that "
+            "were cut off (fedhead_runs_cut_off_total).",
+            registry=r,
+        )
+        self.runs_cut_off = Counter(
+            "fedhead_runs_cut_off_total",
+            "Federated runs whose ServerApp process ended without finishing them: killed, "
+            "or stopped with its SuperLink. Continue one with run-config resume-from.",
             registry=r,
         )
         self.run_sites = Gauge(
@@ -88,11 +108,16 @@ class ServerMetrics:
         )
         self.round_current = Gauge(
             "fedhead_round_current",
-            "Round in progress in the current run (0: none, or the run ended).",
+            "Round whose training is in progress in the current run (0: none, or the run "
+            "ended). It runs up to two ahead of fedhead_round_last_completed: a round is "
+            "complete once its federated evaluation is in, which travels with the next "
+            "round's training.",
             registry=r,
         )
         self.round_last = Gauge(
-            "fedhead_round_last_completed", "Number of the last round that finished.", registry=r
+            "fedhead_round_last_completed",
+            "Number of the last round that finished: trained, aggregated and evaluated.",
+            registry=r,
         )
         self.progress_ts = Gauge(
             "fedhead_last_progress_timestamp_seconds",
@@ -193,21 +218,28 @@ class ServerMetrics:
             (self.rejected, REJECT_REASONS),
             (self.traffic, ("to_sites", "from_sites")),
             (self.secagg_stage, SECAGG_STAGES),
-            (self.eval_loss, SCOPES),
-            (self.eval_accuracy, SCOPES),
-            (self.eval_accuracy_change, SCOPES),
         ):
             for value in values:
                 label.labels(value)
         self._previous_accuracy: dict[str, float] = {}
         self._run = {"name": "", "secure_aggregation": ""}
+        self._open_runs: set[str] = set()  # spool writers (ServerApps) with a run going
 
-    def apply(self, event: Event) -> None:
+    def apply(self, event: Event, writer: str = "") -> None:
+        """Apply one event, written by the spool writer ``writer`` (its ServerApp)."""
         if isinstance(event, RunStarted):
+            self._open_runs.add(writer)
             self.runs_started.inc()
             self.run_sites.set(0)
             self.round_current.set(0)
             self._previous_accuracy.clear()
+            for gauge in (
+                self.eval_loss,
+                self.eval_accuracy,
+                self.eval_accuracy_change,
+                self.eval_clinical,
+            ):
+                gauge.clear()  # a new run has no evaluation until its first round
             self.progress_ts.set_to_current_time()
             self._run = {"name": event.backbone, "secure_aggregation": event.secure_aggregation}
             self.backbone.info({**self._run, "sha256": ""})
@@ -216,6 +248,7 @@ class ServerMetrics:
             self.run_sites.set(event.sites)
             self.backbone.info({**self._run, "sha256": event.sha256})
         elif isinstance(event, RunFinished):
+            self._open_runs.discard(writer)
             (self.runs_completed if event.ok else self.runs_failed).inc()
             self.round_current.set(0)
         elif isinstance(event, RoundStarted):
@@ -226,6 +259,15 @@ class ServerMetrics:
             self.sites_outcome.labels("reported").set(event.reported)
             self.sites_outcome.labels("negative_transfer").set(event.negative_transfer)
             self.sites_outcome.labels("failed").set(event.failed)
+
+    def writer_ended(self, writer: str) -> None:
+        """The ServerApp process ``writer`` is gone: a run it started and never finished
+        was cut off (it never got to say so)."""
+        if writer in self._open_runs:
+            self._open_runs.discard(writer)
+            self.runs_failed.inc()
+            self.runs_cut_off.inc()
+            self.round_current.set(0)
 
     def _round(self, e: RoundResult) -> None:
         self.round_last.set(e.round)
@@ -275,7 +317,9 @@ class SiteMetrics:
         r = registry
         self.messages = Counter(
             "fedhead_site_messages_total",
-            "Messages from the server handled by this site, by kind and outcome.",
+            "Messages from the server handled by this site, by kind (train: local "
+            "training; under SecAgg+ the key exchange stages are secagg_setup, "
+            "secagg_share_keys and secagg_unmask) and outcome.",
             ["kind", "outcome"],
             registry=r,
         )

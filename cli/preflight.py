@@ -31,12 +31,22 @@ if TYPE_CHECKING:
     from fedhead.common.dicom import ReaderSettings
 
 
-def ensure_port_free(host: str, port: int, what: str) -> None:
-    """SetupError (exit 7) when ``host:port`` cannot be bound, before Flower tries."""
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError([f"{text!r} is not HOST:PORT (for example 127.0.0.1:9400)"], "address")
+    return host, int(port)
+
+
+def ensure_port_free(host: str, port: int, what: str, flag: str = "--host") -> None:
+    """SetupError (exit 7) when ``host:port`` cannot be bound, before Flower (or nginx)
+    tries; ConfigError naming ``flag`` for a host that does not resolve."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise ConfigError([f"--host: cannot resolve {host!r} ({err.strerror})"]) from err
+        raise ConfigError([f"{flag}: cannot resolve {host!r} ({err.strerror})"]) from err
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
@@ -45,8 +55,40 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
         except OSError as err:
             raise SetupError(
                 f"{what} port {host}:{port} is not available ({err.strerror or err})",
-                "stop what uses it, or choose another --port",
+                f"stop what uses it, or choose another {'--port' if flag == '--host' else flag}",
             ) from err
+
+
+def require_data(path: Path, flag: str = "--data") -> None:
+    """DataError at once for data that cannot hold one image: a path that is missing,
+    unreadable, an empty file, or a folder with no file at any depth. It runs before
+    anything heavy is imported (reading images needs torch: seconds, a minute on a busy
+    machine)."""
+    if not path.exists():
+        raise DataError(f"{flag} {path} does not exist", "point it at the site's images")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{flag} {path} is not readable", "give this user read access")
+    if path.is_dir() and not _holds_a_file(path):
+        raise DataError(
+            f"{flag} {path} holds no files",
+            "put the site's images there (a folder per class, a .csv or an .npz)",
+        )
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{flag} {path} is empty", "point it at the site's images")
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether any file lies below ``folder`` (symlinked folders followed, once each)."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        if files:
+            return True
+    return False
 
 
 def check_node_data(
@@ -60,18 +102,11 @@ def check_node_data(
     With the run's classes: the full check of ``fedhead data check`` (every image read).
     Without them: the path must be readable and hold something.
     """
+    require_data(path)
     if classes:
         from fedhead.cli.data import check_site_data
 
         check_site_data(path, classes, policy=policy, reader=reader)
-        return
-    if not os.access(path, os.R_OK):
-        raise DataError(f"--data {path} is not readable", "give this user read access")
-    empty = not any(path.iterdir()) if path.is_dir() else path.stat().st_size == 0
-    if empty:
-        raise DataError(
-            f"--data {path} is empty", "point --data at the site's images (folder, .csv or .npz)"
-        )
 
 
 def probe_tls(address: str, insecure: bool, timeout: float = 5.0) -> bool:
@@ -81,8 +116,6 @@ def probe_tls(address: str, insecure: bool, timeout: float = 5.0) -> bool:
     minutes without saying why. Returns False when undecided (SuperLink not reachable:
     the node waits for it as usual), True when the choices match; ConfigError otherwise.
     """
-    from fedhead.cli.exporter import parse_address
-
     host, port = parse_address(address)
     try:
         raw = socket.create_connection((host, port), timeout=timeout)

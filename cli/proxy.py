@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedhead.cli.exporter import parse_address
+from fedhead.cli.preflight import parse_address
 from fedhead.common.errors import SetupError
 from fedhead.common.files import atomic_writer
 
@@ -82,7 +82,7 @@ def _app_store_answer(signed_app: Path | None, store: str) -> tuple[str, str, by
     """(status, JSON answer to fetch-fab, the FAB) in the shape Flower's SuperLink reads."""
     import hashlib
 
-    from fedhead.cli.apps import FAB_NAME, Signature
+    from fedhead.cli.app import FAB_NAME, Signature
 
     if signed_app is None:
         return "404", json.dumps({"detail": "no signed app is served"}), b""

@@ -1,63 +1,44 @@
-"""``fedhead run`` and ``fedhead runs``: the operator's commands for a federation's runs.
+"""``fedhead run``: start a federated run, watch it, collect its report.
 
-``fedhead run`` checks the run configuration here first (every unknown key and bad
-value named at once), submits the run through Flower (``flwr run APP CONNECTION``),
-streams its log (``flwr log``), keeps the report the ServerApp logs at the end, and
-exits with the run's real outcome (``flwr ls``): Flower's own ``flwr run --stream``
-exits 0 also for a failed run. Connections are Flower's, in ``$FLWR_HOME/config.toml``
-(default ``~/.flwr``).
+It checks the run configuration here first (every unknown key and bad value named at
+once), submits the run through Flower (``flwr run APP CONNECTION``), streams its log
+(``flwr log``), keeps the report the ServerApp logs at the end, and exits with the
+run's real outcome (``flwr ls``): Flower's own ``flwr run --stream`` exits 0 also for a
+failed run. Connections are Flower's, in ``$FLWR_HOME/config.toml`` (default
+``~/.flwr``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
-import shutil
+import shlex
 import socket
-import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedhead.cli.flwr_cli import (
+    LogFilter,
+    RunStatus,
+    connection_address,
+    flwr_json,
+    save_report,
+    stream_log,
+    superlink_answers,
+    wait_finished,
+)
 from fedhead.cli.types import Subparsers, add_command
 from fedhead.common.errors import ConfigError, FederationError, SetupError
 
 # flwr's --run-config syntax: space-separated key=value pairs, values TOML
 # (flwr.common.config.parse_config_args uses the same pattern).
 _PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
-_FINISHED = "finished"
-_COMPLETED = "finished:completed"
 
 
-def _flwr() -> str:
-    """The flwr program beside this Python (a venv need not be activated)."""
-    beside = Path(sys.executable).parent / "flwr"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("flwr")
-    if found is None:
-        raise SetupError("flwr is not installed", "install fedhead with deploy/install.sh")
-    return found
-
-
-def _flwr_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(_flwr()).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return env
-
-
-def flwr_home() -> Path:
-    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
-
-
-# --- the run configuration ---------------------------------------------------------
 def app_defaults(app: Path) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of the Flower App at ``app`` (what a run starts from)."""
     path = app / "pyproject.toml"
@@ -133,33 +114,6 @@ def check_run_config(app: Path, texts: list[str]) -> dict[str, Any]:
     raise ConfigError(problems, "run configuration")
 
 
-# --- connections -------------------------------------------------------------------
-def connection_address(name: str | None) -> tuple[str, str]:
-    """(connection name, address) from ``$FLWR_HOME/config.toml``."""
-    path = flwr_home() / "config.toml"
-    how = (
-        f'add it to {path}: [superlink.{name or "NAME"}] address = "HOST:8000" and '
-        'root-certificates = "/path/to/ca.crt" (or insecure = true for a test setup)'
-    )
-    try:
-        links = tomllib.loads(path.read_text()).get("superlink", {})
-    except FileNotFoundError as err:
-        raise ConfigError(
-            [f"connection: {name or 'default'!r} is not set up ({path} does not exist); {how}"]
-        ) from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError([f"connection: {path} is not valid TOML ({err})"]) from err
-    known = sorted(k for k, v in links.items() if isinstance(v, dict))
-    name = name or links.get("default")
-    if not name:
-        raise ConfigError([f"connection: none named and no default in {path}; {how}"])
-    if name not in known:
-        raise ConfigError(
-            [f"connection: {name!r} is not in {path} (known: {', '.join(known) or 'none'}); {how}"]
-        )
-    return name, str(links[name].get("address", ""))
-
-
 def wait_for_superlink(address: str, seconds: float) -> None:
     """Wait up to ``seconds`` for the SuperLink to accept connections (it may be starting)."""
     host, _, port = address.rpartition(":")
@@ -177,148 +131,6 @@ def wait_for_superlink(address: str, seconds: float) -> None:
                     "start it (fedhead superlink), or check the connection's address",
                 ) from err
             time.sleep(0.5)
-
-
-# --- talking to flwr -------------------------------------------------------------
-def _flwr_json(args: list[str]) -> dict[str, Any]:
-    result = subprocess.run(
-        [_flwr(), *args, "--format", "json"],
-        capture_output=True,
-        text=True,
-        env=_flwr_env(),
-        timeout=120,
-    )
-    start = result.stdout.find("{")
-    try:
-        data: dict[str, Any] = json.loads(result.stdout[start:]) if start >= 0 else {}
-    except json.JSONDecodeError:
-        data = {}
-    if result.returncode != 0 or not data.get("success"):
-        detail = _last_line(data.get("error-message") or result.stderr + result.stdout)
-        raise FederationError(f"flwr {args[0]} failed: {detail}", "check the connection")
-    return data
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    run_id: str
-    status: str  # flwr's: pending, starting, running, finished:completed|failed|stopped
-    details: str
-    elapsed: float
-
-    @property
-    def finished(self) -> bool:
-        return self.status.startswith(_FINISHED)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == _COMPLETED
-
-
-def list_runs(connection: str, run_id: str | None = None) -> list[RunStatus]:
-    args = ["ls", connection] + (["--run-id", run_id] if run_id else [])
-    return [
-        RunStatus(
-            str(r.get("run-id", "")),
-            str(r.get("status", "")),
-            str(r.get("status-details", "")),
-            float(r.get("elapsed", 0.0)),
-        )
-        for r in _flwr_json(args).get("runs", [])
-    ]
-
-
-def wait_finished(connection: str, run_id: str, seconds: float = 60.0) -> RunStatus:
-    deadline = time.monotonic() + seconds
-    while True:
-        runs = list_runs(connection, run_id)
-        if runs and (runs[0].finished or time.monotonic() >= deadline):
-            return runs[0]
-        if not runs and time.monotonic() >= deadline:
-            raise FederationError(f"run {run_id} is not known to the SuperLink")
-        time.sleep(1.0)
-
-
-class LogFilter:
-    """Passes a run's streamed log through, keeping the report line and hiding Flower's
-    traceback of a failed ServerApp (the reason is printed once, at the end).
-
-    The log also carries text that sites sent (their error reasons), so of the lines
-    that look like the report only the last one counts (the ServerApp logs the report
-    last), and only with the run's id, from a run that completed (``report_for``)."""
-
-    def __init__(self) -> None:
-        from fedhead.server.report import REPORT_LOG_PREFIX
-
-        self.prefix = REPORT_LOG_PREFIX
-        self.report: dict[str, Any] | None = None
-        self._in_traceback = False
-
-    def report_for(self, status: RunStatus) -> dict[str, Any] | None:
-        report = self.report
-        if not status.ok or report is None or str(report.get("run_id")) != status.run_id:
-            return None
-        return report
-
-    def __call__(self, line: str) -> str | None:
-        if self.prefix in line:
-            self.report = None  # only the last such line counts
-            # a cut line leaves the report on the SuperLink's host only
-            with contextlib.suppress(json.JSONDecodeError):
-                report = json.loads(line.split(self.prefix, 1)[1])
-                self.report = report if isinstance(report, dict) else None
-            return None
-        if line.startswith("Traceback (most recent call last)"):
-            self._in_traceback = True
-            return None
-        if self._in_traceback:
-            if line.startswith((" ", "\t")) or not line.strip():
-                return None
-            self._in_traceback = False
-            return None  # the exception line ends the traceback
-        return line
-
-
-def stream_log(connection: str, run_id: str, keep: LogFilter) -> None:
-    """``flwr log RUN_ID CONNECTION --stream`` until the run ends, lines through ``keep``."""
-    proc = subprocess.Popen(
-        [_flwr(), "log", run_id, connection, "--stream"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_flwr_env(),
-    )
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            shown = keep(line.rstrip("\n"))
-            if shown is not None:
-                print(shown, flush=True)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=30)
-
-
-def save_report(report: dict[str, Any], out: Path) -> Path:
-    """Write the collected report; an existing different file is kept, not overwritten."""
-    from fedhead.common.files import atomic_writer
-
-    data = (json.dumps(report, indent=2) + "\n").encode()
-    path = out / "report.json"
-    if path.exists() and path.read_bytes() != data:
-        raise SetupError(
-            f"{path} exists with other content", "choose another --out, or move that file"
-        )
-    if not path.exists():
-        with atomic_writer(path) as f:
-            f.write(data)
-    return path
 
 
 def _summary(status: RunStatus, report: dict[str, Any] | None, saved: Path | None) -> None:
@@ -348,7 +160,6 @@ def _acc(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, int | float) else "-"
 
 
-# --- commands ----------------------------------------------------------------------
 def _run(args: argparse.Namespace) -> int:
     """start a federated run, watch it, collect its report
 
@@ -364,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     cmd = ["run", signed_app_name(app) if args.signed else str(app), connection]
     for text in args.run_config:
         cmd += ["--run-config", text]
-    run_id = str(_flwr_json(cmd)["run-id"])
+    run_id = str(flwr_json(cmd)["run-id"])
     print(
         f"run {run_id} started on {connection} ({address}): {config['num-server-rounds']} "
         f"rounds, backbone {config['backbone']}, classes {config['classes']}",
@@ -372,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     keep = LogFilter()
     try:
-        stream_log(connection, run_id, keep)
+        ended = stream_log(connection, run_id, keep)
     except KeyboardInterrupt:
         print(
             f"\nfedhead: stopped watching; run {run_id} goes on (stop it with "
@@ -380,68 +191,50 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    status = wait_finished(connection, run_id)
+    # A log stream that broke off, then a SuperLink that does not answer or does not
+    # know the run finished: the SuperLink went away (and its supervisor may have
+    # started it again, without the run's ServerApp).
+    broke_off = ended.returncode != 0
+    try:
+        status = wait_finished(connection, run_id, 10.0 if broke_off else 60.0)
+    except FederationError:
+        if not broke_off and superlink_answers(address):
+            raise
+        raise cut_off(args, connection, run_id, config) from None
+    if not status.finished or (broke_off and not status.ok):
+        raise cut_off(args, connection, run_id, config)
     out = Path(args.out or f"fedhead-runs/run-{run_id}")
     report = keep.report_for(status)
     saved = save_report(report, out) if report is not None else None
     _summary(status, report, saved)
     if not status.ok:
         raise FederationError(
-            f"run {run_id} {status.status}: {status.details or 'no reason given'}",
+            f"run {run_id} {status.status}: {status.reason}",
             f"see `.venv/bin/flwr log {run_id} {connection} --show`",
         )
     return 0
 
 
-def _runs(args: argparse.Namespace) -> int:
-    """list the runs of a connection with their status
-
-    Lists runs (flwr ls). With --run-id: that run only, exiting non-zero when it failed;
-    --fetch-report collects its report from the run's log.
-    """
-    connection, _ = connection_address(args.connection)
-    runs = list_runs(connection, args.run_id)
-    print(f"{'run id':>20}  {'status':<20}  {'seconds':>8}  details")
-    for r in runs:
-        print(f"{r.run_id:>20}  {r.status:<20}  {r.elapsed:>8.0f}  {r.details}")
-    if args.run_id is None:
-        return 0
-    if args.fetch_report:
-        keep = LogFilter()
-        run = runs[0]
-        if not run.finished:
-            raise FederationError(f"run {run.run_id} is {run.status}", "fetch its report when done")
-        _drain(connection, run.run_id, keep)
-        report = keep.report_for(run)
-        if report is None:
-            raise FederationError(
-                f"run {run.run_id} ({run.status}) has no report in its log",
-                "only completed runs have one",
-            )
-        out = Path(args.out or f"fedhead-runs/run-{run.run_id}")
-        print(f"report: {save_report(report, out)}")
-    if not runs[0].ok:
-        raise FederationError(
-            f"run {runs[0].run_id} {runs[0].status}: {runs[0].details or 'no reason given'}"
-        )
-    return 0
-
-
-def _drain(connection: str, run_id: str, keep: LogFilter) -> None:
-    """Read a finished run's log without printing it (only the report is kept)."""
-    result = subprocess.run(
-        [_flwr(), "log", run_id, connection, "--stream"],
-        capture_output=True,
-        text=True,
-        env=_flwr_env(),
-        timeout=300,
+def cut_off(
+    args: argparse.Namespace, connection: str, run_id: str, config: dict[str, Any]
+) -> FederationError:
+    """The one line for a run whose SuperLink went away: what to run to resume it."""
+    out = str(config.get("out-dir") or f"fedhead-runs/run-{run_id}")
+    cmd = [".venv/bin/fedhead", "run", connection]
+    cmd += ["--signed"] * bool(args.signed)
+    cmd += ["--app", args.app] if args.app != "." else []
+    for text in args.run_config:
+        cmd += ["--run-config", text]
+    cmd += ["--run-config", f"resume-from={json.dumps(out)}"]  # a TOML string
+    return FederationError(
+        f"the SuperLink went away; run {run_id} is cut off",
+        f"resume it from its last checkpoint with `{shlex.join(cmd)}` (resume-from is its "
+        "out-dir on the SuperLink's host; `fedhead status` there shows it)",
     )
-    for line in result.stdout.splitlines():
-        keep(line)
 
 
 def add_parser(sub: Subparsers) -> None:
-    """``fedhead run`` and ``fedhead runs``."""
+    """``fedhead run``."""
     r = add_command(sub, "run", _run)
     r.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
     r.add_argument(
@@ -467,9 +260,3 @@ def add_parser(sub: Subparsers) -> None:
         metavar="SECONDS",
         help="wait this long for the SuperLink to accept connections (30)",
     )
-
-    s = add_command(sub, "runs", _runs)
-    s.add_argument("connection", nargs="?", help="the connection's name (default: its default)")
-    s.add_argument("--run-id", help="one run")
-    s.add_argument("--fetch-report", action="store_true", help="collect the run's report.json")
-    s.add_argument("--out", help="where the report goes here (fedhead-runs/run-<id>)")

@@ -42,7 +42,7 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
-from fedhead.client.models import SiteModels, site_cache_dir
+from fedhead.client.models import SiteModels, site_models_dir
 from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
@@ -146,7 +146,7 @@ def _earlier_site(context: Context, run_id: int) -> Site:
     from fedhead.client.site import Site
 
     node = NodeConfig.from_mapping(context.node_config)
-    record = SiteModels(site_cache_dir(node)).run(run_id)
+    record = SiteModels(site_models_dir(node)).run(run_id)
     if record is None or not record.proof:
         raise FederationError(
             f"the server sent the model of run {run_id}, a run this site did not train in",
@@ -174,7 +174,7 @@ def models(msg: Message, context: Context) -> Message:
     """A delivery-only run offers a finished run's model: does this site hold it or
     want it (with its proof of having trained in that run)?"""
     offer = ModelOffer.from_mapping(msg.content.config_records[RECORD_MODEL_OFFER])
-    shelf = SiteModels(site_cache_dir(NodeConfig.from_mapping(context.node_config)))
+    shelf = SiteModels(site_models_dir(NodeConfig.from_mapping(context.node_config)))
     answer = shelf.answer(offer)
     log.info(
         "run %d's model (sha256 %s…) offered: %s",

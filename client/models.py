@@ -46,9 +46,22 @@ HEAD_FILE = "head.safetensors"  # fedhead.common.package.TENSORS_FILE (that modu
 _RUN_FILE = re.compile(r"^([0-9]{1,20})\.json$")
 
 
+SIMULATION = "simulation"  # simulated nodes' records and models, apart from a real site's
+
+
 def site_cache_dir(node: NodeConfig) -> Path:
     """The site's fedhead data folder: ``cache-dir`` from its node config, else the default."""
     return Path(node.cache_dir).expanduser() if node.cache_dir else fedhead_cache_dir()
+
+
+def site_models_dir(node: NodeConfig) -> Path:
+    """Where the site keeps its run records and delivered models: its data folder. A
+    simulated node (``fedhead demo``, the benchmarks) without a ``cache-dir`` keeps them
+    in ``<cache>/simulation/site-<i>/`` instead, so a real site's ``fedhead models``
+    never lists a demo's models; it shares the cache's weights and features."""
+    if node.simulated and not node.cache_dir:
+        return fedhead_cache_dir() / SIMULATION / f"site-{node.partition_id}"
+    return site_cache_dir(node)
 
 
 @dataclass(frozen=True)

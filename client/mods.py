@@ -68,9 +68,28 @@ def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return Message(Error(code=ERROR_CODE_BASE + 1, reason=reason), reply_to=msg)
 
 
+def message_kind(msg: Message) -> str:
+    """What a message is for the site's metrics: its type, and under SecAgg+ the stage
+    of a train message (only ``collect_masked_vectors`` trains; the others exchange
+    keys and shares: ``secagg_setup``, ``secagg_share_keys``, ``secagg_unmask``)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
+
+    kind = msg.metadata.message_type.removeprefix("query.")
+    if msg.has_error() or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return kind
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+    if stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+        return f"secagg_{stage}"
+    return kind
+
+
 def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Count and time every message the site handles (for the site's own exporter)."""
-    kind = msg.metadata.message_type.removeprefix("query.")
+    kind = message_kind(msg)
     t0 = time.perf_counter()
     ok = False
     try:

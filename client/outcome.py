@@ -26,7 +26,7 @@ from fedhead.client.site import Site
 from fedhead.common.errors import ModelMismatchError, RunSpecError
 from fedhead.common.heads import head_sha256
 from fedhead.common.outcome import HeadMetrics, SiteOutcome, head_metrics
-from fedhead.common.package import ModelPackage
+from fedhead.common.package import MODEL_CARD, ModelPackage
 from fedhead.common.protocol import FitSettings, OutcomeRequest
 from fedhead.common.training import TrainParams, head_logits, scheduled_lr, train_head
 
@@ -158,7 +158,10 @@ def site_outcome(
         )
         if better:
             folder = f"{PERSONALIZED}-{site.label}" if site.label else PERSONALIZED
-            path = _keep_personalized(kept_dir / folder, kept, mine, names)
+            card = _personalized_card(
+                (kept_dir / MODEL_CARD).read_text(), request.personalize_epochs, personal, fed
+            )
+            path = _keep_personalized(kept_dir / folder, kept, mine, names, card)
             log.info("personalized head beats the federated one; kept at %s", path)
         else:
             log.info("personalized head does not beat the federated one; not kept")
@@ -166,8 +169,32 @@ def site_outcome(
     return outcome
 
 
+def _personalized_card(
+    delivered: str, epochs: int, personal: HeadMetrics, federated: HeadMetrics
+) -> str:
+    """The delivered MODEL_CARD.md and what this site changed (its metrics stay the
+    federated head's: the server wrote them)."""
+    return (
+        delivered.rstrip()
+        + f"""
+
+## Personalized at this site
+
+This copy's head was fine-tuned on this site's training split for {epochs} epoch(s)
+after the run and kept because it did better on the site's validation split
+(accuracy {personal.accuracy:.4f}, the federated head {federated.accuracy:.4f}). The
+metrics above are the federated head's: measure this one on your own labelled data
+with `fedhead evaluate`.
+"""
+    )
+
+
 def _keep_personalized(
-    dest: Path, kept: ModelPackage, arrays: list[np.ndarray], names: list[str]
+    dest: Path,
+    kept: ModelPackage,
+    arrays: list[np.ndarray],
+    names: list[str],
+    card: str,
 ) -> Path:
     """The delivered package with the personalized head, beside it (replacing an earlier
     personalization of the same run, which only this site wrote)."""
@@ -175,5 +202,5 @@ def _keep_personalized(
 
     tensors = dict(zip(names, (np.ascontiguousarray(a) for a in arrays), strict=True))
     pkg = replace(kept, tensors=tensors, metrics={})
-    written: Path = pkg.write(dest, overwrite=True)
+    written: Path = pkg.write(dest, card=card, overwrite=True)
     return written

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedhead.client.models import SiteModels, site_cache_dir
+from fedhead.client.models import SiteModels, site_cache_dir, site_models_dir
 from fedhead.common.backbones import backbone_names, get_spec
 from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
 from fedhead.common.datasets import ReadPolicy, SiteData, load_site_data
@@ -140,7 +140,7 @@ class Site:
         self.node = node
         self.spec = spec
         self.cache_dir = site_cache_dir(node)
-        self.models = SiteModels(self.cache_dir)
+        self.models = SiteModels(site_models_dir(node))
         if node.threads:
             torch.set_num_threads(node.threads)  # co-located sites share the cores
         self.device: Device = select_device(node.device)

@@ -176,6 +176,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class WriterEvents:
+    """What one writer process added to the spool since the last poll."""
+
+    writer: str  # the spool file's name: <role>-<pid>
+    events: list[Event]
+    ended: bool  # the writer has exited and everything it wrote was read
+
+
 class SpoolReader:
     """Reads new complete lines from every spool file; deletes finished writers' files."""
 
@@ -185,12 +194,15 @@ class SpoolReader:
         self.bad_lines = 0
 
     def poll(self) -> list[Event]:
-        events: list[Event] = []
-        for path in sorted(self.directory.glob("*.jsonl")):
-            events.extend(self._read(path))
-        return events
+        return [e for w in self.poll_writers() for e in w.events]
 
-    def _read(self, path: Path) -> list[Event]:
+    def poll_writers(self) -> list[WriterEvents]:
+        """New events by writer, and which writers have ended (a ServerApp whose run
+        started but never finished was cut off: killed, or its SuperLink died)."""
+        found = [self._read(path) for path in sorted(self.directory.glob("*.jsonl"))]
+        return [w for w in found if w.events or w.ended]
+
+    def _read(self, path: Path) -> WriterEvents:
         # Liveness first: if the writer had already exited, everything it wrote is in
         # the file now, so the file can go once read.
         suffix = path.stem.rsplit("-", 1)[-1]
@@ -203,7 +215,7 @@ class SpoolReader:
                 chunk = f.read()
         except FileNotFoundError:
             self.offsets.pop(path, None)
-            return []
+            return WriterEvents(path.stem, [], False)
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offsets[path] = offset + len(complete)
         events = []
@@ -218,4 +230,4 @@ class SpoolReader:
                 self.bad_lines += 1
             path.unlink(missing_ok=True)  # its writer is gone and every line was read
             self.offsets.pop(path, None)
-        return events
+        return WriterEvents(path.stem, events, finished)

@@ -23,19 +23,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from fedhead.common.errors import ConfigError
 from fedhead.common.files import atomic_writer, json_safe
 from fedhead.common.heads import head_bytes, head_sha256
 from fedhead.common.rounds import RoundResult
-from fedhead.server.aggregation import Arrays
-from fedhead.server.optimizers import ServerOptimizer
 from fedhead.server.rundir import RunDir
+
+if TYPE_CHECKING:  # `fedhead status` reads checkpoints without torch or the strategy
+    from fedhead.server.aggregation import Arrays
+    from fedhead.server.optimizers import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class Checkpoint:
         random.setstate((version, tuple(state), gauss))
         name, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((name, self.rng[RNG_NUMPY], pos, has_gauss, cached))
+        import torch
+
         torch.set_rng_state(torch.from_numpy(self.rng[RNG_TORCH].copy()))
 
 
@@ -139,6 +142,8 @@ RngState = tuple[dict[str, Any], dict[str, np.ndarray]]  # (JSON part, tensor pa
 
 
 def _rng_state() -> RngState:
+    import torch
+
     version, state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     meta = {

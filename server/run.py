@@ -56,6 +56,7 @@ from fedhead.server.delivery import (
 from fedhead.server.exchange import wait_for_sites
 from fedhead.server.federated_eval import EvaluationPlan, FederatedEvaluation, Pooling
 from fedhead.server.grids import MeteredGrid
+from fedhead.server.model_card import model_card
 from fedhead.server.optimizers import (
     ServerOptimizer,
     ServerOptimizerSettings,
@@ -535,7 +536,9 @@ class Run:
         package = package_from_run(
             cfg, sm.model, head, report.training_summary(), report.final_metrics()
         )
-        package_dir = package.write(self.run_dir.model_dir, overwrite=True)
+        package_dir = package.write(
+            self.run_dir.model_dir, card=model_card(package), overwrite=True
+        )
         log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
         nodes = roster.nodes
         delivery = ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir)
@@ -623,7 +626,7 @@ def finish_cut_off(
     package = package_from_run(
         cfg, sm.model, head, report.training_summary(), report.final_metrics()
     )
-    package.write(run_dir.model_dir, overwrite=True)
+    package.write(run_dir.model_dir, card=model_card(package), overwrite=True)
     state = run_dir.read_state()
     run_dir.begin(
         RunState(

@@ -22,6 +22,13 @@ from fedhead.common.weights import default_search_dirs, find_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A test session stopped with SIGTERM cleans up as one stopped with Ctrl-C."""
+    from tests.e2e.procs import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+
+
 def round_settings(**changes: object) -> FitSettings:
     """Round settings a site accepts, with ``changes``: round 1, one epoch of SGD in
     batches of 8 at rate 0.1, trainable set "fp", no norm bound, no SecAgg+, no DP."""

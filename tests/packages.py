@@ -18,6 +18,10 @@ from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
 from fedhead.common.package import ModelPackage, TrainingSummary, package_from_run
 from fedhead.common.training import TrainParams, train_head
 
+# MODEL_CARD.md of the test packages: the server renders the real one
+# (fedhead.server.model_card, tested in tests/server/test_model_card.py).
+CARD = "# Model card\n\nA package built by fedhead's tests.\n"
+
 
 def run_config(**overrides: object) -> RunConfig:
     base: dict[str, object] = {"classes": ",".join(demo_data.CLASSES), "input-size": 32}

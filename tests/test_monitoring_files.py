@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -85,3 +86,60 @@ def test_dashboard_panels_are_described() -> None:
         assert needed in titles
     for p in dash["panels"]:
         assert len(p["description"]) > 30 and p["targets"], p["title"]
+
+
+def test_a_cut_off_run_fires_both_alerts_and_an_absent_accuracy_fires_none(
+    tmp_path: Path,
+) -> None:
+    """promtool's rule unit test: a run cut off with its SuperLink (the exporter counts
+    it failed and cut off) fires FedheadRunFailed and FedheadRunCutOff; an accuracy
+    series that is absent (no round evaluated yet) fires no accuracy alert."""
+    groups = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    rules = {r["alert"]: r for g in groups for r in g["rules"]}
+
+    def annotations(name: str) -> dict[str, str]:
+        return {
+            k: v.replace("{{ $labels.instance }}", "link")
+            for k, v in rules[name]["annotations"].items()
+        }
+
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(MONITORING / "alerts.yml")],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {
+                                "series": 'fedhead_runs_failed_total{instance="link"}',
+                                "values": "0 0 1 1 1",
+                            },
+                            {
+                                "series": 'fedhead_runs_cut_off_total{instance="link"}',
+                                "values": "0 0 1 1 1",
+                            },
+                        ],
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "4m",
+                                "alertname": name,
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {"severity": "warning", "instance": "link"},
+                                        "exp_annotations": annotations(name),
+                                    }
+                                ],
+                            }
+                            for name in ("FedheadRunFailed", "FedheadRunCutOff")
+                        ]
+                        + [{"eval_time": "4m", "alertname": "FedheadAccuracyFalling"}],
+                    }
+                ],
+            }
+        )
+    )
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr

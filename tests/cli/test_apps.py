@@ -16,13 +16,14 @@ from flwr.supernode.cli.flower_supernode import (
 )
 from flwr.supernode.start_client_internal import _verify_fab
 
-from fedhead.cli import apps, proxy
+from fedhead.cli import app as app_sign
+from fedhead.cli import proxy
 from fedhead.cli.certs import CertsPlan, create
 from fedhead.common.errors import SetupError
 from tests.conftest import REPO
 
 
-def _verifications(sig: apps.Signature) -> dict[str, str]:
+def _verifications(sig: app_sign.Signature) -> dict[str, str]:
     """What Flower's SuperLink hands a site for an app fetched with its signatures."""
     entry = {"signature": sig.signature, "signed_at": sig.signed_at}
     return {sig.public_key_id: json.dumps(entry), "valid_license": "Valid"}
@@ -39,11 +40,11 @@ def test_signed_app_verifies_with_flowers_check_and_only_with_the_signers_key(
     assert trusted is not None and others is not None
     _validate_public_keys_ed25519(trusted)  # exits the process if not ed25519
 
-    key = apps.load_signing_key(tmp_path / "certs" / "app-signer.key")
-    sig = apps.sign(REPO, key, tmp_path / "signed")
+    key = app_sign.load_signing_key(tmp_path / "certs" / "app-signer.key")
+    sig = app_sign.sign(REPO, key, tmp_path / "signed")
     assert sig.app_id == "@fedhead/fedhead"
-    assert apps.Signature.read(tmp_path / "signed") == sig
-    fab = (tmp_path / "signed" / apps.FAB_NAME).read_bytes()
+    assert app_sign.Signature.read(tmp_path / "signed") == sig
+    fab = (tmp_path / "signed" / app_sign.FAB_NAME).read_bytes()
 
     assert _verify_fab(Fab(sig.sha256, fab, _verifications(sig)), trusted)
     assert not _verify_fab(Fab(sig.sha256, fab, _verifications(sig)), others)
@@ -51,18 +52,18 @@ def test_signed_app_verifies_with_flowers_check_and_only_with_the_signers_key(
     assert not _verify_fab(Fab(sig.sha256, tampered, _verifications(sig)), trusted)
 
     with pytest.raises(SetupError, match="overwrite"):
-        apps.sign(REPO, key, tmp_path / "signed")
-    (tmp_path / "signed" / apps.FAB_NAME).write_bytes(tampered)
+        app_sign.sign(REPO, key, tmp_path / "signed")
+    (tmp_path / "signed" / app_sign.FAB_NAME).write_bytes(tampered)
     with pytest.raises(SetupError, match="not the file that was signed"):
-        apps.Signature.read(tmp_path / "signed")
+        app_sign.Signature.read(tmp_path / "signed")
 
 
 def test_proxy_configuration_passes_nginx_check(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     create(CertsPlan(certs, ["fl.example.org"], [], app_signer=True))
     proxy.check_loopback_name(certs / "server.crt")  # fedhead certs adds localhost
-    key = apps.load_signing_key(certs / "app-signer.key")
-    apps.sign(REPO, key, tmp_path / "signed")
+    key = app_sign.load_signing_key(certs / "app-signer.key")
+    app_sign.sign(REPO, key, tmp_path / "signed")
     for signed in (None, tmp_path / "signed"):
         fleet = proxy.prepare("127.0.0.1:9443", "127.0.0.1:8000", certs, signed)
         fleet.check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from fedhead.common.errors import ConfigError, DataError, UnknownBackboneError, WeightsError
 from tests.conftest import write_png
-from tests.e2e.procs import descendant_commands, poll_until
+from tests.e2e.procs import alive, descendant_commands, poll_until
 
 FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
@@ -350,7 +351,7 @@ def test_the_node_supervisor_restarts_a_node_that_exits(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from fedhead.cli.exporter import supervise; "
+            "import sys; from fedhead.cli.supervisor import supervise; "
             f"sys.exit(supervise({child!r}, ['site'], 'none', restart=True, backoff=(0.1, 1.0)))",
         ],
         stderr=subprocess.PIPE,
@@ -376,7 +377,7 @@ def test_the_node_supervisor_restarts_a_node_that_exits(tmp_path: Path) -> None:
 
 
 def test_the_supervisor_gives_up_on_a_bad_command_line(tmp_path: Path) -> None:
-    from fedhead.cli.exporter import supervise
+    from fedhead.cli.supervisor import supervise
 
     code = supervise(
         [sys.executable, "-c", "import sys; sys.exit(2)"], ["site"], "none", restart=True
@@ -434,3 +435,88 @@ def test_a_command_is_described_once_by_its_handler_docstring() -> None:
     listed = build_parser().format_help()
     for summary in ("run a complete federated job", "start this site's Flower SuperNode"):
         assert summary in listed
+
+
+def test_each_command_lives_in_the_module_named_for_it() -> None:
+    """``fedhead status`` is in cli/status.py (``weights list`` in cli/weights.py): a
+    reader finds a command by its name."""
+    import argparse
+
+    from fedhead.cli.main import build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        subs = parser._subparsers._group_actions if parser._subparsers else []
+        return {
+            n: p
+            for a in subs
+            if isinstance(a, argparse._SubParsersAction)
+            for n, p in a.choices.items()
+        }
+
+    found = {}
+    for name, parser in commands(build_parser()).items():
+        actions = commands(parser) or {name: parser}  # a group: its actions (weights list ...)
+        found[name] = {p.get_default("handler").__module__ for p in actions.values()}
+    assert len(found) == 16
+    wrong = {name: mods for name, mods in found.items() if mods != {f"fedhead.cli.{name}"}}
+    assert not wrong, wrong
+
+
+# A stand-in for flower-superlink: it starts a "ServerApp" in a session of its own (as
+# Flower's SuperExec does) and, the first time, dies (as a crashed SuperLink does); the
+# second time it stays up, ignoring SIGTERM (as a SuperLink waiting for connections).
+_LINK = """
+import pathlib, signal, subprocess, sys, time
+home = pathlib.Path(sys.argv[1])
+starts = len(list(home.glob("app-*.pid")))
+app = subprocess.Popen([sys.executable, str(home / "serverapp.py")], start_new_session=True)
+(home / f"app-{starts}.pid").write_text(str(app.pid))
+if starts == 0:
+    sys.exit(1)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_the_supervisor_stops_what_its_child_leaves_and_stops_in_seconds(tmp_path: Path) -> None:
+    import signal
+
+    (tmp_path / "serverapp.py").write_text("import time\nwhile True:\n    time.sleep(0.1)\n")
+    link = [sys.executable, "-c", _LINK, str(tmp_path)]
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from fedhead.cli.supervisor import supervise; sys.exit(supervise("
+            f"{link!r}, ['server'], 'none', restart=True, backoff=(0.1, 1.0), grace=1.0))",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pids: list[int] = []
+    try:
+        poll_until(lambda: (tmp_path / "app-1.pid").exists(), "restarted", proc=supervisor)
+        pids = [int((tmp_path / f"app-{i}.pid").read_text()) for i in (0, 1)]
+        assert not alive(pids[0])  # the crashed child's ServerApp was stopped
+        assert alive(pids[1])
+        supervisor.send_signal(signal.SIGTERM)
+        _, err = supervisor.communicate(timeout=60)  # a bound against hanging, not a timing
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert supervisor.returncode == 0
+    assert not any(alive(p) for p in pids)  # nothing it started is left
+    lines = err.strip().splitlines()
+    assert f"stopping serverapp.py (pid {pids[0]}), left running by python" in lines[0]
+    assert "python exited with code 1; starting it again in 0s (attempt 1)" in lines[1]
+    assert lines[2:] == [
+        "fedhead: SIGTERM: stopping python and everything started beside it",
+        "fedhead: python did not stop within 1 s; killed it",
+        f"fedhead: stopping serverapp.py (pid {pids[1]}), left running by python",
+    ]

@@ -14,8 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedhead.cli.exporter import Exporter, parse_address, supervise
+from fedhead.cli.exporter import Exporter
 from fedhead.cli.metrics import ServerMetrics, SiteMetrics
+from fedhead.cli.preflight import parse_address
+from fedhead.cli.supervisor import supervise
 from fedhead.common import telemetry
 from fedhead.common.errors import ConfigError
 from fedhead.common.rounds import RoundResult
@@ -286,3 +288,55 @@ def test_supervise_keeps_a_companion_and_the_child_together(tmp_path: Path) -> N
         companion=[sys.executable, "-c", companion, str(ready), str(stopped)],
     )
     assert code == 4 and stopped.exists()
+
+
+def test_a_series_without_a_value_is_absent_not_zero() -> None:
+    """No server test set: no server-scope accuracy or loss; a new run (or an exporter
+    that restarted) shows no accuracy until its first round is evaluated."""
+    registry = CollectorRegistry()
+    m = ServerMetrics(registry)
+
+    def eval_series() -> dict[str, float]:
+        return {k: v for k, v in samples(registry).items() if k.startswith("fedhead_eval_")}
+
+    assert eval_series() == {}  # before any run
+    m.apply(telemetry.RunStarted("mobilenet_v2", "none"))
+    m.apply(telemetry.RoundStarted(1))
+    assert eval_series() == {}  # training, nothing evaluated yet
+    m.apply(RoundResult(1, eval_loss=0.6, eval_accuracy=0.7, eval_metrics={"auroc": 0.8}))
+    assert eval_series() == {
+        'fedhead_eval_loss{scope="federated"}': 0.6,
+        'fedhead_eval_accuracy_ratio{scope="federated"}': 0.7,
+        'fedhead_eval_clinical_ratio{metric="auroc",scope="federated"}': 0.8,
+    }  # no server scope (no test set), no change (no previous round)
+    m.apply(telemetry.RunFinished(ok=True))
+    assert eval_series()  # the last run's figures stay until the next run starts
+    m.apply(telemetry.RunStarted("mobilenet_v2", "none"))
+    assert eval_series() == {}
+
+
+def test_a_run_whose_serverapp_died_is_counted_failed_and_cut_off(tmp_path: Path) -> None:
+    """The ServerApp never says it stopped when it is killed (with its SuperLink):
+    the exporter sees its writer gone with a run open."""
+    exporter = Exporter(["server"], tmp_path)
+    killed, finished = _exited_pid(), _exited_pid()
+    (tmp_path / f"server-{killed}.jsonl").write_text(
+        encode(telemetry.RunStarted("mobilenet_v2", "secagg+"))
+        + "\n"
+        + encode(telemetry.RoundStarted(3))
+        + "\n"
+    )
+    (tmp_path / f"server-{finished}.jsonl").write_text(
+        encode(telemetry.RunStarted("mobilenet_v2", "secagg+"))
+        + "\n"
+        + encode(telemetry.RunFinished(ok=False))
+        + "\n"
+    )
+    exporter.poll()
+    v = samples(exporter.registry)
+    assert v["fedhead_runs_started_total"] == 2
+    assert v["fedhead_runs_failed_total"] == 2 and v["fedhead_runs_cut_off_total"] == 1
+    assert v["fedhead_round_current"] == 0
+    assert list(tmp_path.iterdir()) == []  # both writers' files are read and gone
+    exporter.poll()
+    assert samples(exporter.registry)["fedhead_runs_failed_total"] == 2  # counted once

@@ -20,6 +20,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from fedhead.cli.inference import load_site_model, predict
 from fedhead.cli.main import main
 from fedhead.common import demo_data
 from fedhead.common.device import select_device
@@ -31,16 +32,17 @@ from fedhead.common.errors import (
     WeightsError,
 )
 from fedhead.common.images import ArrayImages
-from fedhead.common.inference import load_site_model, predict
 from fedhead.common.package import MODEL_JSON
 from tests.cli.test_cli import fedhead
 from tests.conftest import write_png
-from tests.packages import make_package
+from tests.packages import CARD, make_package
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, mobilenet_weights: Path) -> Path:
-    return make_package(mobilenet_weights).write(tmp_path_factory.mktemp("pkg") / "model")
+    return make_package(mobilenet_weights).write(
+        tmp_path_factory.mktemp("pkg") / "model", card=CARD
+    )
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -251,11 +253,11 @@ def test_export_reproduces_the_package(
 
 
 def test_export_with_unfrozen_blocks_and_rgb_input(tmp_path: Path, mobilenet_weights: Path) -> None:
-    from fedhead.common.export import export_model
+    from fedhead.cli.model_export import export_model
     from tests.packages import run_config
 
     cfg = run_config(**{"unfreeze-blocks": 2, "head": "mlp", "head-hidden": 32})
-    folder = make_package(mobilenet_weights, cfg).write(tmp_path / "model")
+    folder = make_package(mobilenet_weights, cfg).write(tmp_path / "model", card=CARD)
     site = load_site_model(folder)
     result = export_model(site, "onnx", tmp_path / "m.onnx", channels=3, height=40, width=30)
     assert result.max_abs_diff <= 1e-4 and result.input_shape == (3, 40, 30)

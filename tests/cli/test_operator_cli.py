@@ -11,6 +11,7 @@ from fedhead.cli.run import parse_overrides
 from fedhead.common.errors import ConfigError, DataError, SetupError
 from tests.cli.test_cli import fedhead, one_line_error
 from tests.conftest import REPO
+from tests.e2e.procs import free_port
 
 
 def run_nowhere(flwr_home: Path, *run_configs: str) -> subprocess.CompletedProcess[str]:
@@ -34,6 +35,8 @@ def node_without_a_superlink(data: Path, *args: str) -> subprocess.CompletedProc
         "--allow-unsigned-apps",
         "--metrics-address",
         "none",
+        "--port",
+        str(free_port()),
     )
 
 
@@ -73,7 +76,7 @@ def test_node_on_an_empty_folder_is_refused_at_start(tmp_path: Path) -> None:
     result = node_without_a_superlink(tmp_path / "empty")
     assert result.returncode == DataError.exit_code, result.stderr
     assert result.stderr.splitlines()[-1].startswith("fedhead: data problem: ")
-    assert "is empty" in result.stderr
+    assert "holds no files" in result.stderr
 
 
 def test_node_with_classes_runs_the_full_data_check(tmp_path: Path) -> None:
@@ -101,7 +104,7 @@ def test_superlink_on_a_busy_port_exits_7() -> None:
 
 
 def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
-    from fedhead.cli.run import LogFilter, RunStatus
+    from fedhead.cli.flwr_cli import LogFilter, RunStatus
     from fedhead.server.report import REPORT_LOG_PREFIX
 
     keep = LogFilter()
@@ -127,3 +130,92 @@ def test_only_the_last_report_line_of_a_completed_run_is_kept() -> None:
     }
     assert keep.report_for(RunStatus("7", "finished:failed", "", 1.0)) is None
     assert keep.report_for(RunStatus("8", "finished:completed", "", 1.0)) is None
+
+
+def test_flowers_crash_banner_of_a_refused_run_is_not_shown() -> None:
+    """A ServerApp that refuses (resume-from with nothing left to train) gets Flower's
+    'raised an exception' banner, traceback and exit-code help in the run's log;
+    `fedhead run` shows the reason once, in its last line."""
+    from flwr.supercore.exit.exit_code import EXIT_CODE_HELP, ExitCode
+
+    from fedhead.cli.flwr_cli import LogFilter, RunStatus
+
+    red, plain = "\x1b[91mERROR \x1b[0m:      ", "\x1b[92mINFO \x1b[0m:      "
+    lines = [
+        f"{plain}starting run 5",
+        "12:00:01 ERROR fedhead.server.app: federation problem: nothing is left to train",
+        f"{red}ServerApp raised an exception",
+        "Traceback (most recent call last):",
+        '  File "run_serverapp.py", line 1, in run_serverapp',
+        "fedhead.common.errors.FederationError: nothing is left to train",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "app.py", line 2, in main',
+        "RuntimeError: x",
+        f"{red}Exit Code: {ExitCode.SERVERAPP_EXCEPTION}",
+        EXIT_CODE_HELP[ExitCode.SERVERAPP_EXCEPTION],
+        "",
+        "For more information, visit: <https://flower.ai/docs/framework/ref-exit-codes/201.html>",
+        f"{plain}the next run's line",
+    ]
+    keep = LogFilter()
+    shown = [s for line in lines if (s := keep(line)) is not None]
+    assert shown == [lines[0], lines[1], lines[-1]]
+    status = RunStatus(
+        "5", "finished:failed", "ServerApp failed with exception: nothing is left to train", 3.0
+    )
+    assert status.reason == "nothing is left to train"
+
+
+def test_a_node_checks_its_port_before_it_reads_any_image(tmp_path: Path) -> None:
+    (tmp_path / "site" / "normal").mkdir(parents=True)
+    (tmp_path / "site" / "normal" / "x.png").write_bytes(b"not an image")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = fedhead(
+            *("node", "--superlink", "127.0.0.1:9", "--data", str(tmp_path / "site")),
+            *("--classes", "normal,pneumonia", "--insecure", "--allow-unsigned-apps"),
+            *("--metrics-address", "none", "--port", str(port)),
+        )
+    assert result.returncode == SetupError.exit_code, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("fedhead: setup problem: ") and f"127.0.0.1:{port}" in last
+    assert "usable image" not in result.stdout  # refused before the data check
+
+
+def test_data_with_no_file_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """An empty site folder is refused at once: reading images needs torch, whose import
+    takes a minute on a busy machine."""
+    import sys
+
+    (tmp_path / "site" / "normal").mkdir(parents=True)  # class folders, no images
+    (tmp_path / "site" / "pneumonia").mkdir()
+    probe = (
+        "import sys; from fedhead.cli.main import main\n"
+        f"code = main(['data', 'check', {str(tmp_path / 'site')!r}, '--classes', 'a,b'])\n"
+        "print('torch' in sys.modules); sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == DataError.exit_code, result.stderr
+    assert "holds no files" in result.stderr and result.stdout.strip() == "False"
+
+
+def test_superlink_with_its_public_address_in_use_exits_7_in_one_line(tmp_path: Path) -> None:
+    from fedhead.cli.certs import CertsPlan, create
+
+    create(CertsPlan(tmp_path / "certs", ["fl.example.org"], []))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = fedhead(
+            *("superlink", "--certs-dir", str(tmp_path / "certs"), "--port", str(free_port())),
+            *("--public-address", f"127.0.0.1:{port}", "--metrics-address", "none"),
+            env={"FEDHEAD_HOME": str(tmp_path / "home")},
+        )
+    one_line_error(result, SetupError.exit_code, f"127.0.0.1:{port}", "--public-address")
+    assert "[emerg]" not in result.stderr

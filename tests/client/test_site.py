@@ -152,6 +152,21 @@ def test_update_check_mod_enforces_the_norm_bound_and_the_secagg_range() -> None
         update_check_mod(_train_msg(update, clipping_range=3.5), _ctx(), _trainer(update))
 
 
+def test_secagg_key_exchange_messages_are_not_counted_as_training() -> None:
+    from fedhead.client.mods import message_kind
+
+    msg = _train_msg([np.zeros(1, np.float32)])
+    assert message_kind(msg) == "train"  # plain FedAvg
+    for stage, kind in (
+        ("setup", "secagg_setup"),
+        ("share_keys", "secagg_share_keys"),
+        ("collect_masked_vectors", "train"),  # the stage that trains
+        ("unmask", "secagg_unmask"),
+    ):
+        msg.content.config_records["secaggplus_configs"] = ConfigRecord({"stage": stage})
+        assert message_kind(msg) == kind
+
+
 def test_errors_mod_replies_with_the_problem_kind_only() -> None:
     def failing(msg: Message, ctx: Context) -> Message:
         raise DataError("data path /secret/site/data does not exist")
@@ -231,6 +246,7 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
     from fedhead.common.errors import PackageError
     from fedhead.common.package import ModelPackage, TrainingSummary, package_from_run
     from fedhead.server.delivery import describe_model
+    from tests.packages import CARD
 
     cfg, sm, spec = server_side
     site = make_site(tmp_path, spec, image_folder)
@@ -241,7 +257,7 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
         """The package files a server writes for these final tensors."""
         summary = TrainingSummary(run_id=RUN_ID, rounds=3, sites=2, examples=40)
         pkg = package_from_run(cfg, sm.model, arrays, summary, {})
-        folder = pkg.write(tmp_path / f"server-{tag}")
+        folder = pkg.write(tmp_path / f"server-{tag}", card=CARD)
         return {p.name: p.read_bytes() for p in folder.iterdir()}
 
     good = files(head, "good")

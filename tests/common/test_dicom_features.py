@@ -133,6 +133,7 @@ def test_every_storage_predicts_the_same_through_the_model_package(
     from fedhead.common.config import RunConfig
     from fedhead.common.model import TrainableSet
     from fedhead.common.package import TrainingSummary, package_from_run
+    from tests.packages import CARD
 
     images, labels = xray_arrays
     files = write_all(tmp_path / "data", images)
@@ -142,7 +143,7 @@ def test_every_storage_predicts_the_same_through_the_model_package(
     cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 64})
     summary = TrainingSummary(run_id=1, rounds=1, sites=1, examples=len(labels))
     arrays = TrainableSet.of(model).get(model)
-    package = package_from_run(cfg, model, arrays, summary, {}).write(tmp_path / "model")
+    package = package_from_run(cfg, model, arrays, summary, {}).write(tmp_path / "model", card=CARD)
 
     probs: dict[str, np.ndarray] = {}
     for fmt in FORMATS:

@@ -15,6 +15,7 @@ import shutil
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,27 @@ TRAINABLE_SHAPES = [[2, 1280], [2]]
 
 
 @pytest.fixture(scope="session")
-def images() -> None:
+def images() -> Iterator[None]:
+    """This session's images, removed at its end (several GB: torch and its libraries)."""
     missing = pm.missing_tools()
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: bash deploy/install.sh --dev installs them")
-    pm.ensure_base_image()
-    # torch from PyPI (its default build), which this machine can reach; users build with
-    # the default TORCH_INDEX, PyTorch's CPU index
-    pm.build(
-        pm.FEDHEAD_IMAGE,
-        REPO / "deploy" / "container" / "Containerfile",
-        REPO,
-        "TORCH_INDEX=https://pypi.org/simple",
-    )
-    monitoring = REPO / "deploy" / "monitoring"
-    pm.build(pm.PROMETHEUS_IMAGE, monitoring / "prometheus.Containerfile", monitoring)
+    try:
+        pm.ensure_base_image()
+        # torch from PyPI (its default build), which this machine can reach; users build
+        # with the default TORCH_INDEX, PyTorch's CPU index
+        pm.build(
+            pm.FEDHEAD_IMAGE,
+            REPO / "deploy" / "container" / "Containerfile",
+            REPO,
+            "TORCH_INDEX=https://pypi.org/simple",
+        )
+        monitoring = REPO / "deploy" / "monitoring"
+        pm.build(pm.PROMETHEUS_IMAGE, monitoring / "prometheus.Containerfile", monitoring)
+        yield
+    finally:
+        pm.remove_images(pm.FEDHEAD_IMAGE, pm.PROMETHEUS_IMAGE, pm.BASE_IMAGE)
+        assert not [i for i in (pm.FEDHEAD_IMAGE, pm.PROMETHEUS_IMAGE) if pm.image_exists(i)]
 
 
 def _env_file(path: Path, values: dict[str, str]) -> None:
@@ -113,8 +120,10 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
     )
     flwr_home = tmp_path / "flwr-home"
     out = "/var/lib/fedhead/runs/compose-test"
+    projects: list[pm.ComposeProject] = []
 
     with pm.compose_project(folder, f"fedhead-test-{uuid.uuid4().hex[:8]}") as stack:
+        projects.append(stack)
         try:
             stack.up(STACK)
             wait_for_port(link, timeout=180)
@@ -192,6 +201,7 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
                 print(f"----- {service}\n{stack.logs(service)[-3000:]}")
             raise
 
+    assert projects[0].leftovers() == []  # every container and volume removed
     assert app_id == "@fedhead/fedhead"
     assert report["clients"] == 2
     assert len(report["rounds"]) == 2

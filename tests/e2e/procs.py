@@ -21,6 +21,19 @@ BIN = Path(sys.executable).parent
 FEDHEAD = [sys.executable, "-m", "fedhead.cli.main"]
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM and SIGHUP (a CI timeout, ``timeout``, a closed terminal) end this process
+    as Ctrl-C does, with KeyboardInterrupt: every ``finally`` and fixture teardown runs,
+    so the processes, containers and volumes it started are stopped and removed.
+    Python's default is to die at once, leaving them running."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def fedhead(*args: str) -> subprocess.CompletedProcess[str]:
     """``fedhead ARGS`` run to its end, its output captured."""
     return subprocess.run([*FEDHEAD, *args], capture_output=True, text=True, timeout=120)
@@ -49,6 +62,15 @@ def poll_until(
             return
         time.sleep(interval)
     raise TimeoutError(f"not {what} after {timeout}s")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux /proc; an exited child not yet reaped does not)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def port_open(port: int) -> bool:
@@ -119,7 +141,7 @@ class Processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)  # the process and the app processes it started
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=30)  # fedhead's wrappers stop what they started first
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
@@ -166,7 +188,9 @@ def site_threads(sites: int) -> int:
 
 
 def tls_superlink(certs: Path, port: int, *args: str) -> list[str]:
-    """``fedhead superlink`` with the TLS files in ``certs``, on 127.0.0.1:``port``."""
+    """``fedhead superlink`` with the TLS files in ``certs``, on 127.0.0.1:``port``; its
+    metrics exporter off unless ``args`` give it an address (its default is a fixed port)."""
+    metrics = [] if "--metrics-address" in args else ["--metrics-address", "none"]
     return [
         *FEDHEAD,
         "superlink",
@@ -176,6 +200,7 @@ def tls_superlink(certs: Path, port: int, *args: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        *metrics,
         *args,
     ]
 

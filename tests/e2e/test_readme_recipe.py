@@ -1,11 +1,14 @@
-"""README's one-machine federation runs exactly as written: from a copy of the
-repository's files, in a fresh shell whose PATH lacks the virtual environment."""
+"""README's one-machine federations (without TLS; with TLS, node authentication and the
+signed app) run exactly as written: from a copy of the repository's files, in a fresh
+shell whose PATH lacks the virtual environment. Only the recipes' example port numbers
+are replaced, by ports free at run time: the host is shared."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.procs import npz_site
+from tests.e2e.procs import free_port, npz_site
 
 # Three SecAgg+ rounds start some 40 ClientApp processes: minutes on 2 busy cores.
 pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.timeout(2400)]
@@ -23,9 +26,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.timeout(2400
 README = (REPO / "README.md").read_text()
 
 
-def one_machine_recipe() -> str:
-    section = README[README.index("**A first try on one machine") :]
-    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+# the example ports the recipes name: the SuperLink's, its public (nginx) one, the
+# nodes' runtime ports and the three metrics exporters
+RECIPE_PORTS = ("8000", "9443", "9094", "9095", "9400", "9401", "9402")
+
+
+def recipe(heading: str) -> str:
+    """The first bash block after ``heading``, its example ports replaced by free ones."""
+    section = README[README.index(heading) :]
+    text = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"\b(\d{4})\b", text)) & set(RECIPE_PORTS)
+    ports = {port: str(free_port()) for port in named}
+    return re.sub(r"\b(\d{4})\b", lambda m: ports.get(m.group(1), m.group(1)), text)
 
 
 def fresh_clone(dest: Path) -> Path:
@@ -42,15 +54,14 @@ def fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def test_the_one_machine_recipe_runs_as_written(tmp_path: Path, mobilenet_weights: Path) -> None:
-    recipe = one_machine_recipe()
-    assert ".venv/bin/fedhead run local-test" in recipe  # the operator's one command
+def run_recipe(text: str, tmp_path: Path, weights: Path) -> tuple[str, Path]:
+    """Run ``text`` in a fresh clone; returns its output and the clone."""
     clone = fresh_clone(tmp_path / "fedhead")
     for i in range(2):  # what `fedhead demo` would have written, smaller
         npz_site(clone / "demo-out" / "sites" / f"site-{i}.npz", i, 2)
     cache = tmp_path / "cache"
     (cache / "weights").mkdir(parents=True)
-    shutil.copy(mobilenet_weights, cache / "weights")
+    shutil.copy(weights, cache / "weights")
     env = {
         "PATH": "/usr/bin:/bin",  # no activated virtual environment
         "HOME": str(tmp_path / "home"),
@@ -64,7 +75,7 @@ def test_the_one_machine_recipe_runs_as_written(tmp_path: Path, mobilenet_weight
     log = tmp_path / "recipe.log"
     with log.open("w") as out:
         shell = subprocess.Popen(
-            ["bash", "-c", "set -e\n" + recipe],
+            ["bash", "-c", "set -e\n" + text],
             cwd=clone,
             env=env,
             stdout=out,
@@ -78,11 +89,35 @@ def test_the_one_machine_recipe_runs_as_written(tmp_path: Path, mobilenet_weight
                 os.killpg(shell.pid, signal.SIGTERM)
     output = log.read_text(errors="replace")
     assert shell.returncode == 0, output[-6000:]
+    return output, clone
+
+
+def check_run(output: str, clone: Path) -> dict[str, object]:
     assert "finished:completed" in output and "final accuracy: federated" in output
     assert "round  train loss  eval loss  eval acc" in output  # the table's header row
     reports = list((clone / "fedhead-runs").glob("run-*/report.json"))
     assert len(reports) == 1, output[-3000:]
-    report = json.loads(reports[0].read_text())
-    assert len(report["rounds"]) == 3 and report["clients"] == 2
-    assert sorted(s["name"] for s in report["setup"]["sites"]) == ["site-0", "site-1"]
+    report: dict[str, object] = json.loads(reports[0].read_text())
+    assert len(report["rounds"]) == 3 and report["clients"] == 2  # type: ignore[arg-type]
+    sites = report["setup"]["sites"]  # type: ignore[index]
+    assert sorted(s["name"] for s in sites) == ["site-0", "site-1"]
     assert f"report: fedhead-runs/{reports[0].parent.name}/report.json" in output
+    return report
+
+
+def test_the_one_machine_recipe_runs_as_written(tmp_path: Path, mobilenet_weights: Path) -> None:
+    text = recipe("**A first try on one machine")
+    assert ".venv/bin/fedhead run local-test" in text  # the operator's one command
+    check_run(*run_recipe(text, tmp_path, mobilenet_weights))
+
+
+def test_the_one_machine_tls_recipe_runs_as_written(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    text = recipe("**Several sites on one machine, with TLS")
+    assert "--insecure" not in text and "--allow-unsigned-apps" not in text
+    output, clone = run_recipe(text, tmp_path, mobilenet_weights)
+    report = check_run(output, clone)
+    assert report["secure_aggregation"] == "secagg+"
+    # the nodes ran the signed app only, registered, through nginx
+    assert (clone / "certs" / "sites" / "site-1.key").is_file()

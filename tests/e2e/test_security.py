@@ -78,6 +78,8 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
                     str(e2e.npz_site(tmp_path / site / "data.npz", i, 2)),
                     "--port",
                     str(e2e.free_port()),
+                    "--metrics-address",
+                    "none",
                     "--cache-dir",
                     str(tmp_path / site / "cache"),
                     "--audit-log",

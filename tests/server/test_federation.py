@@ -215,10 +215,11 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     site on the sites' validation images, it scores the federated evaluation exactly."""
     import json
 
+    from fedhead.cli.inference import load_site_model, predict
     from fedhead.common.device import select_device
     from fedhead.common.images import ArrayImages
-    from fedhead.common.inference import load_site_model, predict
     from fedhead.common.package import ModelPackage, package_from_run
+    from fedhead.server.model_card import model_card
     from fedhead.server.run import run_federation
     from fedhead.server.server_model import build_server_model
 
@@ -236,7 +237,7 @@ def test_the_final_global_head_makes_a_package_that_scores_the_reported_accuracy
     pkg = package_from_run(
         cfg, sm.model, report.final_arrays, report.training_summary(), report.final_metrics()
     )
-    folder = pkg.write(tmp / "model")
+    folder = pkg.write(tmp / "model", card=model_card(pkg))
     loaded = ModelPackage.load(folder)
     assert loaded.training.sites == 2 and loaded.training.rounds == 2
     assert loaded.training.examples == report.setup["train_examples"]

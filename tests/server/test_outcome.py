@@ -68,6 +68,9 @@ def test_a_site_with_permuted_labels_is_flagged_negative_transfer(offline_world:
         assert kept.is_dir() == by_site[name]["personalized_kept"]
         if kept.is_dir():
             assert ModelPackage.load(kept).classes == tuple(demo_data.CLASSES)
+            card = (kept / "MODEL_CARD.md").read_text()
+            delivered = (kept.parent / "MODEL_CARD.md").read_text()
+            assert card.startswith(delivered.rstrip()) and "## Personalized at this site" in card
 
 
 def _entry(site: str, local: float, fed: float, kept: bool) -> dict[str, object]:

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedhead.cli.inference import SiteModel, predict
 from fedhead.common.device import Device
 from fedhead.common.errors import ExportError, SetupError
 from fedhead.common.images import ArrayImages
-from fedhead.common.inference import SiteModel, predict
 from fedhead.common.model import FedHeadModel
 
 FORMATS = ("onnx", "torchscript")
