@@ -43,7 +43,20 @@ SITE_TRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 SITE_MESSAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 SITE_STATES = ("selected", "replied", "failed", "dropped")
-SITE_MESSAGE_KINDS = ("prepare", "weights", "train", "evaluate", "model", "outcome")
+# client.mods.MESSAGE_KINDS (a test checks they agree)
+SITE_MESSAGE_KINDS = (
+    "train",
+    "evaluate",
+    "prepare",
+    "weights",
+    "model",
+    "models",
+    "outcome",
+    "secagg_setup",
+    "secagg_share_keys",
+    "secagg_unmask",
+    "other",
+)
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
 SCOPES = ("federated", "server")
 

@@ -34,7 +34,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -68,9 +68,39 @@ def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return Message(Error(code=ERROR_CODE_BASE + 1, reason=reason), reply_to=msg)
 
 
+# The kinds a site's message metrics are labelled with (a bounded set: ``cli.metrics``
+# pre-initialises them): fedhead's messages, and the SecAgg+ stages of a train message
+# other than the one that trains (key setup, key sharing, unmasking); anything else the
+# server sends is "other".
+_KINDS = {
+    MessageType.TRAIN: "train",
+    MessageType.EVALUATE: "evaluate",
+    **{
+        f"query.{k}": k
+        for k in ("prepare", "weights", "model", "models", "outcome")  # client.app's queries
+    },
+}
+_SECAGG_KINDS = {
+    Stage.SETUP: "secagg_setup",
+    Stage.SHARE_KEYS: "secagg_share_keys",
+    Stage.COLLECT_MASKED_VECTORS: "train",  # the stage that trains and masks the update
+    Stage.UNMASK: "secagg_unmask",
+}
+MESSAGE_KINDS = (*dict.fromkeys([*_KINDS.values(), *_SECAGG_KINDS.values()]), "other")
+
+
+def message_kind(msg: Message) -> str:
+    """What a message from the server is, as a metrics label (one of MESSAGE_KINDS)."""
+    kind = _KINDS.get(msg.metadata.message_type, "other")
+    if kind == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+        return _SECAGG_KINDS.get(stage, "other") if isinstance(stage, str) else "other"
+    return kind
+
+
 def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Count and time every message the site handles (for the site's own exporter)."""
-    kind = msg.metadata.message_type.removeprefix("query.")
+    kind = message_kind(msg)  # before the SecAgg+ mod takes the stage out of the message
     t0 = time.perf_counter()
     ok = False
     try:

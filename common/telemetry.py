@@ -74,7 +74,7 @@ class SitesOutcome:
 class SiteMessage:
     """One message handled by the site's ClientApp."""
 
-    kind: str  # prepare, weights, train, evaluate, model, outcome
+    kind: str  # one of client.mods.MESSAGE_KINDS (train, evaluate, prepare, ...)
     ok: bool
     seconds: float
 
