@@ -218,8 +218,11 @@ class RunConfig(_Config):
     max_update_norm: float = opt(
         30.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
     )
+    # A hospital's curated images for one task number in the thousands (a children's
+    # hospital's pneumonia X-rays: 5,856): a larger site still takes part, counting as
+    # this many, while a site declaring more cannot outweigh ten such sites by itself.
     max_site_examples: int = opt(
-        100_000, positive, "a site's weight counts at most this many examples"
+        10_000, positive, "a site's weight counts at most this many examples"
     )
     dp_noise_multiplier: float = opt(
         0.0, non_negative, "differential privacy: Gaussian noise / clipping norm; 0 = off"
