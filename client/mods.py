@@ -233,7 +233,10 @@ def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     """Check this site's own update before it is masked or sent; refuse a bad one.
 
     Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
-    SecAgg+'s clipping range (they would be silently clipped) all stop the send.
+    SecAgg+'s clipping range (they would be silently clipped) all stop the send. It sits
+    inside the SecAgg+ mod and outside DP clipping (which turns an infinite update into
+    NaN), so a non-finite value never reaches Flower's quantizer, which would clip an
+    ``inf`` into the largest value the range allows.
     """
     fitins, reply, fitres = _trained(msg, context, call_next)
     if fitres is None:
