@@ -213,7 +213,9 @@ def _work(context: Context) -> LocalSite | RemoteSite:
 
         return LocalSite(_site(context), context.run_id)
     spec = _prepared_spec(context)
-    return RemoteSite(node.worker_socket, dict(context.node_config), spec, context.run_id)
+    return RemoteSite(
+        node.worker_socket, node.worker_key_file, dict(context.node_config), spec, context.run_id
+    )
 
 
 @app.train(mods=train_mods())

@@ -403,6 +403,11 @@ class NodeConfig(_Config):
         doc="set by fedhead node: the socket of its warm worker, which trains and evaluates "
         "for the per-message ClientApp processes (empty: they do it themselves)",
     )
+    worker_key_file: str = opt(
+        "",
+        doc="set by fedhead node: the file holding the key its warm worker asks of every "
+        "process that connects (beside the socket, 0600)",
+    )
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")
     num_partitions: int = opt(0, doc="simulation only")
