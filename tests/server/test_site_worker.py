@@ -80,6 +80,6 @@ def test_worker_errors_arrive_as_the_same_error_and_a_stopped_worker_is_named(
         remote._call({"op": "steal"}, head)
 
     worker.stop()
-    with pytest.raises(FederationError, match="worker key .* cannot be read|does not answer"):
+    with pytest.raises(FederationError, match=r"worker key .* cannot be read|does not answer"):
         remote.evaluate(head, statistics=False)
     assert not Path(worker.path).exists()
