@@ -26,6 +26,7 @@ from fedhead.common.telemetry import (
     SiteDevice,
     SiteFeatures,
     SiteMessage,
+    SiteRefusedHead,
     SiteRefusedUpdate,
     SitesOutcome,
     SiteTrained,
@@ -58,6 +59,8 @@ SITE_MESSAGE_KINDS = (
     "other",
 )
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
+# client.guard.REFUSALS (a test checks they agree)
+SITE_HEAD_REFUSALS = ("shape", "initial", "step", "stale", "settings", "unbounded", "non_finite")
 SCOPES = ("federated", "server")
 
 
@@ -343,6 +346,12 @@ class SiteMetrics:
             ["reason"],
             registry=r,
         )
+        self.heads_refused = Counter(
+            "fedhead_site_heads_refused_total",
+            "Heads from the server this site refused to train from or evaluate, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.gpu_peak = Gauge(
             "fedhead_site_gpu_peak_memory_bytes",
             "Peak CUDA memory allocated while handling the last message (0 on CPU).",
@@ -358,6 +367,8 @@ class SiteMetrics:
             self.cache.labels(result)
         for reason in SITE_REFUSALS:
             self.refused.labels(reason)
+        for reason in SITE_HEAD_REFUSALS:
+            self.heads_refused.labels(reason)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, SiteMessage):
@@ -379,3 +390,5 @@ class SiteMetrics:
             self.gpu_peak.set(event.peak_memory_bytes)
         elif isinstance(event, SiteRefusedUpdate):
             self.refused.labels(event.reason).inc()
+        elif isinstance(event, SiteRefusedHead):
+            self.heads_refused.labels(event.reason).inc()

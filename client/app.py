@@ -41,9 +41,10 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from fedhead.client.guard import keep_trainable
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
 from fedhead.client.models import SiteModels, site_cache_dir
-from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
+from fedhead.client.mods import audit_mod, errors_mod, head_check_mod, metrics_mod, train_mods
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
@@ -82,7 +83,7 @@ _SITES: dict[tuple[int, int], Site] = {}
 # A SuperNode runs every message in a fresh process: configure logging on import.
 setup_logging()
 
-app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
+app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod, head_check_mod])
 
 
 def _prepared_spec(context: Context) -> RunSpec:
@@ -119,6 +120,8 @@ def prepare(msg: Message, context: Context) -> Message:
     spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
     site = _site(context, spec)
     reply = site.prepare()
+    trainable, _ = site.run_start()
+    keep_trainable(context, trainable, spec)  # the heads it will accept (client.guard)
     context.state.config_records[RECORD_RUN] = spec.to_record()
     log.info(
         "prepared for run %s: backbone %s (%s), %d training / %d validation images",

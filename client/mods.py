@@ -1,8 +1,9 @@
 """Flower mods wrapping the site's handlers: audit, errors, secure aggregation, encoding.
 
 Order matters (outermost first). App-wide: ``audit_mod`` records the message that
-finally leaves the site; ``errors_mod`` turns a fedhead error into one log line and an
-error reply. Around ``train``:
+finally leaves the site; ``metrics_mod`` counts and times it; ``errors_mod`` turns a
+fedhead error into one log line and an error reply; ``head_check_mod`` refuses a head
+that is not the run's trainable set before anything decodes it. Around ``train``:
 
 1. ``secagg_mod``: Flower's SecAgg+ client protocol, when the server runs SecAgg+;
    the update is masked after everything below has run.
@@ -38,10 +39,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedhead.client.guard import check_declared, prepared_trainable, refuse
 from fedhead.common.errors import FederationError, FedheadError
 from fedhead.common.files import append_line
 from fedhead.common.heads import global_norm
-from fedhead.common.protocol import FitSettings
+from fedhead.common.protocol import MSG_OUTCOME, RECORD_OUTCOME_HEAD, FitSettings
 from fedhead.common.telemetry import SiteMessage, SiteRefusedUpdate, emit
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,35 @@ def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return reply
     finally:
         emit(SiteMessage(kind, ok, time.perf_counter() - t0))
+
+
+# Where a message that carries a head holds it (legacy Parameters in train and evaluate
+# messages; the run's initial head in an outcome request).
+_HEAD_RECORDS = {
+    MessageType.TRAIN: "fitins.parameters",
+    MessageType.EVALUATE: "evaluateins.parameters",
+    MSG_OUTCOME: RECORD_OUTCOME_HEAD,
+}
+
+
+def head_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A head from the server must be exactly the run's trainable tensors: checked from
+    the tensors' declared shapes and dtypes before anything decodes them, so an
+    oversized head costs the site no more memory than the bytes it arrived in
+    (``client.guard``). Nothing else may ride along in the message's array records."""
+    where = _HEAD_RECORDS.get(msg.metadata.message_type)
+    records = msg.content.array_records
+    if where is not None and records:
+        kind = message_kind(msg)
+        if other := sorted(set(records) - {where}):
+            raise refuse(
+                "shape",
+                f"a {kind} message carries {len(other)} array record(s) besides its head, "
+                f"e.g. {other[0][:40]!r}",
+                "server and site must run the same fedhead version",
+            )
+        check_declared(records[where], prepared_trainable(context), f"the {kind} message's head")
+    return call_next(msg, context)
 
 
 def describe_message(msg: Message) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from fedhead.common.errors import (
     DataError,
     ModelMismatchError,
     RunSpecError,
+    WeightsError,
     WeightsMismatchError,
     WeightsNotFoundError,
 )
@@ -256,6 +257,24 @@ class Site:
                 "server and site must run the same fedhead version",
             )
         self._trainable = trainable
+
+    def run_start(self) -> tuple[TrainableSet, list[np.ndarray] | None]:
+        """The run's trainable set and, when this site can compute it, the head the run
+        starts from (``initial_trainable``): a head from the seed, and unfrozen blocks
+        from the verified weights (None while this site lacks them). Built afresh: a
+        model of this process may hold another run's tensors."""
+        backbone_spec = get_spec(self.spec.backbone)
+        backbone = None
+        if self.spec.unfreeze_blocks:
+            try:
+                path = find_weights(self.ref, default_search_dirs(self.cache_dir))
+            except WeightsError:  # missing or altered (logged by weights_status)
+                model = FedHeadModel.for_run(backbone_spec, backbone_spec.build(), self.spec)
+                return TrainableSet.of(model), None
+            backbone = load_backbone(backbone_spec, path)
+        model = FedHeadModel.for_run(backbone_spec, backbone, self.spec)
+        trainable = TrainableSet.of(model)
+        return trainable, trainable.get(model)
 
     @property
     def trainable(self) -> TrainableSet:
