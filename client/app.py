@@ -41,13 +41,14 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedhead.client.guard import keep_trainable
+from fedhead.client.guard import HeadGuard, keep_trainable, prepared_trainable
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
-from fedhead.client.models import SiteModels, site_cache_dir
+from fedhead.client.models import HEAD_FILE, SiteModels, site_cache_dir
 from fedhead.client.mods import audit_mod, errors_mod, head_check_mod, metrics_mod, train_mods
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
+from fedhead.common.heads import read_head
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
     RECORD_MODEL,
@@ -120,8 +121,12 @@ def prepare(msg: Message, context: Context) -> Message:
     spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
     site = _site(context, spec)
     reply = site.prepare()
-    trainable, _ = site.run_start()
-    keep_trainable(context, trainable, spec)  # the heads it will accept (client.guard)
+    # The heads it will accept (client.guard): the run's trainable set, and the head
+    # the run starts from, once this site can compute it (unfrozen blocks: the weights).
+    trainable, initial = site.run_start()
+    keep_trainable(context, trainable, spec)
+    if initial is not None:
+        HeadGuard(site.models, context.run_id, trainable).keep_initial(initial)
     context.state.config_records[RECORD_RUN] = spec.to_record()
     log.info(
         "prepared for run %s: backbone %s (%s), %d training / %d validation images",
@@ -140,6 +145,9 @@ def weights(msg: Message, context: Context) -> Message:
     array = msg.content.array_records[RECORD_WEIGHTS]["file"]
     data = array.numpy()
     site.install_weights(np.ascontiguousarray(data).data.cast("B"))
+    trainable, initial = site.run_start()
+    if initial is not None:  # unfrozen blocks start from the weights just installed
+        HeadGuard(site.models, context.run_id, trainable).keep_initial(initial)
     return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
 
 
@@ -167,6 +175,9 @@ def model(msg: Message, context: Context) -> Message:
         site = _earlier_site(context, description.run_id)
     record = msg.content.array_records[RECORD_MODEL_FILES]
     files = {name: np.ascontiguousarray(a.numpy()).tobytes() for name, a in record.items()}
+    if HEAD_FILE in files:  # the final head: within the run's reach of the heads it took
+        head = read_head(files[HEAD_FILE], site.trainable.names)
+        HeadGuard(site.models, description.run_id, site.trainable).check_final(head)
     _, sha = site.keep_model(description.run_id, description, files)
     receipt = ModelReceipt(sha)
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
@@ -221,15 +232,24 @@ def _work(context: Context) -> LocalSite | RemoteSite:
     )
 
 
+def _guard(context: Context) -> HeadGuard:
+    """The heads this node accepts in this run (client.guard)."""
+    node = NodeConfig.from_mapping(context.node_config)
+    return HeadGuard(SiteModels(site_cache_dir(node)), context.run_id, prepared_trainable(context))
+
+
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
     work = _work(context)  # an unprepared node stops here, before its ledger moves
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = FitSettings.from_mapping(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)
+    guard = _guard(context)
+    guard.check(settings.server_round - 1, arrays, settings)  # the head after round r-1
     ledger = _ledger(context)
     evaluates = ledger.start_training(settings.server_round, head_digest(arrays), settings.evaluate)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    guard.take(settings.server_round - 1, arrays, settings)
     if settings.evaluate and not evaluates:
         log.warning(
             "round %d: not evaluating the head of round %d, a round this site missed",
@@ -259,9 +279,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             "an evaluate message without its round number",
             "server and sites must run the same fedhead version",
         )
+    guard = _guard(context)
+    guard.check(server_round, arrays, None)  # the head after round r
     ledger = _ledger(context)
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    guard.take(server_round, arrays, None)
     statistics = evalins.config.get("statistics") is True
     loss, examples, metrics = work.evaluate(arrays, statistics)
     evalres = EvaluateRes(

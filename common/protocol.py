@@ -35,7 +35,9 @@ from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
 # 2: a train message may ask the site to evaluate the head it trains from (FitSettings.evaluate)
-PROTOCOL_VERSION = 2
+# 3: round settings carry what bounds a round's step (server optimizer, DP, min-sites,
+#    rounds), which a site checks every head it is sent against (client.guard)
+PROTOCOL_VERSION = 3
 
 MSG_PREPARE = "query.prepare"
 MSG_WEIGHTS = "query.weights"
@@ -176,6 +178,21 @@ class FitSettings(_Record):
     # with ``statistics``, the count tables for pooled clinical metrics too.
     evaluate: bool = False
     statistics: bool = False
+    # What bounds how far a round moves the global head (common.stepbound): a site
+    # refuses a head beyond that reach. Named as the run-config keys they come from.
+    strategy: str = "fedavg"
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    min_sites: int = 2
+    num_server_rounds: int = 10
+    # A run resumed from a checkpoint of run ``resumes_run`` (0: none): a site that took
+    # part in that run checks the first head against the last one it took there.
+    resumes_run: int = 0
 
     def __post_init__(self) -> None:
         """Sites are told these by the server: refuse what would break local training."""

@@ -4,6 +4,7 @@ tensors' declared shapes, before anything decodes them."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,48 @@ def test_the_exporter_pre_initialises_every_refusal() -> None:
     from fedhead.client.guard import REFUSALS
 
     assert set(REFUSALS) == set(SITE_HEAD_REFUSALS)
+
+
+def test_a_crafted_initial_head_is_refused_and_the_runs_own_is_trained_from(
+    tmp_path: Path, image_folder: Path, mobilenet_weights: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe of issue 26: a round-0 head with one direction pointing at one image's
+    features would show, through the site's evaluation, whether that image is in its
+    split. The site recomputes the run's initial head from the seed and takes only it."""
+    cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 32, "seed": 4})
+    sm = build_server_model(cfg)
+    node = {"data-path": str(image_folder), "cache-dir": str(tmp_path / "c")}
+    grid = LoopbackGrid(client_app, {7: node})
+    prepare = Message(
+        RecordDict({RECORD_RUN: run_spec(cfg, sm).to_record()}),
+        dst_node_id=7,
+        message_type=MSG_PREPARE,
+    )
+    (ready,) = grid.send_and_receive([prepare], timeout=30)
+    assert not ready.has_error()
+    honest = sm.trainable.get(sm.model)
+    probe = [a.copy() for a in honest]
+    features = np.random.default_rng(0).normal(size=honest[0].shape[1]).astype(np.float32)
+    probe[0][1] += 5 * features / np.linalg.norm(features)  # "pneumonia" along one image
+    settings = fit_settings(cfg, sm.trainable)
+
+    def train(head: list[np.ndarray]) -> Message:
+        config = dataclasses.replace(settings, server_round=1).to_config()
+        ins = FitIns(ndarrays_to_parameters(head), config)
+        msg = Message(compat.fitins_to_recorddict(ins, True), dst_node_id=7, message_type="train")
+        (reply,) = grid.send_and_receive([msg], timeout=60)
+        return reply
+
+    def evaluate(head: list[np.ndarray]) -> Message:
+        ins = EvaluateIns(ndarrays_to_parameters(head), {"server_round": 0})
+        content = compat.evaluateins_to_recorddict(ins, True)
+        (reply,) = grid.send_and_receive(
+            [Message(content, dst_node_id=7, message_type="evaluate")], timeout=60
+        )
+        return reply
+
+    for reply in (evaluate(probe), train(probe)):
+        assert reply.error.reason == "RefusedHeadError: refused head (details in the site's log)"
+    assert "the initial head sent is not run 4242's initial head" in caplog.text
+    assert not evaluate(honest).has_error()
+    assert not train(honest).has_error()

@@ -13,7 +13,7 @@ import pytest
 from fedhead.client.worker import RemoteSite, WorkerService, _describe_error, _error
 from fedhead.common import errors
 from fedhead.common.errors import ConfigError, FedheadError, RunSpecError
-from fedhead.common.protocol import RunSpec
+from fedhead.common.protocol import PROTOCOL_VERSION, RunSpec
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_stopped_worker_is_named_and_leaves_nothing(worker: WorkerService) -> 
 
 def _spec() -> RunSpec:
     return RunSpec(
-        2,
+        PROTOCOL_VERSION,
         "mobilenet_v2",
         "w.pth",
         "0" * 64,
