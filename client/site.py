@@ -498,13 +498,14 @@ class Site:
 
     def evaluation_statistics(self, arrays: list[np.ndarray]) -> EvalStatistics:
         """The count tables the server pools into clinical metrics (``common.pooled``):
-        confusion counts and score histograms over the validation split, no per-image
-        score."""
+        confusion counts and score histograms over the validation split, coarsened so
+        that no reported score describes fewer than ``MIN_CELL`` images."""
         model = self.trained_model()
         self.trainable.set(model, arrays)
         feats, labels, _ = self.features("val")
         proba = torch.softmax(head_logits(model, feats, self.device), dim=1)
-        return EvalStatistics.from_predictions(labels.numpy(), proba.cpu().numpy())
+        exact = EvalStatistics.from_predictions(labels.numpy(), proba.cpu().numpy())
+        return exact.coarsened()
 
 
 # One model per process and run configuration. A simulation worker serves many sites
