@@ -28,6 +28,7 @@ from fedhead.common.telemetry import (
     SiteDevice,
     SiteFeatures,
     SiteMessage,
+    SiteRefusedHead,
     SiteRefusedUpdate,
     SitesOutcome,
     SiteTrained,
@@ -45,19 +46,25 @@ SITE_TRAIN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 SITE_MESSAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 SITE_STATES = ("selected", "replied", "failed", "dropped")
-# A SecAgg+ round sends a site four train messages: only collect_masked_vectors trains.
+# client.mods.MESSAGE_KINDS (a test checks they agree); a SecAgg+ round sends a site
+# four train messages: only collect_masked_vectors trains
 SITE_MESSAGE_KINDS = (
-    "prepare",
-    "weights",
     "train",
     "evaluate",
+    "prepare",
+    "weights",
     "model",
+    "models",
     "outcome",
+    "validate",
     "secagg_setup",
     "secagg_share_keys",
     "secagg_unmask",
+    "other",
 )
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
+# client.guard.REFUSALS (a test checks they agree)
+SITE_HEAD_REFUSALS = ("shape", "initial", "step", "stale", "settings", "unbounded", "non_finite")
 SCOPES = ("federated", "server")
 
 
@@ -374,6 +381,12 @@ class SiteMetrics:
             ["reason"],
             registry=r,
         )
+        self.heads_refused = Counter(
+            "fedhead_site_heads_refused_total",
+            "Heads from the server this site refused to train from or evaluate, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.gpu_peak = Gauge(
             "fedhead_site_gpu_peak_memory_bytes",
             "Peak CUDA memory allocated while handling the last message (0 on CPU).",
@@ -389,6 +402,8 @@ class SiteMetrics:
             self.cache.labels(result)
         for reason in SITE_REFUSALS:
             self.refused.labels(reason)
+        for reason in SITE_HEAD_REFUSALS:
+            self.heads_refused.labels(reason)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, SiteMessage):
@@ -410,3 +425,5 @@ class SiteMetrics:
             self.gpu_peak.set(event.peak_memory_bytes)
         elif isinstance(event, SiteRefusedUpdate):
             self.refused.labels(event.reason).inc()
+        elif isinstance(event, SiteRefusedHead):
+            self.heads_refused.labels(event.reason).inc()

@@ -121,7 +121,9 @@ def _node(args: argparse.Namespace) -> int:
         spool = prepare_spool()
         os.environ[SPOOL_ENV] = str(spool)  # and its events the site's metrics
         worker = WorkerService().start()
-        cmd[cmd.index("--node-config") + 1] += f" worker-socket={toml_str(worker.path)}"
+        cmd[cmd.index("--node-config") + 1] += (
+            f" worker-socket={toml_str(worker.path)} worker-key-file={toml_str(worker.key_file)}"
+        )
     try:
         # Flower's SuperNode exits when its SuperLink forgets it (a restart without a
         # state database): the supervisor starts it again, so the site stays in the

@@ -29,7 +29,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import (
     Code,
@@ -41,14 +41,31 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from fedhead.client.guard import (
+    HeadGuard,
+    check_declared,
+    keep_trainable,
+    prepared_trainable,
+    refuse,
+)
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
-from fedhead.client.models import SiteModels, site_models_dir
-from fedhead.client.mods import audit_mod, errors_mod, metrics_mod, train_mods
+from fedhead.client.models import HEAD_FILE, SiteModels, site_models_dir
+from fedhead.client.mods import (
+    asks_for_statistics,
+    audit_mod,
+    errors_mod,
+    fitins_of,
+    head_check_mod,
+    metrics_mod,
+    train_mods,
+)
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
+from fedhead.common.heads import read_head
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
+    RECORD_CANDIDATES,
     RECORD_MODEL,
     RECORD_MODEL_ANSWER,
     RECORD_MODEL_FILES,
@@ -60,6 +77,8 @@ from fedhead.common.protocol import (
     RECORD_OUTCOME_REPLY,
     RECORD_PREPARE,
     RECORD_RUN,
+    RECORD_VALIDATE,
+    RECORD_VALIDATION_PREFIX,
     RECORD_WEIGHTS,
     FitSettings,
     ModelDescription,
@@ -67,6 +86,8 @@ from fedhead.common.protocol import (
     ModelReceipt,
     OutcomeRequest,
     RunSpec,
+    StatisticsRequest,
+    ValidationRequest,
 )
 
 if TYPE_CHECKING:
@@ -82,7 +103,7 @@ _SITES: dict[tuple[int, int], Site] = {}
 # A SuperNode runs every message in a fresh process: configure logging on import.
 setup_logging()
 
-app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod])
+app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod, head_check_mod])
 
 
 def _prepared_spec(context: Context) -> RunSpec:
@@ -119,6 +140,12 @@ def prepare(msg: Message, context: Context) -> Message:
     spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
     site = _site(context, spec)
     reply = site.prepare()
+    # The heads it will accept (client.guard): the run's trainable set, and the head
+    # the run starts from, once this site can compute it (unfrozen blocks: the weights).
+    trainable, initial = site.run_start()
+    keep_trainable(context, trainable, spec)
+    if initial is not None:
+        HeadGuard(site.models, context.run_id, trainable).keep_initial(initial)
     context.state.config_records[RECORD_RUN] = spec.to_record()
     log.info(
         "prepared for run %s: backbone %s (%s), %d training / %d validation images",
@@ -137,6 +164,9 @@ def weights(msg: Message, context: Context) -> Message:
     array = msg.content.array_records[RECORD_WEIGHTS]["file"]
     data = array.numpy()
     site.install_weights(np.ascontiguousarray(data).data.cast("B"))
+    trainable, initial = site.run_start()
+    if initial is not None:  # unfrozen blocks start from the weights just installed
+        HeadGuard(site.models, context.run_id, trainable).keep_initial(initial)
     return Message(RecordDict({RECORD_PREPARE: ConfigRecord({"weights": "ok"})}), reply_to=msg)
 
 
@@ -164,6 +194,9 @@ def model(msg: Message, context: Context) -> Message:
         site = _earlier_site(context, description.run_id)
     record = msg.content.array_records[RECORD_MODEL_FILES]
     files = {name: np.ascontiguousarray(a.numpy()).tobytes() for name, a in record.items()}
+    if HEAD_FILE in files:  # the final head: within the run's reach of the heads it took
+        head = read_head(files[HEAD_FILE], site.trainable.names)
+        HeadGuard(site.models, description.run_id, site.trainable).check_final(head)
     _, sha = site.keep_model(description.run_id, description, files)
     receipt = ModelReceipt(sha)
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
@@ -213,18 +246,31 @@ def _work(context: Context) -> LocalSite | RemoteSite:
 
         return LocalSite(_site(context), context.run_id)
     spec = _prepared_spec(context)
-    return RemoteSite(node.worker_socket, dict(context.node_config), spec, context.run_id)
+    return RemoteSite(
+        node.worker_socket, node.worker_key_file, dict(context.node_config), spec, context.run_id
+    )
+
+
+def _guard(context: Context) -> HeadGuard:
+    """The heads this node accepts in this run (client.guard)."""
+    node = NodeConfig.from_mapping(context.node_config)
+    return HeadGuard(SiteModels(site_models_dir(node)), context.run_id, prepared_trainable(context))
 
 
 @app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
     work = _work(context)  # an unprepared node stops here, before its ledger moves
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    fitins = fitins_of(msg)
+    if asks_for_statistics(fitins.config):
+        return _statistics(msg, context, work, StatisticsRequest.from_mapping(fitins.config))
     settings = FitSettings.from_mapping(fitins.config)
     arrays = parameters_to_ndarrays(fitins.parameters)
+    guard = _guard(context)
+    guard.check(settings.server_round - 1, arrays, settings)  # the head after round r-1
     ledger = _ledger(context)
     evaluates = ledger.start_training(settings.server_round, head_digest(arrays), settings.evaluate)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    guard.take(settings.server_round - 1, arrays, settings)
     if settings.evaluate and not evaluates:
         log.warning(
             "round %d: not evaluating the head of round %d, a round this site missed",
@@ -243,6 +289,65 @@ def train(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
+def _statistics(
+    msg: Message, context: Context, work: LocalSite | RemoteSite, request: StatisticsRequest
+) -> Message:
+    """A closed-form head's round: the sufficient statistics of this site's training
+    features (under SecAgg+ the secagg mod masks them; the server sees only the sum)."""
+    ledger = _ledger(context)
+    ledger.start_statistics(request.server_round)
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    vector, weight = work.statistics(request)
+    log.info(
+        "round %d: sending the statistics of this site's training features (%d values%s)",
+        request.server_round,
+        vector.size,
+        ", masked by SecAgg+" if request.secure else "",
+    )
+    fitres = FitRes(
+        status=Status(Code.OK, "ok"),
+        parameters=ndarrays_to_parameters([vector]),
+        num_examples=weight,
+        metrics={},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+@app.query("validate")
+def validate(msg: Message, context: Context) -> Message:
+    """A closed-form round's candidate heads: evaluate each on the validation split (the
+    loss, accuracy and, when asked, the coarsened count tables of any evaluation), once,
+    in a run whose statistics this site sent; the round's head must be one of them."""
+    work = _work(context)
+    request = ValidationRequest.from_mapping(msg.content.config_records[RECORD_VALIDATE])
+    trainable = prepared_trainable(context)
+    if set(msg.content.array_records) != {RECORD_CANDIDATES}:
+        raise refuse("shape", "the validation message carries tensors besides its candidates")
+    record = msg.content.array_records[RECORD_CANDIDATES]
+    heads = []
+    size = len(trainable.tensors)
+    for k in range(request.candidates):  # "<k>/<i>": tensor i of candidate k
+        part = ArrayRecord(
+            {str(i): record[f"{k}/{i}"] for i in range(size) if f"{k}/{i}" in record}
+        )
+        check_declared(part, trainable, f"candidate head {k}")
+        heads.append([np.ascontiguousarray(part[str(i)].numpy()) for i in range(size)])
+    if len(record) != request.candidates * size:
+        raise refuse("shape", "the validation message carries tensors besides its candidates")
+    guard = _guard(context)
+    ledger = _ledger(context)
+    ledger.start_validation(request.server_round, [head_digest(h) for h in heads])
+    guard.keep_candidates(heads)
+    context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    reply = RecordDict()
+    for k, head in enumerate(heads):
+        loss, examples, metrics = work.evaluate(head, request.statistics)
+        values = {"loss": loss, "examples": examples, **metrics}
+        reply.config_records[f"{RECORD_VALIDATION_PREFIX}{k}"] = ConfigRecord(values)
+    log.info("round %d: evaluated %d candidate heads", request.server_round, len(heads))
+    return Message(reply, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     work = _work(context)
@@ -254,9 +359,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             "an evaluate message without its round number",
             "server and sites must run the same fedhead version",
         )
+    guard = _guard(context)
+    guard.check(server_round, arrays, None)  # the head after round r
     ledger = _ledger(context)
     ledger.start_evaluation(server_round, head_digest(arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    guard.take(server_round, arrays, None)
     statistics = evalins.config.get("statistics") is True
     loss, examples, metrics = work.evaluate(arrays, statistics)
     evalres = EvaluateRes(

@@ -76,7 +76,8 @@ class HeadLedger:
                 f"the server asks for round {server_round} after round {self.trained_round}",
                 "rounds only go forward; check the server",
             )
-        if self.evaluated_round == server_round - 1 and digest != self.evaluated_sha:
+        evaluated = self.evaluated_sha.split(",")  # a closed-form round: its candidates
+        if self.evaluated_round == server_round - 1 and digest not in evaluated:
             raise FederationError(
                 f"the head sent for round {server_round} is not the one this site evaluated "
                 f"for round {self.evaluated_round}; refusing to go on",
@@ -89,6 +90,23 @@ class HeadLedger:
         if self.first_round == NONE:
             self.first_round, self.first_sha = server_round, digest
         return evaluates
+
+    def start_statistics(self, server_round: int) -> None:
+        """Sending the statistics of round ``server_round`` (a closed-form head's round:
+        the site trains no head from one the server sent)."""
+        if server_round <= self.trained_round:
+            raise FederationError(
+                f"the server asks for round {server_round} after round {self.trained_round}",
+                "rounds only go forward; check the server",
+            )
+        self.trained_round = server_round
+
+    def start_validation(self, server_round: int, digests: Sequence[str]) -> None:
+        """Evaluating the candidate heads of a closed-form round: once, for the round whose
+        statistics this site sent; the next round trains from one of them."""
+        if (refusal := self._refusal(server_round)) is not None:
+            raise refusal
+        self.evaluated_round, self.evaluated_sha = server_round, ",".join(digests)
 
     def is_initial_head(self, digest: str) -> bool:
         """Whether ``digest`` is the head this site trained from in round 1."""

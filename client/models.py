@@ -6,6 +6,10 @@ Under the site's fedhead data folder (``--cache-dir``):
   (what the model must be), the rounds it trained in, and the sha256 of the global
   head it last trained from (its proof, to the server, of having trained in the run);
   once the run's model is kept, its head sha256 too.
+- ``runs/<run-id>.initial.safetensors``: the run's initial head as the site computed it,
+  and ``runs/<run-id>.head.safetensors``: the last head it took in the run, with its
+  round and the run's step settings in the metadata (``client.guard`` checks every head
+  the server sends against both).
 - ``models/<run-id>/``: the run's model package (``Site.keep_model``).
 
 A run recorded here without a model is one whose model the site missed (offline when
@@ -20,12 +24,17 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import safe_open
+
 from fedhead.common.config import NodeConfig
 from fedhead.common.files import atomic_writer
+from fedhead.common.heads import head_bytes
 from fedhead.common.protocol import (
     MAX_MODEL_REQUESTS,
     MODEL_HELD,
@@ -108,6 +117,38 @@ class SiteModels:
 
     def run_file(self, run_id: int) -> Path:
         return self.cache_dir / RUNS / f"{run_id}.json"
+
+    def head_file(self, run_id: int, which: str) -> Path:
+        """``runs/<run-id>.<which>.safetensors`` (which: initial or head)."""
+        return self.cache_dir / RUNS / f"{run_id}.{which}.safetensors"
+
+    def keep_head(
+        self,
+        run_id: int,
+        which: str,
+        names: Sequence[str],
+        arrays: Sequence[np.ndarray],
+        meta: Mapping[str, str],
+    ) -> None:
+        """Write one of the run's heads, with ``meta``, in place of the one kept before."""
+        with atomic_writer(self.head_file(run_id, which)) as f:
+            f.write(head_bytes(names, arrays, meta))
+
+    def head(
+        self, run_id: int, which: str, names: Sequence[str]
+    ) -> tuple[list[np.ndarray], dict[str, str]] | None:
+        """One of the run's heads and its metadata, or None when none is kept (or it
+        does not read back as the tensors ``names``: logged)."""
+        path = self.head_file(run_id, which)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = dict(f.metadata() or {})
+                return [f.get_tensor(n) for n in names], meta
+        except Exception as err:  # safetensors raises its own types for damaged files
+            log.warning("ignoring %s: not a readable head (%s)", path, type(err).__name__)
+            return None
 
     def model_dir(self, run_id: int) -> Path:
         return self.cache_dir / MODELS / str(run_id)

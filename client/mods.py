@@ -1,8 +1,9 @@
 """Flower mods wrapping the site's handlers: audit, errors, secure aggregation, encoding.
 
 Order matters (outermost first). App-wide: ``audit_mod`` records the message that
-finally leaves the site; ``errors_mod`` turns a fedhead error into one log line and an
-error reply. Around ``train``:
+finally leaves the site; ``metrics_mod`` counts and times it; ``errors_mod`` turns a
+fedhead error into one log line and an error reply; ``head_check_mod`` refuses a head
+that is not the run's trainable set before anything decodes it. Around ``train``:
 
 1. ``secagg_mod``: Flower's SecAgg+ client protocol, when the server runs SecAgg+;
    the update is masked after everything below has run.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +36,21 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedhead.client.guard import check_declared, prepared_trainable, refuse
 from fedhead.common.errors import FederationError, FedheadError
 from fedhead.common.files import append_line
 from fedhead.common.heads import global_norm
-from fedhead.common.protocol import FitSettings
+from fedhead.common.protocol import (
+    MSG_OUTCOME,
+    RECORD_OUTCOME_HEAD,
+    TASK_KEY,
+    TASK_STATISTICS,
+    FitSettings,
+)
 from fedhead.common.telemetry import SiteMessage, SiteRefusedUpdate, emit
 
 log = logging.getLogger(__name__)
@@ -68,28 +77,39 @@ def errors_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return Message(Error(code=ERROR_CODE_BASE + 1, reason=reason), reply_to=msg)
 
 
-def message_kind(msg: Message) -> str:
-    """What a message is for the site's metrics: its type, and under SecAgg+ the stage
-    of a train message (only ``collect_masked_vectors`` trains; the others exchange
-    keys and shares: ``secagg_setup``, ``secagg_share_keys``, ``secagg_unmask``)."""
-    from flwr.common.secure_aggregation.secaggplus_constants import (
-        RECORD_KEY_CONFIGS,
-        Key,
-        Stage,
-    )
+# The kinds a site's message metrics are labelled with (a bounded set: ``cli.metrics``
+# pre-initialises them): fedhead's messages, and the SecAgg+ stages of a train message
+# other than the one that trains (key setup, key sharing, unmasking); anything else the
+# server sends is "other".
+_KINDS = {
+    MessageType.TRAIN: "train",
+    MessageType.EVALUATE: "evaluate",
+    **{
+        f"query.{k}": k
+        for k in ("prepare", "weights", "model", "models", "outcome", "validate")  # client.app's
+    },
+}
+_SECAGG_KINDS = {
+    Stage.SETUP: "secagg_setup",
+    Stage.SHARE_KEYS: "secagg_share_keys",
+    Stage.COLLECT_MASKED_VECTORS: "train",  # the stage that trains and masks the update
+    Stage.UNMASK: "secagg_unmask",
+}
+MESSAGE_KINDS = (*dict.fromkeys([*_KINDS.values(), *_SECAGG_KINDS.values()]), "other")
 
-    kind = msg.metadata.message_type.removeprefix("query.")
-    if msg.has_error() or RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return kind
-    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
-    if stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
-        return f"secagg_{stage}"
+
+def message_kind(msg: Message) -> str:
+    """What a message from the server is, as a metrics label (one of MESSAGE_KINDS)."""
+    kind = _KINDS.get(msg.metadata.message_type, "other")
+    if kind == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+        return _SECAGG_KINDS.get(stage, "other") if isinstance(stage, str) else "other"
     return kind
 
 
 def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Count and time every message the site handles (for the site's own exporter)."""
-    kind = message_kind(msg)
+    kind = message_kind(msg)  # before the SecAgg+ mod takes the stage out of the message
     t0 = time.perf_counter()
     ok = False
     try:
@@ -98,6 +118,48 @@ def metrics_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return reply
     finally:
         emit(SiteMessage(kind, ok, time.perf_counter() - t0))
+
+
+# Where a message that carries a head holds it (legacy Parameters in train and evaluate
+# messages; the run's initial head in an outcome request).
+_HEAD_RECORDS = {
+    MessageType.TRAIN: "fitins.parameters",
+    MessageType.EVALUATE: "evaluateins.parameters",
+    MSG_OUTCOME: RECORD_OUTCOME_HEAD,
+}
+
+
+def head_check_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A head from the server must be exactly the run's trainable tensors: checked from
+    the tensors' declared shapes and dtypes before anything decodes them, so an
+    oversized head costs the site no more memory than the bytes it arrived in
+    (``client.guard``). Nothing else may ride along in the message's array records."""
+    where = _HEAD_RECORDS.get(msg.metadata.message_type)
+    records = msg.content.array_records
+    if where is not None and records and _statistics_request(msg):
+        if set(records[where]) - {"_empty"}:  # a request for statistics carries no head
+            # (Flower writes "_empty" for a legacy Parameters without tensors)
+            raise refuse("shape", "a request for statistics carries tensors")
+        return call_next(msg, context)
+    if where is not None and records:
+        kind = message_kind(msg)
+        if other := sorted(set(records) - {where}):
+            raise refuse(
+                "shape",
+                f"a {kind} message carries {len(other)} array record(s) besides its head, "
+                f"e.g. {other[0][:40]!r}",
+                "server and site must run the same fedhead version",
+            )
+        check_declared(records[where], prepared_trainable(context), f"the {kind} message's head")
+    return call_next(msg, context)
+
+
+def _statistics_request(msg: Message) -> bool:
+    """A train message that asks for statistics (read before the FitIns is decoded)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return False
+    config = msg.content.config_records.get("fitins.config")
+    return config is not None and config.get(TASK_KEY) == TASK_STATISTICS
 
 
 def describe_message(msg: Message) -> dict[str, Any]:
@@ -163,13 +225,34 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
+_DECODED: ContextVar[tuple[Message, FitIns] | None] = ContextVar("fedhead_fitins", default=None)
+
+
+def fitins_of(msg: Message) -> FitIns:
+    """A train message's FitIns, decoded once per message: the mods around the train
+    handler and the handler itself all read it (nobody changes it)."""
+    held = _DECODED.get()
+    if held is not None and held[0] is msg:
+        return held[1]
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    _DECODED.set((msg, fitins))
+    return fitins
+
+
+def asks_for_statistics(config: dict[str, Any]) -> bool:
+    """Whether a train message asks for the site's closed-form statistics, not training."""
+    return config.get(TASK_KEY) == TASK_STATISTICS
+
+
 def _trained(
     msg: Message, context: Context, call_next: ClientAppCallable
 ) -> tuple[FitIns, Message, FitRes | None]:
     """A train message's FitIns, the reply of the handlers below and, unless that reply
-    is an error, the FitRes in it."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    is an error or statistics (no update), the FitRes in it."""
+    fitins = fitins_of(msg)
     reply = call_next(msg, context)
+    if asks_for_statistics(fitins.config):
+        return fitins, reply, None
     if reply.has_error():
         return fitins, reply, None
     return fitins, reply, compat.recorddict_to_fitres(reply.content, keep_input=True)
@@ -222,7 +305,10 @@ def update_check_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     """Check this site's own update before it is masked or sent; refuse a bad one.
 
     Non-finite values, an L2 norm above the run's ``max-update-norm`` and values outside
-    SecAgg+'s clipping range (they would be silently clipped) all stop the send.
+    SecAgg+'s clipping range (they would be silently clipped) all stop the send. It sits
+    inside the SecAgg+ mod and outside DP clipping (which turns an infinite update into
+    NaN), so a non-finite value never reaches Flower's quantizer, which would clip an
+    ``inf`` into the largest value the range allows.
     """
     fitins, reply, fitres = _trained(msg, context, call_next)
     if fitres is None:
@@ -246,7 +332,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's client-side fixed clipping, when the server's DP wrapper asks for it."""
-    config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    config = fitins_of(msg).config
     if KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

@@ -15,6 +15,7 @@ import torch
 
 from fedhead.client.models import SiteModels, site_cache_dir, site_models_dir
 from fedhead.common.backbones import backbone_names, get_spec
+from fedhead.common.closed_form import FixedPointCodec, Statistics, clipped_statistics
 from fedhead.common.config import MAX_INPUT_SIZE, NodeConfig
 from fedhead.common.datasets import ReadPolicy, SiteData, load_site_data
 from fedhead.common.device import Device, select_device
@@ -22,6 +23,7 @@ from fedhead.common.errors import (
     DataError,
     ModelMismatchError,
     RunSpecError,
+    WeightsError,
     WeightsMismatchError,
     WeightsNotFoundError,
 )
@@ -54,6 +56,7 @@ from fedhead.common.protocol import (
     ModelDescription,
     PrepareReply,
     RunSpec,
+    StatisticsRequest,
     format_model_requests,
 )
 from fedhead.common.simulation import simulated_site_data
@@ -256,6 +259,24 @@ class Site:
                 "server and site must run the same fedhead version",
             )
         self._trainable = trainable
+
+    def run_start(self) -> tuple[TrainableSet, list[np.ndarray] | None]:
+        """The run's trainable set and, when this site can compute it, the head the run
+        starts from (``initial_trainable``): a head from the seed, and unfrozen blocks
+        from the verified weights (None while this site lacks them). Built afresh: a
+        model of this process may hold another run's tensors."""
+        backbone_spec = get_spec(self.spec.backbone)
+        backbone = None
+        if self.spec.unfreeze_blocks:
+            try:
+                path = find_weights(self.ref, default_search_dirs(self.cache_dir))
+            except WeightsError:  # missing or altered (logged by weights_status)
+                model = FedHeadModel.for_run(backbone_spec, backbone_spec.build(), self.spec)
+                return TrainableSet.of(model), None
+            backbone = load_backbone(backbone_spec, path)
+        model = FedHeadModel.for_run(backbone_spec, backbone, self.spec)
+        trainable = TrainableSet.of(model)
+        return trainable, trainable.get(model)
 
     @property
     def trainable(self) -> TrainableSet:
@@ -471,6 +492,48 @@ class Site:
         log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
         return dest, sha
 
+    def statistics(self, request: StatisticsRequest) -> tuple[np.ndarray, int]:
+        """The sufficient statistics of this site's training features for a closed-form
+        head (``common.closed_form``), as ``request`` asks to send them: the vector and
+        the weight the site reports. Under SecAgg+ every site weighs one (the statistics
+        are sums) and the vector is the fixed-point code; a site holding more images than
+        max-site-examples scales its statistics down to that many."""
+        if request.trainable_fingerprint != self.spec.trainable_fingerprint:
+            raise ModelMismatchError("the statistics request names another trainable set")
+        values, labels, _ = self.features("train")
+        if len(labels) == 0:
+            raise DataError("no usable training images for the statistics", "check the data")
+        features = values.float().numpy()
+        classes = len(self.spec.class_names())
+        if request.feature_clip > 0:
+            clipped = clipped_statistics(features, labels.numpy(), classes, request.feature_clip)
+            stats = clipped.statistics
+            log.info(
+                "statistics: %d of %d feature vectors clipped to L2 norm %g (differential privacy)",
+                clipped.clipped,
+                clipped.examples,
+                request.feature_clip,
+            )
+        else:
+            stats = Statistics.of(features, labels.numpy(), classes)
+        views = features.shape[0] if features.ndim == 3 else 1
+        cap = request.max_site_examples * views
+        if stats.total > cap:
+            log.info(
+                "statistics: %d examples count as %d (max-site-examples %d)",
+                stats.total,
+                cap,
+                request.max_site_examples,
+            )
+            stats = stats.scaled(cap / stats.total)
+        vector = stats.to_vector()
+        if not request.secure:
+            return vector, round(stats.total)
+        codec = FixedPointCodec(
+            request.clipping_range, request.quantization_range, request.fraction_bits, request.limbs
+        )
+        return codec.encode(vector, stats.layout), 1
+
     def evaluate(self, arrays: list[np.ndarray]) -> EvalResult:
         model = self.trained_model()
         self.trainable.set(model, arrays)
@@ -479,13 +542,14 @@ class Site:
 
     def evaluation_statistics(self, arrays: list[np.ndarray]) -> EvalStatistics:
         """The count tables the server pools into clinical metrics (``common.pooled``):
-        confusion counts and score histograms over the validation split, no per-image
-        score."""
+        confusion counts and score histograms over the validation split, coarsened so
+        that no reported score describes fewer than ``MIN_CELL`` images."""
         model = self.trained_model()
         self.trainable.set(model, arrays)
         feats, labels, _ = self.features("val")
         proba = torch.softmax(head_logits(model, feats, self.device), dim=1)
-        return EvalStatistics.from_predictions(labels.numpy(), proba.cpu().numpy())
+        exact = EvalStatistics.from_predictions(labels.numpy(), proba.cpu().numpy())
+        return exact.coarsened()
 
 
 # One model per process and run configuration. A simulation worker serves many sites

@@ -19,6 +19,7 @@ from fedhead.common.protocol import (
     FIT_EVAL_EXAMPLES,
     FIT_EVAL_LOSS,
     FitSettings,
+    StatisticsRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class LocalSite:
         self, arrays: list[np.ndarray], statistics: bool
     ) -> tuple[float, int, dict[str, Any]]:
         return evaluate(self.site, arrays, statistics)
+
+    def statistics(self, request: StatisticsRequest) -> tuple[np.ndarray, int]:
+        return self.site.statistics(request)
 
 
 def evaluate(

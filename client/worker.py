@@ -9,29 +9,37 @@ The ClientApp keeps every check of its own (the ledger, the update checks, SecAg
 masking, the audit log) and hands the worker only the site's work: train from a head,
 or evaluate one (``client.steps``, the same code it runs in process otherwise).
 
-Trust boundary: a Unix socket in a folder only the node's user may enter (0700); the
-worker serves whatever connects through it, that is the user's own processes, which
-can read the site's data anyway. It answers with what a ClientApp would compute (a
-head's tensors, scalars and count tables), to that process only: nothing it holds
+Trust boundary: a Unix socket in a folder only the node's user may enter (0700), and
+the standard library's authenticated connection (``multiprocessing.connection``, an
+HMAC challenge on a 32-byte key that ``fedhead node`` draws at start and writes, 0600,
+beside the socket; the ClientApps find it through the node config's
+``worker-key-file``): the worker serves only processes of that user that hold the key,
+which can read the site's data anyway. It answers with what a ClientApp would compute
+(a head's tensors, scalars and count tables), to that process only: nothing it holds
 goes anywhere else. A worker that fails or stops ends that message with an error
-reply naming the problem (the details stay in the node's log), never a wait.
+reply naming the problem (the details stay in the node's log), never a wait; an error
+it raises arrives as the same fedhead error, with the same fields.
 
-Wire format: frames of a 4-byte big-endian length and a body. A request and a reply
-are each a JSON header frame and an arrays frame (``.npz``, read without pickles).
+Wire format: after the challenge, a request and a reply are each two messages of the
+connection: a JSON header and the arrays (``.npz``, read without pickles). Nothing
+crossing the socket is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
+import secrets
 import shutil
 import socket
-import socketserver
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +47,7 @@ import numpy as np
 
 from fedhead.common import errors
 from fedhead.common.errors import FederationError, FedheadError
-from fedhead.common.protocol import FitSettings, RunSpec
+from fedhead.common.protocol import FitSettings, RunSpec, StatisticsRequest
 
 if TYPE_CHECKING:
     from fedhead.client.site import Site
@@ -47,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "worker.sock"
-MAX_FRAME = 1 << 30  # a head and its count tables are kilobytes to megabytes
+KEY_NAME = "worker.key"
+MAX_MESSAGE = 1 << 30  # a head and its count tables are kilobytes to megabytes
+REQUEST_SECONDS = 60.0  # how long the worker waits for a connected process's request
 _BYTES = "bytes/"  # npz entries holding a metric's bytes (count tables)
 _ARRAY = "array/"  # npz entries holding the head's tensors, in order
 
@@ -61,36 +71,21 @@ class Trained:
     metrics: dict[str, Any]
 
 
-# --- frames ------------------------------------------------------------------------
-def _send(sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+# --- messages ----------------------------------------------------------------------
+def _send(conn: Connection, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
-    for body in (json.dumps(header).encode(), buf.getvalue()):
-        sock.sendall(struct.pack(">I", len(body)) + body)
+    conn.send_bytes(json.dumps(header).encode())
+    conn.send_bytes(buf.getbuffer())
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the other side closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    frames = []
-    for _ in range(2):
-        (size,) = struct.unpack(">I", _recv_exactly(sock, 4))
-        if size > MAX_FRAME:
-            raise ConnectionError(f"a frame of {size} bytes, more than {MAX_FRAME}")
-        frames.append(_recv_exactly(sock, size))
-    header = json.loads(frames[0])
+def _recv(conn: Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A header and its arrays; OSError (also for a message over MAX_MESSAGE bytes),
+    EOFError or ValueError when they cannot be read."""
+    header = json.loads(conn.recv_bytes(MAX_MESSAGE))
     if not isinstance(header, dict):
-        raise ConnectionError("a header that is not a JSON object")
-    with np.load(io.BytesIO(frames[1]), allow_pickle=False) as npz:
+        raise ValueError("a header that is not a JSON object")
+    with np.load(io.BytesIO(conn.recv_bytes(MAX_MESSAGE)), allow_pickle=False) as npz:
         return header, {k: npz[k] for k in npz.files}
 
 
@@ -119,10 +114,13 @@ def _unhead(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 # --- the ClientApp's side ----------------------------------------------------------------
 class RemoteSite:
-    """The site's work, done by the node's worker at ``path``."""
+    """The site's work, done by the node's worker at ``path`` (with the key in ``key_file``)."""
 
-    def __init__(self, path: str, node_config: dict[str, Any], spec: RunSpec, run_id: int) -> None:
+    def __init__(
+        self, path: str, key_file: str, node_config: dict[str, Any], spec: RunSpec, run_id: int
+    ) -> None:
         self.path = path
+        self.key_file = key_file
         self.base = {"node": node_config, "spec": spec.to_dict(), "run_id": run_id}
 
     def train(self, arrays: list[np.ndarray], settings: FitSettings, evaluates: bool) -> Trained:
@@ -137,23 +135,40 @@ class RemoteSite:
         header, out = self._call({"op": "evaluate", "statistics": statistics}, arrays)
         return float(header["loss"]), int(header["examples"]), _join(header["metrics"], out)
 
+    def statistics(self, request: StatisticsRequest) -> tuple[np.ndarray, int]:
+        header, out = self._call({"op": "statistics", "request": request.to_dict()}, [])
+        return _unhead(out)[0], int(header["weight"])
+
     def _call(
         self, request: dict[str, Any], arrays: list[np.ndarray]
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            key = Path(self.key_file).read_bytes()
+        except OSError as err:
+            raise FederationError(
+                f"this node's worker key {self.key_file} cannot be read ({err.strerror})",
+                "restart the node (fedhead node)",
+            ) from err
+        try:
+            conn = Client(self.path, family="AF_UNIX", authkey=key)
+        except (OSError, EOFError) as err:
+            raise FederationError(
+                f"this node's worker does not answer at {self.path} "
+                f"({getattr(err, 'strerror', None) or type(err).__name__})",
+                "restart the node (fedhead node)",
+            ) from err
+        except AuthenticationError as err:
+            raise FederationError(
+                f"this node's worker refused this process's key ({err})",
+                "restart the node (fedhead node)",
+            ) from err
+        with conn:
             try:
-                sock.connect(self.path)
-            except OSError as err:
+                _send(conn, {**self.base, **request}, _head(arrays))
+                header, out = _recv(conn)
+            except (OSError, EOFError, ValueError) as err:
                 raise FederationError(
-                    f"this node's worker does not answer at {self.path} ({err.strerror})",
-                    "restart the node (fedhead node)",
-                ) from err
-            try:
-                _send(sock, {**self.base, **request}, _head(arrays))
-                header, out = _recv(sock)
-            except (OSError, ValueError) as err:
-                raise FederationError(
-                    f"this node's worker stopped while working ({err})",
+                    f"this node's worker stopped while working ({type(err).__name__}: {err})",
                     "see the node's log; restart the node (fedhead node)",
                 ) from err
         if not header.get("ok"):
@@ -161,15 +176,43 @@ class RemoteSite:
         return header, out
 
 
+def _error_types() -> dict[str, type[FedheadError]]:
+    """fedhead's error classes, by name: the only types an error from the worker takes."""
+    found: dict[str, type[FedheadError]] = {}
+    todo: list[type[FedheadError]] = [FedheadError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == errors.__name__:
+            found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
+def _describe_error(err: FedheadError) -> dict[str, Any]:
+    """An error's type and fields (its attributes: what, hint, title, and those of its
+    class, such as a ConfigError's problems), as JSON."""
+    fields = {k: v for k, v in vars(err).items() if _is_json(v)}
+    return {"type": type(err).__name__, "fields": fields}
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _error(info: dict[str, Any]) -> Exception:
-    """The worker's error, raised here as the same kind of error with the same line."""
-    kind = getattr(errors, str(info.get("type", "")), None)
-    if isinstance(kind, type) and issubclass(kind, FedheadError):
-        err = kind.__new__(kind)
-        FedheadError.__init__(err, str(info.get("what", "")), str(info.get("hint", "")))
-        err.title = str(info.get("title", kind.title))
-        return err
-    return RuntimeError("the node's worker failed unexpectedly (details in the node's log)")
+    """The worker's error, raised here as the same kind of error with the same fields."""
+    kind = _error_types().get(str(info.get("type", "")))
+    fields = info.get("fields")
+    if kind is None or not isinstance(fields, dict):
+        return RuntimeError("the node's worker failed unexpectedly (details in the node's log)")
+    err = kind.__new__(kind)
+    err.__dict__.update(fields)
+    Exception.__init__(err, FedheadError.__str__(err))
+    return err
 
 
 # --- the worker's side -------------------------------------------------------------------
@@ -188,9 +231,7 @@ class SiteWorker:
                 return self._handle(header, arrays)
         except FedheadError as err:
             log.error("%s: %s", err.title, err)
-            kind = type(err).__name__
-            info = {"type": kind, "what": err.what, "hint": err.hint, "title": err.title}
-            return {"ok": False, "error": info}, {}
+            return {"ok": False, "error": _describe_error(err)}, {}
         except Exception:
             log.exception("the worker failed on a %s request", header.get("op"))
             return {"ok": False, "error": {"type": "unexpected"}}, {}
@@ -214,6 +255,9 @@ class SiteWorker:
             loss, examples, metrics = steps.evaluate(site, head, bool(header["statistics"]))
             scalars, blobs = _split(metrics)
             return {"ok": True, "loss": loss, "examples": examples, "metrics": scalars}, blobs
+        if header["op"] == "statistics":
+            vector, weight = site.statistics(StatisticsRequest.from_mapping(header["request"]))
+            return {"ok": True, "weight": weight}, _head([vector])
         raise FederationError(f"the worker does not know the request {header['op']!r}")
 
     def _site(self, run_id: int, node: dict[str, Any], spec: dict[str, Any]) -> Site:
@@ -227,41 +271,65 @@ class SiteWorker:
         return self.sites[key]
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        try:
-            header, arrays = _recv(self.request)
-        except (OSError, ValueError) as err:
-            log.warning("the worker dropped a request it could not read: %s", err)
-            return
-        _send(self.request, *self.server.worker.handle(header, arrays))
-
-
-class _Server(socketserver.UnixStreamServer):
-    def __init__(self, path: str, worker: SiteWorker) -> None:
-        self.worker = worker
-        super().__init__(path, _Handler)
-
-
 class WorkerService:
-    """The worker listening on a socket in a fresh private folder, served by a thread
-    of this process until ``stop``."""
+    """The worker listening on a socket in a fresh private folder, with a fresh key,
+    served by a thread of this process until ``stop``."""
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="fedhead-worker-"))  # 0700
         self.path = str(self.folder / SOCKET_NAME)
-        self.server = _Server(self.path, SiteWorker())
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, name="fedhead-worker", daemon=True
-        )
+        self.key_file = str(self.folder / KEY_NAME)
+        self._key = secrets.token_bytes(32)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._key)
+        self.worker = SiteWorker()
+        self.listener = Listener(self.path, family="AF_UNIX", authkey=self._key)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="fedhead-worker", daemon=True)
 
     def start(self) -> WorkerService:
         self.thread.start()
         return self
 
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn = self.listener.accept()  # the key's challenge happens here
+            except AuthenticationError as err:
+                log.warning("the worker refused a connection without its key: %s", err)
+                continue
+            except (OSError, EOFError) as err:
+                if self._stopping.is_set():
+                    break
+                log.warning("the worker dropped a connection: %s", err)
+                continue
+            with conn:
+                if self._stopping.is_set():
+                    break
+                self._answer(conn)
+
+    def _answer(self, conn: Connection) -> None:
+        try:
+            if not conn.poll(REQUEST_SECONDS):
+                log.warning("the worker dropped a connection that sent no request")
+                return
+            header, arrays = _recv(conn)
+        except (OSError, EOFError, ValueError) as err:
+            log.warning("the worker dropped a request it could not read: %s", err)
+            return
+        try:
+            _send(conn, *self.worker.handle(header, arrays))
+        except (OSError, EOFError) as err:
+            log.warning("the worker could not answer (the process left?): %s", err)
+
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._stopping.set()
+        if self.thread.is_alive():
+            # Wake the accepting thread: its challenge to this connection fails, and it
+            # sees the stop; a plain connect never waits for a thread that already left.
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(self.path)
+            self.thread.join(timeout=10)
+        self.listener.close()
         shutil.rmtree(self.folder, ignore_errors=True)

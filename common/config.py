@@ -222,8 +222,11 @@ class RunConfig(_Config):
     max_update_norm: float = opt(
         30.0, non_negative, "reject updates (or aggregates) with a larger L2 norm; 0 = off"
     )
+    # A hospital's curated images for one task number in the thousands (a children's
+    # hospital's pneumonia X-rays: 5,856): a larger site still takes part, counting as
+    # this many, while a site declaring more cannot outweigh ten such sites by itself.
     max_site_examples: int = opt(
-        100_000, positive, "a site's weight counts at most this many examples"
+        10_000, positive, "a site's weight counts at most this many examples"
     )
     max_site_share: float = opt(
         0.5,
@@ -449,6 +452,11 @@ class NodeConfig(_Config):
         "",
         doc="set by fedhead node: the socket of its warm worker, which trains and evaluates "
         "for the per-message ClientApp processes (empty: they do it themselves)",
+    )
+    worker_key_file: str = opt(
+        "",
+        doc="set by fedhead node: the file holding the key its warm worker asks of every "
+        "process that connects (beside the socket, 0600)",
     )
     # Set by Flower's Simulation Engine for simulated nodes:
     partition_id: int = opt(-1, doc="simulation only")

@@ -7,6 +7,13 @@ stored values -> Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequenc
 the same range the 8-bit path reaches by dividing by 255, so the same X-ray gives
 the same features whichever way it was stored.
 
+Size: a picture is refused before anything decodes it when the header's Rows x
+Columns exceed the node's ``max-image-pixels``, when an encapsulated frame's own
+header (``common.codestreams``) declares another size than Rows x Columns, and a
+deflated data set when it would inflate beyond ``DEFLATED_BYTES_PER_PIXEL`` bytes per
+pixel of that limit: what a decoder allocates follows from the limit, never from a
+number only the compressed bytes hold.
+
 Privacy: only the tags that the pixel pipeline and ``fedhead data check`` need are
 parsed at all (``specific_tags``); patient name, IDs and dates are never read into
 memory, and pydicom's own warnings (which may quote header values) are kept out of
@@ -26,6 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from fedhead.common.codestreams import CodestreamError, frame_size
+from fedhead.common.config import DEFAULT_MAX_IMAGE_PIXELS
 from fedhead.common.images import IMAGE_EXTENSIONS, ImageDecodeError
 
 if TYPE_CHECKING:
@@ -33,7 +42,10 @@ if TYPE_CHECKING:
 
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom", ".dic"})
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
-MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit, for one frame
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+# A deflated data set may inflate to at most this many bytes per pixel of the limit
+# (a frame of max-image-pixels 64-bit values) before pydicom is given it.
+DEFLATED_BYTES_PER_PIXEL = 8
 
 # The only tags ever parsed from a file (besides the file meta group): the image
 # pixel module, the grayscale pipeline and pixel spacing. Nothing that names a person.
@@ -166,14 +178,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _read(path: Path, pixels: bool) -> Dataset:
+def _read(path: Path, pixels: bool, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Dataset:
     """Parse the needed tags only; an unreadable file is one line naming the problem."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
     tags = list(_PIXEL_TAGS if pixels else _HEADER_TAGS)
     try:
+        _check_inflated_size(path, DEFLATED_BYTES_PER_PIXEL * max_pixels)
         return dcmread(path, stop_before_pixels=not pixels, specific_tags=tags)
+    except ImageDecodeError:
+        raise
     except InvalidDicomError as err:
         raise ImageDecodeError(
             f"{path}: not a DICOM file (no 'DICM' file header); export it from the PACS "
@@ -188,6 +203,37 @@ def _read(path: Path, pixels: bool) -> Dataset:
         raise ImageDecodeError(
             f"{path}: damaged DICOM file ({type(err).__name__} while parsing the header)"
         ) from err
+
+
+def _check_inflated_size(path: Path, limit: int) -> None:
+    """Refuse a deflated data set that inflates beyond ``limit`` bytes, counting in a
+    stream before pydicom inflates it whole into memory (a deflate bomb)."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+
+    meta = read_file_meta_info(path)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    if "FileMetaInformationGroupLength" not in meta:
+        raise ImageDecodeError(
+            f"{path}: a deflated DICOM file without File Meta Information Group Length "
+            "(0002,0000); export it again"
+        )
+    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, (0002,0000)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    with path.open("rb") as f:
+        f.seek(start)
+        while size <= limit and (chunk := inflate.unconsumed_tail or f.read(1 << 16)):
+            size += len(inflate.decompress(chunk, 1 << 20))
+            if inflate.eof:
+                break
+    if size > limit:
+        raise ImageDecodeError(
+            f"{path}: its deflated data set inflates to more than {limit} bytes, "
+            f"{DEFLATED_BYTES_PER_PIXEL} bytes per pixel of max-image-pixels; refused unread"
+        )
 
 
 def _int(ds: Dataset, name: str, default: int) -> int:
@@ -238,14 +284,17 @@ def read_info(path: Path) -> DicomInfo:
             ) from err
 
 
-def read_dicom(path: Path, settings: ReaderSettings | None = None) -> np.ndarray:
-    """A DICOM file's picture as float32 HxW in [0, 1] (raises ImageDecodeError)."""
+def read_dicom(
+    path: Path, settings: ReaderSettings | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """A DICOM file's picture as float32 HxW in [0, 1] (raises ImageDecodeError); a
+    picture of more than ``max_pixels`` pixels is refused before decoding."""
     settings = settings or ReaderSettings()
     with _quiet():
-        ds = _read(path, pixels=True)
+        ds = _read(path, pixels=True, max_pixels=max_pixels)
         try:
             _check_grayscale(path, ds)
-            return _picture(path, ds, settings)
+            return _picture(path, ds, settings, max_pixels)
         except ImageDecodeError:
             raise
         except (
@@ -260,6 +309,29 @@ def read_dicom(path: Path, settings: ReaderSettings | None = None) -> np.ndarray
             # Raised while decoding pixels or reading the pixel-module tags, the only
             # ones parsed, none of which holds personal data.
             raise ImageDecodeError(f"{path}: cannot decode the DICOM pixel data ({err})") from err
+
+
+def _check_frame_size(path: Path, ds: Dataset, frame: int, frames: int) -> None:
+    """An encapsulated frame must declare, in its own header, the size the DICOM
+    header gives (decoders allocate what the frame declares)."""
+    from pydicom.encaps import get_frame
+
+    uid = str(ds.file_meta.TransferSyntaxUID)
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    data = get_frame(ds.PixelData, frame, extended_offsets=offsets, number_of_frames=frames)
+    try:
+        size = frame_size(uid, data)
+    except CodestreamError as err:
+        raise ImageDecodeError(f"{path}: frame {frame + 1}: {err}; refused undecoded") from err
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if size is not None and (size.rows, size.columns) != (rows, cols):
+        raise ImageDecodeError(
+            f"{path}: frame {frame + 1} is compressed as {size.columns}x{size.rows} pixels "
+            f"but the header (Rows, Columns) says {cols}x{rows}; refused undecoded "
+            "(export the image again)"
+        )
 
 
 def _check_decoder(path: Path, ds: Dataset) -> None:
@@ -380,7 +452,7 @@ def _apply_voi(path: Path, arr: np.ndarray, ds: Dataset, settings: ReaderSetting
     return (out - y_lo) / max(y_hi - y_lo, 1e-12)
 
 
-def _picture(path: Path, ds: Dataset, settings: ReaderSettings) -> np.ndarray:
+def _picture(path: Path, ds: Dataset, settings: ReaderSettings, max_pixels: int) -> np.ndarray:
     from pydicom.pixels.processing import apply_modality_lut
     from pydicom.pixels.utils import pixel_array
 
@@ -391,10 +463,10 @@ def _picture(path: Path, ds: Dataset, settings: ReaderSettings) -> np.ndarray:
             f"frame {settings.frame + 1}; set dicom-frame to 0 (the first)"
         )
     rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
-    if rows * cols > MAX_PIXELS:
-        raise UnsupportedDicomError(
-            f"{path}: {rows}x{cols} pixels is above the {MAX_PIXELS} pixel limit; "
-            "downsample it before use"
+    if rows * cols > max_pixels:
+        raise ImageDecodeError(
+            f"{path}: image of {cols}x{rows} pixels is larger than the limit of "
+            f"{max_pixels} pixels (max-image-pixels); refused unread"
         )
     if "PixelData" not in ds:
         raise UnsupportedDicomError(
@@ -402,6 +474,8 @@ def _picture(path: Path, ds: Dataset, settings: ReaderSettings) -> np.ndarray:
             "Pixel Data (7FE0,0010) is read"
         )
     _check_decoder(path, ds)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        _check_frame_size(path, ds, settings.frame, frames)
     arr = pixel_array(ds, index=settings.frame if frames > 1 else None)
     if arr.ndim != 2:
         raise UnsupportedDicomError(f"{path}: decoded to shape {arr.shape}, not one 2-D frame")

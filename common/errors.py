@@ -96,6 +96,11 @@ class RunSpecError(FederationError, title="refused run description"):
     a weights file name that is not the plain name expected, or values out of range."""
 
 
+class RefusedHeadError(FederationError, title="refused head"):
+    """A head from the server that a site will not train from or evaluate: not the run's
+    trainable tensors, not the run's initial head, or beyond a round's reach."""
+
+
 class SetupError(FedheadError, exit_code=7, title="setup problem"):
     """A local setup step failed: a port in use, a missing program, a file in the way."""
 

@@ -170,7 +170,7 @@ class FileImages:
         if self._is_dicom(i):
             from fedhead.common.dicom import read_dicom
 
-            return read_dicom(self.paths[i], self.reader)
+            return read_dicom(self.paths[i], self.reader, self.limits.max_pixels)
         return decode_image_file(self.paths[i], self.limits)
 
     def describe(self, i: int) -> str:

@@ -3,14 +3,17 @@
 Only the trainable tensors ever travel. ``TrainableSet`` computes their names, shapes
 and dtypes once from the model; the same set packs and unpacks the payload in both
 directions, and its fingerprint lets both sides prove they agree before training.
+
+The run's first head is a function of its seed and architecture alone (``init_head``),
+not of whatever else drew from torch's random generator before it was built: a site
+recomputes it (``initial_trainable``) and takes part only from that very head, so a
+server cannot start a run from a head crafted to probe the site's images.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -19,7 +22,9 @@ import torch
 from torch import nn
 
 from fedhead.common.backbones import BackboneSpec
-from fedhead.common.errors import ModelMismatchError, WeightsError
+from fedhead.common.errors import WeightsError
+from fedhead.common.heads import TensorSpec as TensorSpec  # re-exported: the model's tensors
+from fedhead.common.heads import TrainableSet as TrainableSet
 from fedhead.common.weights import WeightsRef
 
 
@@ -100,6 +105,8 @@ class ModelSettings(Protocol):
     """The run settings that shape the model: RunConfig on the server, RunSpec on a node."""
 
     @property
+    def seed(self) -> int: ...
+    @property
     def head(self) -> str: ...
     @property
     def head_hidden(self) -> int: ...
@@ -130,6 +137,7 @@ class FedHeadModel(nn.Module):
         hidden: int = 256,
         dropout: float = 0.0,
         unfreeze_blocks: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -152,6 +160,7 @@ class FedHeadModel(nn.Module):
             self.tuned = nn.Sequential(*split.blocks[cut:])
             self.pool = split.pool
         self.head = make_head(head, spec.feature_dim, num_classes, hidden, dropout)
+        init_head(self.head, seed)
         for p in [*self.frozen.parameters(), *self.pool.parameters()]:
             p.requires_grad_(False)
         for p in [*self.tuned.parameters(), *self.head.parameters()]:
@@ -162,7 +171,8 @@ class FedHeadModel(nn.Module):
     def for_run(
         cls, spec: BackboneSpec, backbone: nn.Module | None, run: ModelSettings
     ) -> FedHeadModel:
-        """The run's model; the server and every node build it here, so they agree.
+        """The run's model; the server and every node build it here, so they agree
+        (also on the initial head, drawn from the run's seed).
 
         Without ``backbone`` it is the head alone (runs with no unfrozen block): it
         trains and evaluates on cached features, and its trainable tensors are the
@@ -176,6 +186,7 @@ class FedHeadModel(nn.Module):
             hidden=run.head_hidden,
             dropout=run.head_dropout,
             unfreeze_blocks=run.unfreeze_blocks,
+            seed=run.seed,
         )
 
     def train(self, mode: bool = True) -> FedHeadModel:
@@ -223,75 +234,36 @@ def make_head(kind: str, in_dim: int, num_classes: int, hidden: int, dropout: fl
     raise ValueError(f"head must be 'linear' or 'mlp', not {kind!r}")
 
 
+# Which stream of the run's seed the head is drawn from (the seed also splits the data
+# and shuffles batches, from streams of their own).
+HEAD_STREAM = 0x68656164  # "head"
+
+
+def init_head(head: nn.Module, seed: int) -> None:
+    """The head's initial values from ``seed`` alone: every linear layer's weight and
+    bias uniform in +-1/sqrt(fan_in), torch's default for ``nn.Linear``, drawn in
+    order from one numpy PCG64 stream (its doubles, ``random()``, are the same on
+    every platform and numpy version), so whoever builds the run's head gets the
+    same values, whatever else drew random numbers before."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([HEAD_STREAM, seed])))
+    with torch.no_grad():
+        for layer in head.modules():
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                for p in (layer.weight, layer.bias):
+                    values = (rng.random(tuple(p.shape)) * 2 - 1) * bound
+                    p.copy_(torch.from_numpy(values.astype(np.float32)))
+
+
+def initial_trainable(
+    spec: BackboneSpec, backbone: nn.Module | None, run: ModelSettings
+) -> list[np.ndarray]:
+    """The run's initial trainable tensors, as the server starts the run from them: the
+    head from the seed and, with unfrozen blocks, those blocks as ``backbone`` holds
+    them (the verified pretrained weights)."""
+    model = FedHeadModel.for_run(spec, backbone, run)
+    return TrainableSet.of(model).get(model)
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class TrainableSet:
-    """The names, shapes and dtypes of the tensors that are trained and exchanged."""
-
-    tensors: tuple[TensorSpec, ...]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> TrainableSet:
-        return cls(
-            tuple(
-                TensorSpec(n, tuple(p.shape), str(p.dtype).removeprefix("torch."))
-                for n, p in model.named_parameters()
-                if p.requires_grad
-            )
-        )
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tensors]
-
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.tensors)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in self.tensors)
-
-    def fingerprint(self) -> str:
-        """sha256 over names, shapes and dtypes: equal on both sides or no training."""
-        blob = json.dumps([[t.name, list(t.shape), t.dtype] for t in self.tensors])
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def problems(self, arrays: Sequence[np.ndarray]) -> list[str]:
-        """Why ``arrays`` is not a valid payload for this set (empty list: it is)."""
-        if len(arrays) != len(self.tensors):
-            return [f"expected {len(self.tensors)} tensors, got {len(arrays)}"]
-        out = []
-        for spec, arr in zip(self.tensors, arrays, strict=True):
-            if tuple(arr.shape) != spec.shape:
-                out.append(f"{spec.name}: shape {tuple(arr.shape)}, expected {spec.shape}")
-            elif arr.dtype != np.dtype(spec.dtype):
-                out.append(f"{spec.name}: dtype {arr.dtype}, expected {spec.dtype}")
-        return out
-
-    def get(self, model: nn.Module) -> list[np.ndarray]:
-        params = dict(model.named_parameters())
-        return [params[t.name].detach().cpu().numpy().copy() for t in self.tensors]
-
-    def set(self, model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
-        """Load ``arrays`` into the model; a mismatch raises ModelMismatchError."""
-        if problems := self.problems(arrays):
-            raise ModelMismatchError(
-                "tensors received do not match this model's trainable set: "
-                + "; ".join(problems[:3]),
-                "server and site must use the same backbone, head and classes",
-            )
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for spec, arr in zip(self.tensors, arrays, strict=True):
-                params[spec.name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))

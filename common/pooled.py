@@ -12,16 +12,35 @@ and accuracy, three count tables over its validation split:
 
 Each travels as the bytes of a little-endian int64 (counts) or float64 array.
 
+No score a site reports and no calibration bin describes fewer than ``MIN_CELL`` of
+its images (``EvalStatistics.coarsened``): a server that sends a head crafted to score
+one image apart from all others (to learn whether that image is in the site's
+validation split) finds it reported together with at least ``MIN_CELL - 1`` others.
+For each class, the bins of its two histograms (class true, class not true) are grouped
+together, in score order, until a group holds ``MIN_CELL`` images of either kind (a
+last group of fewer joins the one before); both histograms then report the group's
+counts in the bin of the group's median image. So every reported score position holds
+at least ``MIN_CELL`` images, and the order between groups, which is what AUROC
+measures, stays exact; only images within a group count as tied. A class's histograms
+of fewer than ``MIN_CELL`` images in all are reported in the middle bin (a position
+that says nothing). With two classes the first class's histograms are the mirror of
+the second's, grouped once. The calibration table's bins are grouped the same way by
+their counts. The confusion counts stay exact (they are the accuracy's and the class
+counts' own figures).
+
 Tables from several sites add up to the table of their pooled examples, so the server
 sums them and computes from the sum, with scikit-learn:
 
 - AUROC (one-vs-rest, macro over classes for more than two) from the summed score
   histograms: each bin counts as its centre, weighted by its count. It is exact up to
-  binning: scores that fall in the same bin count as tied;
+  binning and grouping: scores that fall in the same reported cell count as tied (on
+  the bundled data, BENCHMARKS.md ``pooled_auroc_error_*``);
 - sensitivity and specificity (two classes; positive class: the second), balanced
   accuracy and the confusion matrix from the summed confusion counts: exact;
-- the top-label expected calibration error from the calibration table: exact, and the
-  same as ``common.evaluation.expected_calibration_error`` on the pooled examples.
+- the top-label expected calibration error from the calibration table: the same as
+  ``common.evaluation.expected_calibration_error`` on the pooled examples up to the
+  grouping of sparse confidence bins (a grouped bin's gap is at most the sum of its
+  bins' gaps, so the ECE can only come out lower).
 """
 
 from __future__ import annotations
@@ -37,6 +56,9 @@ import numpy as np
 from fedhead.common.evaluation import ECE_BINS
 
 SCORE_BINS = 100
+# The fewest of a site's images any cell of its score histograms and calibration table
+# describes (SECURITY.md): a crafted head cannot set one image apart in them.
+MIN_CELL = 5
 MAX_CLASSES = 1000  # the run's class list is bounded well below this
 # The metric names the statistics travel under in an evaluation reply.
 KEY_CONFUSION = "stats-confusion"
@@ -89,6 +111,19 @@ class EvalStatistics:
             ]
         )
         return cls(confusion, scores, calibration)
+
+    def coarsened(self, min_cell: int = MIN_CELL) -> EvalStatistics:
+        """These tables with no cell of a score histogram or of the calibration table
+        counting fewer than ``min_cell`` images (see the module docstring); the
+        confusion counts, the class counts and every total stay as they are."""
+        k = self.num_classes
+        scores = np.zeros_like(self.scores)
+        for c in [1] if k == 2 else range(k):
+            scores[c] = _grouped(self.scores[c], self.scores[c].sum(axis=0), min_cell)
+        if k == 2:  # p0 = 1 - p1: the first class's histograms mirror the second's
+            scores[0] = scores[1, ::-1, ::-1]
+        calibration = _grouped(self.calibration, self.calibration[0], min_cell)
+        return EvalStatistics(self.confusion.copy(), scores, calibration)
 
     def to_metrics(self) -> dict[str, bytes]:
         """Little-endian int64 / float64 bytes for a Flower reply (legacy metrics hold
@@ -179,6 +214,43 @@ class EvalStatistics:
         count, correct, conf_sum = self.calibration
         out["ece"] = float(np.abs(correct - conf_sum).sum() / count.sum())
         return out
+
+
+def _groups(counts: np.ndarray, min_cell: int) -> list[tuple[tuple[int, int], int]]:
+    """Consecutive bins grouped in order until each group counts >= ``min_cell`` (a
+    last group of fewer joins the one before): ((first, last) bin, the bin of the
+    group's median count) for every group; fewer than ``min_cell`` in all: one group,
+    reported in the middle bin. No group when there is nothing to count."""
+    total = float(counts.sum())
+    if total <= 0:
+        return []
+    if total < min_cell:
+        return [((0, len(counts) - 1), len(counts) // 2)]
+    spans: list[tuple[int, int]] = []
+    first, held = 0, 0.0
+    for i, c in enumerate(counts):
+        held += float(c)
+        if held >= min_cell:
+            spans.append((first, i))
+            first, held = i + 1, 0.0
+    if held > 0:  # the rest, fewer than min_cell: joins the last group
+        spans[-1] = (spans[-1][0], len(counts) - 1)
+    out = []
+    for lo, hi in spans:
+        part = np.cumsum(counts[lo : hi + 1])
+        median = int(np.searchsorted(part, part[-1] / 2))  # the bin holding the median
+        out.append(((lo, hi), lo + median))
+    return out
+
+
+def _grouped(table: np.ndarray, counts: np.ndarray, min_cell: int) -> np.ndarray:
+    """``table`` (rows over the same bins) with its bins grouped by the images they hold
+    (``counts``) to ``min_cell`` a group (``_groups``); every row reports a group's sum
+    in the group's median bin."""
+    out = np.zeros_like(table)
+    for (first, last), at in _groups(counts, min_cell):
+        out[:, at] = table[:, first : last + 1].sum(axis=1)
+    return out
 
 
 def pool(statistics: Iterable[EvalStatistics]) -> EvalStatistics | None:

@@ -35,7 +35,9 @@ from fedhead.common.errors import FederationError, RunSpecError
 from fedhead.common.records import FlatRecord, coerce
 
 # 2: a train message may ask the site to evaluate the head it trains from (FitSettings.evaluate)
-# 3: closed-form heads: a train message may ask for the site's sufficient statistics
+# 3: round settings carry what bounds a round's step (server optimizer, DP, min-sites,
+#    rounds), which a site checks every head it is sent against (client.guard); closed-
+#    form heads: a train message may ask for the site's sufficient statistics
 #    (StatisticsRequest) and a query.validate message for its evaluation of candidate heads
 PROTOCOL_VERSION = 3
 
@@ -58,7 +60,7 @@ RECORD_OUTCOME = "fedhead.outcome"  # ConfigRecord: OutcomeRequest (server -> no
 RECORD_OUTCOME_FIT = "fedhead.outcome.fit"  # ConfigRecord: the run's FitSettings (round 1)
 RECORD_OUTCOME_HEAD = "fedhead.outcome.head"  # ArrayRecord: the run's initial head
 RECORD_OUTCOME_REPLY = "fedhead.outcome.reply"  # ConfigRecord: SiteOutcome (node -> server)
-RECORD_CANDIDATES = "fedhead.candidates"  # ArrayRecord: candidate heads, "<k>/<tensor name>"
+RECORD_CANDIDATES = "fedhead.candidates"  # ArrayRecord: candidate heads, "<k>/<tensor index>"
 RECORD_VALIDATE = "fedhead.validate"  # ConfigRecord: ValidationRequest (server -> node)
 # ConfigRecord "fedhead.validate.<k>": the site's evaluation of candidate k (node -> server)
 RECORD_VALIDATION_PREFIX = "fedhead.validate."
@@ -187,6 +189,21 @@ class FitSettings(_Record):
     # with ``statistics``, the count tables for pooled clinical metrics too.
     evaluate: bool = False
     statistics: bool = False
+    # What bounds how far a round moves the global head (common.stepbound): a site
+    # refuses a head beyond that reach. Named as the run-config keys they come from.
+    strategy: str = "fedavg"
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    min_sites: int = 2
+    num_server_rounds: int = 10
+    # A run resumed from a checkpoint of run ``resumes_run`` (0: none): a site that took
+    # part in that run checks the first head against the last one it took there.
+    resumes_run: int = 0
 
     def __post_init__(self) -> None:
         """Sites are told these by the server: refuse what would break local training."""

@@ -74,7 +74,7 @@ class SitesOutcome:
 class SiteMessage:
     """One message handled by the site's ClientApp."""
 
-    kind: str  # prepare, weights, train, evaluate, model, outcome
+    kind: str  # one of client.mods.MESSAGE_KINDS (train, evaluate, prepare, ...)
     ok: bool
     seconds: float
 
@@ -109,6 +109,13 @@ class SiteRefusedUpdate:
     reason: str  # non_finite, norm, clipping_range
 
 
+@dataclass(frozen=True)
+class SiteRefusedHead:
+    """A head from the server the site refused (``client.guard``)."""
+
+    reason: str  # one of client.guard.REFUSALS
+
+
 Event = (
     RunStarted
     | RunPrepared
@@ -121,6 +128,7 @@ Event = (
     | SiteFeatures
     | SiteDevice
     | SiteRefusedUpdate
+    | SiteRefusedHead
 )
 EVENTS: dict[str, type[Event]] = {
     cls.__name__: cls
@@ -136,6 +144,7 @@ EVENTS: dict[str, type[Event]] = {
         SiteFeatures,
         SiteDevice,
         SiteRefusedUpdate,
+        SiteRefusedHead,
     )
 }
 SERVER_EVENTS = frozenset(

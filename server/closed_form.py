@@ -318,17 +318,15 @@ class Validation:
 
     roster: Roster
     pooling: Pooling
-    names: list[str]  # the trainable tensors' names, in order
     timeout: float
 
     def evaluate(
         self, grid: Grid, server_round: int, heads: list[Arrays]
     ) -> list[FederatedEvaluation]:
-        names = self.names
-        tensors = {
-            f"{k}/{name}": Array(np.ascontiguousarray(a))
+        tensors = {  # "<k>/<i>": tensor i of candidate k
+            f"{k}/{i}": Array(np.ascontiguousarray(a))
             for k, head in enumerate(heads)
-            for name, a in zip(names, head, strict=True)
+            for i, a in enumerate(head)
         }
         request = ValidationRequest(
             server_round, len(heads), self.pooling.plan.statistics_classes > 0

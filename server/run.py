@@ -275,7 +275,8 @@ class Run:
             evaluated = max(1, evaluated or 0)
         evaluations = EvaluationPlan.of_run(cfg, evaluated)
         pooling = Pooling(evaluations, roster.name, roster.val_weights)
-        settings = fit_settings(cfg, sm.trainable)
+        resumes = int(resume.meta["run_id"]) if resume else 0
+        settings = fit_settings(cfg, sm.trainable, resumes)
         strategy: Strategy = FedHeadStrategy(
             roster=roster,
             trainable=sm.trainable,
@@ -351,7 +352,7 @@ class Run:
             statistics = PlainStatistics(
                 plan, roster, cfg.max_site_examples, cfg.min_sites, cfg.round_timeout
             )
-        validation = Validation(roster, pooling, sm.trainable.names, cfg.round_timeout)
+        validation = Validation(roster, pooling, cfg.round_timeout)
         log.info(
             "closed-form head (%s): round 1 sums %d values of statistics per site%s, then the "
             "sites choose among %d candidate heads; %d fine-tuning round(s) follow",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fedhead.common.backbones import BackboneSpec, get_spec
-from fedhead.common.config import RunConfig
+from fedhead.common.config import CLOSED_FORM, RunConfig
 from fedhead.common.errors import WeightsError
 from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone, weights_ref
 from fedhead.common.protocol import PROTOCOL_VERSION, FitSettings, RunSpec
@@ -72,9 +72,10 @@ def run_spec(cfg: RunConfig, sm: ServerModel) -> RunSpec:
     )
 
 
-def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
+def fit_settings(cfg: RunConfig, trainable: TrainableSet, resumes_run: int = 0) -> FitSettings:
     """A round's settings before the round and schedule are filled in; fields named as
-    run-config keys come from them."""
+    run-config keys come from them. ``resumes_run``: the run a resumed run continues (a
+    site holds the heads it took there against the heads it is sent now)."""
     return FitSettings.drawing_on(
         cfg,
         server_round=0,
@@ -83,4 +84,8 @@ def fit_settings(cfg: RunConfig, trainable: TrainableSet) -> FitSettings:
         uniform_weight=cfg.dp_noise_multiplier > 0,
         evaluate=False,  # set per site and round by the strategy
         statistics=False,
+        # a closed-form head's fine-tuning rounds are FedAvg rounds, after its own round
+        strategy="fedavg" if cfg.strategy == CLOSED_FORM else cfg.strategy,
+        num_server_rounds=cfg.rounds(),
+        resumes_run=resumes_run,
     )

@@ -240,3 +240,69 @@ def write_png16(path: Path, image8: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((image8.astype(np.uint16) * 257).astype(np.uint16)).save(path)
     return path
+
+
+def write_frame(path: Path, rows: int, cols: int, frame: bytes, syntax: str) -> Path:
+    """An 8-bit MONOCHROME2 file whose header says ``rows`` x ``cols`` and whose one
+    encapsulated frame is ``frame`` (a codestream under ``syntax``), whatever size that
+    codestream declares itself."""
+    from pydicom.encaps import encapsulate
+
+    ds = _base(rows, cols, "MONOCHROME2")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    return _save(ds, path)
+
+
+def jpeg_frame(image8: np.ndarray) -> bytes:
+    """A real baseline JPEG codestream of an 8-bit grayscale image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image8).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def with_jpeg_size(codestream: bytes, rows: int, cols: int) -> bytes:
+    """``codestream`` with its JPEG frame header (SOF0) claiming ``rows`` x ``cols``: a
+    small file announcing a huge picture, as a decompression bomb does."""
+    at = codestream.index(b"\xff\xc0")
+    return (
+        codestream[: at + 5]
+        + rows.to_bytes(2, "big")
+        + cols.to_bytes(2, "big")
+        + codestream[at + 9 :]
+    )
+
+
+def j2k_frame(image8: np.ndarray) -> bytes:
+    """A real JPEG 2000 (lossless) codestream of an 8-bit grayscale image."""
+    from pydicom.encaps import get_frame
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = _base(*image8.shape, "MONOCHROME2")
+    _set_pixels(ds, image8.astype(np.int64), 8)
+    ds.compress(JPEG2000Lossless)
+    return get_frame(ds.PixelData, 0, number_of_frames=1)
+
+
+def with_j2k_size(codestream: bytes, rows: int, cols: int) -> bytes:
+    """``codestream`` with its SIZ segment claiming an image area of ``rows`` x ``cols``."""
+    at = codestream.index(b"\xff\x4f\xff\x51") + 4 + 4  # past SOC, SIZ, Lsiz, Rsiz
+    area = cols.to_bytes(4, "big") + rows.to_bytes(4, "big") + bytes(8)  # no offsets
+    return codestream[:at] + area + codestream[at + 16 :]
+
+
+def write_deflated(path: Path, image8: np.ndarray) -> Path:
+    """An 8-bit MONOCHROME2 file in Deflated Explicit VR Little Endian: the whole data
+    set is deflated, so a uniform image inflates to many times the file's size."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = _base(*image8.shape, "MONOCHROME2")
+    _set_pixels(ds, image8.astype(np.int64), 8)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return _save(ds, path)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,14 @@ from fedhead.common.dicom import (
     read_info,
 )
 from fedhead.common.errors import ConfigError, DataError
-from fedhead.common.images import FileImages, ImageDecodeError
+from fedhead.common.images import DecodeLimits, FileImages, ImageDecodeError
 from tests import dicom_files as dcm
 from tests.conftest import write_png
 
 CLASSES = ("normal", "pneumonia")
 EXACT = 1e-6  # float32 rounding only
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 
 @pytest.fixture
@@ -302,3 +307,105 @@ def test_csv_row_naming_a_series_folder_stands_for_its_files(
     assert parts.val is not None and parts.val.labels.tolist() == [0]
     for i in range(3):
         np.testing.assert_allclose(parts.train.images.load(i), xray / 255.0, atol=EXACT)
+
+
+# --- decode bounds -------------------------------------------------------------------
+def test_an_encapsulated_jpeg_frame_of_the_header_size_decodes(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    frame = dcm.jpeg_frame(xray)
+    path = dcm.write_frame(tmp_path / "ok.dcm", *xray.shape, frame, JPEG_BASELINE)
+    np.testing.assert_allclose(read_dicom(path), xray / 255.0, atol=0.05)  # lossy
+
+
+def test_a_jpeg_frame_larger_than_its_header_is_refused_undecoded(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    """The attack of a small file whose header says 64x64 and whose JPEG frame is
+    12000x12000: refused from the frame's own header, before any decoder runs."""
+    bomb = dcm.with_jpeg_size(dcm.jpeg_frame(xray), 12000, 12000)
+    path = dcm.write_frame(tmp_path / "bomb.dcm", *xray.shape, bomb, JPEG_BASELINE)
+    with pytest.raises(ImageDecodeError) as err:
+        read_dicom(path)
+    line = str(err.value)
+    assert "bomb.dcm: frame 1 is compressed as 12000x12000 pixels" in line
+    assert f"says {xray.shape[1]}x{xray.shape[0]}; refused undecoded" in line
+    # through the site's image source it is one more unreadable image
+    images = FileImages([path, dcm.write_gray(tmp_path / "fine.dcm", xray)])
+    assert images.load(1).shape == xray.shape
+    with pytest.raises(ImageDecodeError, match="refused undecoded"):
+        images.load(0)
+    # refusing costs no memory: measured in a fresh process
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, check=True
+    )
+    grown_kib, what = ast.literal_eval(out.stdout.strip())
+    assert "refused undecoded" in what and grown_kib < 10_000
+
+
+_PEAK_PROBE = """
+import sys
+from pathlib import Path
+from fedhead.common.dicom import read_dicom
+from fedhead.common.images import ImageDecodeError
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Linux: reset the peak resident size to the current one
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+import pydicom.encaps, pydicom.pixels  # imported before the measurement
+before = peak_kib()
+try:
+    what = str(read_dicom(Path(sys.argv[1])).shape)
+except ImageDecodeError as err:
+    what = str(err)
+print(repr((peak_kib() - before, what)))
+"""
+
+
+def test_a_j2k_frame_larger_than_its_header_is_refused_undecoded(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    big = np.kron(xray, np.ones((2, 2), np.uint8))  # OpenJPEG needs more than 32 px
+    frame = dcm.j2k_frame(big)
+    fine = dcm.write_frame(tmp_path / "fine.dcm", *big.shape, frame, J2K_LOSSLESS)
+    np.testing.assert_array_equal(read_dicom(fine), big / np.float32(255.0))
+    bomb = dcm.with_j2k_size(frame, 20000, 9000)
+    path = dcm.write_frame(tmp_path / "bomb.dcm", *big.shape, bomb, J2K_LOSSLESS)
+    with pytest.raises(ImageDecodeError, match=r"compressed as 9000x20000 pixels"):
+        read_dicom(path)
+
+
+def test_a_frame_whose_size_cannot_be_read_is_refused(tmp_path: Path, xray: np.ndarray) -> None:
+    path = dcm.write_frame(tmp_path / "odd.dcm", *xray.shape, b"\x00" * 64, JPEG_BASELINE)
+    with pytest.raises(ImageDecodeError, match=r"odd\.dcm: frame 1: not a JPEG codestream"):
+        read_dicom(path)
+
+
+def test_max_image_pixels_applies_to_dicom(tmp_path: Path, xray: np.ndarray) -> None:
+    native = dcm.write_gray(tmp_path / "native.dcm", xray)
+    jpeg = dcm.write_frame(tmp_path / "jpeg.dcm", *xray.shape, dcm.jpeg_frame(xray), JPEG_BASELINE)
+    pixels = xray.size
+    for path in (native, jpeg):
+        assert read_dicom(path, max_pixels=pixels).shape == xray.shape
+        with pytest.raises(ImageDecodeError, match=rf"limit of {pixels - 1} pixels \(max-image"):
+            read_dicom(path, max_pixels=pixels - 1)
+        images = FileImages([path], limits=DecodeLimits(pixels - 1))
+        with pytest.raises(ImageDecodeError, match="refused unread"):
+            images.load(0)
+
+
+def test_a_deflated_data_set_is_bounded_before_it_is_inflated(
+    tmp_path: Path, xray: np.ndarray
+) -> None:
+    small = dcm.write_deflated(tmp_path / "small.dcm", xray)
+    assert read_dicom(small).shape == xray.shape
+    # 16 MB of one grey value deflate to a few kilobytes
+    bomb = dcm.write_deflated(tmp_path / "bomb.dcm", np.full((4000, 4000), 7, np.uint8))
+    assert bomb.stat().st_size < 100_000
+    limit = 100_000  # pixels: at 8 bytes a pixel, the data set may inflate to 800 kB
+    with pytest.raises(ImageDecodeError, match=r"bomb\.dcm: its deflated data set inflates"):
+        read_dicom(bomb, max_pixels=limit)
+    with pytest.raises(ImageDecodeError, match="inflates to more than"):
+        FileImages([bomb], limits=DecodeLimits(limit)).load(0)

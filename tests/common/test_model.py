@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fedhead.common.backbones import get_spec
+from fedhead.common.config import RunConfig
 from fedhead.common.errors import ModelMismatchError, WeightsError
-from fedhead.common.model import FedHeadModel, TrainableSet, load_backbone
+from fedhead.common.model import FedHeadModel, TrainableSet, initial_trainable, load_backbone
 
 SPEC = get_spec("mobilenet_v2")
 
@@ -93,3 +94,56 @@ def test_mismatching_payload_is_refused_with_names(model: FedHeadModel) -> None:
         ts.set(model, bad)
     wrong_dtype = [a.astype(np.float64) for a in arrays]
     assert any("dtype" in p for p in ts.problems(wrong_dtype))
+
+
+# --- the initial head ----------------------------------------------------------------
+def _head(seed: int, head: str = "linear", **kw: object) -> list[np.ndarray]:
+    cfg = RunConfig.from_mapping({"classes": "a,b,c", "seed": seed, "head": head, **kw})
+    return initial_trainable(SPEC, None, cfg)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_the_initial_head_is_a_function_of_the_seed_and_architecture_only(head: str) -> None:
+    """Whatever drew from torch's generator before (the server builds the trunk first),
+    the head is the same for the same seed, and another for another seed."""
+    first = _head(7, head, **{"head-hidden": 16})
+    torch.manual_seed(12345)
+    torch.rand(1000)  # a trunk's construction, say
+    again = _head(7, head, **{"head-hidden": 16})
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = _head(8, head, **{"head-hidden": 16})
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_the_initial_head_has_torchs_default_distribution() -> None:
+    weight, bias = _head(0)
+    bound = 1 / np.sqrt(SPEC.feature_dim)
+    assert weight.shape == (3, SPEC.feature_dim) and weight.dtype == np.float32
+    assert np.abs(weight).max() <= bound and np.abs(bias).max() <= bound
+    # uniform on +-bound: standard deviation bound / sqrt(3)
+    assert weight.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+
+
+def test_the_server_and_a_site_start_from_the_same_head(mobilenet_weights: Path) -> None:
+    """The server builds the whole model (its trunk drawing random numbers first); a
+    site builds the head alone: they agree, with and without an unfrozen block."""
+    from fedhead.server.setup import build_server_model
+
+    for blocks in (0, 1):
+        cfg = RunConfig.from_mapping(
+            {"classes": "a,b", "seed": 3, "unfreeze-blocks": blocks, "input-size": 32}
+        )
+        sm = build_server_model(cfg)
+        backbone = load_backbone(SPEC, mobilenet_weights) if blocks else None
+        site = initial_trainable(SPEC, backbone, cfg)
+        for a, b in zip(sm.trainable.get(sm.model), site, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_trainable_set_round_trips_through_json() -> None:
+    model = FedHeadModel(SPEC, None, num_classes=2, head="mlp", hidden=8)
+    trainable = TrainableSet.of(model)
+    assert TrainableSet.from_json(trainable.to_json()) == trainable
+    with pytest.raises(ValueError, match="not a trainable set"):
+        TrainableSet.from_json('[["a", "x", "float32"]]')

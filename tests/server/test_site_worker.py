@@ -3,9 +3,7 @@ same results as in process, the same errors, and a clear failure when it is gone
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +34,11 @@ def test_a_run_through_the_worker_ends_where_the_in_process_one_does(
     sites = write_sites(tmp, 2)
     settings = {"num-server-rounds": 2, "seed": 5}
     here = run(LoopbackGrid(client_app, nodes(tmp, sites)), tmp, **settings)
-    cfgs = nodes(tmp, sites, **{"worker-socket": worker.path})
+    cfgs = nodes(tmp, sites, **{"worker-socket": worker.path, "worker-key-file": worker.key_file})
     for i, cfg in enumerate(cfgs.values()):
         cfg["cache-dir"] = str(tmp / f"worker-node{i}")
     there = run(LoopbackGrid(client_app, cfgs), tmp, **settings, **{"out-dir": str(tmp / "w")})
-    assert len(worker.server.worker.sites) == 2  # one warm site per node of this run
+    assert len(worker.worker.sites) == 2  # one warm site per node of this run
     for a, b in zip(
         [here["initial_eval"], *here["rounds"]],
         [there["initial_eval"], *there["rounds"]],
@@ -65,23 +63,23 @@ def test_worker_errors_arrive_as_the_same_error_and_a_stopped_worker_is_named(
     sm = build_server_model(cfg)
     spec = run_spec(cfg, sm)
     node = {"data-path": str(offline_world / "no-such-data"), "cache-dir": str(offline_world)}
-    remote = RemoteSite(worker.path, node, spec, 4242)
+    remote = RemoteSite(worker.path, worker.key_file, node, spec, 4242)
     head = sm.trainable.get(sm.model)
     with pytest.raises(DataError, match="no-such-data does not exist"):
         remote.train(head, fit_settings(cfg, sm.trainable), evaluates=False)
 
     # a request it cannot read leaves it serving the next one
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(worker.path)
-        sock.sendall(struct.pack(">I", 5) + b"nojson" + struct.pack(">I", 1) + b"x")
-        with contextlib.suppress(ConnectionResetError):  # closed, without an answer
-            assert sock.recv(16) == b""
+    with Client(worker.path, family="AF_UNIX", authkey=Path(worker.key_file).read_bytes()) as c:
+        c.send_bytes(b"nojson")
+        c.send_bytes(b"x")
+        with pytest.raises((EOFError, ConnectionResetError)):  # closed, without an answer
+            c.recv_bytes()
     with pytest.raises(DataError):
         remote.evaluate(head, statistics=False)
     with pytest.raises(FederationError, match="does not know the request 'steal'"):
         remote._call({"op": "steal"}, head)
 
     worker.stop()
-    with pytest.raises(FederationError, match="worker does not answer"):
+    with pytest.raises(FederationError, match=r"worker key .* cannot be read|does not answer"):
         remote.evaluate(head, statistics=False)
     assert not Path(worker.path).exists()
