@@ -62,7 +62,7 @@ from fedhead.client.mods import (
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
-from fedhead.common.heads import read_head
+from fedhead.common.heads import head_sha256, read_head
 from fedhead.common.logs import setup_logging
 from fedhead.common.protocol import (
     RECORD_CANDIDATES,
@@ -251,10 +251,14 @@ def _work(context: Context) -> LocalSite | RemoteSite:
     )
 
 
+def _models(context: Context) -> SiteModels:
+    """This node's records of the runs it took part in and the models it kept."""
+    return SiteModels(site_models_dir(NodeConfig.from_mapping(context.node_config)))
+
+
 def _guard(context: Context) -> HeadGuard:
     """The heads this node accepts in this run (client.guard)."""
-    node = NodeConfig.from_mapping(context.node_config)
-    return HeadGuard(SiteModels(site_models_dir(node)), context.run_id, prepared_trainable(context))
+    return HeadGuard(_models(context), context.run_id, prepared_trainable(context))
 
 
 @app.train(mods=train_mods())
@@ -298,6 +302,7 @@ def _statistics(
     ledger.start_statistics(request.server_round)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     vector, weight = work.statistics(request)
+    _models(context).trained(context.run_id, _prepared_spec(context), request.server_round, "")
     log.info(
         "round %d: sending the statistics of this site's training features (%d values%s)",
         request.server_round,
@@ -336,9 +341,21 @@ def validate(msg: Message, context: Context) -> Message:
         raise refuse("shape", "the validation message carries tensors besides its candidates")
     guard = _guard(context)
     ledger = _ledger(context)
+    models = _models(context)
+    earlier = models.run(request.resumes_run) if request.resumes_run else None
+    # a resumed run goes on with the sum of an earlier run it sent its statistics to
+    if (
+        ledger.trained_round < request.server_round
+        and earlier
+        and request.server_round in earlier.rounds
+    ):
+        ledger.start_statistics(request.server_round)
     ledger.start_validation(request.server_round, [head_digest(h) for h in heads])
     guard.keep_candidates(heads)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
+    # its proof of having taken part, should it miss the model: a candidate it validated
+    proof = head_sha256(trainable.names, heads[0])
+    models.trained(context.run_id, _prepared_spec(context), request.server_round, proof)
     reply = RecordDict()
     for k, head in enumerate(heads):
         loss, examples, metrics = work.evaluate(head, request.statistics)

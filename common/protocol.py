@@ -338,6 +338,7 @@ class ValidationRequest(_Record):
     server_round: int
     candidates: int
     statistics: bool
+    resumes_run: int  # a resumed run's earlier run, whose statistics round this one goes on
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from fedhead.common.closed_form import (
 )
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import FederationError
+from fedhead.common.heads import head_sha256
 from fedhead.common.model import TrainableSet
 from fedhead.common.protocol import (
     MSG_VALIDATE,
@@ -319,6 +320,7 @@ class Validation:
     roster: Roster
     pooling: Pooling
     timeout: float
+    resumes_run: int = 0  # a resumed run: the run whose statistics round it goes on
 
     def evaluate(
         self, grid: Grid, server_round: int, heads: list[Arrays]
@@ -328,9 +330,8 @@ class Validation:
             for k, head in enumerate(heads)
             for i, a in enumerate(head)
         }
-        request = ValidationRequest(
-            server_round, len(heads), self.pooling.plan.statistics_classes > 0
-        )
+        statistics = self.pooling.plan.statistics_classes > 0
+        request = ValidationRequest(server_round, len(heads), statistics, self.resumes_run)
         content = RecordDict(
             {RECORD_CANDIDATES: ArrayRecord(tensors), RECORD_VALIDATE: request.to_record()}
         )
@@ -387,12 +388,19 @@ def _finite(v: float) -> float:
 
 
 def grid_report(
-    candidates: list[Candidate], evaluations: list[FederatedEvaluation], chosen: int
+    candidates: list[Candidate],
+    heads: list[Arrays],
+    names: list[str],
+    evaluations: list[FederatedEvaluation],
+    chosen: int,
 ) -> list[dict[str, Any]]:
-    """report.json's ``closed_form.grid``: every candidate and how the sites scored it."""
+    """report.json's ``closed_form.grid``: every candidate, its head's sha256 (a site that
+    validated it names one to prove it took part, should it miss the model) and how the
+    sites scored it."""
     return [
         {
             "candidate": c.label,
+            "head_sha256": head_sha256(names, head),
             "method": c.method,
             "parameter": c.parameter,
             "eval_examples": e.examples,
@@ -402,7 +410,7 @@ def grid_report(
             "auroc": e.metrics.get("auroc", math.nan),
             "chosen": k == chosen,
         }
-        for k, (c, e) in enumerate(zip(candidates, evaluations, strict=True))
+        for k, (c, head, e) in enumerate(zip(candidates, heads, evaluations, strict=True))
     ]
 
 

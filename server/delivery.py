@@ -142,7 +142,8 @@ class FinishedRun:
     run_dir: RunDir
     description: ModelDescription
     package_dir: Path
-    trained_heads: frozenset[str]  # sha256 of the global heads its sites trained from
+    # sha256 of the global heads its sites trained from (a closed-form run: its candidates)
+    trained_heads: frozenset[str]
 
 
 def finished_run(run_dir: RunDir) -> FinishedRun:
@@ -170,8 +171,17 @@ def finished_run(run_dir: RunDir) -> FinishedRun:
             "it was altered since the run; nothing is delivered from it",
         )
     rounds = {int(k): str(v) for k, v in state.round_heads.items()}
-    trained = frozenset(v for r, v in rounds.items() if r < description.rounds)
-    return FinishedRun(description.run_id, run_dir, description, run_dir.model_dir, trained)
+    trained = {v for r, v in rounds.items() if r < description.rounds}
+    closed_form = report.get("closed_form")
+    if isinstance(closed_form, dict):  # a closed-form head's sites validated its candidates
+        grid = closed_form.get("grid")
+        rows = grid if isinstance(grid, list) else []
+        trained |= {
+            str(r["head_sha256"]) for r in rows if isinstance(r, dict) and "head_sha256" in r
+        }
+    return FinishedRun(
+        description.run_id, run_dir, description, run_dir.model_dir, frozenset(trained)
+    )
 
 
 def finished_runs(beside: RunDir) -> dict[int, RunDir]:

@@ -61,7 +61,9 @@ class Recorder:
 
     def resumed(self, ckpt: Checkpoint) -> None:
         """The run continues a checkpoint: the rounds before it are the report's too."""
-        earlier = ckpt.results
+        # a checkpoint's round that is not complete (a closed-form round before the sites
+        # chose its head) is done again, and recorded then
+        earlier = [r for r in ckpt.results if r.round < ckpt.round or ckpt.complete]
         self.report.initial_eval = next((r for r in earlier if r.round == 0), None)
         self.report.rounds = [r for r in earlier if r.round > 0]
         self.report.resumed_from = resumed_from(ckpt)

@@ -352,7 +352,8 @@ class Run:
             statistics = PlainStatistics(
                 plan, roster, cfg.max_site_examples, cfg.min_sites, cfg.round_timeout
             )
-        validation = Validation(roster, pooling, cfg.round_timeout)
+        resumes = int(self.resume.meta["run_id"]) if self.resume else 0
+        validation = Validation(roster, pooling, cfg.round_timeout, resumes)
         log.info(
             "closed-form head (%s): round 1 sums %d values of statistics per site%s, then the "
             "sites choose among %d candidate heads; %d fine-tuning round(s) follow",
@@ -433,7 +434,7 @@ class Run:
         result.aggregated = True
         result.seconds = time.perf_counter() - t0
         result.bytes_to_sites, result.bytes_from_sites = self.grid.take()
-        grid = grid_report(candidates, evaluations, chosen)
+        grid = grid_report(candidates, heads, self.sm.trainable.names, evaluations, chosen)
         report = self.recorder.report
         report.closed_form = {
             **cf.plan.describe(),

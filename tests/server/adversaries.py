@@ -44,6 +44,7 @@ def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  #
     app.query("prepare")(real.prepare)
     app.query("weights")(real.weights)
     app.query("model")(real.model)
+    app.query("validate")(real.validate)
     return app
 
 
