@@ -15,6 +15,10 @@ Handlers:
   head, or every round's when the train messages do not evaluate), only for heads the
   site agrees to evaluate (``client.ledger``).
 
+Every head the server sends (train, evaluate, a delivered model) is checked first
+(``client.guard``): the run's trainable set, the run's own initial head, then steps
+within the run's bound of the heads this site took.
+
 Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
 
 A SuperNode starts one process per message, and most messages of a SecAgg+ round

@@ -198,13 +198,17 @@ class HeadGuard:
         initial = self.models.head(run, INITIAL, names)
         last = self.models.head(run, LAST, names)
         meta = last[1] if last else {}
-        steps = StepSettings(**json.loads(meta["steps"])) if "steps" in meta else None
+        try:
+            steps = StepSettings(**json.loads(meta["steps"])) if "steps" in meta else None
+            index, rounds = int(meta.get("index", -1)), int(meta.get("rounds", 0))
+        except (TypeError, ValueError) as err:  # written by this module: a damaged file
+            raise refuse(
+                "settings",
+                f"the record of run {run}'s last head does not read back ({err})",
+                f"remove {self.models.head_file(run, LAST)} and restart the node",
+            ) from err
         return RunHeads(
-            initial[0] if initial else None,
-            last[0] if last else None,
-            int(meta.get("index", -1)),
-            steps,
-            int(meta.get("rounds", 0)),
+            initial[0] if initial else None, last[0] if last else None, index, steps, rounds
         )
 
     def take(self, index: int, arrays: Sequence[np.ndarray], settings: FitSettings | None) -> None:
