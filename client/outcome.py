@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,9 @@ PERSONALIZED = "personalized"
 MAX_ROUNDS = 10_000  # bounds on what the server may ask a site to compute
 MAX_PERSONALIZE_EPOCHS = 1_000
 MAX_RESAMPLES = 10_000
+# a closed-form run's chosen candidate (common.closed_form.Candidate.label) and counts
+_CLOSED_FORM = re.compile(r"(lda shrinkage|ridge lambda)=[0-9.e+-]{1,24}")
+_COUNTS = re.compile(r"[0-9]{1,15}(,[0-9]{1,15}){0,999}")
 
 
 def check_request(request: OutcomeRequest, settings: FitSettings, run_id: int) -> None:
@@ -57,6 +62,10 @@ def check_request(request: OutcomeRequest, settings: FitSettings, run_id: int) -
         problems.append("local epochs or batch size out of range")
     if not (math.isfinite(settings.learning_rate) and settings.learning_rate > 0):
         problems.append("the learning rate is not a positive number")
+    if request.closed_form and not _CLOSED_FORM.fullmatch(request.closed_form):
+        problems.append(f"unknown closed-form head {request.closed_form[:32]!r}")
+    if request.class_counts and not _COUNTS.fullmatch(request.class_counts):
+        problems.append("class counts that are not whole numbers")
     if problems:
         raise RunSpecError(
             "the server's outcome request is refused: " + "; ".join(problems),
@@ -119,6 +128,9 @@ def site_outcome(
 
     fed_proba, fed_loss = probabilities(final)
     outcome = SiteOutcome(examples=len(y), federated=metrics(fed_proba, fed_loss))
+    if request.closed_form:
+        scorer = _Scorer(y, seed, metrics, probabilities)
+        return _closed_form_outcome(site, run_id, request, outcome, scorer, final)
     if request.local_baseline and not initial_trusted:
         log.warning(
             "run %d: no local-only baseline: the initial head sent is not the one this site "
@@ -167,6 +179,85 @@ def site_outcome(
             log.info("personalized head does not beat the federated one; not kept")
         outcome = dataclasses.replace(outcome, personalized=personal, personalized_kept=better)
     return outcome
+
+
+PRIOR_STRENGTH = 10.0  # pseudo-examples of the federation's class balance in a site's prior
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scorer:
+    """How a head does on the site's validation split (labels ``y``)."""
+
+    y: np.ndarray
+    seed: int
+    metrics: Callable[[np.ndarray, float], HeadMetrics]
+    probabilities: Callable[[list[np.ndarray]], tuple[np.ndarray, float]]
+
+
+def _closed_form_outcome(
+    site: Site,
+    run_id: int,
+    request: OutcomeRequest,
+    outcome: SiteOutcome,
+    score: _Scorer,
+    final: list[np.ndarray],
+) -> SiteOutcome:
+    """A closed-form run's outcome, at no extra message: the local-only head is the same
+    closed form on this site's own statistics (what it would have had alone); the
+    personalized head is the federated one with this site's class balance in place of
+    the federation's (the Bayes rule under label shift), shrunk toward the federation's
+    by ``PRIOR_STRENGTH`` pseudo-examples, kept where it does better on the validation
+    split."""
+    from fedhead.common.closed_form import ClosedFormError, candidate_heads
+    from fedhead.common.evaluation import paired_difference
+
+    method, _, parameter = request.closed_form.partition(" ")
+    stats = site.training_statistics()
+    weight, bias = site.trainable.tensors
+    own = stats.counts / max(stats.total, 1.0)
+    y, seed, metrics, probabilities = score.y, score.seed, score.metrics, score.probabilities
+    if request.local_baseline:
+        try:
+            (alone,) = candidate_heads(stats, method, [float(parameter.split("=")[1])])
+            local = [alone.head.weight, alone.head.bias]
+        except ClosedFormError:  # a class this site lacks: alone, it predicts its own
+            local = [np.zeros(weight.shape), np.log(np.maximum(own, 1e-12))]
+        local_arrays = [
+            a.astype(np.dtype(t.dtype)) for a, t in zip(local, (weight, bias), strict=True)
+        ]
+        local_proba, local_loss = probabilities(local_arrays)
+        fed_proba, _ = probabilities(final)
+        gain, lo, hi = paired_difference(y, fed_proba, local_proba, request.resamples, seed=seed)
+        balanced = paired_difference(
+            y, fed_proba, local_proba, request.resamples, seed=seed, metric="balanced_accuracy"
+        )
+        outcome = SiteOutcome(
+            outcome.examples, outcome.federated, metrics(local_proba, local_loss), None, False,
+            gain, lo, hi, *balanced,
+        )  # fmt: skip
+    federation = np.array([float(c) for c in request.class_counts.split(",") if c])
+    if len(federation) != len(own) or federation.sum() <= 0:
+        log.warning("run %d: no personalized head: no class counts of the federation", run_id)
+        return outcome
+    pooled = federation / federation.sum()
+    prior = (stats.counts + PRIOR_STRENGTH * pooled) / (stats.total + PRIOR_STRENGTH)
+    shifted = final[1].astype(np.float64) + np.log(prior) - np.log(np.maximum(pooled, 1e-12))
+    mine = [final[0], shifted.astype(final[1].dtype)]
+    proba, loss = probabilities(mine)
+    personal = metrics(proba, loss)
+    fed = outcome.federated
+    better = personal.accuracy > fed.accuracy or (
+        personal.accuracy == fed.accuracy and personal.loss < fed.loss
+    )
+    log.info(
+        "run %d outcome (closed form): federated %.4f, local-only %s, own class balance %.4f%s",
+        run_id,
+        fed.accuracy,
+        f"{outcome.local.accuracy:.4f}" if outcome.local else "-",
+        personal.accuracy,
+        " (kept)" if better else "",
+    )
+    return dataclasses.replace(outcome, personalized=personal, personalized_kept=better)
 
 
 def _personalized_card(

@@ -492,32 +492,35 @@ class Site:
         log.info("kept the final model of run %d at %s (head sha256 %s)", run_id, dest, sha)
         return dest, sha
 
-    def statistics(self, request: StatisticsRequest) -> tuple[np.ndarray, int]:
-        """The sufficient statistics of this site's training features for a closed-form
-        head (``common.closed_form``), as ``request`` asks to send them: the vector and
-        the weight the site reports. Under SecAgg+ every site weighs one (the statistics
-        are sums) and the vector is the fixed-point code; a site holding more images than
-        max-site-examples scales its statistics down to that many."""
-        if request.trainable_fingerprint != self.spec.trainable_fingerprint:
-            raise ModelMismatchError("the statistics request names another trainable set")
+    def training_statistics(self, feature_clip: float = 0.0) -> Statistics:
+        """The sufficient statistics of this site's training features (every augmented
+        view an example), each feature vector clipped to ``feature_clip`` (> 0: DP)."""
         values, labels, _ = self.features("train")
         if len(labels) == 0:
             raise DataError("no usable training images for the statistics", "check the data")
         features = values.float().numpy()
         classes = len(self.spec.class_names())
-        if request.feature_clip > 0:
-            clipped = clipped_statistics(features, labels.numpy(), classes, request.feature_clip)
-            stats = clipped.statistics
-            log.info(
-                "statistics: %d of %d feature vectors clipped to L2 norm %g (differential privacy)",
-                clipped.clipped,
-                clipped.examples,
-                request.feature_clip,
-            )
-        else:
-            stats = Statistics.of(features, labels.numpy(), classes)
-        views = features.shape[0] if features.ndim == 3 else 1
-        cap = request.max_site_examples * views
+        if feature_clip <= 0:
+            return Statistics.of(features, labels.numpy(), classes)
+        clipped = clipped_statistics(features, labels.numpy(), classes, feature_clip)
+        log.info(
+            "statistics: %d of %d feature vectors clipped to L2 norm %g (differential privacy)",
+            clipped.clipped,
+            clipped.examples,
+            feature_clip,
+        )
+        return clipped.statistics
+
+    def statistics(self, request: StatisticsRequest) -> tuple[np.ndarray, int]:
+        """The statistics for a closed-form head (``common.closed_form``), as ``request``
+        asks to send them: the vector and the weight the site reports. Under SecAgg+
+        every site weighs one (the statistics are sums) and the vector is the fixed-point
+        code; a site holding more images than max-site-examples scales its statistics
+        down to that many."""
+        if request.trainable_fingerprint != self.spec.trainable_fingerprint:
+            raise ModelMismatchError("the statistics request names another trainable set")
+        stats = self.training_statistics(request.feature_clip)
+        cap = request.max_site_examples * (1 + self.spec.augment_views)
         if stats.total > cap:
             log.info(
                 "statistics: %d examples count as %d (max-site-examples %d)",

@@ -356,3 +356,8 @@ class OutcomeRequest(_Record):
     personalize_epochs: int
     personalize_lr_scale: float
     resamples: int  # bootstrap resamples for every interval
+    # a closed-form run: the candidate the sites chose (e.g. "lda shrinkage=0.1"), which
+    # a site's local-only head repeats on its own statistics, and the federation's class
+    # counts ("n0,n1,..."), toward which its personalized class prior is shrunk; "": none
+    closed_form: str
+    class_counts: str

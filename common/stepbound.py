@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# fedhead.server.optimizers.DEFAULT_LEARNING_RATES (a test checks they agree): the server
+# fedhead.server.optimizers.DEFAULT_LEARNING_RATES is this table: the server
 # learning rate a strategy uses when the run config leaves it at 0.
 DEFAULT_SERVER_LEARNING_RATES = {"fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01, "fedadagrad": 0.1}
 # P(‖N(0, σ² I_d)‖ > σ (√d + t)) ≤ exp(-t²/2): t = 6.5 puts it below 1e-9 a round.

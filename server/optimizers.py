@@ -59,13 +59,15 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedhead.common.config import CLOSED_FORM, RunConfig
+from fedhead.common.stepbound import DEFAULT_SERVER_LEARNING_RATES
 from fedhead.server.rounds import Failure, FitResults
 
 Arrays = list[np.ndarray]
 
 # Flower's default server learning rates (flwr.serverapp.strategy), used when the run
 # config leaves server-learning-rate at 0.
-DEFAULT_LEARNING_RATES = {"fedavgm": 1.0, "fedadam": 0.1, "fedyogi": 0.01, "fedadagrad": 0.1}
+# (sites bound how far a round can move the head with the same defaults)
+DEFAULT_LEARNING_RATES = DEFAULT_SERVER_LEARNING_RATES
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 
 

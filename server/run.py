@@ -440,6 +440,7 @@ class Run:
             **cf.plan.describe(),
             "chosen": candidates[chosen].label,
             "grid": grid,
+            "class_counts": [float(c) for c in stats.counts],  # of the (released) sum
         }
         if cf.plan.release is not None:
             result.dp_epsilon = cf.plan.release.epsilon()
@@ -565,12 +566,15 @@ class Run:
     def _ask_outcomes(self, roster: Roster, kept: list[int], head_sha256: str) -> None:
         """Each site that kept the final model: what the federation did for it."""
         cfg, report = self.cfg, self.recorder.report
+        closed = report.closed_form or {}
         request = OutcomeRequest.drawing_on(
             cfg,
             run_id=self.context.run_id,
             head_sha256=head_sha256,
             rounds=cfg.rounds(),
             resamples=OUTCOME_RESAMPLES,
+            closed_form=str(closed.get("chosen", "")),
+            class_counts=",".join(str(round(c)) for c in closed.get("class_counts", [])),
         )
         content = outcome_content(request, fit_settings(cfg, self.sm.trainable), self.initial)
         # the local-only head costs a site the whole run's training again

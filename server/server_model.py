@@ -52,7 +52,9 @@ def resolve_weights(cfg: RunConfig) -> tuple[BackboneSpec, Path, str]:
 
 def build_server_model(cfg: RunConfig) -> ServerModel:
     spec, path, sha = resolve_weights(cfg)
-    torch.manual_seed(cfg.seed)  # the initial head is the same for the same seed
+    # the initial head is drawn from the seed itself (FedHeadModel); torch's generator is
+    # seeded too, so the server's own random draws repeat for the same seed
+    torch.manual_seed(cfg.seed)
     model = FedHeadModel.for_run(spec, load_backbone(spec, path), cfg)
     return ServerModel(spec, path, sha, model, TrainableSet.of(model))
 

@@ -20,6 +20,8 @@ REQUEST = OutcomeRequest(
     personalize_epochs=3,
     personalize_lr_scale=0.1,
     resamples=1000,
+    closed_form="",
+    class_counts="",
 )
 SETTINGS = round_settings(local_epochs=5, batch_size=64, learning_rate=0.01)
 

@@ -266,3 +266,20 @@ def test_an_mlp_head_is_trained_with_fedavg_and_says_so(
     report = run(grid, tmp, **CLOSED, **{"head": "mlp", "num-server-rounds": 1})
     assert report["closed_form"] is None and [r["round"] for r in report["rounds"]] == [1]
     assert any("trained with FedAvg" in m.getMessage() for m in caplog.records)
+
+
+def test_each_site_learns_what_the_closed_form_head_did_for_it(offline_world: Path) -> None:
+    """At no extra message: the local-only head is the same closed form on the site's own
+    statistics, the personalized one the federated head with the site's class balance."""
+    tmp = offline_world
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
+    report = run(grid, tmp, **CLOSED, **{"local-baseline": True})
+    outcome = [m for m in grid.sent if m.metadata.message_type == "query.outcome"]
+    assert len(outcome) == 3 and not report["sites_failed"]
+    for site in report["sites"]:
+        assert site["local_only"]["accuracy"] is not None
+        assert site["personalized"]["accuracy"] is not None
+        assert site["gain"]["accuracy"] == pytest.approx(
+            site["federated"]["accuracy"] - site["local_only"]["accuracy"]
+        )
+    assert len(report["closed_form"]["class_counts"]) == 2
