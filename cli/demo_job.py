@@ -142,12 +142,20 @@ def _counts(labels: np.ndarray) -> str:
 
 
 def centralized_baseline(
-    cfg: RunConfig, progress: bool, shares: list[demo_data.Share] | None = None
+    cfg: RunConfig,
+    progress: bool,
+    shares: list[demo_data.Share] | None = None,
+    federated: list[np.ndarray] | None = None,
+    closed_form: str = "",
 ) -> dict[str, Any]:
     """The same head trained on the pooled training data (the sites' training parts, or
     the whole training split), with the federated schedule: ``num-server-rounds``
     stages of ``local-epochs`` epochs at the round's learning rate; tested on the
-    bundled test split."""
+    bundled test split. Beside it, under ``closed_form``, the closed-form head of the
+    pooled data (the candidate the sites chose, e.g. "lda shrinkage=0.1"; without one,
+    the run's method at its grid's middle), and how far the ``federated`` head's test
+    probabilities lie from it (a closed-form run: the same head, up to the fixed-point
+    code)."""
     sm = build_server_model(cfg)
     initial = sm.trainable.get(sm.model)
     extractor, device = server_extractor(cfg, sm, progress)
@@ -177,6 +185,7 @@ def centralized_baseline(
         )
         train_head(sm.model, f_train.values, y_train, params, device)
     result = evaluate_head(sm.model, f_test.values, y_test, device)
+    x_test = f_test.values.float().numpy()
     return {
         "accuracy": result.accuracy,
         "loss": result.loss,
@@ -184,7 +193,50 @@ def centralized_baseline(
         "test_examples": result.examples,
         "epochs": cfg.num_server_rounds * cfg.local_epochs,
         "seconds": time.perf_counter() - t0,
+        "closed_form": _pooled_closed_form(
+            cfg, f_train.values.float().numpy(), y_train.numpy(), x_test, y_test.numpy(),
+            federated, closed_form,
+        ),
+    }  # fmt: skip
+
+
+def _pooled_closed_form(
+    cfg: RunConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    federated: list[np.ndarray] | None,
+    chosen: str,
+) -> dict[str, Any]:
+    """The closed-form head of the pooled training features, on the test split."""
+    from fedhead.common.closed_form import (
+        LDA_SHRINKAGES,
+        RIDGE_LAMBDAS,
+        Statistics,
+        candidate_heads,
+    )
+
+    if chosen:
+        method, parameter = chosen.split(" ")[0], float(chosen.split("=")[1])
+    else:
+        method = cfg.closed_form
+        grid = LDA_SHRINKAGES if method == "lda" else RIDGE_LAMBDAS
+        parameter = grid[len(grid) // 2]
+    stats = Statistics.of(x_train, y_train, len(cfg.class_names()))
+    (pooled,) = candidate_heads(stats, method, [parameter])
+    proba = pooled.head.probabilities(x_test)
+    out: dict[str, Any] = {
+        "head": pooled.label,
+        "accuracy": float((proba.argmax(axis=1) == y_test).mean()),
     }
+    if federated is not None and chosen:  # the federated head is the same closed form
+        weight, bias = (a.astype(np.float64) for a in federated)
+        logits = x_test @ weight.T + bias
+        fed = np.exp(logits - logits.max(axis=1, keepdims=True))
+        fed /= fed.sum(axis=1, keepdims=True)
+        out["max_probability_difference"] = float(np.abs(fed - proba).max())
+    return out
 
 
 def _quiet_frameworks(verbose: bool) -> None:
@@ -210,7 +262,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
         f"({sum(p.numel() for p in sm.model.frozen.parameters()):,} parameters), "
         f"{cfg.head} head ({sm.trainable.num_params:,} parameters, "
         f"{human_bytes(sm.trainable.nbytes)}), {cfg.resolved_input_size()} px, "
-        f"{opts.rounds} rounds, {_aggregation(cfg)}"
+        f"{cfg.rounds()} round(s), {_aggregation(cfg)}"
     )
     print(
         f"site data (bundled chest X-rays; Dirichlet alpha={opts.alpha} shares of the train "
@@ -241,22 +293,37 @@ def run_demo(opts: DemoOptions) -> RunReport:
         if exporter is not None:
             exporter.stop()
     report = latest[0]
-    baseline = centralized_baseline(cfg, progress=False, shares=shares)
+    chosen = str((report.closed_form or {}).get("chosen", ""))
+    baseline = centralized_baseline(cfg, False, shares, report.final_arrays, chosen)
     report.centralized = baseline
-    report.centralized_accuracy = baseline["accuracy"]
+    # the reference of the same method: a closed-form run's is the pooled closed form
+    closed = baseline["closed_form"]
+    report.centralized_accuracy = closed["accuracy"] if chosen else baseline["accuracy"]
     RunDir(out).write_report(report.to_json())
     png = plot(report, out / "accuracy_loss.png")
     sites_png = plot_sites(report, out / "sites.png") if report.sites else None
     model_dir = _write_package(cfg, sm.model, report, shares, out / "model")
     final = report.final_server_eval_accuracy
     diff = final - report.centralized_accuracy
+    pooled = baseline["train_examples"]
     print(
-        f"\ncentralized upper bound (same head, pooled {baseline['train_examples']} training "
-        f"images, {baseline['epochs']} epochs): accuracy {baseline['accuracy']:.4f}"
+        f"\ncentralized reference, SGD (same head, pooled {pooled} training images, "
+        f"{baseline['epochs']} epochs): accuracy {baseline['accuracy']:.4f}"
+    )
+    print(
+        f"centralized reference, closed form ({closed['head']} on the same pooled "
+        f"images): accuracy {closed['accuracy']:.4f}"
+        + (
+            f"; the federated head's test probabilities differ from it by at most "
+            f"{closed['max_probability_difference']:.2g}"
+            if "max_probability_difference" in closed
+            else ""
+        )
     )
     print(
         f"federated final accuracy on the bundled test split: {final:.4f} "
-        f"(federated minus centralized: {diff:+.4f})"
+        f"(federated minus the centralized {'closed form' if chosen else 'SGD head'}: "
+        f"{diff:+.4f})"
     )
     if report.secure_aggregation == "secagg+":
         p = report.secure_aggregation_params

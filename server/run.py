@@ -432,6 +432,7 @@ class Run:
         chosen = choose(evaluations)
         evaluations[chosen].into(result)
         result.aggregated = True
+        self._test(result, heads[chosen])
         result.seconds = time.perf_counter() - t0
         result.bytes_to_sites, result.bytes_from_sites = self.grid.take()
         grid = grid_report(candidates, heads, self.sm.trainable.names, evaluations, chosen)
@@ -483,16 +484,20 @@ class Run:
         """Evaluate the round's head on the server's test set, and by the sites: now,
         with evaluate messages (then the round is complete), or with the next round's
         training (then it is returned, pending)."""
-        if self.test_set is not None:
-            loss, accuracy, metrics = self.test_set(head)
-            result.server_eval_loss, result.server_eval_accuracy = loss, accuracy
-            result.server_eval_metrics = metrics
+        self._test(result, head)
         if result.round < self.cfg.rounds() and plan.evaluations.in_train(result.round + 1):
             return self._trained(rounds, plan, result, head, t0)
         evaluation = rounds.evaluate(plan.evaluation, result.round, head)
         pending = self._trained(rounds, plan, result, head, t0)
         self._complete(pending, evaluation)
         return None
+
+    def _test(self, result: RoundResult, head: Arrays) -> None:
+        """The round's head on the server's own test set, when it has one."""
+        if self.test_set is not None:
+            loss, accuracy, metrics = self.test_set(head)
+            result.server_eval_loss, result.server_eval_accuracy = loss, accuracy
+            result.server_eval_metrics = metrics
 
     def _trained(
         self, rounds: Rounds, plan: Plan, result: RoundResult, head: Arrays, t0: float

@@ -71,7 +71,7 @@ def test_demo_meets_the_bar_and_writes_its_contract(
     assert sorted(p.name for p in (out / "sites").iterdir()) == [f"site-{i}.npz" for i in range(3)]
     # the per-round table went to the terminal
     assert "round  train loss  eval loss  eval acc" in result.stdout
-    assert "centralized upper bound" in result.stdout
+    assert "centralized reference, SGD" in result.stdout
     # the per-site outcome is on by default in the demo: every site, by its label
     assert sorted(s["site"] for s in report["sites"]) == ["site-0", "site-1", "site-2"]
     for s in report["sites"]:
