@@ -12,7 +12,7 @@ server's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +84,14 @@ class Delivery:
     delivered_to: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
 
-    def report(self) -> dict[str, object]:
+    def report(self, name: Callable[[int], str] | None = None) -> dict[str, object]:
+        """For report.json: sites by ``name`` (the labels the run's report uses) or by
+        node id (a delivery outside a run, which knows no labels)."""
+        label: Callable[[int], object] = name or (lambda node: node)
         return {
             "head_sha256": self.head_sha256,
-            "delivered_to": sorted(self.delivered_to),
-            "failed": {str(k): v for k, v in sorted(self.failed.items())},
+            "delivered_to": sorted((label(n) for n in self.delivered_to), key=str),
+            "failed": {str(label(k)): v for k, v in sorted(self.failed.items())},
         }
 
 

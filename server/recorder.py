@@ -71,10 +71,10 @@ class Recorder:
     def prepared(self, roster: Roster, bytes_to_sites: int, bytes_from_sites: int) -> None:
         """The sites were prepared (the traffic: every message until then, both ways)."""
         self.report.clients = len(roster.ready)
-        self.report.setup = {
-            "sites_ready": sorted(roster.ready),
-            "sites_failed": {str(k): v for k, v in roster.failed.items()},
-            "backbone_sent_to": sorted(roster.weights_sent_to),
+        self.report.setup = {  # sites by the labels the report uses; `sites` maps them
+            "sites_ready": [roster.name(n) for n in sorted(roster.ready)],
+            "sites_failed": {roster.name(k): v for k, v in sorted(roster.failed.items())},
+            "backbone_sent_to": [roster.name(n) for n in sorted(roster.weights_sent_to)],
             "bytes_to_sites": bytes_to_sites,
             "bytes_from_sites": bytes_from_sites,
             "train_examples": roster.train_examples,

@@ -550,7 +550,7 @@ class Run:
         log.info("model package %s: head sha256 %s", package_dir, description.head_sha256)
         nodes = roster.nodes
         delivery = ModelDelivery(cfg.round_timeout).deliver(grid, nodes, description, package_dir)
-        report.delivery = delivery.report()
+        report.delivery = delivery.report(roster.name)
         if cfg.local_baseline or cfg.personalize_epochs:
             kept = sorted(delivery.delivered_to)
             self._ask_outcomes(roster, kept, description.head_sha256)

@@ -118,7 +118,7 @@ def test_a_malformed_prepare_reply_leaves_the_site_out(
 ) -> None:
     tmp = offline_world
     report, grid = _attacked(tmp, adv.empty_reply("query.prepare"), secure=False, rounds=1)
-    assert report["setup"]["sites_failed"] == {str(ATTACKER): "malformed prepare reply"}
+    assert report["setup"]["sites_failed"] == {f"node {ATTACKER}": "malformed prepare reply"}
     assert report["clients"] == 2
     assert not [
         m

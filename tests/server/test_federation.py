@@ -29,7 +29,7 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
     report = run(grid, tmp)
 
     # the sites lacked the trunk: the server sent it once, they verified and cached it
-    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]
+    assert sorted(report["setup"]["backbone_sent_to"]) == ["node 100", "node 101"]
     for i in range(2):
         assert (tmp / f"node{i}" / "weights" / "mobilenet_v2-b0353104.pth").is_file()
     rounds = report["rounds"]
@@ -117,7 +117,7 @@ def test_a_mismatching_local_copy_is_replaced_by_the_servers(offline_world: Path
     bad.write_bytes(b"tampered weights")
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     report = run(grid, tmp, **{"num-server-rounds": 1})
-    assert 100 in report["setup"]["backbone_sent_to"]
+    assert "node 100" in report["setup"]["backbone_sent_to"]
     assert bad.read_bytes() != b"tampered weights"
 
 
@@ -128,8 +128,8 @@ def test_a_site_with_bad_data_is_left_out_and_named(offline_world: Path) -> None
     cfgs[102]["data-path"] = str(tmp / "no-such-folder")
     report = run(LoopbackGrid(client_app, cfgs), tmp, **{"num-server-rounds": 1})
     failed = report["setup"]["sites_failed"]
-    assert list(failed) == ["102"]
-    assert failed["102"] == "DataError: data problem (details in the site's log)"  # no paths
+    assert list(failed) == ["node 102"]
+    assert failed["node 102"] == "DataError: data problem (details in the site's log)"  # no paths
     assert report["clients"] == 2
 
     with pytest.raises(FederationError, match="only 2 of 3 site"):
@@ -203,7 +203,7 @@ def test_a_custom_checkpoint_is_distributed_and_verified(
         **{"backbone-weights": str(path), "backbone-sha256": sha, "num-server-rounds": 1},
     )
     assert report["backbone"]["custom"] and report["backbone"]["sha256"] == sha
-    assert sorted(report["setup"]["backbone_sent_to"]) == [100, 101]
+    assert sorted(report["setup"]["backbone_sent_to"]) == ["node 100", "node 101"]
     cached = tmp / "node0" / "weights" / report["backbone"]["weights_file"]
     assert cached.read_bytes() == path.read_bytes()
 

@@ -78,7 +78,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_head(offline_world: Path
     # delivery: every site verified and kept the server's final head
     sha = report["model"]["head_sha256"]
     assert sha == resumed_head.meta["head_sha256"]
-    assert report["delivery"]["delivered_to"] == [100, 101]
+    assert report["delivery"]["delivered_to"] == ["node 100", "node 101"]
     for i in range(2):
         kept = tmp / f"node{i}" / "models" / str(RUN_ID)
         described = json.loads((kept / "model.json").read_text())
