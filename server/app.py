@@ -23,6 +23,25 @@ from fedhead.server.run import run_federation
 log = logging.getLogger(__name__)
 
 
+class HandledRefusal(logging.Filter):
+    """Flower's crash banner, dropped for a refusal the ServerApp already said in one
+    line (a ``FedheadError``: a refused resume or delivery, too few sites): Flower logs
+    "ServerApp raised an exception" with the traceback, then "Exit Code: 201" with its
+    help text. The run still ends failed, with the reason in its details."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        error = record.exc_info[1] if record.exc_info else None
+        if message.endswith("raised an exception") and isinstance(error, FedheadError):
+            self.dropped = True
+            return False
+        return not (self.dropped and message.startswith("Exit Code:"))
+
+
 def make_server_app(
     config: RunConfig | None = None,
     out_dir: Path | None = None,
@@ -43,6 +62,7 @@ def make_server_app(
             report = run_federation(grid, context, cfg, out_dir, on_report)
         except FedheadError as err:
             log.error("%s: %s", err.title, err)
+            logging.getLogger("flwr").addFilter(HandledRefusal())
             raise
         # The report travels to the operator in the run's log (`fedhead run` keeps it).
         log.info("%s%s", REPORT_LOG_PREFIX, json.dumps(report.to_json(), separators=(",", ":")))

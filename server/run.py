@@ -665,12 +665,15 @@ def finish_cut_off(
 
 
 def require_progress(report: RunReport) -> None:
-    """A run in which no round produced a global head failed, whatever else it did."""
+    """A run in which most rounds produced no new global head failed, whatever else it
+    did: its model is not what its rounds were meant to train (a run in which every round
+    after the first halted under SecAgg+ must not read as finished)."""
     rounds = [r for r in report.rounds if r.round > 0]
-    if not rounds or any(r.aggregated for r in rounds):
+    stuck = [r for r in rounds if not r.aggregated]
+    if not rounds or (2 * len(stuck) <= len(rounds) and len(stuck) < len(rounds)):
         return
     why = []
-    for r in rounds:
+    for r in stuck:
         if r.secagg_halted:
             why.append(f"round {r.round}: secure aggregation halted at {r.secagg_halted}")
         elif r.rejected_sites:
@@ -678,8 +681,13 @@ def require_progress(report: RunReport) -> None:
             why.append(f"round {r.round}: left out {who}")
         else:
             why.append(f"round {r.round}: {r.sites_replied} of {r.sites_selected} sites replied")
+    what = (
+        "no round produced a new global head"
+        if len(stuck) == len(rounds)
+        else f"{len(stuck)} of {len(rounds)} rounds produced no new global head"
+    )
     raise FederationError(
-        "no round produced a new global head (" + "; ".join(why) + ")",
+        f"{what} (" + "; ".join(why) + ")",
         "see the server log for the sites named; the report has every round's counts",
     )
 
