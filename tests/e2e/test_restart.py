@@ -208,3 +208,56 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
     assert str(json.loads((tmp_path / "before" / "report.json").read_text())["run_id"]) in (
         runs.stdout
     ), runs.stdout + runs.stderr
+
+
+def test_a_serverapp_killed_after_its_last_round_is_finished_by_resuming(
+    tmp_path: Path, mobilenet_weights: Path
+) -> None:
+    """The ServerApp dies once the last round is checkpointed (during the final
+    evaluation, before any site holds the model): `fedhead status` calls the run
+    interrupted, and resuming it finishes it without training again: the model package,
+    the report, the status, and the model at both sites under the run they trained in."""
+    port, flwr_home = e2e.new_connection(tmp_path, "e2e")
+    server_cache = e2e.server_cache(tmp_path, mobilenet_weights)
+    cut = tmp_path / "cut"
+    two = RUN.replace("num-server-rounds=3", "num-server-rounds=2")
+    with e2e.processes(tmp_path / "logs") as procs:
+        link = procs.start_listening(
+            "superlink",
+            e2e.plain_superlink(port),
+            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+            port,
+        )
+        for i in range(2):
+            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
+            node_config = (
+                f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" device="cpu"'
+            )
+            procs.start(
+                f"site{i}", e2e.plain_supernode(port, node_config), e2e.base_env(tmp_path / f"h{i}")
+            )
+        _flwr_run(flwr_home, "e2e", f"{two} out-dir='{cut}'", stream=False)
+        store = CheckpointStore(cut / "checkpoints")
+        _wait("the last round's checkpoint", lambda: 2 in store.rounds(), procs=procs)
+        victims = _serverapp_pids(link.pid)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        assert not (cut / "report.json").exists()
+        status = subprocess.run(
+            [*e2e.FEDHEAD, "status", "--run", str(cut)], capture_output=True, text=True, timeout=120
+        )
+        assert status.returncode == 6 and "resume-from" in status.stderr, status
+        cut_run = json.loads((cut / "status.json").read_text())["run_id"]
+
+        _flwr_run(flwr_home, "e2e", f"{two} out-dir='{cut}' resume-from='{cut}'")
+        logs = procs.log("superlink")
+
+    report = json.loads((cut / "report.json").read_text())
+    assert report["run_id"] == cut_run, logs[-3000:]
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert json.loads((cut / "status.json").read_text())["state"] == "finished"
+    sha = report["model"]["head_sha256"]
+    assert len(report["delivery"]["delivered_to"]) == 2  # neither site held it
+    for i in range(2):
+        kept = tmp_path / f"site{i}" / "cache" / "models" / str(cut_run) / "head.safetensors"
+        assert hashlib.sha256(kept.read_bytes()).hexdigest() == sha
