@@ -52,7 +52,7 @@ from fedhead.client.guard import (
     prepared_trainable,
     refuse,
 )
-from fedhead.client.ledger import RECORD_LEDGER, HeadLedger, head_digest
+from fedhead.client.ledger import RECORD_LEDGER, HeadLedger
 from fedhead.client.models import HEAD_FILE, SiteModels, site_models_dir
 from fedhead.client.mods import (
     asks_for_statistics,
@@ -231,10 +231,15 @@ def outcome(msg: Message, context: Context) -> Message:
     record = msg.content.array_records[RECORD_OUTCOME_HEAD]
     initial = [np.ascontiguousarray(record[k].numpy()) for k in sorted(record, key=int)]
     # the local-only baseline starts only from the head this site trained from in round 1
-    trusted = _ledger(context).is_initial_head(head_digest(initial))
+    trusted = _ledger(context).is_initial_head(_identity(context, initial))
     result = site_outcome(_site(context), context.run_id, request, settings, initial, trusted)
     reply = RecordDict({RECORD_OUTCOME_REPLY: ConfigRecord(result.to_record())})
     return Message(reply, reply_to=msg)
+
+
+def _identity(context: Context, arrays: list[np.ndarray]) -> str:
+    """A head's sha256 (``common.heads.head_sha256``), by the run's tensor names."""
+    return head_sha256(prepared_trainable(context).names, arrays)
 
 
 def _ledger(context: Context) -> HeadLedger:
@@ -276,7 +281,9 @@ def train(msg: Message, context: Context) -> Message:
     guard = _guard(context)
     guard.check(settings.server_round - 1, arrays, settings)  # the head after round r-1
     ledger = _ledger(context)
-    evaluates = ledger.start_training(settings.server_round, head_digest(arrays), settings.evaluate)
+    evaluates = ledger.start_training(
+        settings.server_round, _identity(context, arrays), settings.evaluate
+    )
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     guard.take(settings.server_round - 1, arrays, settings)
     if settings.evaluate and not evaluates:
@@ -354,7 +361,7 @@ def validate(msg: Message, context: Context) -> Message:
         and request.server_round in earlier.rounds
     ):
         ledger.start_statistics(request.server_round)
-    ledger.start_validation(request.server_round, [head_digest(h) for h in heads])
+    ledger.start_validation(request.server_round, [_identity(context, h) for h in heads])
     guard.keep_candidates(heads)
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     # its proof of having taken part, should it miss the model: a candidate it validated
@@ -383,7 +390,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     guard = _guard(context)
     guard.check(server_round, arrays, None)  # the head after round r
     ledger = _ledger(context)
-    ledger.start_evaluation(server_round, head_digest(arrays))
+    ledger.start_evaluation(server_round, _identity(context, arrays))
     context.state.config_records[RECORD_LEDGER] = ledger.to_record()
     guard.take(server_round, arrays, None)
     statistics = evalins.config.get("statistics") is True

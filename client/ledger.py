@@ -8,32 +8,21 @@ head it evaluated: the next round's training must start from that very head, els
 site stops. It also keeps the head the site first trained from and in which round: after
 the run, a local-only baseline (``query.outcome``) starts only from the run's initial
 head, the one the site trained from in round 1, never from one the server picks then.
+Heads are named by their sha256 (``common.heads.head_sha256``, the one head identity).
 The ledger lives in the node's state, which outlives single messages.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from flwr.app import ConfigRecord
 
 from fedhead.common.errors import FederationError
 
 RECORD_LEDGER = "fedhead.ledger"  # ConfigRecord in the node's state
 NONE = -1
-
-
-def head_digest(arrays: Sequence[np.ndarray]) -> str:
-    """sha256 over the tensors' dtypes, shapes and bytes, in order."""
-    h = hashlib.sha256()
-    for arr in arrays:
-        a = np.ascontiguousarray(arr)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @dataclass

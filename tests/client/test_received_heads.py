@@ -29,7 +29,7 @@ from fedhead.common.protocol import (
     RECORD_RUN,
 )
 from fedhead.common.telemetry import SiteRefusedHead
-from fedhead.server.setup import build_server_model, fit_settings, run_spec
+from fedhead.server.server_model import build_server_model, fit_settings, run_spec
 from tests.conftest import REPO, round_settings
 from tests.loopback import RUN_ID, LoopbackGrid, set_task_identity
 

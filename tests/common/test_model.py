@@ -128,7 +128,7 @@ def test_the_initial_head_has_torchs_default_distribution() -> None:
 def test_the_server_and_a_site_start_from_the_same_head(mobilenet_weights: Path) -> None:
     """The server builds the whole model (its trunk drawing random numbers first); a
     site builds the head alone: they agree, with and without an unfrozen block."""
-    from fedhead.server.setup import build_server_model
+    from fedhead.server.server_model import build_server_model
 
     for blocks in (0, 1):
         cfg = RunConfig.from_mapping(
