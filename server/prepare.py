@@ -186,10 +186,13 @@ class BackboneDistributor:
         self.caps = caps
         self.site_labels = site_labels  # False: sites are shown by node id only
 
-    def prepare(self, grid: Grid, nodes: list[int]) -> Roster:
-        ready: dict[int, PrepareReply] = {}
-        failed: dict[int, str] = {}
-        names: dict[int, str] = {}
+    def prepare(self, grid: Grid, nodes: list[int], joining: Roster | None = None) -> Roster:
+        """Prepare ``nodes``; with ``joining``, nodes that join a run under way: the
+        roster returned is that run's with them (labels kept unique, caps recomputed)."""
+        earlier = joining or Roster(ready={})
+        ready: dict[int, PrepareReply] = dict(earlier.ready)
+        failed: dict[int, str] = dict(earlier.failed)
+        names: dict[int, str] = dict(earlier.names)
 
         def name(node: int) -> str:
             return names.get(node, f"node {node}")
@@ -228,7 +231,7 @@ class BackboneDistributor:
         for node, why in replies.dropped.items():
             failed[node] = why
             log.error("%s did not answer the prepare message: %s", name(node), why)
-        sent_to: list[int] = []
+        sent_to: list[int] = list(earlier.weights_sent_to)
         if needs_weights:
             for node, why in self._send_weights(grid, needs_weights, name).items():
                 if why:
@@ -237,6 +240,8 @@ class BackboneDistributor:
                 else:
                     sent_to.append(node)
         for node, reply in sorted(ready.items()):
+            if node in earlier.ready:
+                continue
             if max(reply.train_examples, reply.val_examples) > self.caps.max_site_examples:
                 log.warning(
                     "%s declares %d training / %d validation examples; it counts as %d "

@@ -79,18 +79,31 @@ class Recorder:
             "bytes_from_sites": bytes_from_sites,
             "train_examples": roster.train_examples,
             # who took part, by the label each site chose (site-labels=true) or node id
-            "sites": [
-                {
-                    "node_id": node,
-                    "name": roster.name(node),
-                    "train_examples": reply.train_examples,
-                    "val_examples": reply.val_examples,
-                    "device": reply.device,
-                }
-                for node, reply in sorted(roster.ready.items())
-            ],
+            "sites": [self._site(roster, node) for node in sorted(roster.ready)],
         }
         emit(RunPrepared(self.sm.sha256, len(roster.ready), self.sm.trainable.num_params))
+
+    def joined(self, roster: Roster, nodes: list[int]) -> None:
+        """Sites that joined the run under way (prepared then): ``roster`` is the run's."""
+        setup = self.report.setup
+        setup["sites_ready"] = [roster.name(n) for n in sorted(roster.ready)]
+        setup["sites_failed"] = {roster.name(k): v for k, v in sorted(roster.failed.items())}
+        setup["backbone_sent_to"] = [roster.name(n) for n in sorted(roster.weights_sent_to)]
+        setup.setdefault("sites", []).extend(
+            {**self._site(roster, node), "joined": True} for node in nodes if node in roster.ready
+        )
+        self.report.clients = len(roster.ready)
+
+    @staticmethod
+    def _site(roster: Roster, node: int) -> dict[str, Any]:
+        reply = roster.ready[node]
+        return {
+            "node_id": node,
+            "name": roster.name(node),
+            "train_examples": reply.train_examples,
+            "val_examples": reply.val_examples,
+            "device": reply.device,
+        }
 
     def planned(
         self,

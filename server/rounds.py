@@ -279,6 +279,10 @@ class Rounds:
         self.config = ConfigRecord({Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
         self.context.state.config_records[MAIN_CONFIGS_RECORD] = self.config
 
+    def use(self, strategy: Strategy) -> None:
+        """The strategy stack the steps call from now on (sites joined the run)."""
+        self.context.strategy = strategy
+
     def _at(self, server_round: int, head: Arrays) -> None:
         self.config[Key.CURRENT_ROUND] = server_round
         self.context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(

@@ -242,12 +242,7 @@ class Run:
                 f"within {cfg.join_timeout:.0f}s",
                 "start more SuperNodes, or lower min-sites",
             )
-        caps = SiteCaps(cfg.max_site_examples, cfg.dp_noise_multiplier > 0, cfg.max_site_share)
-        spec = run_spec(cfg, self.sm)
-        distributor = BackboneDistributor(
-            spec, self.sm.weights_path, cfg.round_timeout, caps, cfg.site_labels
-        )
-        roster = distributor.prepare(grid, nodes)
+        roster = self._distributor().prepare(grid, nodes)
         missed = EarlierModels(self.run_dir, self.context.run_id, cfg.round_timeout)
         if wanted := missed.requests(roster.ready):
             self.recorder.report.earlier_models = missed.deliver(grid, wanted)
@@ -264,9 +259,37 @@ class Run:
             )
         return roster
 
+    def _distributor(self) -> BackboneDistributor:
+        cfg = self.cfg
+        caps = SiteCaps(cfg.max_site_examples, cfg.dp_noise_multiplier > 0, cfg.max_site_share)
+        spec = run_spec(cfg, self.sm)
+        return BackboneDistributor(
+            spec, self.sm.weights_path, cfg.round_timeout, caps, cfg.site_labels
+        )
+
+    def _joined(self, roster: Roster, server_round: int) -> Roster | None:
+        """Sites that connected since the run started (a node restarted under a new node
+        id, or a site late to join): prepared now, they take part from this round on.
+        None: nobody new."""
+        known = set(roster.ready) | set(roster.failed)
+        new = sorted(
+            n for n in self.grid.get_node_ids() if n not in known and n not in self.excluded
+        )
+        if not new:
+            return None
+        log.info("round %d: %d site(s) joined the run; preparing them", server_round, len(new))
+        joined = self._distributor().prepare(self.grid, new, joining=roster)
+        for node in new:
+            if node in joined.ready:
+                log.info("round %d: %s takes part from now on", server_round, joined.name(node))
+        self.recorder.joined(joined, new)
+        self.run_dir.update(sites=len(joined.ready))
+        return joined
+
     # --- 2. plan ---------------------------------------------------------------------
-    def plan(self, roster: Roster) -> Plan:
-        """The strategy stack and the round steps, sized to the sites that are ready."""
+    def plan(self, roster: Roster, privacy: PrivacyLedger | None = None) -> Plan:
+        """The strategy stack and the round steps, sized to the sites that are ready
+        (``privacy``: the run's ledger so far, when sites joined a run under way)."""
         cfg, sm, resume = self.cfg, self.sm, self.resume
         ready = len(roster.ready)
         sampled = min(ready, max(cfg.min_sites, math.ceil(cfg.fraction_train * ready)))
@@ -291,9 +314,11 @@ class Run:
             excluded=self.excluded,
         )
         # a closed-form head's privacy is its statistics' one release (server.closed_form)
-        privacy = None if cfg.closed_form_applies() else PrivacyLedger.of_run(cfg, ready, sampled)
+        kept = privacy
+        if privacy is None and not cfg.closed_form_applies():
+            privacy = PrivacyLedger.of_run(cfg, ready, sampled)
         if privacy is not None:
-            if resume is not None:
+            if resume is not None and kept is None:
                 privacy.resume(resume)
             strategy = privacy.wrap(strategy)
             log.info(
@@ -392,6 +417,9 @@ class Run:
             t0 = time.perf_counter()
             self.recorder.round_started(rnd)
             self.checkpoints.round_started(rnd)
+            if (joined := self._joined(plan.roster, rnd)) is not None:
+                plan = self.plan(joined, plan.privacy)
+                rounds.use(plan.strategy)
             training = rounds.train(plan.training, rnd, head)
             self._exclude(plan.roster, training.culprits, rnd)
             if pending is not None:  # its evaluation came with this round's training

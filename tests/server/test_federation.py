@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
@@ -314,3 +314,33 @@ def test_each_round_is_evaluated_in_the_next_rounds_train_messages(
         assert row["eval_examples"] == expected and 0 <= row["eval_accuracy"] <= 1, row
         assert row["eval_statistics_examples"] == expected
     assert report["final_eval_accuracy"] == report["rounds"][-1]["eval_accuracy"]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_a_site_restarted_under_a_new_node_id_rejoins_from_the_next_round(
+    offline_world: Path, secure: bool
+) -> None:
+    """A node killed mid-run comes back as a new node (Flower gives it a new id) with its
+    data and cache: the server prepares it when it appears and it trains from then on."""
+    tmp = offline_world
+    cfgs = nodes(tmp, write_sites(tmp, 3))
+    grid = LoopbackGrid(client_app, cfgs)
+
+    def restart_102_after_round_1(node: int, msg: Message) -> None:
+        if msg.metadata.group_id == "2" and 102 not in grid.dead:
+            grid.dead.add(102)  # it dies ...
+            grid.contexts[103] = Context(  # ... and its node comes back under a new id
+                grid.run_id, 103, node_config=cfgs[102], state=RecordDict(), run_config={}
+            )
+
+    grid.before_delivery = restart_102_after_round_1
+    report = run(grid, tmp, **{"num-server-rounds": 4, "secure-aggregation": secure})
+    trained: dict[int, set[int]] = {}
+    for m in grid.sent:
+        if m.metadata.message_type == "train":
+            trained.setdefault(int(m.metadata.group_id), set()).add(m.metadata.dst_node_id)
+    assert 103 not in trained[2] and 103 in trained[3] and 103 in trained[4]
+    joined = [s for s in report["setup"]["sites"] if s.get("joined")]
+    assert [s["node_id"] for s in joined] == [103]
+    assert all(r["aggregated"] for r in report["rounds"])
+    assert report["rounds"][-1]["sites_replied"] == 3  # 100, 101 and the restarted 103
