@@ -128,8 +128,8 @@ def site_outcome(
 
     fed_proba, fed_loss = probabilities(final)
     outcome = SiteOutcome(examples=len(y), federated=metrics(fed_proba, fed_loss))
+    scorer = _Scorer(y, seed, metrics, probabilities)
     if request.closed_form:
-        scorer = _Scorer(y, seed, metrics, probabilities)
         return _closed_form_outcome(site, run_id, request, outcome, scorer, final)
     if request.local_baseline and not initial_trusted:
         log.warning(
@@ -144,16 +144,8 @@ def site_outcome(
             lr = scheduled_lr(settings.learning_rate, rnd, request.rounds, request.lr_schedule)
             local = train(local, settings.local_epochs, lr, rnd)
         local_proba, local_loss = probabilities(local)
-        from fedhead.common.evaluation import paired_difference
-
-        gain, lo, hi = paired_difference(y, fed_proba, local_proba, request.resamples, seed=seed)
-        balanced = paired_difference(
-            y, fed_proba, local_proba, request.resamples, seed=seed, metric="balanced_accuracy"
-        )
-        outcome = SiteOutcome(
-            outcome.examples, outcome.federated, metrics(local_proba, local_loss), None, False,
-            gain, lo, hi, *balanced,
-        )  # fmt: skip
+        outcome = scorer.against_local(outcome, fed_proba, local_proba, local_loss, request)
+        gain, lo, hi = outcome.gain, outcome.gain_lo, outcome.gain_hi
         log.info(
             "run %d outcome: federated accuracy %.4f, local-only %.4f, gain %+.4f [%+.4f, %+.4f]",
             run_id, outcome.federated.accuracy, outcome.local.accuracy if outcome.local else 0,
@@ -193,6 +185,28 @@ class _Scorer:
     metrics: Callable[[np.ndarray, float], HeadMetrics]
     probabilities: Callable[[list[np.ndarray]], tuple[np.ndarray, float]]
 
+    def against_local(
+        self,
+        outcome: SiteOutcome,
+        fed_proba: np.ndarray,
+        local_proba: np.ndarray,
+        local_loss: float,
+        request: OutcomeRequest,
+    ) -> SiteOutcome:
+        """``outcome`` with the local-only head's metrics and the paired gain of the
+        federated head over it (accuracy and balanced accuracy, 95% intervals)."""
+        from fedhead.common.evaluation import paired_difference
+
+        y, n, seed = self.y, request.resamples, self.seed
+        gain, lo, hi = paired_difference(y, fed_proba, local_proba, n, seed=seed)
+        balanced = paired_difference(
+            y, fed_proba, local_proba, n, seed=seed, metric="balanced_accuracy"
+        )
+        return SiteOutcome(
+            outcome.examples, outcome.federated, self.metrics(local_proba, local_loss), None,
+            False, gain, lo, hi, *balanced,
+        )  # fmt: skip
+
 
 def _closed_form_outcome(
     site: Site,
@@ -209,32 +223,24 @@ def _closed_form_outcome(
     by ``PRIOR_STRENGTH`` pseudo-examples, kept where it does better on the validation
     split."""
     from fedhead.common.closed_form import ClosedFormError, candidate_heads
-    from fedhead.common.evaluation import paired_difference
 
     method, _, parameter = request.closed_form.partition(" ")
     stats = site.training_statistics()
     weight, bias = site.trainable.tensors
     own = stats.counts / max(stats.total, 1.0)
-    y, seed, metrics, probabilities = score.y, score.seed, score.metrics, score.probabilities
+    probabilities = score.probabilities
     if request.local_baseline:
         try:
             (alone,) = candidate_heads(stats, method, [float(parameter.split("=")[1])])
             local = [alone.head.weight, alone.head.bias]
         except ClosedFormError:  # a class this site lacks: alone, it predicts its own
             local = [np.zeros(weight.shape), np.log(np.maximum(own, 1e-12))]
-        local_arrays = [
-            a.astype(np.dtype(t.dtype)) for a, t in zip(local, (weight, bias), strict=True)
-        ]
-        local_proba, local_loss = probabilities(local_arrays)
-        fed_proba, _ = probabilities(final)
-        gain, lo, hi = paired_difference(y, fed_proba, local_proba, request.resamples, seed=seed)
-        balanced = paired_difference(
-            y, fed_proba, local_proba, request.resamples, seed=seed, metric="balanced_accuracy"
+        dtypes = (np.dtype(weight.dtype), np.dtype(bias.dtype))
+        local_proba, local_loss = probabilities(
+            [a.astype(d) for a, d in zip(local, dtypes, strict=True)]
         )
-        outcome = SiteOutcome(
-            outcome.examples, outcome.federated, metrics(local_proba, local_loss), None, False,
-            gain, lo, hi, *balanced,
-        )  # fmt: skip
+        fed_proba, _ = probabilities(final)
+        outcome = score.against_local(outcome, fed_proba, local_proba, local_loss, request)
     federation = np.array([float(c) for c in request.class_counts.split(",") if c])
     if len(federation) != len(own) or federation.sum() <= 0:
         log.warning("run %d: no personalized head: no class counts of the federation", run_id)
@@ -244,7 +250,7 @@ def _closed_form_outcome(
     shifted = final[1].astype(np.float64) + np.log(prior) - np.log(np.maximum(pooled, 1e-12))
     mine = [final[0], shifted.astype(final[1].dtype)]
     proba, loss = probabilities(mine)
-    personal = metrics(proba, loss)
+    personal = score.metrics(proba, loss)
     fed = outcome.federated
     better = personal.accuracy > fed.accuracy or (
         personal.accuracy == fed.accuracy and personal.loss < fed.loss

@@ -62,6 +62,29 @@ def _wait(what: str, check, timeout: float = 900.0, procs: e2e.Processes | None 
         time.sleep(0.2)
 
 
+def _superlink_and_two_sites(
+    procs: e2e.Processes, tmp_path: Path, port: int, server_cache: Path
+) -> subprocess.Popen[bytes]:
+    """A SuperLink on ``port`` and two sites of 80 training images each (their data,
+    cache and audit log under ``tmp_path/site<i>``); returns the SuperLink's process."""
+    link = procs.start_listening(
+        "superlink",
+        e2e.plain_superlink(port),
+        e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
+        port,
+    )
+    for i in range(2):
+        data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
+        node_config = (
+            f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
+            f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu"'
+        )
+        procs.start(
+            f"site{i}", e2e.plain_supernode(port, node_config), e2e.base_env(tmp_path / f"h{i}")
+        )
+    return link
+
+
 def _flwr_run(flwr_home: Path, name: str, run_config: str, stream: bool = True) -> str:
     args = ["run", str(REPO), name, "--run-config", run_config]
     result = e2e.flwr(flwr_home, *([*args, "--stream"] if stream else args))
@@ -77,21 +100,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
     cut, whole = tmp_path / "cut", tmp_path / "whole"
 
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start_listening(
-            "superlink",
-            e2e.plain_superlink(port),
-            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
-            port,
-        )
-        for i in range(2):
-            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
-            node_config = (
-                f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" '
-                f'audit-log="{tmp_path / f"site{i}" / "sent.jsonl"}" device="cpu"'
-            )
-            procs.start(
-                f"site{i}", e2e.plain_supernode(port, node_config), e2e.base_env(tmp_path / f"h{i}")
-            )
+        link = _superlink_and_two_sites(procs, tmp_path, port, server_cache)
 
         # 1. submit the run, kill its ServerApp as soon as round 2 is checkpointed
         _flwr_run(flwr_home, "e2e", f"{RUN} out-dir='{cut}'", stream=False)
@@ -222,20 +231,7 @@ def test_a_serverapp_killed_after_its_last_round_is_finished_by_resuming(
     cut = tmp_path / "cut"
     two = RUN.replace("num-server-rounds=3", "num-server-rounds=2")
     with e2e.processes(tmp_path / "logs") as procs:
-        link = procs.start_listening(
-            "superlink",
-            e2e.plain_superlink(port),
-            e2e.base_env(tmp_path / "link-home", FEDHEAD_CACHE=str(server_cache)),
-            port,
-        )
-        for i in range(2):
-            data = e2e.npz_site(tmp_path / f"site{i}" / "data.npz", i, 2, n_train=80, n_val=30)
-            node_config = (
-                f'data-path="{data}" cache-dir="{tmp_path / f"site{i}" / "cache"}" device="cpu"'
-            )
-            procs.start(
-                f"site{i}", e2e.plain_supernode(port, node_config), e2e.base_env(tmp_path / f"h{i}")
-            )
+        link = _superlink_and_two_sites(procs, tmp_path, port, server_cache)
         _flwr_run(flwr_home, "e2e", f"{two} out-dir='{cut}'", stream=False)
         store = CheckpointStore(cut / "checkpoints")
         _wait("the last round's checkpoint", lambda: 2 in store.rounds(), procs=procs)
