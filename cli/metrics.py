@@ -64,7 +64,16 @@ SITE_MESSAGE_KINDS = (
 )
 SITE_REFUSALS = ("non_finite", "norm", "clipping_range")
 # client.guard.REFUSALS (a test checks they agree)
-SITE_HEAD_REFUSALS = ("shape", "initial", "step", "stale", "settings", "unbounded", "non_finite")
+SITE_HEAD_REFUSALS = (
+    "shape",
+    "initial",
+    "step",
+    "stale",
+    "settings",
+    "unbounded",
+    "non_finite",
+    "candidates",
+)
 SCOPES = ("federated", "server")
 
 
