@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigScalar, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import (
@@ -28,7 +28,7 @@ from tests.conftest import round_settings
 from tests.loopback import RUN_ID, set_task_identity
 
 
-def _msg(message_type: str, stage: object = None) -> Message:
+def _msg(message_type: str, stage: ConfigScalar | None = None) -> Message:
     set_task_identity()
     content = RecordDict()
     if stage is not None:
@@ -54,7 +54,7 @@ def _msg(message_type: str, stage: object = None) -> Message:
     ],
 )
 def test_a_message_kind_is_one_of_a_bounded_set(
-    message_type: str, stage: object, kind: str
+    message_type: str, stage: ConfigScalar | None, kind: str
 ) -> None:
     assert message_kind(_msg(message_type, stage)) == kind
 
@@ -65,9 +65,8 @@ def test_the_exporter_pre_initialises_every_kind() -> None:
 
 # --- an honest site's non-finite update never reaches SecAgg+'s quantizer ----------------
 def _chain(mods: list[Mod], handler: ClientAppCallable) -> ClientAppCallable:
-    for mod in reversed(mods):
-        handler = functools.partial(mod, call_next=handler)  # type: ignore[call-arg]
-    return handler
+    """``handler`` wrapped in ``mods`` (outermost first), as a ClientApp wraps it."""
+    return make_ffn(handler, mods)
 
 
 def _collect_stage(arrays: list[np.ndarray], dp_clip: bool) -> tuple[Message, Context]:

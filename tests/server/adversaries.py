@@ -132,14 +132,13 @@ def masked_vector(change: Callable[[list[np.ndarray]], list[np.ndarray] | None])
         rec = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         if rec is None or Key.MASKED_PARAMETERS not in rec:
             return
-        arrays = [bytes_to_ndarray(b) for b in rec[Key.MASKED_PARAMETERS]]  # type: ignore[arg-type, union-attr]
-        new = change(arrays)
+        new = change([bytes_to_ndarray(b) for b in _bytes_list(rec, Key.MASKED_PARAMETERS)])
         values = dict(rec)
         if new is None:
             del values[Key.MASKED_PARAMETERS]
         else:
             values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in new]
-        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)
 
     return _rewrite(MessageType.TRAIN, rewrite)
 
@@ -152,7 +151,14 @@ def unmask_shares(change: Callable[[list[bytes]], list[bytes]]) -> Mod:
         if rec is None or Key.SHARE_LIST not in rec:
             return
         values = dict(rec)
-        values[Key.SHARE_LIST] = change(list(rec[Key.SHARE_LIST]))  # type: ignore[arg-type]
-        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+        values[Key.SHARE_LIST] = change(_bytes_list(rec, Key.SHARE_LIST))
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)
 
     return _rewrite(MessageType.TRAIN, rewrite)
+
+
+def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
+    """A SecAgg+ value that is a list of byte strings (the masked vector, key shares)."""
+    value = record[key]
+    assert isinstance(value, list) and all(isinstance(b, bytes) for b in value), key
+    return [b for b in value if isinstance(b, bytes)]

@@ -3,6 +3,7 @@ same results as in process, the same errors, and a clear failure when it is gone
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from multiprocessing.connection import Client
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow  # whole federations (seconds each)
 
 
 @pytest.fixture
-def worker():  # type: ignore[no-untyped-def]
+def worker() -> Iterator[WorkerService]:
     service = WorkerService().start()
     yield service
     service.stop()
