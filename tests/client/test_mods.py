@@ -10,7 +10,14 @@ from flwr.app import ConfigRecord, ConfigScalar, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -138,3 +145,43 @@ def test_a_non_finite_update_is_refused_before_masking(
         diverged(*_collect_stage(start, dp_clip))
     assert len(reached) == 1  # never quantized
     assert refused == [SiteRefusedUpdate("non_finite")]
+
+
+def test_inner_train_mods_change_what_the_site_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train_mods(inner=...)`` puts a mod just inside SecAgg+, outside the site's own
+    update check: the update it passes on is the one Flower quantizes, even one the
+    check refuses when the handler itself produces it (how tests' attacking sites send
+    what an honest site never would)."""
+    secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    reached: list[list[np.ndarray]] = []
+
+    def quantize(parameters: list[np.ndarray], *args: object) -> list[np.ndarray]:
+        reached.append([a.copy() for a in parameters])
+        raise _Quantized
+
+    def trainer(scale: float) -> ClientAppCallable:
+        def handler(msg: Message, ctx: Context) -> Message:
+            trained = [scale * np.array([0.25, 0.5, 0.0, 0.0], np.float32)]
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(trained), 7, {})
+            return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
+
+        return handler
+
+    def inflated(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, ctx)
+        res = compat.recorddict_to_fitres(reply.content, False)
+        res.parameters = ndarrays_to_parameters(
+            [100 * a for a in parameters_to_ndarrays(res.parameters)]
+        )
+        return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
+
+    monkeypatch.setattr(secaggplus, "quantize", quantize)
+    start = [np.zeros(4, np.float32)]  # the update is the trained tensor itself
+    with pytest.raises(FederationError, match=r"50 lies outside the SecAgg\+ clipping range"):
+        _chain(train_mods(), trainer(100.0))(*_collect_stage(start, dp_clip=False))
+    for inner in ([], [inflated]):
+        with pytest.raises(_Quantized):
+            _chain(train_mods(inner), trainer(1.0))(*_collect_stage(start, dp_clip=False))
+    plain, changed = reached
+    assert np.abs(plain[0]).max() > 0
+    np.testing.assert_allclose(changed[0], 100 * plain[0], rtol=1e-6)

@@ -1,11 +1,12 @@
 """One malicious site among three: a real ServerApp against real ClientApps, in process.
 
-Node 102 runs fedhead's own ClientApp with extra Flower mods that rewrite what it sends
-(``tests/server/adversaries.py``). Each test checks that the run completes with the
-honest sites, or stops with a clear error where no safe result exists; that the site
-is named in the log and in the round's result; and that the global head the server
-keeps does as well on the server's own test set as one trained by the honest sites
-alone.
+Node 102 runs fedhead's own ClientApp, built as the production one is
+(``fedhead.client.app.build_app``, every handler and mod), with one extra Flower mod
+that rewrites what it sends (``tests/server/adversaries.py``). Each test checks that
+the run completes with the honest sites, or stops with a clear error where no safe
+result exists; that the site is named in the log and in the round's result; and that
+the global head the server keeps does as well on the server's own test set as one
+trained by the honest sites alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.app import app as client_app
+from fedhead.client.app import build_app
 from fedhead.common import demo_data
 from fedhead.common.errors import FederationError
 from fedhead.common.protocol import RECORD_PREPARE, PrepareReply
@@ -65,8 +67,9 @@ def _attacked(
     config: dict[str, object] | None = None,
 ) -> tuple[ReportJson, LoopbackGrid]:
     """A run of three sites, ATTACKER's app carrying ``attack`` around all its handlers
-    (with ``inner``: inside its train handler, below the update checks)."""
-    app = adv.malicious_app(inner=[attack]) if inner else adv.malicious_app(outer=[attack])
+    (with ``inner``: just inside SecAgg+ around its train handler, so what the attack
+    changes is what the site masks, past its own update checks)."""
+    app = build_app(inner_train=[attack]) if inner else build_app(outer=[attack])
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)), {ATTACKER: app})
     return run(grid, tmp, **_settings(tmp, secure, rounds, **(config or {}))), grid
 
