@@ -23,6 +23,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.app import app as client_app
 from fedhead.client.app import build_app
+from fedhead.client.mods import ERROR_CODE_BASE
 from fedhead.common import demo_data
 from fedhead.common.errors import FederationError
 from fedhead.common.protocol import RECORD_PREPARE, PrepareReply
@@ -395,9 +396,10 @@ def test_a_site_refuses_to_evaluate_heads_it_did_not_train_from(offline_world: P
         content = compat.evaluateins_to_recorddict(ins, True)
         return Message(content, dst_node_id=100, message_type="evaluate", group_id="probe")
 
+    refused = ERROR_CODE_BASE + FederationError.exit_code  # RefusedHeadError is one
     for server_round in (0, 1, 2):  # before training, again for round 1, a future round
         (reply,) = grid.send_and_receive([probe(server_round)])
-        assert reply.has_error() and "FederationError" in (reply.error.reason or "")
+        assert reply.has_error() and reply.error.code == refused, reply.error
 
 
 def test_garbage_unmask_shares_stop_the_round_name_the_site_and_leave_it_out(
