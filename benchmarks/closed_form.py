@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from fedhead.common.closed_form import FixedPointCodec, Layout, LinearHead, Stat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Flower's SecAgg+ replay
 from tests.secagg_replay import Federation
+
+if TYPE_CHECKING:
+    from run import Figure, Results
 
 SECTION = "Closed-form head (issue 23): one round of summed statistics"
 COMMAND = "python benchmarks/run.py --only closedform"
@@ -103,7 +107,9 @@ def secagg_sum(sites: list[Statistics], codec: FixedPointCodec) -> Statistics:
     return Statistics.from_vector(codec.decode(mean, len(sites)), sites[0].layout)
 
 
-def bench_accuracy(res: Any, figure: Any, data: Data) -> dict[str, LinearHead]:
+def bench_accuracy(
+    res: Results, figure: Callable[..., Figure], data: Data
+) -> dict[str, LinearHead]:
     from sklearn.linear_model import LogisticRegression
 
     t0 = time.perf_counter()
@@ -150,7 +156,9 @@ def bench_accuracy(res: Any, figure: Any, data: Data) -> dict[str, LinearHead]:
     return fitted
 
 
-def bench_federated(res: Any, figure: Any, data: Data, pooled: dict[str, LinearHead]) -> None:
+def bench_federated(
+    res: Results, figure: Callable[..., Figure], data: Data, pooled: dict[str, LinearHead]
+) -> None:
     codec = FixedPointCodec()
     for label, parts in splits(data.y_train).items():
         sites = [Statistics.of(data.x_train[p], data.y_train[p], 2) for p in parts]
@@ -183,7 +191,7 @@ def _synthetic_statistics(dim: int) -> Statistics:
     return Statistics.of(x, rng.integers(0, 2, 256), 2)
 
 
-def bench_bytes(res: Any, figure: Any) -> None:
+def bench_bytes(res: Results, figure: Callable[..., Figure]) -> None:
     codec = FixedPointCodec()
     for dim, trunk in ((1280, "MobileNetV2"), (2048, "ResNet-50")):
         layout = Layout(2, dim)
@@ -203,7 +211,9 @@ def bench_bytes(res: Any, figure: Any) -> None:
         )
 
 
-def bench_secagg_time(res: Any, figure: Any, site_counts: list[int], dims: list[int]) -> None:
+def bench_secagg_time(
+    res: Results, figure: Callable[..., Figure], site_counts: list[int], dims: list[int]
+) -> None:
     """Per site: encode + Flower's quantize and masks (pairwise with every other site,
     as fedhead's default shares); server: sum mod 2^32, unmask, decode."""
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
@@ -254,7 +264,9 @@ def _clipped(x: np.ndarray, r: float) -> np.ndarray:
     return out
 
 
-def bench_dp(res: Any, figure: Any, data: Data, noise_multipliers: list[float]) -> None:
+def bench_dp(
+    res: Results, figure: Callable[..., Figure], data: Data, noise_multipliers: list[float]
+) -> None:
     """LDA from one Gaussian release of the pooled statistics, features clipped to
     the median norm of the training features (test features too, as a DP head's
     package must); beside it the same without noise, and nearest class means."""
@@ -293,7 +305,7 @@ def bench_dp(res: Any, figure: Any, data: Data, noise_multipliers: list[float]) 
         )
 
 
-def run(res: Any, figure: Any, quick: bool) -> None:
+def run(res: Results, figure: Callable[..., Figure], quick: bool) -> None:
     """Add the closed-form figures to ``res`` (benchmarks/run.py's Results)."""
     data = demo_features()
     pooled = bench_accuracy(res, figure, data)

@@ -26,9 +26,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedhead.server.report import RunReport
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers of the end-to-end tests
@@ -223,11 +226,12 @@ def deployment_rounds(
 def _later_seconds(path: Path) -> float:
     """Mean seconds of the rounds after the first, from an app's JSON-lines file."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return statistics.mean(line["seconds"] for line in lines if line["round"] >= 2)
+    seconds: list[float] = [line["seconds"] for line in lines if line["round"] >= 2]
+    return statistics.mean(seconds)
 
 
 def measure(
-    simulate: Callable[[dict[str, Any], int], Any],
+    simulate: Callable[[dict[str, Any], int], RunReport],
     sites: int,
     rounds: int,
     n_train: int,

@@ -50,10 +50,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # imported where used: --help and --only stay quick
+    from fedhead.common.device import Device
+    from fedhead.server.report import RunReport
+    from fedhead.server.server_model import ServerModel
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -86,7 +91,7 @@ def _best_of(fn: Callable[[], float], repeats: int) -> float:
 
 
 # --- shared set-up ------------------------------------------------------------------
-def _mobilenet() -> Any:
+def _mobilenet() -> ServerModel:
     from fedhead.common.config import RunConfig
     from fedhead.server.server_model import build_server_model
 
@@ -112,7 +117,7 @@ def bench_cache(res: Results, sizes: list[int], n_images: dict[int, int], epochs
         res.add(_cache_figure(sm, device, px, n_images[px], epochs))
 
 
-def _cache_figure(sm: Any, device: Any, px: int, n: int, epochs: int) -> Figure:
+def _cache_figure(sm: ServerModel, device: Device, px: int, n: int, epochs: int) -> Figure:
     from fedhead.common.features import FeatureCache, FeatureExtractor
     from fedhead.common.images import ArrayImages
     from fedhead.common.training import TrainParams, train_head
@@ -158,7 +163,7 @@ def _cache_figure(sm: Any, device: Any, px: int, n: int, epochs: int) -> Figure:
                         model.forward_from_features(z), y[idx].to(device.torch_device)
                     )
                     opt.zero_grad()
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     opt.step()
             return time.perf_counter() - t
 
@@ -222,13 +227,14 @@ def bench_throughput(res: Results, n: int, px: int = 128) -> None:
     tv = sm.spec.build()
     tv.load_state_dict(torch.load(sm.weights_path, weights_only=True))
     tv.eval().to(device.torch_device)
+    trunk = tv.get_submodule("features")
 
     def plain() -> float:
         t = time.perf_counter()
         with torch.inference_mode(), device.autocast():
             for s in range(0, n, 64):
                 x = pre(list(images[s : s + 64])).to(device.torch_device)
-                z = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(tv.features(x), 1), 1)
+                z = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(trunk(x), 1), 1)
                 z.float().cpu()
         return n / (time.perf_counter() - t)
 
@@ -261,7 +267,7 @@ def bench_throughput(res: Results, n: int, px: int = 128) -> None:
 
 
 # --- simulation runs (4, 5, 6) ------------------------------------------------------
-def simulate(overrides: dict[str, Any], sites: int) -> Any:
+def simulate(overrides: dict[str, Any], sites: int) -> RunReport:
     from flwr.simulation import run_simulation
 
     from fedhead.client.app import app as client_app
@@ -270,7 +276,7 @@ def simulate(overrides: dict[str, Any], sites: int) -> Any:
     from fedhead.server.app import make_server_app
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    box: list[Any] = []
+    box: list[RunReport] = []
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig.from_mapping(
             {
@@ -290,7 +296,7 @@ def simulate(overrides: dict[str, Any], sites: int) -> Any:
     return box[-1]
 
 
-def _later_rounds_seconds(report: Any) -> float:
+def _later_rounds_seconds(report: RunReport) -> float:
     later = [r.seconds for r in report.rounds if r.round >= 2]
     return statistics.mean(later)
 

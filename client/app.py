@@ -19,7 +19,9 @@ Every head the server sends (train, evaluate, a delivered model) is checked firs
 (``client.guard``): the run's trainable set, the run's own initial head, then steps
 within the run's bound of the heads this site took.
 
-Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``).
+Cross-cutting concerns are Flower mods around the handlers (see ``client.mods``):
+``build_app`` puts every handler inside them, and ``app``, the one a SuperNode runs, is
+``build_app()``.
 
 A SuperNode starts one process per message, and most messages of a SecAgg+ round
 (key setup, key sharing, unmasking) need no tensor maths: importing this module
@@ -30,11 +32,13 @@ import ``fedhead.client.site`` when they run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -54,15 +58,7 @@ from fedhead.client.guard import (
 )
 from fedhead.client.ledger import RECORD_LEDGER, HeadLedger
 from fedhead.client.models import HEAD_FILE, SiteModels, site_models_dir
-from fedhead.client.mods import (
-    asks_for_statistics,
-    audit_mod,
-    errors_mod,
-    fitins_of,
-    head_check_mod,
-    metrics_mod,
-    train_mods,
-)
+from fedhead.client.mods import app_mods, asks_for_statistics, fitins_of, train_mods
 from fedhead.client.worker import RemoteSite
 from fedhead.common.config import NodeConfig
 from fedhead.common.errors import FederationError
@@ -107,8 +103,6 @@ _SITES: dict[tuple[int, int], Site] = {}
 # A SuperNode runs every message in a fresh process: configure logging on import.
 setup_logging()
 
-app = ClientApp(mods=[audit_mod, metrics_mod, errors_mod, head_check_mod])
-
 
 def _prepared_spec(context: Context) -> RunSpec:
     """The run spec this node was prepared with (kept in its state by ``prepare``)."""
@@ -139,7 +133,6 @@ def _site(context: Context, spec: RunSpec | None = None) -> Site:
     return site
 
 
-@app.query("prepare")
 def prepare(msg: Message, context: Context) -> Message:
     spec = RunSpec.from_mapping(msg.content.config_records[RECORD_RUN])
     site = _site(context, spec)
@@ -162,7 +155,6 @@ def prepare(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_PREPARE: reply.to_record()}), reply_to=msg)
 
 
-@app.query("weights")
 def weights(msg: Message, context: Context) -> Message:
     site = _site(context)
     array = msg.content.array_records[RECORD_WEIGHTS]["file"]
@@ -189,7 +181,6 @@ def _earlier_site(context: Context, run_id: int) -> Site:
     return Site(node, record.run_spec())
 
 
-@app.query("model")
 def model(msg: Message, context: Context) -> Message:
     description = ModelDescription.from_mapping(msg.content.config_records[RECORD_MODEL])
     if description.run_id == context.run_id:
@@ -206,7 +197,6 @@ def model(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_MODEL_REPLY: receipt.to_record()}), reply_to=msg)
 
 
-@app.query("models")
 def models(msg: Message, context: Context) -> Message:
     """A delivery-only run offers a finished run's model: does this site hold it or
     want it (with its proof of having trained in that run)?"""
@@ -222,7 +212,6 @@ def models(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RECORD_MODEL_ANSWER: answer.to_record()}), reply_to=msg)
 
 
-@app.query("outcome")
 def outcome(msg: Message, context: Context) -> Message:
     from fedhead.client.outcome import site_outcome  # torch: only when asked
 
@@ -270,7 +259,6 @@ def _guard(context: Context) -> HeadGuard:
     return HeadGuard(_models(context), context.run_id, prepared_trainable(context))
 
 
-@app.train(mods=train_mods())
 def train(msg: Message, context: Context) -> Message:
     work = _work(context)  # an unprepared node stops here, before its ledger moves
     fitins = fitins_of(msg)
@@ -329,7 +317,6 @@ def _statistics(
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-@app.query("validate")
 def validate(msg: Message, context: Context) -> Message:
     """A closed-form round's candidate heads: evaluate each on the validation split (the
     loss, accuracy and, when asked, the coarsened count tables of any evaluation), once,
@@ -376,7 +363,6 @@ def validate(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     work = _work(context)
     evalins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
@@ -399,3 +385,34 @@ def evaluate(msg: Message, context: Context) -> Message:
         status=Status(Code.OK, "ok"), loss=loss, num_examples=examples, metrics=metrics
     )
     return Message(compat.evaluateres_to_recorddict(evalres), reply_to=msg)
+
+
+# The query handlers, by the action a server names (message type "query.<action>").
+QUERIES = {
+    "prepare": prepare,
+    "weights": weights,
+    "model": model,
+    "models": models,
+    "outcome": outcome,
+    "validate": validate,
+}
+
+
+def build_app(outer: Sequence[Mod] = (), inner_train: Sequence[Mod] = ()) -> ClientApp:
+    """fedhead's ClientApp: every handler, each inside the mods of ``client.mods``.
+
+    ``outer`` mods wrap all of it, outside the audit: what they change is what leaves
+    the site, after masking. ``inner_train`` mods sit just inside Flower's SecAgg+ client
+    mod around ``train``: what they change is what the site masks. A real site has
+    neither; tests build attacking sites from this same composition, so each mod a site
+    runs is one its attackers face.
+    """
+    client_app = ClientApp(mods=[*outer, *app_mods()])
+    client_app.train(mods=train_mods(inner_train))(train)
+    client_app.evaluate()(evaluate)
+    for action, handler in QUERIES.items():
+        client_app.query(action)(handler)
+    return client_app
+
+
+app = build_app()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,14 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     return call_next(msg, context)
 
 
-def train_mods() -> list[Mod]:
-    """Mods around the train handler, outermost first (see the module docstring)."""
-    return [secagg_mod, update_check_mod, delta_mod, dp_clip_mod]
+def app_mods() -> list[Mod]:
+    """Mods around every handler, outermost first (see the module docstring)."""
+    return [audit_mod, metrics_mod, errors_mod, head_check_mod]
+
+
+def train_mods(inner: Sequence[Mod] = ()) -> list[Mod]:
+    """Mods around the train handler, outermost first (see the module docstring).
+
+    ``inner`` mods sit just inside Flower's SecAgg+ client mod: what they change is what
+    the site masks (tests build attacking sites with them; a real site has none)."""
+    return [secagg_mod, *inner, update_check_mod, delta_mod, dp_clip_mod]

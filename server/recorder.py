@@ -90,12 +90,13 @@ class Recorder:
         setup["sites_failed"] = {roster.name(k): v for k, v in sorted(roster.failed.items())}
         setup["backbone_sent_to"] = [roster.name(n) for n in sorted(roster.weights_sent_to)]
         setup.setdefault("sites", []).extend(
-            {**self._site(roster, node), "joined": True} for node in nodes if node in roster.ready
+            self._site(roster, node, joined=True) for node in nodes if node in roster.ready
         )
         self.report.clients = len(roster.ready)
 
     @staticmethod
-    def _site(roster: Roster, node: int) -> dict[str, Any]:
+    def _site(roster: Roster, node: int, joined: bool = False) -> dict[str, Any]:
+        """report.json's entry for a site (``joined``: it joined the run under way)."""
         reply = roster.ready[node]
         return {
             "node_id": node,
@@ -103,6 +104,7 @@ class Recorder:
             "train_examples": reply.train_examples,
             "val_examples": reply.val_examples,
             "device": reply.device,
+            "joined": joined,
         }
 
     def planned(

@@ -97,7 +97,8 @@ def write_gray(
     stored = image8.astype(np.int64) * 16
     if photometric == "MONOCHROME1":
         stored = STORED_MAX - stored
-    ds = _base(*image8.shape, photometric)
+    rows, cols = image8.shape
+    ds = _base(rows, cols, photometric)
     _set_pixels(ds, stored, 12)
     slope, intercept = rescale or (1.0, 0.0)
     if rescale:
@@ -117,7 +118,8 @@ def write_gray(
 def write_voi_lut(path: Path, image8: np.ndarray, with_window: bool = True) -> Path:
     """A 12-bit MONOCHROME2 file with a VOI LUT Sequence mapping 16*v -> v (8-bit LUT);
     with_window adds a (deliberately wrong) window that the LUT must take precedence over."""
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64) * 16, 12)
     item = Dataset()
     item.add_new("LUTDescriptor", "US", [4096, 0, 8])
@@ -132,7 +134,8 @@ def write_voi_lut(path: Path, image8: np.ndarray, with_window: bool = True) -> P
 def write_modality_lut(path: Path, image8: np.ndarray) -> Path:
     """A 12-bit MONOCHROME2 file with a Modality LUT Sequence (16-bit entries) mapping
     stored 16*v to 257*v, and no window: the full 16-bit LUT range is v / 255."""
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64) * 16, 12)
     item = Dataset()
     item.add_new("LUTDescriptor", "US", [4096, 0, 16])
@@ -145,7 +148,8 @@ def write_modality_lut(path: Path, image8: np.ndarray) -> Path:
 def write_signed_ct(path: Path, hu: np.ndarray, center: float, width: float) -> Path:
     """A signed 16-bit CT slice: stored = HU + 1024 - 2048 (so negative values occur),
     rescale intercept -1024 + 2048, and one window in HU."""
-    ds = _base(*hu.shape, "MONOCHROME2")
+    rows, cols = hu.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     ds.Modality = "CT"
     stored = hu.astype(np.int64) - 1024
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -194,7 +198,8 @@ def write_multiframe(path: Path, frames8: list[np.ndarray]) -> Path:
 
 def write_rgb(path: Path, image8: np.ndarray) -> Path:
     """An 8-bit RGB file (to be refused)."""
-    ds = _base(*image8.shape, "RGB", samples=3)
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "RGB", samples=3)
     ds.PlanarConfiguration = 0
     _set_pixels(ds, np.repeat(image8[:, :, None], 3, axis=2), 8)
     return _save(ds, path)
@@ -205,7 +210,8 @@ def write_encapsulated(path: Path, image8: np.ndarray, syntax: str) -> Path:
     ``syntax``: fedhead must refuse a syntax it has no decoder for before decoding."""
     from pydicom.encaps import encapsulate
 
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64), 8)
     ds.PixelData = encapsulate([image8.tobytes()])
     ds["PixelData"].VR = "OB"
@@ -215,7 +221,8 @@ def write_encapsulated(path: Path, image8: np.ndarray, syntax: str) -> Path:
 
 def write_compressed(path: Path, image8: np.ndarray, syntax: str) -> Path:
     """A 12-bit MONOCHROME2 file compressed with pydicom's encoders (lossless)."""
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64) * 16, 12)
     ds.WindowCenter, ds.WindowWidth = linear_window(1.0, 0.0)
     ds.compress(UID(syntax))
@@ -242,12 +249,13 @@ def write_png16(path: Path, image8: np.ndarray) -> Path:
     return path
 
 
-def write_frame(path: Path, rows: int, cols: int, frame: bytes, syntax: str) -> Path:
-    """An 8-bit MONOCHROME2 file whose header says ``rows`` x ``cols`` and whose one
-    encapsulated frame is ``frame`` (a codestream under ``syntax``), whatever size that
-    codestream declares itself."""
+def write_frame(path: Path, shape: tuple[int, int], frame: bytes, syntax: str) -> Path:
+    """An 8-bit MONOCHROME2 file whose header says ``shape`` (rows, columns) and whose
+    one encapsulated frame is ``frame`` (a codestream under ``syntax``), whatever size
+    that codestream declares itself."""
     from pydicom.encaps import encapsulate
 
+    rows, cols = shape
     ds = _base(rows, cols, "MONOCHROME2")
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = encapsulate([frame])
@@ -284,7 +292,8 @@ def j2k_frame(image8: np.ndarray) -> bytes:
     from pydicom.encaps import get_frame
     from pydicom.uid import JPEG2000Lossless
 
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64), 8)
     ds.compress(JPEG2000Lossless)
     return get_frame(ds.PixelData, 0, number_of_frames=1)
@@ -302,7 +311,8 @@ def write_deflated(path: Path, image8: np.ndarray) -> Path:
     set is deflated, so a uniform image inflates to many times the file's size."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    ds = _base(*image8.shape, "MONOCHROME2")
+    rows, cols = image8.shape
+    ds = _base(rows, cols, "MONOCHROME2")
     _set_pixels(ds, image8.astype(np.int64), 8)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return _save(ds, path)

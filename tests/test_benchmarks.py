@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, RecordDict
+from flwr.app import Context, RecordDict, UserConfig
 
 from tests.conftest import REPO
 from tests.e2e.procs import npz_site
@@ -40,7 +40,7 @@ def test_the_canonical_flower_client_sends_the_whole_model_and_trains_the_head_o
         sys.path.remove(str(REPO / "benchmarks" / "canonical"))
     sites = tmp_path / "site-0.npz"
     npz_site(sites, 0, 2, n_train=24, n_val=8)
-    cfg = {
+    cfg: UserConfig = {
         "weights": str(mobilenet_weights),
         "classes": 2,
         "input-size": 32,
@@ -59,4 +59,5 @@ def test_the_canonical_flower_client_sends_the_whole_model_and_trains_the_head_o
     assert {"classifier.1.weight", "classifier.1.bias"} <= changed
     assert not {n for n in changed if n.startswith("features.") and n.endswith(".weight")}
     loss, n_val, metrics = site.evaluate(trained, {})
-    assert n_val == 8 and loss > 0 and 0 <= metrics["accuracy"] <= 1
+    accuracy = metrics["accuracy"]
+    assert n_val == 8 and loss > 0 and isinstance(accuracy, float) and 0 <= accuracy <= 1

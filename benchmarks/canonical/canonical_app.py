@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torchvision
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import Context, ndarrays_to_parameters
+from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 from torch import nn
@@ -40,7 +40,7 @@ def build_model(weights: str, classes: int) -> nn.Module:
     model.classifier[1] = nn.Linear(model.last_channel, classes)
     for p in model.features.parameters():
         p.requires_grad = False
-    return model
+    return cast(nn.Module, model)  # torchvision has no type information
 
 
 def to_tensors(
@@ -62,7 +62,7 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict(state, strict=True)
 
 
-class TransferClient(NumPyClient):  # type: ignore[misc]
+class TransferClient(NumPyClient):
     def __init__(self, context: Context) -> None:
         cfg, node = context.run_config, context.node_config
         threads = int(node.get("threads", 0))
@@ -76,20 +76,24 @@ class TransferClient(NumPyClient):  # type: ignore[misc]
         self.epochs, self.batch = int(cfg["local-epochs"]), int(cfg["batch-size"])
         self.lr, self.momentum = float(cfg["learning-rate"]), float(cfg["momentum"])
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trainable, lr=self.lr, momentum=self.momentum)
         x, y = self.train
         self.model.train()
         for _ in range(self.epochs):
-            for i in torch.randperm(len(y)).split(self.batch):
+            for i in torch.split(torch.randperm(len(y)), self.batch):
                 opt.zero_grad()
-                F.cross_entropy(self.model(x[i]), y[i]).backward()
+                F.cross_entropy(self.model(x[i]), y[i]).backward()  # type: ignore[no-untyped-call]
                 opt.step()
         return get_weights(self.model), len(y), {}
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
         x, y = self.val
         self.model.eval()
@@ -102,7 +106,7 @@ class TransferClient(NumPyClient):  # type: ignore[misc]
 client = ClientApp(client_fn=lambda context: TransferClient(context).to_client())
 
 
-class _TimedFedAvg(FedAvg):  # type: ignore[misc]
+class _TimedFedAvg(FedAvg):
     """FedAvg that notes each round's seconds, from its fit's start to its evaluation."""
 
     def __init__(self, out_file: str, **kwargs: Any) -> None:

@@ -18,24 +18,28 @@ from typing import Any
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Context, ndarrays_to_parameters
+from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 
-class _NoOp(NumPyClient):  # type: ignore[misc]
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+class _NoOp(NumPyClient):
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         return [np.zeros_like(p) for p in parameters], 1, {}
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
         return 0.0, 1, {"accuracy": 0.0}
 
 
 client = ClientApp(client_fn=lambda context: _NoOp().to_client(), mods=[secaggplus_mod])
 
 
-class _TimedFedAvg(FedAvg):  # type: ignore[misc]
+class _TimedFedAvg(FedAvg):
     """FedAvg that evaluates the last round's head only and notes each round's seconds
     (from its fit's start to its aggregation, or to its evaluation in the last round)."""
 

@@ -233,7 +233,9 @@ def test_export_reproduces_the_package(
     args = ["export", "--model", str(model_dir), "--format", fmt, "--out", str(out)]
     assert main([*args, "--channels", "1", "--height", "28", "--width", "28"]) == 0
     printed = capsys.readouterr().out
-    diff = float(re.search(r"largest difference .*: (\S+) \(tolerance", printed).group(1))  # type: ignore[union-attr]
+    largest = re.search(r"largest difference .*: (\S+) \(tolerance", printed)
+    assert largest is not None, printed
+    diff = float(largest.group(1))
     assert diff <= 1e-4
     # Independently: the file on real X-rays against the package's own predictions.
     images, _ = xray_arrays
@@ -246,7 +248,7 @@ def test_export_reproduces_the_package(
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         got = session.run(["probabilities"], {"images": batch})[0]
     else:
-        got = torch.jit.load(str(out))(torch.from_numpy(batch)).numpy()
+        got = torch.jit.load(str(out))(torch.from_numpy(batch)).numpy()  # type: ignore[no-untyped-call]
     assert got.shape == (len(images), 2)
     assert np.abs(got - expected.probabilities).max() <= 1e-4
     assert main(args) == SetupError.exit_code  # an existing file is not replaced

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,11 +13,13 @@ import numpy as np
 
 from fedhead.common.errors import ConfigError, FederationError
 from fedhead.server.checkpoints import CheckpointStore
-from fedhead.server.rundir import RunDir, RunState
+from fedhead.server.rundir import RUNNING, RunDir, RunState
 from tests.cli.test_cli import fedhead, one_line_error
 
 
-def _run_dir(root: Path, run_id: int, rounds_done: int, **status: object) -> Path:
+def _run_dir(
+    root: Path, run_id: int, rounds_done: int, state: str = RUNNING, pid: int | None = None
+) -> Path:
     out = root / f"run-{run_id}"
     store = CheckpointStore(out / "checkpoints")
     results: list[dict[str, object]] = []
@@ -24,8 +27,10 @@ def _run_dir(root: Path, run_id: int, rounds_done: int, **status: object) -> Pat
         results.append({"round": rnd, "eval_accuracy": 0.5})
         meta = {"run_id": run_id, "model": {}, "privacy": None, "results": results}
         store.save(rnd, ["w"], [np.zeros(3, np.float32)], meta)
-    state = RunState(run_id, str(out), 5, rounds_done=rounds_done, **status)  # type: ignore[arg-type]
-    RunDir(out).begin(state)
+    status = RunState(run_id, str(out), 5, state=state, rounds_done=rounds_done)
+    if pid is not None:  # else this process's
+        status = dataclasses.replace(status, pid=pid)
+    RunDir(out).begin(status)
     return out
 
 

@@ -77,8 +77,8 @@ def test_a_site_records_the_runs_it_trains_in_with_the_latest_head_as_proof(
     hold_model(shelf, 12)
     shelf.kept(12, spec(), SHA_B)
     assert shelf.missing() == [ModelRequest(11, SHA_C)]  # 12's model is held
-    assert shelf.run(12).model_sha256 == SHA_B  # type: ignore[union-attr]
-    assert shelf.run(12).proof == SHA_A  # type: ignore[union-attr]
+    record = shelf.run(12)
+    assert record is not None and (record.model_sha256, record.proof) == (SHA_B, SHA_A)
 
 
 def test_missing_models_are_asked_for_newest_first_and_bounded(tmp_path: Path) -> None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigScalar, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -28,7 +35,7 @@ from tests.conftest import round_settings
 from tests.loopback import RUN_ID, set_task_identity
 
 
-def _msg(message_type: str, stage: object = None) -> Message:
+def _msg(message_type: str, stage: ConfigScalar | None = None) -> Message:
     set_task_identity()
     content = RecordDict()
     if stage is not None:
@@ -54,7 +61,7 @@ def _msg(message_type: str, stage: object = None) -> Message:
     ],
 )
 def test_a_message_kind_is_one_of_a_bounded_set(
-    message_type: str, stage: object, kind: str
+    message_type: str, stage: ConfigScalar | None, kind: str
 ) -> None:
     assert message_kind(_msg(message_type, stage)) == kind
 
@@ -65,9 +72,8 @@ def test_the_exporter_pre_initialises_every_kind() -> None:
 
 # --- an honest site's non-finite update never reaches SecAgg+'s quantizer ----------------
 def _chain(mods: list[Mod], handler: ClientAppCallable) -> ClientAppCallable:
-    for mod in reversed(mods):
-        handler = functools.partial(mod, call_next=handler)  # type: ignore[call-arg]
-    return handler
+    """``handler`` wrapped in ``mods`` (outermost first), as a ClientApp wraps it."""
+    return make_ffn(handler, mods)
 
 
 def _collect_stage(arrays: list[np.ndarray], dp_clip: bool) -> tuple[Message, Context]:
@@ -139,3 +145,43 @@ def test_a_non_finite_update_is_refused_before_masking(
         diverged(*_collect_stage(start, dp_clip))
     assert len(reached) == 1  # never quantized
     assert refused == [SiteRefusedUpdate("non_finite")]
+
+
+def test_inner_train_mods_change_what_the_site_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train_mods(inner=...)`` puts a mod just inside SecAgg+, outside the site's own
+    update check: the update it passes on is the one Flower quantizes, even one the
+    check refuses when the handler itself produces it (how tests' attacking sites send
+    what an honest site never would)."""
+    secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    reached: list[list[np.ndarray]] = []
+
+    def quantize(parameters: list[np.ndarray], *args: object) -> list[np.ndarray]:
+        reached.append([a.copy() for a in parameters])
+        raise _Quantized
+
+    def trainer(scale: float) -> ClientAppCallable:
+        def handler(msg: Message, ctx: Context) -> Message:
+            trained = [scale * np.array([0.25, 0.5, 0.0, 0.0], np.float32)]
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(trained), 7, {})
+            return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
+
+        return handler
+
+    def inflated(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, ctx)
+        res = compat.recorddict_to_fitres(reply.content, False)
+        res.parameters = ndarrays_to_parameters(
+            [100 * a for a in parameters_to_ndarrays(res.parameters)]
+        )
+        return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
+
+    monkeypatch.setattr(secaggplus, "quantize", quantize)
+    start = [np.zeros(4, np.float32)]  # the update is the trained tensor itself
+    with pytest.raises(FederationError, match=r"50 lies outside the SecAgg\+ clipping range"):
+        _chain(train_mods(), trainer(100.0))(*_collect_stage(start, dp_clip=False))
+    for inner in ([], [inflated]):
+        with pytest.raises(_Quantized):
+            _chain(train_mods(inner), trainer(1.0))(*_collect_stage(start, dp_clip=False))
+    plain, changed = reached
+    assert np.abs(plain[0]).max() > 0
+    np.testing.assert_allclose(changed[0], 100 * plain[0], rtol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -44,10 +45,10 @@ def test_an_honest_request_passes() -> None:
     ],
 )
 def test_a_request_beyond_bounds_is_refused(
-    request_changes: dict[str, object], settings_changes: dict[str, object], message: str
+    request_changes: dict[str, Any], settings_changes: dict[str, Any], message: str
 ) -> None:
-    request = dataclasses.replace(REQUEST, **request_changes)  # type: ignore[arg-type]
-    settings = dataclasses.replace(SETTINGS, **settings_changes)  # type: ignore[arg-type]
+    request = dataclasses.replace(REQUEST, **request_changes)
+    settings = dataclasses.replace(SETTINGS, **settings_changes)
     with pytest.raises(RunSpecError, match="outcome request is refused") as err:
         check_request(request, settings, 7)
     assert message in str(err.value)

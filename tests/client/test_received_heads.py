@@ -245,7 +245,7 @@ def test_a_crafted_initial_head_is_refused_and_the_runs_own_is_trained_from(
     assert not ready.has_error()
     honest = sm.trainable.get(sm.model)
     probe = [a.copy() for a in honest]
-    features = np.random.default_rng(0).normal(size=honest[0].shape[1]).astype(np.float32)
+    features = np.random.default_rng(0).normal(size=(honest[0].shape[1],)).astype(np.float32)
     probe[0][1] += 5 * features / np.linalg.norm(features)  # "pneumonia" along one image
     settings = fit_settings(cfg, sm.trainable)
 

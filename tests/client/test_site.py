@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
@@ -15,20 +17,28 @@ from fedhead.client.site import Site
 from fedhead.common.config import NodeConfig, RunConfig
 from fedhead.common.errors import DataError, FedheadError, ModelMismatchError, WeightsError
 from fedhead.common.model import FedHeadModel
-from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK
-from fedhead.server.server_model import build_server_model, fit_settings, run_spec
+from fedhead.common.protocol import WEIGHTS_MISMATCH, WEIGHTS_MISSING, WEIGHTS_OK, RunSpec
+from fedhead.server.server_model import ServerModel, build_server_model, fit_settings, run_spec
 from tests.conftest import round_settings
 from tests.loopback import RUN_ID, set_task_identity
 
 
+class ServerSide(NamedTuple):
+    """What the server holds before a run: its config, model and the sites' run spec."""
+
+    cfg: RunConfig
+    sm: ServerModel
+    spec: RunSpec
+
+
 @pytest.fixture
-def server_side(mobilenet_weights: Path):  # type: ignore[no-untyped-def]
+def server_side(mobilenet_weights: Path) -> ServerSide:
     cfg = RunConfig.from_mapping({"classes": "normal,pneumonia", "input-size": 32, "seed": 1})
     sm = build_server_model(cfg)
-    return cfg, sm, run_spec(cfg, sm)
+    return ServerSide(cfg, sm, run_spec(cfg, sm))
 
 
-def make_site(tmp: Path, spec, data: Path) -> Site:  # type: ignore[no-untyped-def]
+def make_site(tmp: Path, spec: RunSpec, data: Path) -> Site:
     return Site(
         NodeConfig.from_mapping({"data-path": str(data), "cache-dir": str(tmp / "c")}), spec
     )
@@ -36,9 +46,9 @@ def make_site(tmp: Path, spec, data: Path) -> Site:  # type: ignore[no-untyped-d
 
 def test_weights_status_and_verified_install(
     tmp_path: Path,
-    server_side,
+    server_side: ServerSide,
     image_folder: Path,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch"))
     _, sm, spec = server_side
@@ -58,8 +68,8 @@ def test_weights_status_and_verified_install(
 
 
 def test_train_evaluate_and_reject_foreign_heads(
-    tmp_path: Path, server_side, image_folder: Path
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, server_side: ServerSide, image_folder: Path
+) -> None:
     cfg, sm, spec = server_side
     site = make_site(tmp_path, spec, image_folder)
     initial = sm.trainable.get(sm.model)
@@ -74,7 +84,7 @@ def test_train_evaluate_and_reject_foreign_heads(
 
 def test_a_site_whose_images_are_all_unreadable_refuses_to_train(
     tmp_path: Path,
-    server_side,  # type: ignore[no-untyped-def]
+    server_side: ServerSide,
 ) -> None:
     cfg, sm, spec = server_side
     for cls in ("normal", "pneumonia"):
@@ -89,8 +99,8 @@ def test_a_site_whose_images_are_all_unreadable_refuses_to_train(
 
 def test_some_unreadable_images_are_skipped_and_counted(
     tmp_path: Path,
-    server_side,
-    image_folder: Path,  # type: ignore[no-untyped-def]
+    server_side: ServerSide,
+    image_folder: Path,
 ) -> None:
     cfg, sm, spec = server_side
     broken = sorted((image_folder / "normal").iterdir())[:2]
@@ -121,7 +131,7 @@ def _ctx(**node_config: str) -> Context:
     return Context(RUN_ID, 5, node_config=dict(node_config), state=RecordDict(), run_config={})
 
 
-def _trainer(result: list[np.ndarray]):  # type: ignore[no-untyped-def]
+def _trainer(result: list[np.ndarray]) -> ClientAppCallable:
     def handler(msg: Message, ctx: Context) -> Message:
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(result), 7, {"train-loss": 0.5})
         return Message(compat.fitres_to_recorddict(res, False), reply_to=msg)
@@ -239,8 +249,8 @@ def test_augmented_views_are_cached_and_used_in_training(
 
 
 def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
-    tmp_path: Path, server_side, image_folder: Path
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, server_side: ServerSide, image_folder: Path
+) -> None:
     import hashlib
 
     from fedhead.common.errors import PackageError
@@ -290,8 +300,8 @@ def test_a_delivered_model_is_verified_kept_once_and_never_replaced(
 
 
 def test_with_cached_features_a_site_trains_the_head_without_building_the_trunk(
-    tmp_path: Path, server_side, image_folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, server_side: ServerSide, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import fedhead.client.site as site_module
 
     cfg, sm, spec = server_side

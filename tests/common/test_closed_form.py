@@ -507,8 +507,16 @@ def test_flowers_secagg_workflow_delivers_the_exact_sum() -> None:
     from flwr.app import Context, RecordDict
     from flwr.client import ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import (
+        FitRes,
+        NDArrays,
+        Parameters,
+        Scalar,
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+    )
     from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.client_proxy import ClientProxy
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
@@ -519,11 +527,13 @@ def test_flowers_secagg_workflow_delivers_the_exact_sum() -> None:
     sites = {nid: Statistics.of(x[p], y[p], 3) for nid, p in cuts.items()}
     codec, max_weight = FixedPointCodec(), 1000
 
-    class StatisticsClient(NumPyClient):  # type: ignore[misc]
+    class StatisticsClient(NumPyClient):
         def __init__(self, stats: Statistics) -> None:
             self.stats = stats
 
-        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple:  # type: ignore[type-arg]
+        def fit(
+            self, parameters: NDArrays, config: dict[str, Scalar]
+        ) -> tuple[NDArrays, int, dict[str, Scalar]]:
             return [codec.encode(self.stats.to_vector(), self.stats.layout)], max_weight, {}
 
     app = ClientApp(
@@ -532,8 +542,13 @@ def test_flowers_secagg_workflow_delivers_the_exact_sum() -> None:
     )
     received: list[np.ndarray] = []
 
-    class Capture(FedAvg):  # type: ignore[misc]
-        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+    class Capture(FedAvg):
+        def aggregate_fit(
+            self,
+            server_round: int,
+            results: list[tuple[ClientProxy, FitRes]],
+            failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        ) -> tuple[Parameters | None, dict[str, Scalar]]:
             received.append(parameters_to_ndarrays(results[0][1].parameters)[0])
             return super().aggregate_fit(server_round, results, failures)
 

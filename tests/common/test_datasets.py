@@ -65,7 +65,7 @@ def _two_splits(
     arrays = {}
     for split, part in zip(splits, (slice(None, at), slice(at, None)), strict=True):
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[part], labels[part]
-    np.savez(path, **arrays)
+    np.savez(path, allow_pickle=False, **arrays)  # numeric and string arrays only
     return path
 
 

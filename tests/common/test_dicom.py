@@ -34,7 +34,7 @@ J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 @pytest.fixture
 def xray(xray_arrays: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """One real 8-bit chest X-ray using most of the 0..255 range."""
-    img = xray_arrays[0][0]
+    img: np.ndarray = xray_arrays[0][0]
     assert img.min() < 30 and img.max() > 200
     return img
 
@@ -314,7 +314,7 @@ def test_an_encapsulated_jpeg_frame_of_the_header_size_decodes(
     tmp_path: Path, xray: np.ndarray
 ) -> None:
     frame = dcm.jpeg_frame(xray)
-    path = dcm.write_frame(tmp_path / "ok.dcm", *xray.shape, frame, JPEG_BASELINE)
+    path = dcm.write_frame(tmp_path / "ok.dcm", xray.shape, frame, JPEG_BASELINE)
     np.testing.assert_allclose(read_dicom(path), xray / 255.0, atol=0.05)  # lossy
 
 
@@ -324,7 +324,7 @@ def test_a_jpeg_frame_larger_than_its_header_is_refused_undecoded(
     """The attack of a small file whose header says 64x64 and whose JPEG frame is
     12000x12000: refused from the frame's own header, before any decoder runs."""
     bomb = dcm.with_jpeg_size(dcm.jpeg_frame(xray), 12000, 12000)
-    path = dcm.write_frame(tmp_path / "bomb.dcm", *xray.shape, bomb, JPEG_BASELINE)
+    path = dcm.write_frame(tmp_path / "bomb.dcm", xray.shape, bomb, JPEG_BASELINE)
     with pytest.raises(ImageDecodeError) as err:
         read_dicom(path)
     line = str(err.value)
@@ -369,23 +369,23 @@ def test_a_j2k_frame_larger_than_its_header_is_refused_undecoded(
 ) -> None:
     big = np.kron(xray, np.ones((2, 2), np.uint8))  # OpenJPEG needs more than 32 px
     frame = dcm.j2k_frame(big)
-    fine = dcm.write_frame(tmp_path / "fine.dcm", *big.shape, frame, J2K_LOSSLESS)
+    fine = dcm.write_frame(tmp_path / "fine.dcm", big.shape, frame, J2K_LOSSLESS)
     np.testing.assert_array_equal(read_dicom(fine), big / np.float32(255.0))
     bomb = dcm.with_j2k_size(frame, 20000, 9000)
-    path = dcm.write_frame(tmp_path / "bomb.dcm", *big.shape, bomb, J2K_LOSSLESS)
+    path = dcm.write_frame(tmp_path / "bomb.dcm", big.shape, bomb, J2K_LOSSLESS)
     with pytest.raises(ImageDecodeError, match=r"compressed as 9000x20000 pixels"):
         read_dicom(path)
 
 
 def test_a_frame_whose_size_cannot_be_read_is_refused(tmp_path: Path, xray: np.ndarray) -> None:
-    path = dcm.write_frame(tmp_path / "odd.dcm", *xray.shape, b"\x00" * 64, JPEG_BASELINE)
+    path = dcm.write_frame(tmp_path / "odd.dcm", xray.shape, b"\x00" * 64, JPEG_BASELINE)
     with pytest.raises(ImageDecodeError, match=r"odd\.dcm: frame 1: not a JPEG codestream"):
         read_dicom(path)
 
 
 def test_max_image_pixels_applies_to_dicom(tmp_path: Path, xray: np.ndarray) -> None:
     native = dcm.write_gray(tmp_path / "native.dcm", xray)
-    jpeg = dcm.write_frame(tmp_path / "jpeg.dcm", *xray.shape, dcm.jpeg_frame(xray), JPEG_BASELINE)
+    jpeg = dcm.write_frame(tmp_path / "jpeg.dcm", xray.shape, dcm.jpeg_frame(xray), JPEG_BASELINE)
     pixels = xray.size
     for path in (native, jpeg):
         assert read_dicom(path, max_pixels=pixels).shape == xray.shape

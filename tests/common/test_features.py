@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_corrupt_cache_is_moved_aside_and_rebuilt(tmp_path: Path) -> None:
 def test_a_crashed_write_leaves_no_partial_rows(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "f.sqlite")
 
-    def rows():  # type: ignore[no-untyped-def]
+    def rows() -> Iterator[tuple[str, np.ndarray]]:
         yield "a", np.ones(3, np.float32)
         raise RuntimeError("crash while producing the batch")
 
@@ -86,14 +87,17 @@ def test_extraction_is_cached_and_identical_when_read_back(
     tmp_path: Path, model: FedHeadModel, xray_arrays: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images = ArrayImages(xray_arrays[0], "x")
-    make = lambda: FeatureExtractor(  # noqa: E731
-        model,
-        Preprocessor(64, SPEC.mean, SPEC.std),
-        select_device("cpu"),
-        SPEC.sha256,
-        FeatureCache(tmp_path / "f.sqlite"),
-        batch_size=8,
-    )
+
+    def make() -> FeatureExtractor:
+        return FeatureExtractor(
+            model,
+            Preprocessor(64, SPEC.mean, SPEC.std),
+            select_device("cpu"),
+            SPEC.sha256,
+            FeatureCache(tmp_path / "f.sqlite"),
+            batch_size=8,
+        )
+
     first = make()(images)
     assert first.values.shape == (20, 1280)
     assert (first.stats.cache_hits, first.stats.cache_misses) == (0, 20)

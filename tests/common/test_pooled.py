@@ -60,10 +60,10 @@ def test_tables_survive_the_wire_format() -> None:
 
 def _tampered(key: str, change: Callable[[np.ndarray], object]) -> dict[str, object]:
     y, proba = predictions(80, 2, seed=2)
-    metrics: dict[str, object] = dict(EvalStatistics.from_predictions(y, proba).to_metrics())
+    tables = EvalStatistics.from_predictions(y, proba).to_metrics()
     dtype = "<f8" if key == KEY_CALIBRATION else "<i8"
-    value = np.frombuffer(metrics[key], dtype=dtype).copy()  # type: ignore[arg-type]
-    changed = change(value)
+    changed = change(np.frombuffer(tables[key], dtype=dtype).copy())
+    metrics: dict[str, object] = dict(tables)
     metrics[key] = changed.tobytes() if isinstance(changed, np.ndarray) else changed
     return metrics
 

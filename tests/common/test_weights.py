@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from fedhead.common.errors import WeightsError
+from fedhead.common.files import atomic_writer
 from fedhead.common.weights import (
     WeightsRef,
-    atomic_writer,
     find_weights,
     install_bytes,
     install_file,

@@ -188,7 +188,8 @@ class ComposeProject:
 
     def state(self, service: str) -> dict[str, object]:
         out = podman("inspect", self.container(service), "--format", "{{json .State}}").stdout
-        return json.loads(out)  # type: ignore[no-any-return]
+        state: dict[str, object] = json.loads(out)
+        return state
 
     def remove(self) -> None:
         """Every container (with its anonymous volumes) and named volume of the project.

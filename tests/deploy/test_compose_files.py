@@ -31,7 +31,8 @@ def _env(path: Path) -> dict[str, str]:
 
 
 def _services(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())["services"]  # type: ignore[no-any-return]
+    services: dict[str, Any] = yaml.safe_load(path.read_text())["services"]
+    return services
 
 
 @pytest.mark.parametrize("project", PROJECTS)

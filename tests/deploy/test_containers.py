@@ -64,11 +64,13 @@ def images() -> Iterator[None]:
 
 def _env_file(path: Path, values: dict[str, str]) -> None:
     """The shipped .env with this test's values, as a user edits it."""
-    lines, seen = [], set()
+    lines: list[str] = []
+    seen: set[str] = set()
     for line in path.read_text().splitlines():
         key = line.split("=", 1)[0]
         if "=" in line and not line.startswith("#") and key in values:
-            line, _ = f"{key}={values[key]}", seen.add(key)
+            line = f"{key}={values[key]}"
+            seen.add(key)
         lines.append(line)
     assert seen == set(values), set(values) - seen  # every key the test sets is a shipped one
     path.write_text("\n".join(lines) + "\n")
@@ -79,14 +81,16 @@ def _prometheus(port: int, expr: str) -> list[dict[str, Any]]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         body = json.loads(resp.read())
     assert body["status"] == "success", body
-    return body["data"]["result"]  # type: ignore[no-any-return]
+    series: list[dict[str, Any]] = body["data"]["result"]
+    return series
 
 
 def _nodes(flwr_home: Path) -> list[dict[str, Any]]:
     result = flwr(flwr_home, "supernode", "list", "stack", "--format", "json", timeout=60)
     if result.returncode != 0:
         return []
-    return json.loads(result.stdout).get("nodes", [])  # type: ignore[no-any-return]
+    listed: list[dict[str, Any]] = json.loads(result.stdout).get("nodes", [])
+    return listed
 
 
 @pytest.mark.timeout(3600)

@@ -34,7 +34,8 @@ def _by_kind(kind: str) -> list[dict[str, Any]]:
 
 def _pod(kind: str) -> dict[str, Any]:
     (workload,) = _by_kind(kind)
-    return workload["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+    pod: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return pod
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

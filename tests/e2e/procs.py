@@ -305,11 +305,9 @@ def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
             for rec_name, rec in entry[group].items():
                 for key, value in rec.items():
                     if rec_name == SECAGG_RECORD:
-                        size = (
-                            value.get("bytes", value.get("len", 0))
-                            if isinstance(value, dict)
-                            else 8
-                        )
+                        size: int = 8  # a scalar
+                        if isinstance(value, dict):  # bytes or a list: described by size
+                            size = value["bytes"] if "bytes" in value else value.get("len", 0)
                         assert size < 200_000, (key, value)
                         continue
                     if key in STAT_KEYS:  # count tables for pooled metrics, fixed size

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -158,7 +159,7 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
 
     # The signed app ran on the two sites that trust its key ...
     assert signed_run.returncode == 0, signed_run.stdout + signed_run.stderr
-    report = json.loads((tmp_path / "signed-out" / "report.json").read_text())
+    report = read_report(tmp_path / "signed-out")
     assert report["clients"] == 2 and report["rounds"][0]["aggregated"], report
     for site in ("hospital-a", "hospital-b"):
         assert e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}

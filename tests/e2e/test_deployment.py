@@ -18,13 +18,16 @@ import pytest
 from fedhead.common import demo_data
 from tests.conftest import REPO, write_png
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 TRAINABLE_SHAPES = [[2, 1280], [2]]
 
 
-def _site_arrays(site: int, n_train: int = 160, n_val: int = 40):  # type: ignore[no-untyped-def]
+def _site_arrays(
+    site: int, n_train: int = 160, n_val: int = 40
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     share = demo_data.shares(2, alpha=1.0, seed=5)[site]
     rng = np.random.default_rng(site)
     tr = rng.choice(len(share.train.labels), n_train, replace=False)
@@ -108,7 +111,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
         # node1 lacks the model, as a site offline at the end would (the loopback tests
         # miss the message itself): a delivery-only run sends node1, and only node1, the
         # very package the server wrote
-        run_id = json.loads((out / "report.json").read_text())["run_id"]
+        run_id = read_report(out)["run_id"]
         shutil.rmtree(tmp_path / "node1" / "models" / str(run_id))
         deliver = f"deliver-from='{out}' min-sites=2 join-timeout=120.0 round-timeout=300.0"
         delivery = _flwr_run(flwr_home, deliver)
@@ -123,7 +126,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path: Path, mobilenet_weights
                 tmp_path / f"node{i}" / "models" / str(run_id) / name
             ).read_bytes() == server_copy
 
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(out)
     assert report["clients"] == 2
     assert len(report["rounds"]) == 3
     # the sites started without the backbone: the server sent it, they verified it

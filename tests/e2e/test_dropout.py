@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -82,7 +83,7 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
         output, _ = run.communicate(timeout=900)
     assert run.returncode == 0, output
 
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(out)
     assert report["secure_aggregation"] == "secagg+"
     params = report["secure_aggregation_params"]
     assert params["reconstruction_threshold"] == 3 and params["expected_sites"] == 5

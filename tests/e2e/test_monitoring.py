@@ -24,6 +24,7 @@ import yaml
 from fedhead.common import demo_data
 from tests.conftest import REPO
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -34,9 +35,10 @@ def query(port: int, expr: str) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read())  # type: ignore[no-any-return]
+            answer: dict[str, Any] = json.loads(resp.read())
     except urllib.error.HTTPError as err:  # 400 bad_data: the expression does not parse
-        return json.loads(err.read())  # type: ignore[no-any-return]
+        answer = json.loads(err.read())
+    return answer
 
 
 def grafana_to_promql(expr: str, window: str) -> str:
@@ -177,7 +179,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
     assert {t["health"] for t in targets["data"]["activeTargets"]} == {"up"}
     # the site whose metrics address was taken said so in one line, and trained
     assert "metrics exporter not started" in site1_log
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = read_report(tmp_path / "out")
     assert report["clients"] == 2 and all(r["aggregated"] for r in report["rounds"])
 
 

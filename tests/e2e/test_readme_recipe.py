@@ -6,7 +6,6 @@ are replaced, by ports free at run time: the host is shared."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.e2e.procs import free_port, npz_site
+from tests.reports import ReportJson, read_report
 
 # Three SecAgg+ rounds start some 40 ClientApp processes: minutes on 2 busy cores.
 pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.timeout(2400)]
@@ -92,14 +92,14 @@ def run_recipe(text: str, tmp_path: Path, weights: Path) -> tuple[str, Path]:
     return output, clone
 
 
-def check_run(output: str, clone: Path) -> dict[str, object]:
+def check_run(output: str, clone: Path) -> ReportJson:
     assert "finished:completed" in output and "final accuracy: federated" in output
     assert "round  train loss  eval loss  eval acc" in output  # the table's header row
     reports = list((clone / "fedhead-runs").glob("run-*/report.json"))
     assert len(reports) == 1, output[-3000:]
-    report: dict[str, object] = json.loads(reports[0].read_text())
-    assert len(report["rounds"]) == 3 and report["clients"] == 2  # type: ignore[arg-type]
-    sites = report["setup"]["sites"]  # type: ignore[index]
+    report = read_report(reports[0].parent)
+    assert len(report["rounds"]) == 3 and report["clients"] == 2
+    sites = report["setup"]["sites"]
     assert sorted(s["name"] for s in sites) == ["site-0", "site-1"]
     assert f"report: fedhead-runs/{reports[0].parent.name}/report.json" in output
     return report

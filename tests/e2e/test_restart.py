@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from fedhead.server.checkpoints import CheckpointStore
 from tests.conftest import REPO
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -53,7 +55,12 @@ def _serverapp_pids(superlink: int) -> list[int]:
     return pids
 
 
-def _wait(what: str, check, timeout: float = 900.0, procs: e2e.Processes | None = None) -> None:  # type: ignore[no-untyped-def]
+def _wait(
+    what: str,
+    check: Callable[[], object],
+    timeout: float = 900.0,
+    procs: e2e.Processes | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -128,7 +135,7 @@ def test_a_serverapp_killed_after_round_2_resumes_to_the_uninterrupted_head(
         _flwr_run(flwr_home, "e2e", f"{RUN} out-dir='{whole}'")
         logs = {name: procs.log(name) for name in ("superlink", "site0", "site1")}
 
-    report = json.loads((cut / "report.json").read_text())
+    report = read_report(cut)
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3], logs["superlink"][-3000:]
     assert report["resumed_from"]["round"] == 2
     resumed = CheckpointStore(cut / "checkpoints").load()
@@ -210,13 +217,12 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
         runs = e2e.flwr(flwr_home, "ls", "e2e", "--format", "json")
         logs = {name: procs.log(name) for name in ("site0", "site1", "superlink-again")}
 
-    report = json.loads((tmp_path / "after" / "report.json").read_text())
+    report = read_report(tmp_path / "after")
     assert report["clients"] == 2 and len(report["rounds"]) == 1, logs["superlink-again"][-3000:]
     assert report["rounds"][0]["aggregated"]
     # the run from before the restart is still known to the SuperLink
-    assert str(json.loads((tmp_path / "before" / "report.json").read_text())["run_id"]) in (
-        runs.stdout
-    ), runs.stdout + runs.stderr
+    before = read_report(tmp_path / "before")
+    assert str(before["run_id"]) in runs.stdout, runs.stdout + runs.stderr
 
 
 def test_a_serverapp_killed_after_its_last_round_is_finished_by_resuming(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import procs as e2e
+from tests.reports import read_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
@@ -151,7 +152,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     listed = json.loads(nodes.stdout)
     assert len(listed["nodes"]) == 2, listed
 
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(out)
     assert report["clients"] == 2 and report["secure_aggregation"] == "secagg+"
     assert report["rounds"][0]["aggregated"]
     for site in ("hospital-a", "hospital-b"):

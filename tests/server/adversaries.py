@@ -1,9 +1,10 @@
-"""Malicious sites for tests: fedhead's real ClientApp with extra Flower mods of their own.
+"""Malicious sites for tests: Flower mods that rewrite what fedhead's real ClientApp sends.
 
-``malicious_app(outer=..., inner=...)`` registers the real handlers of
-``fedhead.client.app`` on a new ClientApp. ``outer`` mods wrap everything (they rewrite
-the reply that leaves the site, after masking); ``inner`` mods sit just inside Flower's
-SecAgg+ client mod, so what they change is what the site masks.
+An attacking site is ``fedhead.client.app.build_app(outer=[...])`` or
+``build_app(inner_train=[...])``: the production app, every handler and mod of it, with
+one of these mods added. ``outer`` mods wrap everything (they rewrite the reply that
+leaves the site, after masking); ``inner_train`` mods sit just inside Flower's SecAgg+
+client mod, so what they change is what the site masks.
 """
 
 from __future__ import annotations
@@ -13,39 +14,17 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from fedhead.client import app as real
-from fedhead.client.mods import (
-    audit_mod,
-    delta_mod,
-    dp_clip_mod,
-    errors_mod,
-    metrics_mod,
-    secagg_mod,
-    update_check_mod,
-)
 from fedhead.common.protocol import (
     FIT_EVAL_ACCURACY,
     FIT_EVAL_EXAMPLES,
     FIT_EVAL_LOSS,
     RECORD_PREPARE,
 )
-
-
-def malicious_app(outer: list[Mod] = (), inner: list[Mod] = ()) -> ClientApp:  # type: ignore[assignment]
-    app = ClientApp(mods=[*outer, audit_mod, metrics_mod, errors_mod])
-    app.train(mods=[secagg_mod, *inner, update_check_mod, delta_mod, dp_clip_mod])(real.train)
-    app.evaluate()(real.evaluate)
-    app.query("prepare")(real.prepare)
-    app.query("weights")(real.weights)
-    app.query("model")(real.model)
-    app.query("validate")(real.validate)
-    return app
 
 
 def _rewrite(kind: str, change: Callable[[Message], None]) -> Mod:
@@ -133,14 +112,13 @@ def masked_vector(change: Callable[[list[np.ndarray]], list[np.ndarray] | None])
         rec = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         if rec is None or Key.MASKED_PARAMETERS not in rec:
             return
-        arrays = [bytes_to_ndarray(b) for b in rec[Key.MASKED_PARAMETERS]]  # type: ignore[arg-type, union-attr]
-        new = change(arrays)
+        new = change([bytes_to_ndarray(b) for b in _bytes_list(rec, Key.MASKED_PARAMETERS)])
         values = dict(rec)
         if new is None:
             del values[Key.MASKED_PARAMETERS]
         else:
             values[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in new]
-        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)
 
     return _rewrite(MessageType.TRAIN, rewrite)
 
@@ -153,7 +131,14 @@ def unmask_shares(change: Callable[[list[bytes]], list[bytes]]) -> Mod:
         if rec is None or Key.SHARE_LIST not in rec:
             return
         values = dict(rec)
-        values[Key.SHARE_LIST] = change(list(rec[Key.SHARE_LIST]))  # type: ignore[arg-type]
-        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)  # type: ignore[arg-type]
+        values[Key.SHARE_LIST] = change(_bytes_list(rec, Key.SHARE_LIST))
+        reply.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)
 
     return _rewrite(MessageType.TRAIN, rewrite)
+
+
+def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
+    """A SecAgg+ value that is a list of byte strings (the masked vector, key shares)."""
+    value = record[key]
+    assert isinstance(value, list) and all(isinstance(b, bytes) for b in value), key
+    return [b for b in value if isinstance(b, bytes)]

@@ -1,19 +1,18 @@
 """One malicious site among three: a real ServerApp against real ClientApps, in process.
 
-Node 102 runs fedhead's own ClientApp with extra Flower mods that rewrite what it sends
-(``tests/server/adversaries.py``). Each test checks that the run completes with the
-honest sites, or stops with a clear error where no safe result exists; that the site
-is named in the log and in the round's result; and that the global head the server
-keeps does as well on the server's own test set as one trained by the honest sites
-alone.
+Node 102 runs fedhead's own ClientApp, built as the production one is
+(``fedhead.client.app.build_app``, every handler and mod), with one extra Flower mod
+that rewrites what it sends (``tests/server/adversaries.py``). Each test checks that
+the run completes with the honest sites, or stops with a clear error where no safe
+result exists; that the site is named in the log and in the round's result; and that
+the global head the server keeps does as well on the server's own test set as one
+trained by the honest sites alone.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,9 +22,13 @@ from flwr.common import EvaluateIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedhead.client.app import app as client_app
+from fedhead.client.app import build_app
+from fedhead.client.mods import ERROR_CODE_BASE
 from fedhead.common import demo_data
 from fedhead.common.errors import FederationError
+from fedhead.common.protocol import RECORD_PREPARE, PrepareReply
 from tests.loopback import LoopbackGrid
+from tests.reports import ReportJson, read_report
 from tests.server import adversaries as adv
 from tests.server.conftest import nodes, run, write_sites
 
@@ -57,17 +60,23 @@ def _settings(tmp: Path, secure: bool, rounds: int, **overrides: object) -> dict
 
 
 def _attacked(
-    tmp: Path, attack: Mod, secure: bool, rounds: int = 2, inner: bool = False, **overrides: object
-) -> tuple[dict[str, Any], LoopbackGrid]:
+    tmp: Path,
+    attack: Mod,
+    secure: bool,
+    rounds: int = 2,
+    inner: bool = False,
+    config: dict[str, object] | None = None,
+) -> tuple[ReportJson, LoopbackGrid]:
     """A run of three sites, ATTACKER's app carrying ``attack`` around all its handlers
-    (with ``inner``: inside its train handler, below the update checks)."""
-    app = adv.malicious_app(inner=[attack]) if inner else adv.malicious_app(outer=[attack])
+    (with ``inner``: just inside SecAgg+ around its train handler, so what the attack
+    changes is what the site masks, past its own update checks)."""
+    app = build_app(inner_train=[attack]) if inner else build_app(outer=[attack])
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)), {ATTACKER: app})
-    return run(grid, tmp, **_settings(tmp, secure, rounds, **overrides)), grid
+    return run(grid, tmp, **_settings(tmp, secure, rounds, **(config or {}))), grid
 
 
 def _assert_honest_accuracy(
-    tmp: Path, report: dict[str, Any], secure: bool, tolerance: float = TOLERANCE
+    tmp: Path, report: ReportJson, secure: bool, tolerance: float = TOLERANCE
 ) -> None:
     """The attacked run ends within ``tolerance`` of the honest sites' own accuracy."""
     honest = _honest_accuracy(tmp, secure)
@@ -94,8 +103,8 @@ def _named(caplog: pytest.LogCaptureFixture, *words: str) -> bool:
     )
 
 
-def _report_after_failure(tmp: Path) -> dict[str, Any]:
-    return json.loads((tmp / "out" / "report.json").read_text())  # type: ignore[no-any-return]
+def _report_after_failure(tmp: Path) -> ReportJson:
+    return read_report(tmp / "out")
 
 
 # --- 3: malformed replies ------------------------------------------------------------------
@@ -145,10 +154,12 @@ def test_a_malformed_evaluate_reply_is_left_out_of_the_federated_metrics(
 def _declared_val(grid: LoopbackGrid) -> dict[int, int]:
     """Each site's validation count, as it declared it when the run started."""
     prepared = [r for r in grid.replies if r.metadata.message_type == "query.prepare"]
-    records = {
-        r.metadata.src_node_id: r.content.config_records["fedhead.prepare"] for r in prepared
+    return {
+        r.metadata.src_node_id: PrepareReply.from_mapping(
+            r.content.config_records[RECORD_PREPARE]
+        ).val_examples
+        for r in prepared
     }
-    return {node: int(record["val_examples"]) for node, record in records.items()}  # type: ignore[arg-type]
 
 
 def _val_examples(grid: LoopbackGrid, exclude: int) -> int:
@@ -170,7 +181,9 @@ def _as_float(parts: list[np.ndarray]) -> list[np.ndarray]:
     ids=["wrong-shape", "short", "missing", "float"],
 )
 def test_a_malformed_masked_vector_is_dropped_and_its_masks_removed(
-    offline_world: Path, caplog: pytest.LogCaptureFixture, change: Any
+    offline_world: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: Callable[[list[np.ndarray]], list[np.ndarray] | None],
 ) -> None:
     tmp = offline_world
     report, _ = _attacked(tmp, adv.masked_vector(change), secure=True, rounds=1)
@@ -203,7 +216,7 @@ def test_an_inflated_prepare_count_is_capped(
 ) -> None:
     tmp = offline_world
     report, _ = _attacked(
-        tmp, adv.prepare_claims(10**9), secure=True, **{"max-site-examples": 1000}
+        tmp, adv.prepare_claims(10**9), secure=True, config={"max-site-examples": 1000}
     )
     # SecAgg+'s weight scale follows the capped counts, not the claim: max-site-examples,
     # then max-site-share (0.5): the attacker weighs no more than the two honest sites
@@ -217,7 +230,7 @@ def test_an_inflated_prepare_count_is_capped(
 
 def _refused_masked_vector(
     tmp: Path, tamper: Callable[[list[np.ndarray]], list[np.ndarray]]
-) -> dict[str, Any]:
+) -> ReportJson:
     """Run with the attacker's masked vector changed by ``tamper``: no round can aggregate.
     Returns the report written before the run failed."""
     with pytest.raises(FederationError, match="no round produced"):
@@ -303,7 +316,11 @@ def test_an_evaluation_nobody_asked_for_is_refused(
     attacker adds a perfect evaluation to its train replies when it is not the one."""
     tmp = offline_world
     report, grid = _attacked(
-        tmp, adv.unasked_evaluation(1.0, 5), secure=False, rounds=3, **{"fraction-evaluate": 0.1}
+        tmp,
+        adv.unasked_evaluation(1.0, 5),
+        secure=False,
+        rounds=3,
+        config={"fraction-evaluate": 0.1},
     )
     asked = {
         int(m.metadata.group_id): m.metadata.dst_node_id
@@ -379,11 +396,10 @@ def test_a_site_refuses_to_evaluate_heads_it_did_not_train_from(offline_world: P
         content = compat.evaluateins_to_recorddict(ins, True)
         return Message(content, dst_node_id=100, message_type="evaluate", group_id="probe")
 
+    refused = ERROR_CODE_BASE + FederationError.exit_code  # RefusedHeadError is one
     for server_round in (0, 1, 2):  # before training, again for round 1, a future round
         (reply,) = grid.send_and_receive([probe(server_round)])
-        # a federation problem: the head is refused (not the run's, or beyond a round's
-        # reach), or the round was evaluated already or not trained in
-        assert reply.has_error() and reply.error.code == 1000 + FederationError.exit_code
+        assert reply.has_error() and reply.error.code == refused, reply.error
 
 
 def test_garbage_unmask_shares_stop_the_round_name_the_site_and_leave_it_out(

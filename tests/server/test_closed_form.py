@@ -21,6 +21,7 @@ from flwr.compat.common import recorddict_compat as compat
 from safetensors.numpy import load_file
 
 from fedhead.client.app import app as client_app
+from fedhead.client.app import build_app
 from fedhead.client.site import Site
 from fedhead.common import demo_data
 from fedhead.common.closed_form import Statistics, candidate_heads
@@ -31,7 +32,6 @@ from fedhead.common.simulation import write_site_npz
 from fedhead.server.run import run_federation
 from fedhead.server.server_model import build_server_model, run_spec
 from tests.loopback import LoopbackGrid
-from tests.server import adversaries as adv
 from tests.server.conftest import loopback_config, nodes, run, server_context, write_sites
 
 pytestmark = pytest.mark.slow  # whole federations (seconds each)
@@ -162,7 +162,7 @@ def test_malicious_statistics_are_refused_and_the_site_named_without_secagg(
     reason: str,
 ) -> None:
     tmp = offline_world
-    app = adv.malicious_app(outer=[_statistics_reply(attack)])
+    app = build_app(outer=[_statistics_reply(attack)])
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)), {ATTACKER: app})
     report = run(grid, tmp, **CLOSED, **{"secure-aggregation": False})
     (r,) = report["rounds"]
@@ -187,7 +187,7 @@ def test_statistics_no_honest_sites_can_sum_to_are_refused_under_secagg(
         # inside the SecAgg+ mod: what this site masks is statistics of 1000x its images
         return _statistics_reply(_inflated_digits)(msg, context, call_next)
 
-    app = adv.malicious_app(inner=[mask_more])
+    app = build_app(inner_train=[mask_more])
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)), {ATTACKER: app})
     with pytest.raises(FederationError, match=r"not sound|not a sum"):
         run(grid, tmp, **CLOSED)

@@ -79,7 +79,8 @@ def check_same_package(server_out: Path, site_cache: Path) -> None:
     for name in ("head.safetensors", "model.json"):
         assert sha256(kept / name) == sha256(server_out / "model" / name)
     status = json.loads((server_out / "status.json").read_text())
-    assert SiteModels(site_cache).run(FIRST).model_sha256 == status["model_sha256"]  # type: ignore[union-attr]
+    record = SiteModels(site_cache).run(FIRST)
+    assert record is not None and record.model_sha256 == status["model_sha256"]
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def test_a_dicom_federation_trains_and_no_phi_leaves_the_header(
         warnings.simplefilter("always")
         report = run(grid, tmp, **{"num-server-rounds": 2})
 
-    assert [r["round"] for r in report["rounds"]] == [1, 2]  # type: ignore[index]
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["clients"] == 2
     assert "colour.dcm" in caplog.text  # the skipped files are logged, by path and reason
     everything = {

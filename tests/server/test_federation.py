@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
@@ -20,6 +20,7 @@ from fedhead.common.evaluation import ECE_BINS
 from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
 from fedhead.common.protocol import MSG_WEIGHTS, RECORD_MODEL_REPLY
 from tests.loopback import LoopbackGrid
+from tests.reports import BackboneJson, ReportJson, RoundJson, SetupJson, SetupSiteJson
 from tests.server.conftest import CLASSES, loopback_config, nodes, run, server_context, write_sites
 
 
@@ -59,6 +60,13 @@ def test_a_run_distributes_the_backbone_trains_and_reports(offline_world: Path) 
         assert r["bytes_to_sites"] > 2 * backbone["head_bytes"]
         assert r["bytes_to_sites"] < 20 * backbone["head_bytes"]
 
+    # report.json holds exactly what its typed view names (tests/reports.py)
+    assert set(report) == set(ReportJson.__annotations__)
+    assert set(backbone) == set(BackboneJson.__annotations__)
+    assert set(report["setup"]) == set(SetupJson.__annotations__)
+    assert [set(s) for s in report["setup"]["sites"]] == [set(SetupSiteJson.__annotations__)] * 2
+    assert all(set(r) == set(RoundJson.__annotations__) for r in [report["initial_eval"], *rounds])
+
     # a second run finds the cached copies: no transfer
     grid2 = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
     report2 = run(grid2, tmp, **{"num-server-rounds": 1, "out-dir": str(tmp / "out2")})
@@ -76,13 +84,17 @@ def _check_replies(replies: list[Message], n_trainable: int, secure: bool) -> No
             # under SecAgg+ the plain tensors are removed: only the masked vector leaves
             assert len(rec) == (0 if secure else n_trainable)
             assert sum(len(a.data) for a in rec.values()) < 11_000
-        for name, rec in [*content.metric_records.items(), *content.config_records.items()]:
-            for key, value in rec.items():
+        scalars: list[tuple[str, MetricRecord | ConfigRecord]] = [
+            *content.metric_records.items(),
+            *content.config_records.items(),
+        ]
+        for name, record in scalars:
+            for key, value in record.items():
                 if name == RECORD_KEY_CONFIGS:  # SecAgg+ keys, shares, masked sums
                     assert secure
                     continue
                 if name == RECORD_MODEL_REPLY:  # the sha256 of the final model it kept
-                    assert re.fullmatch("[0-9a-f]{64}", value), value
+                    assert isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value), value
                     continue
                 if key in STAT_KEYS:  # pooled-metrics count tables: size fixed by 2 classes
                     # in an evaluation: its own reply, or a train reply evaluating its head
@@ -150,7 +162,7 @@ def test_a_site_that_dies_mid_run_does_not_stop_it(
     grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 3)))
     seen: list[int] = []
 
-    def kill_in_round_2(node: int, msg) -> None:  # type: ignore[no-untyped-def]
+    def kill_in_round_2(node: int, msg: Message) -> None:
         if node == 102 and msg.metadata.group_id == "2" and msg.metadata.message_type == "train":
             seen.append(1)
             if len(seen) == dies_at_message:
@@ -329,8 +341,9 @@ def test_a_site_restarted_under_a_new_node_id_rejoins_from_the_next_round(
     def restart_102_after_round_1(node: int, msg: Message) -> None:
         if msg.metadata.group_id == "2" and 102 not in grid.dead:
             grid.dead.add(102)  # it dies ...
+            config = {k: v for k, v in cfgs[102].items() if isinstance(v, str | int | float)}
             grid.contexts[103] = Context(  # ... and its node comes back under a new id
-                grid.run_id, 103, node_config=cfgs[102], state=RecordDict(), run_config={}
+                grid.run_id, 103, node_config=config, state=RecordDict(), run_config={}
             )
 
     grid.before_delivery = restart_102_after_round_1

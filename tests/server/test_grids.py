@@ -4,10 +4,10 @@ only for the messages still unanswered, until all are in or the timeout passes."
 from __future__ import annotations
 
 from collections.abc import Iterable
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from fedhead.server.grids import PromptGrid
 from tests.loopback import LoopbackGrid
@@ -17,43 +17,55 @@ class ScriptedGrid(LoopbackGrid):
     """Message ``i`` is answered at the ``answer_at[i]``-th pull (None: never)."""
 
     def __init__(self, answer_at: list[int | None]) -> None:
-        super().__init__(client_app=None, node_configs={})  # type: ignore[arg-type]
+        super().__init__(ClientApp(), node_configs={})
         self.answer_at = answer_at
+        self.pushed: list[Message] = []
         self.pulls: list[set[str]] = []
 
-    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
-        return [f"m{i}" for i, _ in enumerate(messages)]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self.pushed = list(messages)
+        for i, msg in enumerate(self.pushed):  # the id a SuperLink gives (as Flower's grids do)
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        return [msg.metadata.message_id for msg in self.pushed]
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         asked = set(message_ids)
         self.pulls.append(asked)
         n = len(self.pulls)
         return [
-            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"), i=i)
-            for i, at in enumerate(self.answer_at)
-            if at == n and f"m{i}" in asked
+            Message(RecordDict(), reply_to=msg)
+            for msg, at in zip(self.pushed, self.answer_at, strict=True)
+            if at == n and msg.metadata.message_id in asked
         ]
+
+
+def _messages(n: int) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=i, message_type="train") for i in range(n)]
+
+
+def _answered(replies: Iterable[Message]) -> list[str]:
+    return sorted(r.metadata.reply_to_message_id for r in replies)
 
 
 def test_collects_every_reply_asking_only_for_the_missing_ones() -> None:
     inner = ScriptedGrid([1, 3, 2])
-    replies = PromptGrid(inner, interval=0.01).send_and_receive([object()] * 3, timeout=60)
-    assert sorted(r.i for r in replies) == [0, 1, 2]
+    replies = PromptGrid(inner, interval=0.01).send_and_receive(_messages(3), timeout=60)
+    assert _answered(replies) == ["m0", "m1", "m2"]
     assert inner.pulls == [{"m0", "m1", "m2"}, {"m1", "m2"}, {"m1"}]
 
 
 def test_a_silent_site_ends_the_wait_at_the_timeout_with_the_others_replies() -> None:
     inner = ScriptedGrid([1, None])
-    replies = PromptGrid(inner, interval=0.01).send_and_receive([object()] * 2, timeout=0.2)
-    assert [r.i for r in replies] == [0]
+    replies = PromptGrid(inner, interval=0.01).send_and_receive(_messages(2), timeout=0.2)
+    assert _answered(replies) == ["m0"]
     assert len(inner.pulls) > 1 and all(p == {"m1"} for p in inner.pulls[1:])
 
 
 def test_no_timeout_waits_and_a_zero_timeout_pulls_once() -> None:
     inner = ScriptedGrid([5])
-    assert [r.i for r in PromptGrid(inner, interval=0.01).send_and_receive([object()])] == [0]
+    assert _answered(PromptGrid(inner, interval=0.01).send_and_receive(_messages(1))) == ["m0"]
     once = ScriptedGrid([None])
-    assert list(PromptGrid(once).send_and_receive([object()], timeout=0)) == []
+    assert list(PromptGrid(once).send_and_receive(_messages(1), timeout=0)) == []
     assert len(once.pulls) == 1
 
 

@@ -5,11 +5,23 @@ implements the same update; the strategy wrapper; state round trips."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedhead.common.config import RunConfig
@@ -84,9 +96,11 @@ def test_fedavgm_matches_the_update_by_hand() -> None:
     assert got == pytest.approx(expected, rel=1e-12)
 
 
-def _torch_steps(opt_cls: type[torch.optim.Optimizer], deltas: np.ndarray, **kw: float) -> list:
+def _torch_steps(
+    optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], deltas: np.ndarray
+) -> list[np.ndarray]:
     x = torch.nn.Parameter(torch.full((deltas.shape[1],), X0, dtype=torch.float64))
-    opt = opt_cls([x], **kw)
+    opt = optimizer([x])
     out = []
     for d in deltas:
         x.grad = -torch.from_numpy(d)  # the delta is the negative pseudo-gradient
@@ -106,12 +120,13 @@ def test_fedavgm_is_torchs_sgd_with_momentum_and_fedadagrad_without_beta1_its_ad
             out.append(x[0])
         return out
 
-    sgd = _torch_steps(torch.optim.SGD, deltas, lr=0.7, momentum=0.8)
+    sgd = _torch_steps(lambda x: torch.optim.SGD(x, lr=0.7, momentum=0.8), deltas)
     for a, b in zip(ours(ServerOptimizerSettings("fedavgm", 0.7, momentum=0.8)), sgd, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     tau = 1e-2
     adagrad = _torch_steps(
-        torch.optim.Adagrad, deltas, lr=0.1, eps=tau, initial_accumulator_value=tau**2
+        lambda x: torch.optim.Adagrad(x, lr=0.1, eps=tau, initial_accumulator_value=tau**2),
+        deltas,
     )
     settings = ServerOptimizerSettings("fedadagrad", 0.1, beta1=0.0, tau=tau)
     for a, b in zip(ours(settings), adagrad, strict=True):
@@ -186,25 +201,41 @@ class _Averaging(Strategy):
         self.delta = delta
         self.start: list[np.ndarray] = []
 
-    def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
 
-    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         self.start = parameters_to_ndarrays(parameters)
         return []
 
-    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if self.delta is None:
             return None, {}
         return ndarrays_to_parameters([a + self.delta for a in self.start]), {"k": 1}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
         return None, {}
 
-    def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         return None
 
 
@@ -212,7 +243,7 @@ def test_the_wrapper_steps_on_what_the_inner_strategy_averaged() -> None:
     start: Parameters = ndarrays_to_parameters([np.full(4, 0.5, dtype=np.float32)])
     settings = ServerOptimizerSettings("fedavgm", 2.0, momentum=0.5)
     wrapped = ServerOptimizerStrategy(_Averaging(0.25), ServerOptimizer(settings))
-    wrapped.configure_fit(1, start, None)  # type: ignore[arg-type]
+    wrapped.configure_fit(1, start, SimpleClientManager())
     params, metrics = wrapped.aggregate_fit(1, [], [])
     assert params is not None and metrics == {"k": 1}
     new = parameters_to_ndarrays(params)[0]
@@ -220,6 +251,6 @@ def test_the_wrapper_steps_on_what_the_inner_strategy_averaged() -> None:
     np.testing.assert_allclose(new, 0.5 + 2.0 * 0.25, rtol=1e-6)
     # a round without a new global head leaves the optimizer's state alone
     idle = ServerOptimizerStrategy(_Averaging(None), ServerOptimizer(settings))
-    idle.configure_fit(1, start, None)  # type: ignore[arg-type]
+    idle.configure_fit(1, start, SimpleClientManager())
     assert idle.aggregate_fit(1, [], []) == (None, {})
     assert idle.optimizer.steps == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import RecordDict
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
@@ -14,7 +15,7 @@ TS = TrainableSet((TensorSpec("head.w", (2, 3), "float32"), TensorSpec("head.b",
 C, Q = 8.0, 2**22
 
 
-def _fit(arrays: list[np.ndarray], n: int) -> object:
+def _fit(arrays: list[np.ndarray], n: int) -> RecordDict:
     return compat.fitres_to_recorddict(
         FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {}), False
     )
@@ -22,7 +23,7 @@ def _fit(arrays: list[np.ndarray], n: int) -> object:
 
 def test_train_replies_are_checked_for_layout_and_count() -> None:
     good = [np.zeros((2, 3), np.float32), np.zeros(2, np.float32)]
-    assert decode_fit(7, _fit(good, 50), 50, TS).num_examples == 50  # type: ignore[arg-type]
+    assert decode_fit(7, _fit(good, 50), 50, TS).num_examples == 50
     cases = [
         (_fit(good[:1], 50), 50, "malformed"),
         (_fit([good[0].T, good[1]], 50), 50, "malformed"),
@@ -31,7 +32,7 @@ def test_train_replies_are_checked_for_layout_and_count() -> None:
     ]
     for content, cap, reason in cases:
         with pytest.raises(ExcludedReply) as err:
-            decode_fit(7, content, cap, TS)  # type: ignore[arg-type]
+            decode_fit(7, content, cap, TS)
         assert err.value.reason == reason and err.value.node_id == 7
 
 

@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
-from flwr.common import parameters_to_ndarrays
+from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedhead.client.app import app as client_app
-from fedhead.client.site import Site
+from fedhead.client.site import Site, TrainOutcome
 from fedhead.common.config import RunConfig
 from fedhead.common.errors import ConfigError, FederationError
+from fedhead.common.protocol import FitSettings
+from fedhead.server.rounds import Failure, FitResults
 from fedhead.server.screening import ExcludedReply
 from fedhead.server.secagg import (
     aggregate_has_weight,
@@ -45,7 +47,9 @@ def test_the_server_sees_only_the_secure_sum_and_it_equals_fedavg(
 
     real_train = Site.train
 
-    def recording_train(self: Site, arrays, settings):  # type: ignore[no-untyped-def]
+    def recording_train(
+        self: Site, arrays: list[np.ndarray], settings: FitSettings
+    ) -> TrainOutcome:
         outcome = real_train(self, arrays, settings)
         delta = [t - g for t, g in zip(outcome.arrays, arrays, strict=True)]
         site_deltas[(settings.server_round, id(self))] = (outcome.result.examples, delta)
@@ -53,7 +57,9 @@ def test_the_server_sees_only_the_secure_sum_and_it_equals_fedavg(
 
     real_aggregate = FedHeadStrategy.aggregate_fit
 
-    def recording_aggregate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+    def recording_aggregate(
+        self: FedHeadStrategy, server_round: int, results: FitResults, failures: list[Failure]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         strategy_inputs[server_round] = [parameters_to_ndarrays(r.parameters) for _, r in results]
         return real_aggregate(self, server_round, results, failures)
 

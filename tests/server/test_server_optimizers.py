@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.common import parameters_to_ndarrays
+from flwr.common import FitRes, Parameters, Scalar, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
 
 from fedhead.client.app import app as client_app
 from fedhead.common.errors import ConfigError
@@ -32,8 +33,14 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
     noised: dict[int, list[np.ndarray]] = {}
     real = DPFixedClipping.aggregate_fit
 
-    def recording(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+    def recording(
+        self: DPFixedClipping,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         params, metrics = real(self, server_round, results, failures)
+        assert params is not None, f"round {server_round}: no aggregate"
         noised[server_round] = parameters_to_ndarrays(params)
         return params, metrics
 

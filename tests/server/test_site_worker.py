@@ -3,6 +3,7 @@ same results as in process, the same errors, and a clear failure when it is gone
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from multiprocessing.connection import Client
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow  # whole federations (seconds each)
 
 
 @pytest.fixture
-def worker():  # type: ignore[no-untyped-def]
+def worker() -> Iterator[WorkerService]:
     service = WorkerService().start()
     yield service
     service.stop()
@@ -71,8 +72,9 @@ def test_worker_errors_arrive_as_the_same_error_and_a_stopped_worker_is_named(
     # a request it cannot read leaves it serving the next one
     with Client(worker.path, family="AF_UNIX", authkey=Path(worker.key_file).read_bytes()) as c:
         c.send_bytes(b"nojson")
-        c.send_bytes(b"x")
-        with pytest.raises((EOFError, ConnectionResetError)):  # closed, without an answer
+        # closed, without an answer (a send may already find it closed)
+        with pytest.raises((EOFError, ConnectionResetError, BrokenPipeError)):
+            c.send_bytes(b"x")
             c.recv_bytes()
     with pytest.raises(DataError):
         remote.evaluate(head, statistics=False)

@@ -8,10 +8,19 @@ import dataclasses
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common import (
     Code,
+    DisconnectRes,
+    EvaluateIns,
     EvaluateRes,
+    FitIns,
     FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    ReconnectIns,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -29,31 +38,41 @@ from fedhead.server.rounds import PlainTraining, Rounds, RoundTraining
 from fedhead.server.secagg import aggregate_problem
 from fedhead.server.strategy import FedHeadStrategy
 from tests.conftest import round_settings
-from tests.loopback import LoopbackGrid
+from tests.loopback import AppCallable, LoopbackGrid
 
 TS = TrainableSet((TensorSpec("head.w", (2, 2), "float32"), TensorSpec("head.b", (2,), "float32")))
 SETTINGS = round_settings(server_round=0, trainable_fingerprint=TS.fingerprint())
 
 
 class Proxy(ClientProxy):
-    def get_properties(self, *a, **k):  # type: ignore[no-untyped-def]
+    """A connected site the strategy can sample; it is never asked anything."""
+
+    def __init__(self, cid: str) -> None:
+        super().__init__(cid)
+        self.node_id = int(cid)
+
+    def get_properties(
+        self, ins: GetPropertiesIns, timeout: float | None, group_id: int | None
+    ) -> GetPropertiesRes:
         raise NotImplementedError
 
-    def get_parameters(self, *a, **k):  # type: ignore[no-untyped-def]
+    def get_parameters(
+        self, ins: GetParametersIns, timeout: float | None, group_id: int | None
+    ) -> GetParametersRes:
         raise NotImplementedError
 
-    def fit(self, *a, **k):  # type: ignore[no-untyped-def]
+    def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
         raise NotImplementedError
 
-    def evaluate(self, *a, **k):  # type: ignore[no-untyped-def]
+    def evaluate(
+        self, ins: EvaluateIns, timeout: float | None, group_id: int | None
+    ) -> EvaluateRes:
         raise NotImplementedError
 
-    def reconnect(self, *a, **k):  # type: ignore[no-untyped-def]
+    def reconnect(
+        self, ins: ReconnectIns, timeout: float | None, group_id: int | None
+    ) -> DisconnectRes:
         raise NotImplementedError
-
-    @property
-    def node_id(self) -> int:  # type: ignore[override]
-        return int(self.cid)
 
 
 def roster(*ready: int, cap: int = 1000) -> Roster:
@@ -74,9 +93,23 @@ def fitres(delta: float, n: int, loss: float = 1.0) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"train-loss": loss})
 
 
-def strategy(sites: Roster, max_update_norm: float = 0.0, **kw) -> FedHeadStrategy:  # type: ignore[no-untyped-def]
+def strategy(
+    sites: Roster,
+    max_update_norm: float = 0.0,
+    secure: bool = False,
+    evaluation: EvaluationPlan | None = None,
+) -> FedHeadStrategy:
     settings = dataclasses.replace(SETTINGS, max_update_norm=max_update_norm)
-    return FedHeadStrategy(sites, TS, zeros(), settings, num_rounds=4, min_sites=2, **kw)
+    return FedHeadStrategy(
+        sites,
+        TS,
+        zeros(),
+        settings,
+        num_rounds=4,
+        min_sites=2,
+        evaluation=evaluation or EvaluationPlan(),
+        secure=secure,
+    )
 
 
 def manager(n: int) -> SimpleClientManager:
@@ -93,6 +126,7 @@ def test_only_ready_sites_are_sampled_and_learning_rate_decays() -> None:
     assert sorted(p.node_id for p, _ in chosen) == [1, 2]
     lr1 = chosen[0][1].config["learning_rate"]
     lr3 = s.configure_fit(3, ndarrays_to_parameters(zeros()), cm)[0][1].config["learning_rate"]
+    assert isinstance(lr1, float) and isinstance(lr3, float)
     assert lr1 == pytest.approx(0.1) and lr3 < lr1
 
 
@@ -104,7 +138,7 @@ def test_too_few_ready_sites_skips_the_step_without_blocking() -> None:
 def _plain_round(replies: dict[int, FitRes | Error], max_update_norm: float = 0.0) -> RoundTraining:
     """One plain training round in which site n answers ``replies[n]``."""
 
-    def site(node: int):  # type: ignore[no-untyped-def]
+    def site(node: int) -> AppCallable:
         def app(msg: Message, context: Context) -> Message:
             answer = replies[node]
             if isinstance(answer, Error):
@@ -115,7 +149,7 @@ def _plain_round(replies: dict[int, FitRes | Error], max_update_norm: float = 0.
 
     sites = roster(*replies)
     configs: dict[int, dict[str, object]] = {n: {} for n in replies}
-    grid = LoopbackGrid(None, configs, {n: site(n) for n in replies})  # type: ignore[arg-type]
+    grid = LoopbackGrid(ClientApp(), configs, {n: site(n) for n in replies})  # no other sites
     stack = strategy(sites, max_update_norm=max_update_norm)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     rounds = Rounds(grid, context, stack, num_rounds=4)
@@ -171,7 +205,8 @@ def test_secure_mode_uses_the_shared_aggregate_and_checks_it() -> None:
     one = [np.ones((2, 2), np.float32), np.ones(2, np.float32)]
     s.configure_fit(1, ndarrays_to_parameters(one), manager(2))
     agg = fitres(0.5, 10)
-    results = [(Proxy("1"), agg), (Proxy("2"), agg)]  # SecAgg+ hands every result the sum
+    # SecAgg+ hands every result the sum
+    results: list[tuple[ClientProxy, FitRes]] = [(Proxy("1"), agg), (Proxy("2"), agg)]
     params, _ = s.aggregate_fit(1, results, [])
     assert params is not None and np.allclose(parameters_to_ndarrays(params)[0], 1.5)
     settings = dataclasses.replace(SETTINGS, max_update_norm=10.0)
@@ -205,7 +240,7 @@ def test_sites_count_tables_are_pooled_and_a_bad_one_is_left_out() -> None:
         return EvaluateRes(Status(Code.OK, ""), 0.5, n, {"accuracy": acc, **stats.to_metrics()})
 
     good, other, bad = reply(30), reply(50), reply(20)
-    bad.metrics[KEY_CONFUSION] = [20, 0, 0, 5]  # counts 25 examples, claims 20
+    bad.metrics[KEY_CONFUSION] = np.array([20, 0, 0, 5], "<i8").tobytes()  # 25, claims 20
     res = [(1, good), (2, other), (3, bad)]
     evaluation = Pooling(EvaluationPlan(statistics_classes=2), str).pool(1, res, [])
     assert evaluation.examples == 100  # the bad site's loss and accuracy still count
