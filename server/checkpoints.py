@@ -352,7 +352,7 @@ class _Saved:
 
 
 class Checkpointer:
-    """Saves a checkpoint after every round and keeps status.json's round fields.
+    """Saves a checkpoint after every round and keeps the run state's round fields.
 
     The round loop calls it: ``round_started``, ``round_trained`` (the head is saved at
     once), ``round_completed`` (the round's evaluation arrived: the same checkpoint is
@@ -377,7 +377,7 @@ class Checkpointer:
         self.round_heads: dict[str, str] = (
             dict(resumed.meta.get(ROUND_HEADS, {})) if resumed else {}
         )
-        self.running = 0  # the round in progress (status.json's round_running)
+        self.running = 0  # the round in progress (the run state's round_running)
         self._last: _Saved | None = None  # the newest checkpoint's content
 
     def round_started(self, server_round: int) -> None:

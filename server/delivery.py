@@ -151,7 +151,7 @@ class FinishedRun:
 
 def finished_run(run_dir: RunDir) -> FinishedRun:
     """The model of the finished run in ``run_dir``, only if its package is the one the
-    run recorded (``status.json``'s sha256, the report's model description)."""
+    run recorded (its run state's sha256, the report's model description)."""
     state, report = run_dir.read_state(), run_dir.read_report()
     if state is None or state.state != FINISHED or not state.model_sha256:
         raise PackageError(
@@ -188,7 +188,7 @@ def finished_run(run_dir: RunDir) -> FinishedRun:
 
 
 def finished_runs(beside: RunDir) -> dict[int, RunDir]:
-    """Run id -> run folder of the finished runs beside ``beside`` (status.json only)."""
+    """Run id -> run folder of the finished runs beside ``beside`` (their run state only)."""
     found: dict[int, RunDir] = {}
     for run_dir in beside.siblings():
         state = run_dir.read_state()
