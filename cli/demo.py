@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fedhead.cli.types import Subparsers, add_command
-from fedhead.common.config import SERVER_STRATEGIES
+from fedhead.common.config import CLOSED_FORM, CLOSED_FORM_METHODS, SERVER_STRATEGIES
 from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS
 
 
@@ -28,7 +28,12 @@ def _demo(args: argparse.Namespace) -> int:
 def add_parser(sub: Subparsers) -> None:
     """``fedhead demo``: every option is a field of ``DemoOptions``, of the same name."""
     d = add_command(sub, "demo", _demo)
-    d.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    d.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="FedAvg rounds, with --strategy fedavg or a server optimizer (default 10)",
+    )
     d.add_argument("--clients", type=int, default=3, help="simulated hospitals (default 3)")
     d.add_argument(
         "--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)"
@@ -47,9 +52,22 @@ def add_parser(sub: Subparsers) -> None:
     d.add_argument(
         "--strategy",
         choices=SERVER_STRATEGIES,
-        default="fedavg",
-        help="server optimizer on the aggregated head update (fedavg; the others keep "
-        "momentum or adaptive state on the server, see README)",
+        default=CLOSED_FORM,
+        help="closed-form: the pooled-data head from the sites' summed statistics in one "
+        "round (default); fedavg: rounds of FedAvg; the others are server optimizers on the "
+        "aggregated head update (see README)",
+    )
+    d.add_argument(
+        "--closed-form",
+        choices=CLOSED_FORM_METHODS,
+        default="lda",
+        help="the closed-form head: shrinkage LDA or ridge (lda)",
+    )
+    d.add_argument(
+        "--fine-tune-rounds",
+        type=int,
+        default=0,
+        help="closed form: FedAvg rounds starting from the closed-form head (0)",
     )
     d.add_argument(
         "--proximal-mu",

@@ -21,7 +21,7 @@ import torch
 
 from fedhead.cli.exporter import Exporter, prepare_spool
 from fedhead.common import demo_data
-from fedhead.common.config import RunConfig
+from fedhead.common.config import CLOSED_FORM, RunConfig
 from fedhead.common.errors import ConfigError, FedheadError
 from fedhead.common.images import ArrayImages
 from fedhead.common.logs import setup_logging
@@ -48,12 +48,13 @@ from fedhead.server.testset import server_extractor
 
 log = logging.getLogger(__name__)
 
+DEMO_ROUNDS = 10  # FedAvg rounds when --rounds is not given
 TEST_FILE = "test.npz"  # the bundled test split, for the server's evaluation only
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    rounds: int = 10
+    rounds: int | None = None  # FedAvg rounds (10 when not given)
     clients: int = 3
     out: Path = Path("demo-out")
     alpha: float = 0.5
@@ -67,7 +68,9 @@ class DemoOptions:
     metrics_address: str = "none"
     verbose: bool = False
     resume: bool = False  # continue the run whose checkpoints are in ``out``
-    strategy: str = "fedavg"  # server optimizer (run-config key strategy)
+    strategy: str = CLOSED_FORM  # run-config key strategy
+    closed_form: str = "lda"  # run-config key closed-form
+    fine_tune_rounds: int = 0  # run-config key fine-tune-rounds
     proximal_mu: float = 0.0  # FedProx at the sites (run-config key proximal-mu)
     local_baseline: bool = True  # each site also trains alone: the per-site gain
     personalize_epochs: int = 0
@@ -78,7 +81,7 @@ class DemoOptions:
                 "backbone": self.backbone,
                 "classes": ",".join(demo_data.CLASSES),
                 "input-size": self.input_size,
-                "num-server-rounds": self.rounds,
+                "num-server-rounds": DEMO_ROUNDS if self.rounds is None else self.rounds,
                 "local-epochs": self.local_epochs,
                 "learning-rate": self.learning_rate,
                 "min-sites": self.clients,
@@ -92,6 +95,8 @@ class DemoOptions:
                 "secure-aggregation": self.secure_aggregation,
                 "resume-from": str(self.out) if self.resume else "",
                 "strategy": self.strategy,
+                "closed-form": self.closed_form,
+                "fine-tune-rounds": self.fine_tune_rounds,
                 "proximal-mu": self.proximal_mu,
                 "local-baseline": self.local_baseline,
                 "personalize-epochs": self.personalize_epochs,
@@ -101,8 +106,15 @@ class DemoOptions:
 
 def _check(opts: DemoOptions) -> None:
     problems = []
-    if opts.rounds < 1:
+    if opts.rounds is not None and opts.rounds < 1:
         problems.append(f"--rounds: must be >= 1 (got {opts.rounds})")
+    if opts.rounds is not None and opts.strategy == CLOSED_FORM:
+        problems.append(
+            "--rounds: counts FedAvg rounds; the closed-form head takes one statistics round "
+            "(add FedAvg rounds after it with --fine-tune-rounds, or choose --strategy fedavg)"
+        )
+    if opts.fine_tune_rounds < 0:
+        problems.append(f"--fine-tune-rounds: must be >= 0 (got {opts.fine_tune_rounds})")
     if not 2 <= opts.clients <= 50:
         problems.append(f"--clients: must be between 2 and 50 (got {opts.clients})")
     if opts.alpha <= 0:
@@ -132,7 +144,7 @@ def _write_sites(opts: DemoOptions) -> list[demo_data.Share]:
 
 def _aggregation(cfg: RunConfig) -> str:
     """How the sites' updates become the global head, in the demo's header."""
-    text = f"strategy {cfg.strategy}"
+    text = cfg.training_text()
     return text + (f" with FedProx mu={cfg.proximal_mu:g}" if cfg.proximal_mu > 0 else "")
 
 
@@ -262,7 +274,7 @@ def run_demo(opts: DemoOptions) -> RunReport:
         f"({sum(p.numel() for p in sm.model.frozen.parameters()):,} parameters), "
         f"{cfg.head} head ({sm.trainable.num_params:,} parameters, "
         f"{human_bytes(sm.trainable.nbytes)}), {cfg.resolved_input_size()} px, "
-        f"{cfg.rounds()} round(s), {_aggregation(cfg)}"
+        f"{_aggregation(cfg)}"
     )
     print(
         f"site data (bundled chest X-rays; Dirichlet alpha={opts.alpha} shares of the train "

@@ -168,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     (non-zero when the run fails). The report the ServerApp writes on the SuperLink's host
     is also collected from the run's log into --out.
     """
+    from fedhead.common.config import RunConfig
+
     app = Path(args.app).expanduser().resolve()
     config = check_run_config(app, args.run_config)
     connection, address = connection_address(args.connection)
@@ -177,8 +179,9 @@ def _run(args: argparse.Namespace) -> int:
         cmd += ["--run-config", text]
     run_id = str(flwr_json(cmd)["run-id"])
     print(
-        f"run {run_id} started on {connection} ({address}): {config['num-server-rounds']} "
-        f"rounds, backbone {config['backbone']}, classes {config['classes']}",
+        f"run {run_id} started on {connection} ({address}): "
+        f"{RunConfig.from_mapping(config).training_text()}, backbone {config['backbone']}, "
+        f"classes {config['classes']}",
         flush=True,
     )
     keep = LogFilter()

@@ -242,7 +242,7 @@ class RunConfig(_Config):
         1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)", "differential privacy delta"
     )
     strategy: str = opt(
-        "fedavg",
+        CLOSED_FORM,
         one_of(*SERVER_STRATEGIES),
         "closed-form: the pooled-data head from the sites' summed statistics in one round "
         "(linear head, frozen trunk); fedavg: rounds of FedAvg; fedavgm, fedadam, fedyogi, "
@@ -388,6 +388,15 @@ class RunConfig(_Config):
         """The run's rounds: the statistics round and the fine-tuning rounds of a closed-form
         head, else ``num-server-rounds``."""
         return 1 + self.fine_tune_rounds if self.closed_form_applies() else self.num_server_rounds
+
+    def training_text(self) -> str:
+        """How the head is trained, in a few words: ``closed-form lda head (1 statistics
+        round)`` or ``10 rounds of fedavg``."""
+        if self.closed_form_applies():
+            tuning = f" + {self.fine_tune_rounds} fine-tuning" if self.fine_tune_rounds else ""
+            return f"closed-form {self.closed_form} head (1 statistics{tuning} round(s))"
+        strategy = "fedavg" if self.strategy == CLOSED_FORM else self.strategy
+        return f"{self.num_server_rounds} rounds of {strategy}"
 
 
 def _roots_check(v: str) -> str | None:

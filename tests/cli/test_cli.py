@@ -65,6 +65,12 @@ def test_help_lists_commands_and_exit_codes() -> None:
             id="bad-demo-options",
         ),
         pytest.param(
+            ["demo", "--rounds", "5", "--out"],
+            ConfigError.exit_code,
+            ["--rounds", "--fine-tune-rounds", "--strategy fedavg"],
+            id="fedavg-rounds-for-the-closed-form-demo",
+        ),
+        pytest.param(
             ["weights", "install", "resnet18", "--dest"],
             WeightsError.exit_code,
             ["--file", "--download"],

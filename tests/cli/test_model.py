@@ -296,8 +296,6 @@ def test_predict_on_the_test_split_matches_the_demo_report(
     out = tmp_path / "demo"
     demo = fedhead(
         "demo",
-        "--rounds",
-        "2",
         "--clients",
         "2",
         "--out",

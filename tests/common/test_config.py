@@ -83,6 +83,7 @@ def test_a_record_drawn_on_the_config_takes_its_keys_of_the_same_name() -> None:
         "uniform_weight": False,
         "evaluate": False,
         "statistics": False,
+        "resumes_run": False,
     }
     settings = FitSettings.drawing_on(cfg, server_round=2, **given)
     assert (settings.local_epochs, settings.proximal_mu, settings.server_round) == (3, 0.5, 2)

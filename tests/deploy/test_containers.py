@@ -149,7 +149,7 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
                 "stack",
                 "--stream",
                 "--run-config",
-                "num-server-rounds=2 input-size=64 local-epochs=2 min-sites=2 "
+                "strategy='fedavg' num-server-rounds=2 input-size=64 local-epochs=2 min-sites=2 "
                 f"join-timeout=120.0 round-timeout=600.0 out-dir='{out}'",
                 timeout=1800,
             )

@@ -277,19 +277,24 @@ SECAGG_RECORD = "secaggplus_configs"
 SHA256 = re.compile(r"[0-9a-f]{64}")  # a digest (the delivered model's receipt)
 
 
-def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
+def check_audit(
+    path: Path, trainable_shapes: list[list[int]], closed_form: bool = False
+) -> set[str]:
     """Every message a site sent: trainable tensors (masked under SecAgg+) and scalars.
 
     Returns the message types seen. SecAgg+ protocol records (public keys, encrypted key
-    shares, the masked vector) are allowed, bounded in size; anything else must be a
-    short scalar: no image bytes, paths, per-sample values or label lists. Evaluation
-    replies may carry the pooled-metrics count tables, whose size the class count fixes.
+    shares, the masked vector) are allowed, bounded in size: in a ``closed_form`` run
+    (a linear head) the masked vector of the site's statistics may be as large as their
+    values, 8 bytes each; anything else must be a short scalar: no image bytes, paths,
+    per-sample values or label lists. Evaluation and validation replies may carry the
+    pooled-metrics count tables, whose size the class count fixes.
     """
     import json
 
+    from fedhead.common.closed_form import Layout
     from fedhead.common.evaluation import ECE_BINS
     from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
-    from fedhead.common.protocol import parse_model_requests
+    from fedhead.common.protocol import MSG_VALIDATE, parse_model_requests
 
     types = set()
     for line in path.read_text().splitlines():
@@ -308,13 +313,19 @@ def check_audit(path: Path, trainable_shapes: list[list[int]]) -> set[str]:
                         size: int = 8  # a scalar
                         if isinstance(value, dict):  # bytes or a list: described by size
                             size = value["bytes"] if "bytes" in value else value.get("len", 0)
-                        assert size < 200_000, (key, value)
+                        most = 200_000
+                        if key == "masked_parameters" and closed_form:
+                            classes, width = trainable_shapes[0]
+                            # and the arrays' headers
+                            most = 8 * Layout(classes, width).size + 4096
+                        assert size < most, (key, value)
                         continue
                     if key in STAT_KEYS:  # count tables for pooled metrics, fixed size
                         k = trainable_shapes[-1][0]  # classes: the head's bias
                         most = 8 * (k * k + 2 * k * SCORE_BINS + 3 * ECE_BINS)
-                        # an evaluation: its own reply, or a train reply evaluating its head
-                        assert entry["message_type"] == "evaluate" or (
+                        # an evaluation: its own reply, a train reply evaluating its head
+                        # or a validation reply (one record per candidate head)
+                        assert entry["message_type"] in ("evaluate", MSG_VALIDATE) or (
                             entry["message_type"] == "train" and rec_name == "fitres.metrics"
                         ), entry
                         assert value["type"] == "bytes" and value["len"] <= most, (key, value)

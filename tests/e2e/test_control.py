@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fedhead.common.protocol import MSG_VALIDATE
 from tests.e2e import procs as e2e
 from tests.reports import read_report
 
@@ -132,13 +133,13 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
 
         signed_run = e2e.flwr(
             operator, "run", app_id, "federation", "--stream", "--run-config",
-            f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=180.0 "
+            f"input-size=64 min-sites=2 join-timeout=180.0 "
             f"round-timeout=300.0 out-dir='{tmp_path / 'signed-out'}'",
         )  # fmt: skip
         sent_before = {site: sent(tmp_path, site) for site in SITES}
         unsigned_run = e2e.flwr(
             operator, "run", str(REPO), "federation", "--stream", "--run-config",
-            f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=60.0 "
+            f"input-size=64 min-sites=2 join-timeout=60.0 "
             f"out-dir='{tmp_path / 'unsigned-out'}'",
         )  # fmt: skip
         runs = e2e.flwr(operator, "ls", "federation", "--format", "json", timeout=120)
@@ -162,7 +163,8 @@ def test_only_the_operator_controls_and_sites_run_only_signed_apps(
     report = read_report(tmp_path / "signed-out")
     assert report["clients"] == 2 and report["rounds"][0]["aggregated"], report
     for site in ("hospital-a", "hospital-b"):
-        assert e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
+        sent_by_site = e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]], True)
+        assert sent_by_site >= {"train", MSG_VALIDATE}
     # ... and not on the one that trusts another key: no app code ran there.
     assert "FAB verification failed" in logs["hospital-c"]
     assert not (tmp_path / "hospital-c" / "sent.jsonl").exists()

@@ -64,8 +64,9 @@ def test_a_site_killed_during_a_secagg_round_does_not_stop_it(
                 "five",
                 "--stream",
                 "--run-config",
-                f"num-server-rounds=2 input-size=64 min-sites=4 join-timeout=120.0 "
-                f"round-timeout=45.0 secagg-threshold=3 fraction-evaluate=0.2 out-dir='{out}'",
+                f"strategy='fedavg' num-server-rounds=2 input-size=64 min-sites=4 "
+                f"join-timeout=120.0 round-timeout=45.0 secagg-threshold=3 fraction-evaluate=0.2 "
+                f"out-dir='{out}'",
             ],
             env=e2e.base_env(flwr_home),
             stdout=subprocess.PIPE,

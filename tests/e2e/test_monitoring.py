@@ -135,7 +135,7 @@ def test_exporters_prometheus_dashboard_and_alerts(tmp_path: Path, mobilenet_wei
             "watched",
             "--stream",
             "--run-config",
-            f"num-server-rounds=2 input-size=64 min-sites=2 join-timeout=120.0 "
+            f"strategy='fedavg' num-server-rounds=2 input-size=64 min-sites=2 join-timeout=120.0 "
             f"round-timeout=300.0 server-test-data='{server_test}' out-dir='{tmp_path / 'out'}' "
             "dp-noise-multiplier=0.1 dp-clipping-norm=5.0",
         )

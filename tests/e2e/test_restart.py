@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 # Plain FedAvg with a fixed seed: the rounds are deterministic, so a resumed run must
 # end with the same head as an uninterrupted one.
 RUN = (
-    "num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 round-timeout=300.0 "
-    "secure-aggregation=false seed=7 local-epochs=2"
+    "strategy='fedavg' num-server-rounds=3 input-size=64 min-sites=2 join-timeout=120.0 "
+    "round-timeout=300.0 secure-aggregation=false seed=7 local-epochs=2"
 )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedhead.common.protocol import MSG_VALIDATE
 from tests.e2e import procs as e2e
 from tests.reports import read_report
 
@@ -137,8 +138,7 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
             "secure",
             "--stream",
             "--run-config",
-            f"num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0 "
-            f"round-timeout=300.0 out-dir='{out}'",
+            f"input-size=64 min-sites=2 join-timeout=120.0 round-timeout=300.0 out-dir='{out}'",
         )
         nodes = e2e.flwr(flwr_home, "supernode", "ls", "secure", "--format", "json", timeout=120)
         link_log = procs.log("superlink")
@@ -156,5 +156,6 @@ def test_tls_node_auth_and_refusals(tmp_path: Path, mobilenet_weights: Path) -> 
     assert report["clients"] == 2 and report["secure_aggregation"] == "secagg+"
     assert report["rounds"][0]["aggregated"]
     for site in ("hospital-a", "hospital-b"):
-        assert e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]]) >= {"train"}
+        sent_by_site = e2e.check_audit(tmp_path / site / "sent.jsonl", [[2, 1280], [2]], True)
+        assert sent_by_site >= {"train", MSG_VALIDATE}
     assert "WITHOUT TLS" not in link_log

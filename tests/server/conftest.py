@@ -45,10 +45,11 @@ def nodes(tmp: Path, sites: list[Path], **extra: str) -> dict[int, dict[str, obj
 
 
 def loopback_config(tmp: Path, **overrides: object) -> RunConfig:
-    """A small run (64 px, 3 rounds, 2 sites, short timeouts) writing to ``tmp``/out."""
+    """A small run (64 px, 3 FedAvg rounds, 2 sites, short timeouts) writing to ``tmp``/out."""
     return RunConfig.from_mapping(
         {
             "classes": CLASSES,
+            "strategy": "fedavg",
             "input-size": 64,
             "num-server-rounds": 3,
             "min-sites": 2,

@@ -30,7 +30,7 @@ from fedhead.server.checkpoints import (
 from fedhead.server.optimizers import ServerOptimizer, ServerOptimizerSettings
 from fedhead.server.privacy import PrivacyLedger
 from fedhead.server.resume import check_resume, config_changes, config_fingerprint, load_resume
-from fedhead.server.rundir import RunDir, RunState
+from fedhead.server.rundir import FINISHED, RunDir, RunState
 from tests.server.conftest import CLASSES
 
 NAMES = ["head.0.weight", "head.0.bias"]
@@ -139,7 +139,13 @@ def _checkpointer(out: Path, cfg: RunConfig) -> Checkpointer:
 
 def _cfg(tmp: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_mapping(
-        {"classes": CLASSES, "num-server-rounds": 3, "out-dir": str(tmp), **overrides}
+        {
+            "classes": CLASSES,
+            "strategy": "fedavg",
+            "num-server-rounds": 3,
+            "out-dir": str(tmp),
+            **overrides,
+        }
     )
 
 
@@ -158,8 +164,13 @@ def test_an_out_dir_with_checkpoints_is_not_reused_without_resume(tmp_path: Path
         load_resume(_cfg(tmp_path, **{"resume-from": earlier}), here)
     new = RunDir(tmp_path / "new")
     assert load_resume(_cfg(tmp_path, **{"resume-from": earlier}), new) is not None
-    with pytest.raises(ConfigError, match="nothing is left to train"):
-        load_resume(_cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1}), here)
+    # its last round done: a run cut off before it finished is finished by resuming ...
+    last = _cfg(tmp_path, **{"resume-from": str(tmp_path), "num-server-rounds": 1})
+    assert load_resume(last, here) is not None
+    # ... a run that finished is not: its model is there to deliver
+    here.begin(RunState(7, str(tmp_path), 1, state=FINISHED))
+    with pytest.raises(CheckpointError, match="deliver-from="):
+        load_resume(last, here)
 
 
 def test_other_settings_than_the_checkpoints_are_named(tmp_path: Path) -> None:

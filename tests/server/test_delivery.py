@@ -31,6 +31,7 @@ def config(tmp: Path, run_id: int, **overrides: object) -> RunConfig:
         {
             "classes": CLASSES,
             "input-size": 64,
+            "strategy": "fedavg",
             "num-server-rounds": 2,
             "min-sites": 2,
             "round-timeout": 5.0,
