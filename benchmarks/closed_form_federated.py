@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,6 +133,8 @@ class ClosedFormRun:
     chosen: str
     pooled: dict[str, float]  # the pooled closed-form head of the same candidate
     max_probability_difference: float
+    # the pooled head's own tensors rounded to float32, as a head travels and is kept
+    float32_difference: float
     statistics_seconds: float  # round 1, the statistics and the validation message
 
 
@@ -153,12 +156,19 @@ def _closed_form_run(
     delivered = cf.LinearHead(weight.reshape(candidate.head.weight.shape), bias.reshape(-1))
     p_run = delivered.probabilities(x_test)
     p_pooled = candidate.head.probabilities(x_test)
+    as_float32 = cf.LinearHead(
+        *(
+            np.asarray(a, dtype=np.float32).astype(np.float64)
+            for a in (candidate.head.weight, candidate.head.bias)
+        )
+    )
     return ClosedFormRun(
         method,
         _tested(report),
         chosen,
         _metrics(y_test, p_pooled),
         float(np.abs(p_run - p_pooled).max()),
+        float(np.abs(as_float32.probabilities(x_test) - p_pooled).max()),
         report.rounds[0].seconds,
     )
 
@@ -234,7 +244,8 @@ def bench_accuracy(res: Any, figure: Figure, simulate: Simulate, quick: bool) ->
                     )
                 )
             each = "; ".join(
-                f"{m} ({r.chosen}) {r.max_probability_difference:.1e}, pooled head "
+                f"{m} ({r.chosen}) {r.max_probability_difference:.1e} (the pooled head "
+                f"rounded to float32 alone: {r.float32_difference:.1e}), pooled head "
                 f"{_show(r.pooled)}, run {_show(r.tested)}, statistics round "
                 f"{r.statistics_seconds:.1f} s"
                 for m, r in runs.items()
@@ -357,10 +368,11 @@ def _cost_figures(
             "(measured)",
             f"the same runs: Flower's serialized messages each site sent in the statistics "
             f"round (SecAgg+'s four stages and the validation replies) {sent / 1e6:.2f} MB "
-            f"({described['values_per_site']:,} fixed-point digits of {described['limbs']} "
-            f"per statistic, report.json: {described['bytes_per_site'] / 1e6:.2f} MB), and "
-            f"received {stats_round.bytes_to_sites / n / 1e6:.3f} MB; a FedAvg round "
-            f"{fedavg_sent / 1e3:.1f} KB sent ({sent / fedavg_sent:.0f}x less)",
+            f"({described['values_per_site']:,} int64 values, {described['limbs']} "
+            f"fixed-point digits per statistic; report.json's closed_form.bytes_per_site "
+            f"{described['bytes_per_site'] / 1e6:.2f} MB) and received "
+            f"{stats_round.bytes_to_sites / n / 1e6:.3f} MB; in a FedAvg round of the same "
+            f"sites each sent {fedavg_sent / 1e3:.1f} KB ({sent / fedavg_sent:.0f} times less)",
         )
     )
 
@@ -385,29 +397,51 @@ def bench_deploy(res: Any, figure: Figure, quick: bool) -> None:
     runs = m["runs"]
     first, fedavg, closed = (runs[k] for k in deployment.CLOSED_FORM_RUNS)
 
-    def rounds_of(r: dict[str, Any]) -> str:
-        return ", ".join(f"{s:.1f}" for s in r["round_seconds"])
+    def phases(r: dict[str, Any]) -> str:
+        """Where a run's time went, from its ServerApp's log (1 s resolution)."""
+        ph = r["phases"]
+        return (
+            f"start-up until the ServerApp's first line {ph['start-up']:.0f} s, the sites' "
+            f"preparation {ph['prepare']:.0f} s, rounds {ph['rounds']:.0f} s, the model's "
+            f"delivery {ph['delivery']:.0f} s"
+        )
 
-    def rest(r: dict[str, Any]) -> float:
-        """Outside the rounds: the ServerApp's start, the sites' preparation, delivery."""
-        return float(r["kept"] - sum(r["round_seconds"]))
+    def stages(per_round: list[dict[str, float]]) -> str:
+        names = per_round[0]
+        return ", ".join(f"{k} {statistics.mean(r[k] for r in per_round):.1f} s" for k in names)
 
+    fedavg_round = statistics.mean(fedavg["round_seconds"])
+    stats_round = closed["round_seconds"][0]
+    setup = (
+        f"{SITES} sites on {os.cpu_count()} cores ({m['threads']} thread(s) each), {px} "
+        f"px, {m['per_site']} training images per site, SecAgg+, the same SuperLink and "
+        "SuperNodes"
+    )
     res.add(
         figure(
             "closed_form_deployment_speedup_vs_fedavg",
             fedavg["kept"] / closed["kept"],
             ">= 5",
-            f"{SITES} sites on {os.cpu_count()} cores ({m['threads']} thread(s) each), "
-            f"{px} px, {m['per_site']} training images per site, SecAgg+, the same "
-            f"SuperLink and SuperNodes: from `flwr run` until the model is kept at every "
-            f"site, FedAvg {m['rounds']} rounds {fedavg['kept']:.1f} s (rounds "
-            f"{rounds_of(fedavg)} s, the rest {rest(fedavg):.1f} s; `flwr run` returned "
-            f"after {fedavg['flwr_run']:.1f} s), closed form {closed['kept']:.1f} s (its one "
-            f"round {rounds_of(closed)} s, of which SecAgg+ {closed['secagg_seconds'][0]:.1f} "
-            f"s, the rest {rest(closed):.1f} s; `flwr run` returned after "
-            f"{closed['flwr_run']:.1f} s). The rest is the ServerApp's start, the sites' "
-            f"preparation and the model's delivery. The first closed-form run, which "
-            f"extracted and cached the features: {first['kept']:.1f} s",
+            f"{setup}: from `flwr run` until the model is kept at every site, FedAvg "
+            f"{m['rounds']} rounds {fedavg['kept']:.1f} s ({phases(fedavg)}; `flwr run` "
+            f"returned after {fedavg['flwr_run']:.1f} s), closed form {closed['kept']:.1f} s "
+            f"({phases(closed)}; `flwr run` returned after {closed['flwr_run']:.1f} s). The "
+            f"first closed-form run, which extracted and cached the features: "
+            f"{first['kept']:.1f} s",
+        )
+    )
+    res.add(
+        figure(
+            "closed_form_deployment_round_vs_fedavg_round",
+            stats_round / fedavg_round,
+            "(measured)",
+            f"the same runs: the statistics round with its validation message "
+            f"{stats_round:.1f} s (SecAgg+ stages {stages(closed['secagg_stages'])}; the "
+            f"rest, the solve and the validation message, "
+            f"{stats_round - closed['secagg_seconds'][0]:.1f} s), a FedAvg round "
+            f"{fedavg_round:.1f} s, mean of {m['rounds']} (SecAgg+ stages "
+            f"{stages(fedavg['secagg_stages'])}); rounds "
+            f"{', '.join(f'{x:.1f}' for x in fedavg['round_seconds'])} s",
         )
     )
 

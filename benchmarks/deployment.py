@@ -15,6 +15,7 @@ message (process start, imports, model build, training) are measured beside them
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -62,6 +63,13 @@ def _write_sites(folder: Path, sites: int, n_train: int, n_val: int) -> int:
 
 
 def _flwr_run(app: Path, cli_home: Path, run_config: str, timeout: float) -> float:
+    return _flwr_run_output(app, cli_home, run_config, timeout)[0]
+
+
+def _flwr_run_output(
+    app: Path, cli_home: Path, run_config: str, timeout: float
+) -> tuple[float, str]:
+    """``flwr run --stream``: its wall seconds and what it printed (the ServerApp's log)."""
     t0 = time.perf_counter()
     result = subprocess.run(
         [str(procs.BIN / "flwr"), "run", str(app), "bench", "--stream", "--run-config", run_config],
@@ -72,7 +80,7 @@ def _flwr_run(app: Path, cli_home: Path, run_config: str, timeout: float) -> flo
     )
     if result.returncode != 0:
         raise RuntimeError(f"flwr run {app.name} failed:\n{result.stdout[-3000:]}{result.stderr}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, result.stdout
 
 
 def _seconds(cmd: str, repeats: int = 3) -> float:
@@ -140,10 +148,13 @@ class Federation:
 
 
 @contextmanager
-def federation(data: Path, weights: Path, sites: int, work: Path) -> Iterator[Federation]:
+def federation(
+    data: Path, weights: Path, sites: int, work: Path, server_log_level: str = "ERROR"
+) -> Iterator[Federation]:
     """``fedhead superlink --insecure`` and ``sites`` ``fedhead node --insecure
     --allow-unsigned-apps`` processes (node i reads ``data/site-<i>.npz``), stopped on
-    leaving, also on failure and Ctrl-C."""
+    leaving, also on failure and Ctrl-C. ``server_log_level``: the ServerApp's log level
+    (what ``flwr run --stream`` prints)."""
     threads = procs.site_threads(sites)  # co-located sites share the cores
     link_port = procs.free_port()
     cli_home = work / "cli-home"
@@ -162,7 +173,9 @@ def federation(data: Path, weights: Path, sites: int, work: Path) -> Iterator[Fe
             "superlink",
             [*procs.FEDHEAD, "superlink", "--insecure", "--port", str(link_port), *no_metrics],
             procs.base_env(
-                work / "link-home", FEDHEAD_CACHE=str(server_cache), FEDHEAD_LOG_LEVEL="ERROR"
+                work / "link-home",
+                FEDHEAD_CACHE=str(server_cache),
+                FEDHEAD_LOG_LEVEL=server_log_level,
             ),
             link_port,
         )
@@ -315,9 +328,43 @@ def _kept(report: dict[str, Any], node_dirs: list[Path], started: float) -> dict
         "rounds": len(report["rounds"]),
         "round_seconds": [r["seconds"] for r in report["rounds"]],
         "secagg_seconds": [sum(r["secagg_seconds"].values()) for r in report["rounds"]],
+        "secagg_stages": [r["secagg_seconds"] for r in report["rounds"]],
         "delivered_to": len(report["delivery"]["delivered_to"]),
         "closed_form": report.get("closed_form"),
     }
+
+
+# Lines of the ServerApp's log (INFO) that open the phases of a run, and the line that
+# closes its last: (phase, the message's start).
+PHASE_LINES = (
+    ("prepare", "fedhead.server.run: run "),  # the run's first line: its model is built
+    ("rounds", "fedhead.server.run: secure aggregation"),  # every site is prepared
+    ("delivery", "fedhead.server.run: model package"),  # after the last round
+    ("end", "fedhead.server.delivery: final model"),  # delivered to every site
+)
+LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d) ")
+
+
+def _phases(output: str, started: float) -> dict[str, float]:
+    """Seconds of a run's phases from its ServerApp log (1 s resolution): ``start-up``
+    from ``flwr run`` until the ServerApp's first line, then each of PHASE_LINES."""
+    day = time.localtime(started)
+    base = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0, 0, 0, -1))
+    at: dict[str, float] = {}
+    for line in output.splitlines():
+        clock = LOG_TIME.match(line)
+        for phase, text in PHASE_LINES:
+            if clock and phase not in at and text in line:
+                h, m, sec = (int(g) for g in clock.groups())
+                t = base + 3600 * h + 60 * m + sec
+                at[phase] = t + 86400 if t < started - 60 else t  # past midnight
+    missing = [p for p, _ in PHASE_LINES if p not in at]
+    if missing:
+        raise RuntimeError(f"the ServerApp's log lacks the lines of {missing}")
+    order = [p for p, _ in PHASE_LINES]
+    out = {"start-up": at[order[0]] - started}
+    out |= {p: at[q] - at[p] for p, q in itertools.pairwise(order)}
+    return out
 
 
 # The closed-form runs of ``closed_form_vs_fedavg``, in order: the first extracts and
@@ -346,15 +393,19 @@ def closed_form_vs_fedavg(sites: int, rounds: int, n_train: int, px: int) -> dic
             "closed_form": "strategy='closed-form'",
         }
         runs: dict[str, dict[str, Any]] = {}
-        with federation(data, weights, sites, work / "deploy") as fed:
+        with federation(data, weights, sites, work / "deploy", "INFO") as fed:
             for label in CLOSED_FORM_RUNS:
                 out = work / f"out-{label}"
                 started = time.time()
-                wall = _flwr_run(
+                wall, output = _flwr_run_output(
                     REPO, fed.cli_home, f"{base} {settings[label]} out-dir='{out}'", 3600
                 )
                 report = json.loads((out / "report.json").read_text())
-                runs[label] = {**_kept(report, fed.node_dirs, started), "flwr_run": wall}
+                runs[label] = {
+                    **_kept(report, fed.node_dirs, started),
+                    "flwr_run": wall,
+                    "phases": _phases(output, started),
+                }
                 print(f"  {label}: model kept at every site after {runs[label]['kept']:.1f} s")
             threads = fed.threads
     return {"runs": runs, "per_site": per_site, "threads": threads, "rounds": rounds, "px": px}
