@@ -15,6 +15,7 @@ message (process start, imports, model build, training) are measured beside them
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +66,13 @@ def _write_sites(folder: Path, sites: int, n_train: int, n_val: int) -> int:
 
 
 def _flwr_run(app: Path, cli_home: Path, run_config: str, timeout: float) -> float:
+    return _flwr_run_output(app, cli_home, run_config, timeout)[0]
+
+
+def _flwr_run_output(
+    app: Path, cli_home: Path, run_config: str, timeout: float
+) -> tuple[float, str]:
+    """``flwr run --stream``: its wall seconds and what it printed (the ServerApp's log)."""
     t0 = time.perf_counter()
     result = subprocess.run(
         [str(procs.BIN / "flwr"), "run", str(app), "bench", "--stream", "--run-config", run_config],
@@ -73,7 +83,7 @@ def _flwr_run(app: Path, cli_home: Path, run_config: str, timeout: float) -> flo
     )
     if result.returncode != 0:
         raise RuntimeError(f"flwr run {app.name} failed:\n{result.stdout[-3000:]}{result.stderr}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, result.stdout
 
 
 def _seconds(cmd: str, repeats: int = 3) -> float:
@@ -129,13 +139,25 @@ def site_message_costs(weights: Path) -> dict[str, float]:
     }
 
 
-def deployment_rounds(
-    data: Path, weights: Path, sites: int, rounds: int, px: int, work: Path
-) -> dict[str, Any]:
-    """fedhead (SecAgg+ and plain), Flower's floor and the canonical Flower pattern on
-    one real SuperLink and ``sites`` SuperNodes. The canonical pattern, whose rounds
-    cost the same from the first on (nothing is cached) and take minutes, runs two."""
-    canonical_rounds = 2
+@dataclass(frozen=True)
+class Federation:
+    """A real SuperLink and SuperNodes on 127.0.0.1, started by ``federation``: the
+    ``flwr`` CLI's home for ``flwr run``, each node's data folder and the logs."""
+
+    cli_home: Path
+    node_dirs: list[Path]
+    logs: Path
+    threads: int
+
+
+@contextmanager
+def federation(
+    data: Path, weights: Path, sites: int, work: Path, server_log_level: str = "ERROR"
+) -> Iterator[Federation]:
+    """``fedhead superlink --insecure`` and ``sites`` ``fedhead node --insecure
+    --allow-unsigned-apps`` processes (node i reads ``data/site-<i>.npz``), stopped on
+    leaving, also on failure and Ctrl-C. ``server_log_level``: the ServerApp's log level
+    (what ``flwr run --stream`` prints)."""
     threads = procs.site_threads(sites)  # co-located sites share the cores
     link_port = procs.free_port()
     cli_home = work / "cli-home"
@@ -148,20 +170,19 @@ def deployment_rounds(
     no_metrics = ["--metrics-address", "none"]
     logs = work / "logs"
     logs.mkdir()
-    out, plain_out = work / "fedhead-out", work / "fedhead-plain-out"
-    floor_files = [work / "floor-a.jsonl", work / "floor-b.jsonl"]
-    canonical_file = work / "canonical.jsonl"
+    node_dirs = [work / f"node{i}" for i in range(sites)]
     with procs.processes(logs) as running:
         running.start_listening(
             "superlink",
             [*procs.FEDHEAD, "superlink", "--insecure", "--port", str(link_port), *no_metrics],
             procs.base_env(
-                work / "link-home", FEDHEAD_CACHE=str(server_cache), FEDHEAD_LOG_LEVEL="ERROR"
+                work / "link-home",
+                FEDHEAD_CACHE=str(server_cache),
+                FEDHEAD_LOG_LEVEL=server_log_level,
             ),
             link_port,
         )
-        for i in range(sites):
-            cache = work / f"node{i}"
+        for i, cache in enumerate(node_dirs):
             (cache / "weights").mkdir(parents=True)
             shutil.copy(weights, cache / "weights")
             running.start(
@@ -174,6 +195,21 @@ def deployment_rounds(
                 ],
                 procs.base_env(work / f"node{i}-home", FEDHEAD_LOG_LEVEL="INFO"),
             )
+        yield Federation(cli_home, node_dirs, logs, threads)
+
+
+def deployment_rounds(
+    data: Path, weights: Path, sites: int, rounds: int, px: int, work: Path
+) -> dict[str, Any]:
+    """fedhead (SecAgg+ and plain), Flower's floor and the canonical Flower pattern on
+    one real SuperLink and ``sites`` SuperNodes. The canonical pattern, whose rounds
+    cost the same from the first on (nothing is cached) and take minutes, runs two."""
+    canonical_rounds = 2
+    out, plain_out = work / "fedhead-out", work / "fedhead-plain-out"
+    floor_files = [work / "floor-a.jsonl", work / "floor-b.jsonl"]
+    canonical_file = work / "canonical.jsonl"
+    with federation(data, weights, sites, work) as fed:
+        cli_home, logs, threads = fed.cli_home, fed.logs, fed.threads
         floor_cfg = f"num-server-rounds={rounds} sites={sites} out-file="
         fedhead_cfg = (
             f"num-server-rounds={rounds} input-size={px} min-sites={sites} "
@@ -269,3 +305,111 @@ def measure(
         "px": px,
         "per_site": per_site,
     }
+
+
+def _mobilenet_weights() -> Path:
+    from fedhead.common.backbones import get_spec
+    from fedhead.common.model import weights_ref
+    from fedhead.common.weights import default_search_dirs, find_weights
+
+    return find_weights(weights_ref(get_spec("mobilenet_v2")), default_search_dirs())
+
+
+def _kept(report: dict[str, Any], node_dirs: list[Path], started: float) -> dict[str, Any]:
+    """When the run's model was kept at every site, in seconds after ``started`` (wall
+    clock): the newest file of the model package each node wrote into its
+    ``models/<run-id>/``, after checking that every node recorded the head the server
+    delivered."""
+    run_id, head_sha = report["run_id"], report["model"]["head_sha256"]
+    kept = []
+    for node in node_dirs:
+        record = json.loads((node / "runs" / f"{run_id}.json").read_text())
+        if record["model_sha256"] != head_sha:
+            raise RuntimeError(f"{node.name} kept {record['model_sha256']!r}, not {head_sha}")
+        kept.append(max(f.stat().st_mtime for f in (node / "models" / str(run_id)).iterdir()))
+    return {
+        "kept": max(kept) - started,
+        "rounds": len(report["rounds"]),
+        "round_seconds": [r["seconds"] for r in report["rounds"]],
+        "secagg_seconds": [sum(r["secagg_seconds"].values()) for r in report["rounds"]],
+        "secagg_stages": [r["secagg_seconds"] for r in report["rounds"]],
+        "delivered_to": len(report["delivery"]["delivered_to"]),
+        "closed_form": report.get("closed_form"),
+    }
+
+
+# Lines of the ServerApp's log (INFO) that open the phases of a run, and the line that
+# closes its last: (phase, the message's start).
+PHASE_LINES = (
+    ("prepare", "fedhead.server.run: run "),  # the run's first line: its model is built
+    ("rounds", "fedhead.server.run: secure aggregation"),  # every site is prepared
+    ("delivery", "fedhead.server.run: model package"),  # after the last round
+    ("end", "fedhead.server.delivery: final model"),  # delivered to every site
+)
+LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d) ")
+
+
+def _phases(output: str, started: float) -> dict[str, float]:
+    """Seconds of a run's phases from its ServerApp log (1 s resolution): ``start-up``
+    from ``flwr run`` until the ServerApp's first line, then each of PHASE_LINES."""
+    day = time.localtime(started)
+    base = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0, 0, 0, -1))
+    at: dict[str, float] = {}
+    for line in output.splitlines():
+        clock = LOG_TIME.match(line)
+        for phase, text in PHASE_LINES:
+            if clock and phase not in at and text in line:
+                h, m, sec = (int(g) for g in clock.groups())
+                t = base + 3600 * h + 60 * m + sec
+                at[phase] = t + 86400 if t < started - 60 else t  # past midnight
+    missing = [p for p, _ in PHASE_LINES if p not in at]
+    if missing:
+        raise RuntimeError(f"the ServerApp's log lacks the lines of {missing}")
+    order = [p for p, _ in PHASE_LINES]
+    out = {"start-up": at[order[0]] - started}
+    out |= {p: at[q] - at[p] for p, q in itertools.pairwise(order)}
+    return out
+
+
+# The closed-form runs of ``closed_form_vs_fedavg``, in order: the first extracts and
+# caches the sites' features (a warm-up for the other two, reported beside them).
+CLOSED_FORM_RUNS = ("closed_form_first", "fedavg", "closed_form")
+
+
+def closed_form_vs_fedavg(sites: int, rounds: int, n_train: int, px: int) -> dict[str, Any]:
+    """Wall time from ``flwr run`` until the model is kept at every site: a closed-form
+    head (strategy=closed-form, its defaults) and FedAvg for ``rounds`` rounds, both
+    under SecAgg+, through the same SuperLink and SuperNodes. A closed-form run goes
+    first and extracts the features; FedAvg and a second closed-form run then find them
+    cached, so the two compared runs see the same site state."""
+    weights = _mobilenet_weights()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "sites"
+        per_site = _write_sites(data, sites, n_train, n_train // 3)
+        base = (
+            f"input-size={px} min-sites={sites} fraction-evaluate=1.0 join-timeout=300.0 "
+            "round-timeout=1800.0"
+        )
+        settings = {
+            "closed_form_first": "strategy='closed-form'",
+            "fedavg": f"strategy='fedavg' num-server-rounds={rounds}",
+            "closed_form": "strategy='closed-form'",
+        }
+        runs: dict[str, dict[str, Any]] = {}
+        with federation(data, weights, sites, work / "deploy", "INFO") as fed:
+            for label in CLOSED_FORM_RUNS:
+                out = work / f"out-{label}"
+                started = time.time()
+                wall, output = _flwr_run_output(
+                    REPO, fed.cli_home, f"{base} {settings[label]} out-dir='{out}'", 3600
+                )
+                report = json.loads((out / "report.json").read_text())
+                runs[label] = {
+                    **_kept(report, fed.node_dirs, started),
+                    "flwr_run": wall,
+                    "phases": _phases(output, started),
+                }
+                print(f"  {label}: model kept at every site after {runs[label]['kept']:.1f} s")
+            threads = fed.threads
+    return {"runs": runs, "per_site": per_site, "threads": threads, "rounds": rounds, "px": px}
