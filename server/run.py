@@ -515,6 +515,18 @@ class Run:
         self._test(result, head)
         if result.round < self.cfg.rounds() and plan.evaluations.in_train(result.round + 1):
             return self._trained(rounds, plan, result, head, t0)
+        if result.round == self.cfg.rounds():
+            # The last head is kept before its evaluation: a run cut off during it is
+            # finished by resuming, without training again (finish_cut_off). The
+            # round's time and traffic then take in the evaluation's.
+            pending = self._trained(rounds, plan, result, head, t0)
+            evaluation = rounds.evaluate(plan.evaluation, result.round, head)
+            result.seconds = time.perf_counter() - t0
+            sent, received = self.grid.take()
+            result.bytes_to_sites += sent
+            result.bytes_from_sites += received
+            self._complete(pending, evaluation)
+            return None
         evaluation = rounds.evaluate(plan.evaluation, result.round, head)
         pending = self._trained(rounds, plan, result, head, t0)
         self._complete(pending, evaluation)

@@ -211,6 +211,9 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
         assert (tmp_path / "state" / "superlink.db").is_file()
 
         procs.stop("superlink", signal.SIGKILL)  # no clean shutdown
+        # its SuperLink goes with it (the supervisor's child dies with it): the port
+        # frees, so the run after this is served by the restarted one
+        e2e.poll_until(lambda: not e2e.port_open(port), "the killed SuperLink's port freed")
         procs.start_listening("superlink-again", link_cmd, link_env, port)
         _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'after'}'")
         assert all(n.poll() is None for n in nodes)  # the site nodes stayed up
