@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -35,6 +35,7 @@ STOP_GRACE_SECONDS = 5.0
 # Flower's helpers look for their parent every 0.2 s (flwr/supercore/app_utils.py).
 SETTLE_SECONDS = 1.0
 _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+_PR_SET_PDEATHSIG = 1
 
 
 # Flower exit codes after which starting the same command again cannot help (bad
@@ -104,6 +105,23 @@ def _set_subreaper(on: bool) -> bool:
     libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(before), 0, 0, 0)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
     return bool(before.value)
+
+
+def _stopped_with_this_process() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when this process dies,
+    even killed (SIGKILL, the OOM killer), so a SuperLink or SuperNode never outlives
+    its supervisor holding its port. Linux only (elsewhere None: nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def _children() -> dict[int, str]:
@@ -246,7 +264,13 @@ def supervise(
     was_subreaper = _set_subreaper(True)
     # Children get sessions of their own: a terminal's Ctrl-C reaches this process
     # only, which stops them in order; their process groups are signalled as one.
-    helper = subprocess.Popen(companion, start_new_session=True) if companion else None
+    # They also get SIGTERM should this process die without stopping them.
+    with_us = _stopped_with_this_process()
+    helper = (
+        subprocess.Popen(companion, start_new_session=True, preexec_fn=with_us)
+        if companion
+        else None
+    )
     readers: list[threading.Thread] = []
 
     def start_child() -> subprocess.Popen[bytes]:
@@ -256,6 +280,7 @@ def supervise(
             stdout=subprocess.PIPE if watcher else None,
             stderr=subprocess.STDOUT if watcher else None,
             start_new_session=True,
+            preexec_fn=with_us,
         )
         if watcher is not None:  # checks beside the child (may stop it); sees its output
             threading.Thread(

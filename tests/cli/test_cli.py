@@ -526,3 +526,39 @@ def test_the_supervisor_stops_what_its_child_leaves_and_stops_in_seconds(tmp_pat
         "fedhead: python did not stop within 1 s; killed it",
         f"fedhead: stopping serverapp.py (pid {pids[1]}), left running by python",
     ]
+
+
+def test_a_killed_supervisor_takes_its_child_with_it(tmp_path: Path) -> None:
+    """A SuperLink or SuperNode never outlives its supervisor (killed, say, by the OOM
+    killer) holding its port: the child gets SIGTERM when the supervisor dies."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    child = [
+        sys.executable,
+        "-c",
+        "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)",
+        str(pid_file),
+    ]
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from fedhead.cli.supervisor import supervise; "
+            f"sys.exit(supervise({child!r}, ['site'], 'none', restart=True))",
+        ],
+        start_new_session=True,
+    )
+    pid = 0
+    try:
+        poll_until(lambda: pid_file.exists() and bool(pid_file.read_text()), "child started")
+        pid = int(pid_file.read_text())
+        os.killpg(supervisor.pid, signal.SIGKILL)  # the child has a session of its own
+        supervisor.wait()
+        poll_until(lambda: not alive(pid), "the child gone with its supervisor", timeout=30)
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
