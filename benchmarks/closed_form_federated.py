@@ -453,10 +453,8 @@ NOTE = (
     "set the bundled test split) three times per split: `strategy=closed-form` with LDA "
     "(the default) and with `closed-form=ridge`, one statistics round whose "
     "regularisation the sites' validation chooses, and FedAvg for 10 rounds, all under "
-    "SecAgg+. Accuracy and AUROC are the report's `server_test_evaluation` for every run (a "
-    "closed-form run does not evaluate its statistics round's head on the server's "
-    "test set, so its `final_server_eval_accuracy` stays unset; "
-    "tests/server/test_closed_form_server_test.py). The single-class split "
+    "SecAgg+. Accuracy and AUROC are the report's `server_test_evaluation` for every "
+    "run. The single-class split "
     "gives site-0 two thirds of the normal images only, site-1 two thirds of the "
     "pneumonia images only and site-2 the rest of both (`simulation-data`); the Dirichlet "
     "splits are the demo's. Pooled logistic regression and the pooled closed-form head "
@@ -472,7 +470,12 @@ NOTE = (
     "closed-form head again through them, all under SecAgg+; each time is from just "
     "before `flwr run` until the newest file of the model package that every node wrote "
     "into its `models/<run-id>/` (each node's record holds the head the server "
-    "delivered)."
+    "delivered). The speed-up is bounded by (10 R + O) / (R_cf + O), with R a FedAvg "
+    "round, R_cf the statistics round and O what every run pays once whatever it "
+    "trains (the ServerApp's start-up, the sites' preparation, the delivery): with "
+    "Flower's per-message floor in every SecAgg+ stage and the statistics round's larger "
+    "masked vector (2.5 million digits against a head's 2,562 values) R_cf is about "
+    "1.6 R, and O about 1.3 R."
 )
 
 

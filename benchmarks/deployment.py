@@ -212,7 +212,7 @@ def deployment_rounds(
         cli_home, logs, threads = fed.cli_home, fed.logs, fed.threads
         floor_cfg = f"num-server-rounds={rounds} sites={sites} out-file="
         fedhead_cfg = (
-            f"num-server-rounds={rounds} input-size={px} min-sites={sites} "
+            f"strategy='fedavg' num-server-rounds={rounds} input-size={px} min-sites={sites} "
             "fraction-evaluate=1.0 join-timeout=300.0 round-timeout=1800.0"
         )
         # floor, fedhead, floor: both see the same machine state on average

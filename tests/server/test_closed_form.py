@@ -283,3 +283,21 @@ def test_each_site_learns_what_the_closed_form_head_did_for_it(offline_world: Pa
             site["federated"]["accuracy"] - site["local_only"]["accuracy"]
         )
     assert len(report["closed_form"]["class_counts"]) == 2
+
+
+def test_a_closed_form_run_reports_its_heads_server_test_accuracy(offline_world: Path) -> None:
+    """The server's own test set scores the closed-form head as it scores every FedAvg
+    round's head: the round's and the final server accuracy are the test set's."""
+    tmp = offline_world
+    test = demo_data.load("test")
+    pick = np.concatenate([np.flatnonzero(test.labels == c)[:30] for c in (0, 1)])
+    np.savez(tmp / "test.npz", images=test.images[pick], labels=test.labels[pick])
+    grid = LoopbackGrid(client_app, nodes(tmp, write_sites(tmp, 2)))
+    report = run(grid, tmp, strategy="closed-form", **{"server-test-data": str(tmp / "test.npz")})
+    (r,) = report["rounds"]
+    final = report["server_test_evaluation"]
+    assert final is not None
+    accuracy = final["metrics"]["accuracy"]["value"]
+    assert 0.5 < accuracy <= 1.0
+    assert r["server_eval_accuracy"] == pytest.approx(accuracy)
+    assert report["final_server_eval_accuracy"] == pytest.approx(accuracy)
