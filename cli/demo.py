@@ -14,8 +14,10 @@ from fedhead.common.telemetry import DEFAULT_SERVER_ADDRESS
 def _demo(args: argparse.Namespace) -> int:
     """run a complete federated job on the embedded X-ray data
 
-    Simulate hospitals with Flower's Simulation Engine, train the head federatedly and
-    centrally, print a per-round table and write report.json, accuracy_loss.png, sites.png
+    Simulate hospitals with Flower's Simulation Engine, train the head federatedly (by
+    default in closed form: one round of the hospitals' summed feature statistics under
+    SecAgg+) and, as references, centrally; print a per-round table and write
+    report.json, accuracy_loss.png, sites.png
     (per-site accuracy: local-only, federated, personalized), a checkpoint per round and
     the model package model/ to --out (a previous demo's model/ there is replaced).
     """

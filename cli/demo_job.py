@@ -145,7 +145,8 @@ def _write_sites(opts: DemoOptions) -> list[demo_data.Share]:
 def _aggregation(cfg: RunConfig) -> str:
     """How the sites' updates become the global head, in the demo's header."""
     text = cfg.training_text()
-    return text + (f" with FedProx mu={cfg.proximal_mu:g}" if cfg.proximal_mu > 0 else "")
+    sgd = not cfg.closed_form_applies() or cfg.fine_tune_rounds > 0  # FedProx acts there
+    return text + (f" with FedProx mu={cfg.proximal_mu:g}" if sgd and cfg.proximal_mu > 0 else "")
 
 
 def _counts(labels: np.ndarray) -> str:

@@ -390,13 +390,18 @@ class RunConfig(_Config):
         return 1 + self.fine_tune_rounds if self.closed_form_applies() else self.num_server_rounds
 
     def training_text(self) -> str:
-        """How the head is trained, in a few words: ``closed-form lda head (1 statistics
-        round)`` or ``10 rounds of fedavg``."""
+        """How the head is trained, in a few words: ``closed-form lda head, one round of
+        summed statistics`` or ``10 rounds of fedavg``."""
+
+        def rounds(n: int) -> str:
+            return f"{n} round{'s' if n != 1 else ''}"
+
         if self.closed_form_applies():
-            tuning = f" + {self.fine_tune_rounds} fine-tuning" if self.fine_tune_rounds else ""
-            return f"closed-form {self.closed_form} head (1 statistics{tuning} round(s))"
+            tuning = self.fine_tune_rounds
+            then = f", then {rounds(tuning)} of fedavg from it" if tuning else ""
+            return f"closed-form {self.closed_form} head, one round of summed statistics{then}"
         strategy = "fedavg" if self.strategy == CLOSED_FORM else self.strategy
-        return f"{self.num_server_rounds} rounds of {strategy}"
+        return f"{rounds(self.num_server_rounds)} of {strategy}"
 
 
 def _roots_check(v: str) -> str | None:

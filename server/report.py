@@ -136,7 +136,8 @@ def table_row(r: RoundResult) -> str:
 
 
 def plot(report: RunReport, path: Path) -> Path:
-    """Accuracy and loss by round as a PNG (centralized accuracy dashed, if known)."""
+    """Accuracy and loss by round as a PNG (centralized accuracy dashed, if known); a
+    closed-form head without fine-tuning rounds: the candidates the sites chose from."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,6 +145,10 @@ def plot(report: RunReport, path: Path) -> Path:
 
     rounds = [r.round for r in report.rounds]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    grid = (report.closed_form or {}).get("grid") or []
+    if grid and len(rounds) == 1:
+        _plot_candidates(report, grid, ax_acc, ax_loss)
+        return _save(report, fig, path)
     acc = [r.eval_accuracy for r in report.rounds]
     if report.initial_eval is not None and math.isfinite(report.initial_eval.eval_accuracy):
         rounds, acc = [0, *rounds], [report.initial_eval.eval_accuracy, *acc]
@@ -168,6 +173,47 @@ def plot(report: RunReport, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xticks(rounds)
     ax_acc.set_ylim(top=1.0)
+    return _save(report, fig, path)
+
+
+def _plot_candidates(
+    report: RunReport, grid: Sequence[dict[str, Any]], ax_acc: Any, ax_loss: Any
+) -> None:
+    """The closed-form round: each candidate head's pooled validation scores at the
+    sites by its regularisation, the chosen one marked, with its server test accuracy."""
+    method = str(grid[0].get("method", ""))
+    name = "shrinkage" if method == "lda" else "lambda (x N)"
+    x = [float(g["parameter"]) for g in grid]
+    for key, label, style in (
+        ("balanced_accuracy", "balanced accuracy (sites' validation)", "o-"),
+        ("eval_accuracy", "accuracy (sites' validation)", "s-"),
+    ):
+        ax_acc.plot(x, [_num(g.get(key)) for g in grid], style, label=label)
+    ax_loss.plot(x, [_num(g.get("eval_loss")) for g in grid], "s-", label="sites' validation")
+    chosen = next((g for g in grid if g.get("chosen")), None)
+    if chosen is not None:
+        at = float(chosen["parameter"])
+        ax_acc.axvline(at, c="gray", ls=":", label=f"chosen: {chosen.get('candidate', at)}")
+        ax_loss.axvline(at, c="gray", ls=":")
+        test = report.rounds[0].server_eval_accuracy
+        if math.isfinite(test):
+            ax_acc.plot([at], [test], "*", ms=12, label=f"chosen, server test set {test:.4f}")
+    if report.centralized_accuracy is not None:
+        ax_acc.axhline(
+            report.centralized_accuracy, ls="--", c="gray", label="centralized, server test set"
+        )
+    ax_acc.set(xlabel=name, ylabel="accuracy", title=f"Closed-form {method}: candidates")
+    ax_loss.set(xlabel=name, ylabel="cross-entropy", title="Validation loss by candidate")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_acc.set_ylim(top=1.0)
+
+
+def _save(report: RunReport, fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(f"fedhead: {report.backbone.get('name')} head, {report.clients} sites")
     fig.tight_layout()
     with atomic_writer(path) as f:
