@@ -109,6 +109,12 @@ def check_run_config(app: Path, texts: list[str]) -> dict[str, Any]:
     except ConfigError as err:
         problems.extend(err.problems)
     else:
+        if "num-server-rounds" in overrides and cfg.closed_form_applies():
+            problems.append(
+                "num-server-rounds: counts FedAvg rounds; the closed-form head (strategy="
+                "'closed-form', the default) takes one round of summed statistics: add "
+                "FedAvg rounds after it with fine-tune-rounds=N, or set strategy='fedavg'"
+            )
         if not problems:
             return cfg.to_mapping()
     raise ConfigError(problems, "run configuration")

@@ -59,8 +59,19 @@ def test_run_names_every_unknown_key_and_bad_value_at_once(tmp_path: Path) -> No
 
 
 def test_run_with_a_good_config_names_a_missing_connection(tmp_path: Path) -> None:
-    result = run_nowhere(tmp_path, "num-server-rounds=2 classes='cat,dog'")
+    result = run_nowhere(tmp_path, "strategy='fedavg' num-server-rounds=2 classes='cat,dog'")
     one_line_error(result, ConfigError.exit_code, "'nowhere'", "config.toml")
+
+
+def test_run_refuses_rounds_for_the_closed_form_head(tmp_path: Path) -> None:
+    """The default closed-form head takes one round: a round count is a mistake, named."""
+    result = run_nowhere(tmp_path, "num-server-rounds=3 classes='cat,dog'")
+    one_line_error(
+        result, ConfigError.exit_code, "num-server-rounds: counts FedAvg rounds", "fine-tune-rounds"
+    )
+    # a head without a closed form trains in rounds: the count is its
+    result = run_nowhere(tmp_path, "num-server-rounds=3 head='mlp' classes='cat,dog'")
+    one_line_error(result, ConfigError.exit_code, "'nowhere'")
 
 
 def test_run_config_pairs_parse_like_flwr() -> None:

@@ -192,10 +192,12 @@ def test_compose_stack_trains_and_is_scraped(tmp_path: Path, images: None) -> No
             stack.down()
             stack.up(STACK)
             wait_for_port(link, timeout=180)
+            # a bound against hanging, not a timing: the sites start with the SuperLink
+            # now (setup and register have nothing left to do) and retry until it answers
             poll_until(
                 lambda: sum(n.get("status") == "online" for n in _nodes(flwr_home)) == 2,
                 "the sites back online after down/up",
-                timeout=180,
+                timeout=420,
                 interval=2,
             )
             runs_after = flwr(flwr_home, "list", "stack", "--format", "json", timeout=60)

@@ -291,7 +291,9 @@ def check_audit(
     """
     import json
 
-    from fedhead.common.closed_form import Layout
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    from fedhead.common.closed_form import FixedPointCodec, Layout
     from fedhead.common.evaluation import ECE_BINS
     from fedhead.common.pooled import SCORE_BINS, STAT_KEYS
     from fedhead.common.protocol import MSG_VALIDATE, parse_model_requests
@@ -314,10 +316,11 @@ def check_audit(
                         if isinstance(value, dict):  # bytes or a list: described by size
                             size = value["bytes"] if "bytes" in value else value.get("len", 0)
                         most = 200_000
-                        if key == "masked_parameters" and closed_form:
+                        if key == Key.MASKED_PARAMETERS and closed_form:
                             classes, width = trainable_shapes[0]
-                            # and the arrays' headers
-                            most = 8 * Layout(classes, width).size + 4096
+                            # int64 digits per statistic, and the arrays' headers
+                            digits = FixedPointCodec().limbs * Layout(classes, width).size
+                            most = 8 * digits + 4096
                         assert size < most, (key, value)
                         continue
                     if key in STAT_KEYS:  # count tables for pooled metrics, fixed size
