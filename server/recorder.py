@@ -58,6 +58,7 @@ class Recorder:
         self.report = report
         self.sm = sm
         self.on_report = on_report
+        self._table = False  # the table's header is in the log
 
     def resumed(self, ckpt: Checkpoint) -> None:
         """The run continues a checkpoint: the rounds before it are the report's too."""
@@ -132,7 +133,7 @@ class Recorder:
         if result.round == 0:
             self.report.initial_eval = result
             log.info("initial head: federated eval accuracy %.4f", result.eval_accuracy)
-            log.info("%s", TABLE_HEADER)
+            self._table_header()
             return
         if result.dp_epsilon is not None:
             log.info(
@@ -143,9 +144,15 @@ class Recorder:
             )
         self.report.rounds.append(result)
         emit(result)
+        self._table_header()  # a closed-form or resumed run has no round 0 before it
         log.info("%s", table_row(result))
         if self.on_report:
             self.on_report(self.report)
+
+    def _table_header(self) -> None:
+        if not self._table:
+            log.info("%s", TABLE_HEADER)
+            self._table = True
 
     def finish(self, seconds: float) -> RunReport:
         """The report once the last round is done: final metrics and run time."""

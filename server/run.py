@@ -218,14 +218,13 @@ class Run:
         )
         log.info(
             "run %d: backbone %s (sha256 %s…), %d trainable parameters (%d bytes per message), "
-            "%d rounds, strategy %s%s",
+            "%s%s",
             context.run_id,
             sm.spec.name,
             sm.sha256[:12],
             sm.trainable.num_params,
             sm.trainable.nbytes,
-            cfg.rounds(),
-            _describe_strategy(cfg, optimizer_settings),
+            _describe_training(cfg, optimizer_settings),
             f", resuming after round {resume.round} from {resume.path}" if resume else "",
         )
         return run
@@ -732,14 +731,20 @@ def require_progress(report: RunReport) -> None:
     )
 
 
-def _describe_strategy(cfg: RunConfig, settings: ServerOptimizerSettings | None) -> str:
-    """The log header's words for the aggregation: FedAvg, or the server optimizer with
-    its hyper-parameters, and FedProx where the sites use it."""
-    text = "fedavg"
-    if settings is not None:
-        hyper = ", ".join(f"{k} {v:g}" for k, v in settings.describe().items() if k != "name")
-        text = f"{settings.name} ({hyper})"
-    if cfg.proximal_mu > 0:
+def _describe_training(cfg: RunConfig, settings: ServerOptimizerSettings | None) -> str:
+    """The log header's words for the training: the closed-form head, or the rounds of
+    FedAvg or of the server optimizer with its hyper-parameters; FedProx where the
+    sites train by SGD with it."""
+    if cfg.closed_form_applies():
+        text, sgd = cfg.training_text(), cfg.fine_tune_rounds > 0
+    else:
+        how = "fedavg"
+        if settings is not None:
+            hyper = ", ".join(f"{k} {v:g}" for k, v in settings.describe().items() if k != "name")
+            how = f"{settings.name} ({hyper})"
+        rounds = cfg.num_server_rounds
+        text, sgd = f"{rounds} round{'s' if rounds != 1 else ''} of {how}", True
+    if sgd and cfg.proximal_mu > 0:
         text += f", FedProx mu {cfg.proximal_mu:g} at the sites"
     return text
 
