@@ -206,7 +206,11 @@ def test_a_superlink_restart_keeps_the_sites_and_a_new_run_completes(
                     e2e.base_env(tmp_path / f"h{i}"),
                 )
             )
-        one_round = "num-server-rounds=1 input-size=64 min-sites=2 join-timeout=120.0"
+        # the cheapest complete run: the subject is the SuperLink's state, not training
+        one_round = (
+            "strategy='fedavg' num-server-rounds=1 secure-aggregation=false input-size=64 "
+            "min-sites=2 join-timeout=120.0"
+        )
         _flwr_run(flwr_home, "e2e", f"{one_round} out-dir='{tmp_path / 'before'}'")
         assert (tmp_path / "state" / "superlink.db").is_file()
 

@@ -103,7 +103,9 @@ def test_secagg_params_are_derived_from_the_sites() -> None:
     big = RunConfig.from_mapping({"classes": CLASSES, "secagg-quantization-range": 2**30})
     with pytest.raises(ConfigError, match="overflow"):
         secagg_params(big, sampled_sites=8, max_examples=10)
-    dp = RunConfig.from_mapping({"classes": CLASSES, "dp-noise-multiplier": 1.0})
+    dp = RunConfig.from_mapping(
+        {"classes": CLASSES, "strategy": "fedavg", "dp-noise-multiplier": 1.0}
+    )
     assert secagg_params(dp, 4, 1000).max_weight == 1.0  # DP: every site weighs the same
 
 
