@@ -25,6 +25,9 @@ from fedhead.common.errors import ConfigError, DataError, SetupError
 SUPERNODE_CONNECTION_ERROR = 305
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXIT_LINE = re.compile(r"Exit Code: (\d+)\s*$")
+# Flower's SuperLink refusing to activate a known key whose last session it still
+# counts online (flwr/superlink/servicer/fleet/fleet_handlers.py, activate_node)
+_STILL_ONLINE = "could not be activated"
 
 if TYPE_CHECKING:
     from fedhead.common.datasets import ReadPolicy
@@ -167,14 +170,22 @@ class NodeWatch:
         self.flower_code: int | None = None  # the exit code flower-supernode logged
         self.started = time.monotonic()  # when the current node process started
         self.code_after = 0.0  # seconds after its start that it logged its exit code
+        # The SuperLink knows this key but still counts its previous session online (it
+        # went down with its SuperLink, or was killed, without signing off): refused
+        # until that session's heartbeats run out, a minute at most. Not permanent.
+        self.still_online = False
 
     def line(self, text: str) -> None:
-        if match := _EXIT_LINE.search(_ANSI.sub("", text)):
+        plain = _ANSI.sub("", text)
+        if _STILL_ONLINE in plain:
+            self.still_online = True
+        if match := _EXIT_LINE.search(plain):
             self.flower_code = int(match.group(1))
             self.code_after = time.monotonic() - self.started
 
     def __call__(self, child: subprocess.Popen[bytes], every: float = 2.0) -> None:
-        self.started, self.flower_code = time.monotonic(), None  # a new node process
+        # a new node process
+        self.started, self.flower_code, self.still_online = time.monotonic(), None, False
         while child.poll() is None:
             try:
                 if probe_tls(self.superlink, self.insecure):
@@ -188,9 +199,12 @@ class NodeWatch:
     def permanent(self) -> bool:
         """A TLS mismatch, or a node refused as it joined (its key is not registered):
         starting it again cannot help. A node that ran for a while before it lost its
-        SuperLink (a restart) is started again."""
+        SuperLink (a restart), or one refused while the SuperLink still counts its
+        previous session online, is started again."""
         refused_at_start = (
-            self.flower_code == SUPERNODE_CONNECTION_ERROR and self.code_after < JOIN_SECONDS
+            self.flower_code == SUPERNODE_CONNECTION_ERROR
+            and self.code_after < JOIN_SECONDS
+            and not self.still_online
         )
         return self.problem is not None or refused_at_start
 

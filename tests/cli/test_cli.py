@@ -562,3 +562,25 @@ def test_a_killed_supervisor_takes_its_child_with_it(tmp_path: Path) -> None:
             supervisor.wait()
         if pid and alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_node_refused_while_its_last_session_counts_online_is_started_again() -> None:
+    """After a SuperLink restart (compose down/up) the SuperLink refuses a known key whose
+    previous session it still counts online, for up to two heartbeats: not a refused key."""
+    from fedhead.cli.preflight import SUPERNODE_CONNECTION_ERROR, NodeWatch
+
+    exit_line = f"\x1b[91mERROR \x1b[0m:     Exit Code: {SUPERNODE_CONNECTION_ERROR}"
+    busy, unknown = NodeWatch("127.0.0.1:1", False, True), NodeWatch("127.0.0.1:1", False, True)
+    busy.line(
+        "Failed to initialize the connection to the SuperLink.\n[code: 1003] Attempted to "
+        "register SuperNode with public key: b'...', exception: SuperNode with node ID 7 "
+        "could not be activated."
+    )
+    unknown.line(
+        "[code: 1003] Attempted to register SuperNode with public key: b'...', exception: "
+        "No SuperNode found with the given public key."
+    )
+    for watch in (busy, unknown):
+        watch.line(exit_line)
+    assert not busy.permanent()
+    assert unknown.permanent()  # an unregistered key: restarting cannot help
