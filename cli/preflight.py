@@ -25,9 +25,11 @@ from fedhead.common.errors import ConfigError, DataError, SetupError
 SUPERNODE_CONNECTION_ERROR = 305
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXIT_LINE = re.compile(r"Exit Code: (\d+)\s*$")
-# Flower's SuperLink refusing to activate a known key whose last session it still
-# counts online (flwr/superlink/servicer/fleet/fleet_handlers.py, activate_node)
-_STILL_ONLINE = "could not be activated"
+# A SuperLink back within a minute still counts a site's previous session online for
+# two heartbeats (Flower's HEARTBEAT_PATIENCE x 30 s) and refuses to activate the key
+# meanwhile, with the same error as an unregistered key: a node refused as it joins is
+# given up only once such refusals have lasted longer than that.
+REFUSED_GRACE_SECONDS = 90.0
 
 if TYPE_CHECKING:
     from fedhead.common.datasets import ReadPolicy
@@ -170,22 +172,16 @@ class NodeWatch:
         self.flower_code: int | None = None  # the exit code flower-supernode logged
         self.started = time.monotonic()  # when the current node process started
         self.code_after = 0.0  # seconds after its start that it logged its exit code
-        # The SuperLink knows this key but still counts its previous session online (it
-        # went down with its SuperLink, or was killed, without signing off): refused
-        # until that session's heartbeats run out, a minute at most. Not permanent.
-        self.still_online = False
+        self.first_refused: float | None = None  # refused as it joined, since when
 
     def line(self, text: str) -> None:
         plain = _ANSI.sub("", text)
-        if _STILL_ONLINE in plain:
-            self.still_online = True
         if match := _EXIT_LINE.search(plain):
             self.flower_code = int(match.group(1))
             self.code_after = time.monotonic() - self.started
 
     def __call__(self, child: subprocess.Popen[bytes], every: float = 2.0) -> None:
-        # a new node process
-        self.started, self.flower_code, self.still_online = time.monotonic(), None, False
+        self.started, self.flower_code = time.monotonic(), None  # a new node process
         while child.poll() is None:
             try:
                 if probe_tls(self.superlink, self.insecure):
@@ -202,11 +198,14 @@ class NodeWatch:
         SuperLink (a restart), or one refused while the SuperLink still counts its
         previous session online, is started again."""
         refused_at_start = (
-            self.flower_code == SUPERNODE_CONNECTION_ERROR
-            and self.code_after < JOIN_SECONDS
-            and not self.still_online
+            self.flower_code == SUPERNODE_CONNECTION_ERROR and self.code_after < JOIN_SECONDS
         )
-        return self.problem is not None or refused_at_start
+        if not refused_at_start:
+            self.first_refused = None
+            return self.problem is not None
+        now = time.monotonic()
+        self.first_refused = self.first_refused or now
+        return self.problem is not None or now - self.first_refused > REFUSED_GRACE_SECONDS
 
     def explain(self, code: int) -> int:
         if self.problem is not None:

@@ -564,23 +564,17 @@ def test_a_killed_supervisor_takes_its_child_with_it(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_node_refused_while_its_last_session_counts_online_is_started_again() -> None:
+def test_a_node_refused_as_it_joins_is_given_up_only_after_the_grace() -> None:
     """After a SuperLink restart (compose down/up) the SuperLink refuses a known key whose
-    previous session it still counts online, for up to two heartbeats: not a refused key."""
-    from fedhead.cli.preflight import SUPERNODE_CONNECTION_ERROR, NodeWatch
+    previous session it still counts online, for up to two heartbeats, with the error an
+    unregistered key gets: the node tries again until the refusals outlast that."""
+    from fedhead.cli import preflight
 
-    exit_line = f"\x1b[91mERROR \x1b[0m:     Exit Code: {SUPERNODE_CONNECTION_ERROR}"
-    busy, unknown = NodeWatch("127.0.0.1:1", False, True), NodeWatch("127.0.0.1:1", False, True)
-    busy.line(
-        "Failed to initialize the connection to the SuperLink.\n[code: 1003] Attempted to "
-        "register SuperNode with public key: b'...', exception: SuperNode with node ID 7 "
-        "could not be activated."
-    )
-    unknown.line(
-        "[code: 1003] Attempted to register SuperNode with public key: b'...', exception: "
-        "No SuperNode found with the given public key."
-    )
-    for watch in (busy, unknown):
-        watch.line(exit_line)
-    assert not busy.permanent()
-    assert unknown.permanent()  # an unregistered key: restarting cannot help
+    watch = preflight.NodeWatch("127.0.0.1:1", False, True)
+    exit_line = f"\x1b[91mERROR \x1b[0m:     Exit Code: {preflight.SUPERNODE_CONNECTION_ERROR}"
+    watch.line(exit_line)
+    assert not watch.permanent()  # the first refusal: maybe the old session
+    assert watch.first_refused is not None
+    watch.first_refused -= preflight.REFUSED_GRACE_SECONDS + 1  # refused for that long
+    watch.line(exit_line)
+    assert watch.permanent()  # an unregistered key: restarting cannot help

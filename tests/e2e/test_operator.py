@@ -114,7 +114,7 @@ def test_nodes_with_the_wrong_tls_choice_or_an_unregistered_key_are_told(tmp_pat
             e2e.base_env(tmp_path / "n2"),
             *node(port),
             *stranger_tls,
-            timeout=120,
+            timeout=400,  # it tries again for REFUSED_GRACE_SECONDS first
         )
         assert stranger.returncode == SetupError.exit_code, stranger.stderr
         last = stranger.stderr.splitlines()[-1]

@@ -62,7 +62,7 @@ def test_fedadam_under_secagg_and_dp_steps_on_the_noised_secure_mean(
         "beta2": 0.99,
         "tau": 1e-3,
     }
-    header = "strategy fedadam (learning_rate 0.05, beta1 0.9, beta2 0.99, tau 0.001)"
+    header = "rounds of fedadam (learning_rate 0.05, beta1 0.9, beta2 0.99, tau 0.001)"
     assert any(header in r.getMessage() for r in caplog.records)
 
     store = CheckpointStore(tmp / "out" / "checkpoints")
