@@ -175,8 +175,7 @@ class NodeWatch:
         self.first_refused: float | None = None  # refused as it joined, since when
 
     def line(self, text: str) -> None:
-        plain = _ANSI.sub("", text)
-        if match := _EXIT_LINE.search(plain):
+        if match := _EXIT_LINE.search(_ANSI.sub("", text)):
             self.flower_code = int(match.group(1))
             self.code_after = time.monotonic() - self.started
 
